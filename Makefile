@@ -1,0 +1,78 @@
+# repq — build, test, benchmark.  `make help` lists the targets.
+#
+# Everything heavy is cached outside the repository under $(REPQ_CACHE) (default ~/.cache/repq):
+# the llama.cpp sdist, the native build (keyed by sources and options), the reference model
+# and the evaluation / calibration text.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+export REPQ_CACHE ?= $(HOME)/.cache/repq
+PY := $(VENV)/bin/python
+JOBS ?= $(shell nproc)
+MODEL_DIR := $(REPQ_CACHE)/models
+DATA_DIR := $(REPQ_CACHE)/data
+REF_F32 := $(MODEL_DIR)/smollm2-135m-f32.gguf
+export LLAMA_CPP_LIB_PATH := $(CURDIR)/native/build/bin
+
+.PHONY: help setup vendor native model data demo test test-fast test-slow bench lint fmt docs clean
+
+help:
+	@echo "make setup      venv + Python deps + vendored llama.cpp + native build (cached)"
+	@echo "make demo       setup, fetch the reference model, quantize it with repq and compare with llama.cpp"
+	@echo "make test       setup + model + data, then every test tier (what CI runs)"
+	@echo "make test-fast  unit tests only (seconds)"
+	@echo "make bench      benchmarks against llama.cpp's tools (results in benchmarks/results)"
+	@echo "make native     (re)build vendor/llama.cpp into native/build; REPQ_CUDA=1 for CUDA"
+	@echo "make lint | fmt | docs | clean"
+
+$(VENV)/.stamp: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# llama-cpp-python without its own llama.cpp build: it loads native/build's libraries.
+	CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(PY) -m pip install -q llama-cpp-python==0.3.36
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+vendor:
+	bash scripts/vendor.sh
+
+native: vendor
+	JOBS=$(JOBS) bash scripts/native.sh
+
+setup: $(VENV)/.stamp native
+
+model: setup
+	bash scripts/fetch_model.sh
+
+data:
+	bash scripts/fetch_data.sh
+
+demo: model data
+	$(VENV)/bin/repq quantize $(REF_F32) $(REPQ_CACHE)/demo-q4_k_m.gguf --fmt Q4_K_M
+	@echo "wrote $(REPQ_CACHE)/demo-q4_k_m.gguf"
+
+test-fast: setup
+	$(PY) -m pytest tests/unit -q
+
+test-slow: setup model data
+	$(PY) -m pytest tests -q -m slow
+
+test: setup model data
+	$(PY) -m pytest tests -q
+
+bench: setup model data
+	$(PY) benchmarks/bench_quantize.py
+
+lint: setup
+	$(VENV)/bin/ruff check repq tests benchmarks
+
+fmt: setup
+	$(VENV)/bin/ruff check --fix repq tests benchmarks
+
+docs: setup
+	$(PY) scripts/gen_readme_help.py
+
+clean:
+	rm -rf $(VENV) native/build .pytest_cache
+	find . -name __pycache__ -prune -exec rm -rf {} +

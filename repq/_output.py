@@ -1,0 +1,70 @@
+"""One output object for every command: rich tables for people, one JSON object for --json.
+
+stdout carries results only; progress, logs and hints go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+class Output:
+    def __init__(self, json_mode: bool = False, quiet: bool = False):
+        self.json_mode = json_mode
+        self.quiet = quiet
+        self.out = Console(file=sys.stdout, highlight=False, soft_wrap=True)
+        self.err = Console(file=sys.stderr, highlight=False, soft_wrap=True)
+
+    def log(self, msg: str) -> None:
+        if not self.quiet:
+            self.err.print(msg)
+
+    def error(self, msg: str, hint: str | None = None) -> None:
+        self.err.print(f"[bold red]error:[/] {msg}", markup=True, highlight=False)
+        if hint:
+            self.err.print(f"[dim]hint:[/] {hint}")
+
+    def table(self, title: str, columns: list[str], rows: list[list[Any]]) -> None:
+        if self.json_mode or self.quiet:
+            return
+        t = Table(title=title, show_lines=False, header_style="bold")
+        for c in columns:
+            t.add_column(c, justify="left" if c in ("tensor", "name", "file") else "right")
+        for r in rows:
+            t.add_row(*[str(x) for x in r])
+        self.out.print(t)
+
+    def result(self, obj: dict[str, Any], human: str | None = None) -> None:
+        """The command's result: one JSON object with --json, else an optional human line."""
+        if self.json_mode:
+            sys.stdout.write(json.dumps(obj, indent=None, default=str) + "\n")
+            sys.stdout.flush()
+        elif human and not self.quiet:
+            self.out.print(human)
+
+    @contextmanager
+    def progress(self, description: str, total: int):
+        """A progress bar on stderr (disabled for --quiet, --json or a non-terminal stderr)."""
+        disable = self.quiet or self.json_mode or not self.err.is_terminal
+        prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=self.err, disable=disable,
+                        transient=False)
+        with prog:
+            task = prog.add_task(description, total=total)
+
+            def advance(n: int = 1, desc: str | None = None, total: int | None = None) -> None:
+                kw: dict[str, Any] = {"advance": n}
+                if desc:
+                    kw["description"] = desc
+                if total is not None:
+                    kw["total"] = total
+                prog.update(task, **kw)
+
+            yield advance

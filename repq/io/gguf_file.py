@@ -1,0 +1,346 @@
+"""GGUF reading (via gguf-py) and writing laid out exactly as llama-quantize writes.
+
+File layout (GGUF v3, little endian), as written by ggml's gguf.cpp:
+
+    +--------------------------------------------------------------+
+    | "GGUF" | u32 version=3 | i64 n_tensors | i64 n_kv             |  header
+    | n_kv × ( str key | u32 value type | value )                   |  key/value pairs, in order
+    | n_tensors × ( str name | u32 n_dims | n_dims × i64 ne |        |
+    |               u32 ggml type | u64 offset )                    |  tensor infos, in order
+    | zero padding to `alignment` (32)                              |
+    | tensor data, each padded with zeros to a multiple of 32 bytes |
+    +--------------------------------------------------------------+
+    str = u64 length + utf-8 bytes (no terminator)
+
+Key/value pairs copied from an input file are copied as their raw bytes, so their types and
+values are exactly those of the input.  :class:`GGUFWriter` streams tensor data (one tensor in
+memory at a time) into a temporary file and renames it into place only when complete.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputFileError
+
+ALIGNMENT = 32
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSION = 3
+
+# GGUF value types (gguf.h enum gguf_type)
+UINT8, INT8, UINT16, INT16, UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY, UINT64, INT64, FLOAT64 = range(13)
+_SCALAR_FMT = {UINT8: "<B", INT8: "<b", UINT16: "<H", INT16: "<h", UINT32: "<I", INT32: "<i",
+               FLOAT32: "<f", BOOL: "<?", UINT64: "<Q", INT64: "<q", FLOAT64: "<d"}
+
+
+# ggml_type ids present in ggml.h at the pinned commit (removed ids 4, 5, 31-33, 36-38 excluded).
+_KNOWN_TYPES = frozenset([*range(0, 4), *range(6, 31), 34, 35, 39, 40, 41, 42])
+
+
+def pad(n: int, align: int = ALIGNMENT) -> int:
+    return (n + align - 1) // align * align
+
+
+def encode_str(s: str | bytes) -> bytes:
+    b = s.encode() if isinstance(s, str) else s
+    return struct.pack("<Q", len(b)) + b
+
+
+def encode_kv(key: str, vtype: int, value, sub_type: int | None = None) -> bytes:
+    """Serialize one key/value pair (scalar, string, or array of one of those)."""
+    out = encode_str(key) + struct.pack("<I", vtype)
+    if vtype == STRING:
+        return out + encode_str(value)
+    if vtype == ARRAY:
+        assert sub_type is not None
+        out += struct.pack("<IQ", sub_type, len(value))
+        if sub_type == STRING:
+            return out + b"".join(encode_str(v) for v in value)
+        return out + b"".join(struct.pack(_SCALAR_FMT[sub_type], v) for v in value)
+    return out + struct.pack(_SCALAR_FMT[vtype], value)
+
+
+@dataclass
+class TensorRef:
+    """A tensor of an input GGUF: ``shape`` in ggml order (ne[0] = row length first)."""
+
+    name: str
+    type: int
+    shape: tuple[int, ...]
+    n_bytes: int
+    data: np.ndarray  # uint8 view into the memory-mapped file
+
+    @property
+    def n_per_row(self) -> int:
+        return self.shape[0]
+
+    @property
+    def n_rows(self) -> int:
+        return int(np.prod(self.shape[1:])) if len(self.shape) > 1 else 1
+
+
+class GGUFModel:
+    """A memory-mapped input GGUF: metadata in file order and tensors by name.
+
+    A small parser of its own rather than gguf-py's GGUFReader, which builds a numpy view per
+    string and takes seconds on a tokenizer's vocabulary; values are decoded only when asked for.
+
+    Raises:
+        InputFileError: missing, not a GGUF file, unsupported version, or truncated.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InputFileError(f"{self.path}: no such file")
+        self.file_size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            magic = f.read(4)
+            if magic != GGUF_MAGIC:
+                raise InputFileError(f"{self.path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._buf = memoryview(self._mm)
+        self._kv: dict[str, tuple[int, int, int]] = {}  # key -> (start, value_start, end)
+        self.tensors: dict[str, TensorRef] = {}
+        try:
+            self._parse()
+        except (struct.error, ValueError, UnicodeDecodeError, OverflowError) as e:
+            self.close()
+            raise InputFileError(f"{self.path}: corrupt or truncated GGUF ({e})") from e
+
+    def _parse(self) -> None:
+        buf, pos = self._buf, 4
+        version, n_tensors, n_kv = struct.unpack_from("<Iqq", buf, pos)
+        pos += 20
+        if version not in (2, 3):
+            raise InputFileError(f"{self.path}: unsupported GGUF version {version} (expected 3)")
+        if not (0 <= n_tensors < 1 << 24 and 0 <= n_kv < 1 << 24):
+            raise InputFileError(f"{self.path}: corrupt GGUF header ({n_tensors} tensors, {n_kv} keys)")
+        for _ in range(n_kv):
+            start = pos
+            key, pos = self._str(pos)
+            (vtype,) = struct.unpack_from("<I", buf, pos)
+            pos += 4
+            vstart = pos
+            pos = self._skip_value(vtype, pos)
+            self._kv[key] = (start, vstart, pos)
+        infos = []
+        for _ in range(n_tensors):
+            name, pos = self._str(pos)
+            (n_dims,) = struct.unpack_from("<I", buf, pos)
+            pos += 4
+            if not 1 <= n_dims <= 4:
+                raise InputFileError(f"{self.path}: tensor {name} has {n_dims} dimensions")
+            shape = struct.unpack_from(f"<{n_dims}q", buf, pos)
+            pos += 8 * n_dims
+            gtype, offset = struct.unpack_from("<IQ", buf, pos)
+            pos += 12
+            infos.append((name, tuple(int(d) for d in shape), int(gtype), int(offset)))
+        align = int(self.get("general.alignment", ALIGNMENT))
+        data_start = pad(pos, align)
+        from ..ggml import quants
+
+        for name, shape, gtype, offset in infos:
+            # Check before asking ggml: an unknown type or a ragged row would trip a GGML_ASSERT.
+            if gtype not in _KNOWN_TYPES:
+                raise InputFileError(f"{self.path}: tensor {name} has unknown ggml type {gtype}")
+            if any(d < 0 for d in shape) or shape[0] % quants.block_size(gtype):
+                raise InputFileError(f"{self.path}: tensor {name} has shape {shape}, not whole "
+                                     f"{quants.type_name(gtype)} blocks")
+            nbytes = quants.row_size(gtype, shape[0]) * int(np.prod(shape[1:], dtype=np.int64))
+            start = data_start + offset
+            if start + nbytes > self.file_size:
+                raise InputFileError(f"{self.path}: truncated: tensor {name} ends at byte {start + nbytes}, "
+                                     f"file has {self.file_size}")
+            data = np.frombuffer(self._mm, dtype=np.uint8, count=nbytes, offset=start)
+            self.tensors[name] = TensorRef(name, gtype, shape, nbytes, data)
+
+    def _str(self, pos: int) -> tuple[str, int]:
+        (n,) = struct.unpack_from("<Q", self._buf, pos)
+        pos += 8
+        if pos + n > len(self._buf):
+            raise ValueError(f"string of {n} bytes runs past the end of the file")
+        return bytes(self._buf[pos:pos + n]).decode("utf-8"), pos + n
+
+    def _skip_value(self, vtype: int, pos: int) -> int:
+        if vtype in _SCALAR_FMT:
+            return pos + struct.calcsize(_SCALAR_FMT[vtype])
+        if vtype == STRING:
+            (n,) = struct.unpack_from("<Q", self._buf, pos)
+            return pos + 8 + n
+        if vtype == ARRAY:
+            sub, n = struct.unpack_from("<IQ", self._buf, pos)
+            pos += 12
+            if sub in _SCALAR_FMT:
+                return pos + n * struct.calcsize(_SCALAR_FMT[sub])
+            if sub == STRING:
+                for _ in range(n):
+                    (ln,) = struct.unpack_from("<Q", self._buf, pos)
+                    pos += 8 + ln
+                return pos
+            raise ValueError(f"array of type {sub} is not supported")
+        raise ValueError(f"unknown value type {vtype}")
+
+    def _value(self, vtype: int, pos: int):
+        if vtype in _SCALAR_FMT:
+            return struct.unpack_from(_SCALAR_FMT[vtype], self._buf, pos)[0]
+        if vtype == STRING:
+            return self._str(pos)[0]
+        sub, n = struct.unpack_from("<IQ", self._buf, pos)
+        pos += 12
+        if sub in _SCALAR_FMT:
+            return list(struct.unpack_from(f"<{n}{_SCALAR_FMT[sub][1]}", self._buf, pos))
+        out = []
+        for _ in range(n):
+            v, pos = self._str(pos)
+            out.append(v)
+        return out
+
+    # -- metadata -------------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self._kv)
+
+    def kv_items(self) -> Iterator[tuple[str, bytes]]:
+        """(key, raw serialized key/value bytes) in file order."""
+        for key, (start, _, end) in self._kv.items():
+            yield key, bytes(self._buf[start:end])
+
+    def get(self, key: str, default=None):
+        """Value of a key: str, int/float/bool, or a list for arrays."""
+        span = self._kv.get(key)
+        if span is None:
+            return default
+        (vtype,) = struct.unpack_from("<I", self._buf, span[1] - 4)
+        return self._value(vtype, span[1])
+
+    def require(self, key: str):
+        v = self.get(key)
+        if v is None:
+            raise InputFileError(f"{self.path}: metadata key {key!r} is missing")
+        return v
+
+    @property
+    def arch(self) -> str:
+        return str(self.require("general.architecture"))
+
+    def close(self) -> None:
+        """Release the mapping (tensor arrays handed out must no longer be used)."""
+        self.tensors = {}
+        try:
+            self._buf.release()
+        except BufferError:
+            pass
+        try:
+            self._mm.close()
+        except BufferError:
+            pass  # a numpy view is still alive; the mapping closes when it is collected
+
+    def __enter__(self) -> GGUFModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class _OutTensor:
+    name: str
+    shape: tuple[int, ...]
+    type: int
+    n_bytes: int
+
+
+class GGUFWriter:
+    """Streams a GGUF file in llama-quantize's layout.
+
+    States: ``add_kv*``/``add_tensor_info`` (collecting) → ``begin()`` (header, KV and tensor
+    infos written; data expected) → ``write_tensor_data`` once per tensor in order → ``finish()``
+    (atomic rename).  ``abort()`` (or leaving a ``with`` block by an exception) removes the
+    temporary file, so no partial output ever appears at ``path``.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._kv: list[tuple[str, bytes]] = []
+        self._tensors: list[_OutTensor] = []
+        self._tmp: Path | None = None
+        self._f = None
+        self._next = 0
+
+    # -- collecting ------------------------------------------------------------------------------
+    def add_raw_kv(self, key: str, raw: bytes) -> None:
+        self.remove_kv(key)
+        self._kv.append((key, raw))
+
+    def set_kv(self, key: str, vtype: int, value, sub_type: int | None = None) -> None:
+        """Remove ``key`` if present and append it (ggml's gguf_set_val_* semantics)."""
+        self.add_raw_kv(key, encode_kv(key, vtype, value, sub_type))
+
+    def remove_kv(self, key: str) -> None:
+        self._kv = [(k, r) for k, r in self._kv if k != key]
+
+    def add_tensor_info(self, name: str, shape: tuple[int, ...], gtype: int, n_bytes: int) -> None:
+        self._tensors.append(_OutTensor(name, tuple(shape), gtype, n_bytes))
+
+    # -- writing ---------------------------------------------------------------------------------
+    def meta_bytes(self) -> bytes:
+        out = [GGUF_MAGIC, struct.pack("<Iqq", GGUF_VERSION, len(self._tensors), len(self._kv))]
+        out += [raw for _, raw in self._kv]
+        offset = 0
+        for t in self._tensors:
+            out.append(encode_str(t.name))
+            out.append(struct.pack("<I", len(t.shape)))
+            out.append(struct.pack(f"<{len(t.shape)}q", *t.shape))
+            out.append(struct.pack("<IQ", t.type, offset))
+            offset += pad(t.n_bytes)
+        meta = b"".join(out)
+        return meta + b"\0" * (pad(len(meta)) - len(meta))
+
+    def begin(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self._f = open(self._tmp, "wb")
+        self._f.write(self.meta_bytes())
+
+    def write_tensor_data(self, name: str, data: bytes | np.ndarray) -> None:
+        t = self._tensors[self._next]
+        if t.name != name:
+            raise RuntimeError(f"tensor data out of order: expected {t.name}, got {name}")
+        buf = memoryview(data if isinstance(data, bytes) else np.ascontiguousarray(data).view(np.uint8).ravel())
+        if buf.nbytes != t.n_bytes:
+            raise RuntimeError(f"{name}: {buf.nbytes} data bytes, tensor info says {t.n_bytes}")
+        self._f.write(buf)
+        self._f.write(b"\0" * (pad(t.n_bytes) - t.n_bytes))
+        self._next += 1
+
+    def finish(self) -> None:
+        if self._next != len(self._tensors):
+            raise RuntimeError(f"only {self._next} of {len(self._tensors)} tensors written")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        self._f = None
+        os.replace(self._tmp, self.path)
+        self._tmp = None
+
+    def abort(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        if self._tmp is not None and self._tmp.exists():
+            self._tmp.unlink()
+        self._tmp = None
+
+    def __enter__(self) -> GGUFWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or self._tmp is not None:
+            self.abort()
