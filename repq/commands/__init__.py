@@ -1,0 +1,1 @@
+"""CLI commands, one module each.  Importing a module registers its command on repq.cli.app."""

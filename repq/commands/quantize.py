@@ -1,0 +1,87 @@
+"""`repq quantize`: llama.cpp's ftype mixes with ggml's quantizers (byte-identical to llama-quantize)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .._output import Output
+from ..cli import JsonOpt, QuietOpt, ThreadsOpt, app, meta, run_command
+from ..errors import UsageError
+
+
+@app.command()
+def quantize(
+    model: Annotated[Path, typer.Argument(help="Input model: F32/F16/BF16 GGUF.")],
+    out_path: Annotated[Path, typer.Argument(metavar="OUT", help="Output GGUF path.")],
+    fmt: Annotated[str, typer.Option("--fmt", "-f", help="llama-quantize ftype: Q4_K_M, Q3_K_S, IQ4_XS, Q4_0, ...")],
+    method: Annotated[str, typer.Option(help="rtn | imatrix (ggml's own quantizers, byte-identical to llama-quantize).")] = "",
+    imatrix: Annotated[Path | None, typer.Option(help="Importance matrix (GGUF or legacy .dat).")] = None,
+    threads: ThreadsOpt = 0,
+    pure: Annotated[bool, typer.Option("--pure", help="Same type for every tensor (no k-quant mixture).")] = False,
+    leave_output_tensor: Annotated[bool, typer.Option("--leave-output-tensor", help="Leave output.weight unquantized.")] = False,
+    output_tensor_type: Annotated[str | None, typer.Option(help="ggml type for output.weight.")] = None,
+    token_embedding_type: Annotated[str | None, typer.Option(help="ggml type for token_embd.weight.")] = None,
+    tensor_type: Annotated[list[str] | None, typer.Option(help="REGEX=TYPE override; repeatable (e.g. attn_v=q8_0).")] = None,
+    allow_requantize: Annotated[bool, typer.Option("--allow-requantize", help="Accept already-quantized input tensors.")] = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Quantize MODEL to OUT with llama.cpp's type mix for FTYPE.
+
+    Examples:
+
+        repq quantize model-f32.gguf model-q4_k_m.gguf --fmt Q4_K_M
+
+        repq quantize model-f32.gguf model-iq4_xs.gguf --fmt IQ4_XS --imatrix imatrix.gguf
+
+        repq quantize model-f32.gguf q.gguf --fmt Q3_K_S --tensor-type attn_v=q6_k --json | jq .file_bytes
+    """
+    out = Output(json_out, quiet)
+
+    def body():
+        from .. import mix
+        from ..quant import pipeline
+
+        opts = mix.MixOptions(
+            pure=pure, leave_output_tensor=leave_output_tensor,
+            output_tensor_type=mix.type_id(output_tensor_type) if output_tensor_type else None,
+            token_embedding_type=mix.type_id(token_embedding_type) if token_embedding_type else None,
+            tensor_types=tuple(_parse_tensor_type(s) for s in (tensor_type or [])))
+        m = method or ("imatrix" if imatrix else "rtn")
+        if m == "rtn" and imatrix:
+            raise UsageError("--method rtn ignores importance; drop --imatrix or use --method imatrix")
+        cfg = pipeline.QuantizeConfig(ftype=fmt, method=m, imatrix=str(imatrix) if imatrix else None,
+                                      threads=threads, allow_requantize=allow_requantize, mix=opts)
+        pipeline.check_output_path(model, out_path)
+        with out.progress(f"quantize {model.name} → {fmt}", total=0) as advance:
+            def on_tensor(rep, i, n):
+                advance(1, f"{rep.name} → {rep.dst_type}", total=n)
+            rep = pipeline.quantize_model(model, out_path, cfg, on_tensor=on_tensor)
+        out.table(f"{out_path.name}: {rep.ftype}", ["tensor", "shape", "from", "to", "MiB", "imatrix"],
+                  [[t.name, "×".join(map(str, t.shape)), t.src_type, t.dst_type + ("*" if t.fallback else ""),
+                    f"{t.dst_bytes / 2**20:.2f}", "yes" if t.imatrix else ""] for t in rep.tensors])
+        types: dict[str, int] = {}
+        for t in rep.tensors:
+            types[t.dst_type] = types.get(t.dst_type, 0) + 1
+        out.result({**meta(), "command": "quantize", "config": cfg.to_dict(), "input": str(model),
+                    "output": rep.output, "ftype": rep.ftype, "file_bytes": rep.file_bytes,
+                    "bpw": round(rep.bpw, 4), "seconds": round(rep.seconds, 3), "tensor_types": types,
+                    "tensors": [t.__dict__ for t in rep.tensors]},
+                   human=f"wrote {rep.output}: {rep.file_bytes:,} bytes, {rep.bpw:.3f} bpw, "
+                         f"{len(rep.tensors)} tensors in {rep.seconds:.1f} s  (* = shape fallback)")
+
+    run_command(out, body)
+
+
+def _parse_tensor_type(spec: str) -> tuple[str, int]:
+    from .. import mix
+
+    name, sep, tname = spec.partition("=")
+    if not sep or not name or not tname:
+        raise UsageError(f"--tensor-type {spec!r}: expected REGEX=TYPE, e.g. attn_v=q8_0")
+    return name.lower(), mix.type_id(tname)  # llama-quantize lower-cases the pattern too
+
+
