@@ -68,6 +68,8 @@ def version(json_out: JsonOpt = False):
 
 
 # One module per command; each registers itself on `app` when imported.
+from .commands import calib as _calib  # noqa: E402,F401
+from .commands import evaluate as _evaluate  # noqa: E402,F401
 from .commands import quantize as _quantize  # noqa: E402,F401
 
 

@@ -220,7 +220,7 @@ def ftype_from_name(name: str) -> FType:
             if ft.id == num:
                 return ft
     valid = ", ".join(FTYPES)
-    raise UnsupportedError(f"unknown quantization type {name!r}; valid types: {valid}", hint=f"use one of: {valid}")
+    raise UnsupportedError(f"unknown quantization type (ftype) {name!r}", hint=f"use one of: {valid}")
 
 
 # --------------------------------------------------------------------------------------------------

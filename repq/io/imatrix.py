@@ -13,7 +13,8 @@ Legacy ``.dat`` format (all little endian)::
 
 where ``values`` are mean squares scaled by ``ncall`` (llama-quantize divides by ``ncall``).
 
-:func:`load_imatrix` reproduces llama-quantize's normalisation bit for bit (float32 division).
+:func:`load_imatrix` reproduces llama-quantize's normalisation bit for bit (float32 division);
+:func:`save_imatrix_gguf` and :func:`save_imatrix_dat` write what llama-imatrix writes.
 """
 
 from __future__ import annotations
@@ -153,3 +154,81 @@ def load_imatrix(path: str | os.PathLike) -> Imatrix:
     if not im.is_legacy and not im.has_metadata:
         raise InputFileError(f"{p}: imatrix metadata (imatrix.datasets/chunk_count/chunk_size) missing")
     return im
+
+
+# --------------------------------------------------------------------------------------------------
+# writers (tools/imatrix/imatrix.cpp save_imatrix / save_imatrix_legacy)
+# --------------------------------------------------------------------------------------------------
+
+def _gguf_shape(n_per_row: int, n_mat: int) -> tuple[int, ...]:
+    # ggml_new_tensor_2d(.., n_per_row, n_mat) is written with ggml_n_dims: trailing 1s dropped.
+    return (n_per_row,) if n_mat == 1 else (n_per_row, n_mat)
+
+
+def save_imatrix_gguf(path: str | os.PathLike, im: Imatrix) -> None:
+    """Write llama-imatrix's GGUF format, atomically.
+
+    Keys, in llama-imatrix's order: ``general.type`` = "imatrix", ``imatrix.datasets`` (string
+    array), ``imatrix.chunk_count`` and ``imatrix.chunk_size`` (u32).  Tensors sorted by name, each
+    weight as ``<name>.in_sum2`` (F32, Σx² per column, ne = [n_per_row, n_mat]) followed by
+    ``<name>.counts`` (F32, ne = [1, n_mat]).  ``im.entries[name].sums`` holds the raw sums
+    (n_mat · n_per_row values) and ``counts`` the rows seen per matrix.
+    """
+    w = gguf_file.GGUFWriter(path)
+    w.set_kv("general.type", gguf_file.STRING, "imatrix")
+    w.set_kv("imatrix.datasets", gguf_file.ARRAY, list(im.datasets), gguf_file.STRING)
+    w.set_kv("imatrix.chunk_count", gguf_file.UINT32, int(im.chunk_count))
+    w.set_kv("imatrix.chunk_size", gguf_file.UINT32, int(im.chunk_size))
+    names = sorted(im.entries)
+    for name in names:
+        e = im.entries[name]
+        n_mat = int(e.counts.size)
+        if n_mat < 1 or e.sums.size % n_mat:
+            raise ValueError(f"{name}: {e.sums.size} sums do not split into {n_mat} matrices")
+        w.add_tensor_info(f"{name}.in_sum2", _gguf_shape(e.sums.size // n_mat, n_mat), 0, 4 * e.sums.size)
+        w.add_tensor_info(f"{name}.counts", (1,) if n_mat == 1 else (1, n_mat), 0, 4 * n_mat)
+    with w:
+        w.begin()
+        for name in names:
+            e = im.entries[name]
+            w.write_tensor_data(f"{name}.in_sum2", np.asarray(e.sums, dtype="<f4"))
+            w.write_tensor_data(f"{name}.counts", np.asarray(e.counts, dtype="<f4"))
+        w.finish()
+
+
+def save_imatrix_dat(path: str | os.PathLike, im: Imatrix) -> None:
+    """Write the legacy ``.dat`` format (``save_imatrix_legacy``), atomically.
+
+    Per entry: ``ncall = ceil(max(counts) / chunk_size)`` and values ``(sum / count) · ncall`` in
+    float32 arithmetic (1 where a matrix saw no rows); then the trailer: chunk count and the last
+    dataset name.  Entries with no data at all are skipped, as llama-imatrix does.
+    """
+    if im.chunk_size < 1:
+        raise ValueError("the legacy format needs chunk_size ≥ 1")
+    names = sorted(n for n, e in im.entries.items() if e.counts.size and np.any(e.counts > 0))
+    out = [struct.pack("<i", len(names))]
+    for name in names:
+        e = im.entries[name]
+        nb = name.encode()
+        ncall = int((int(e.counts.max()) + im.chunk_size - 1) // im.chunk_size)
+        n_mat = e.counts.size
+        sums = np.asarray(e.sums, dtype=np.float32).reshape(n_mat, -1)
+        cnt = np.asarray(e.counts, dtype=np.float32)[:, None].repeat(sums.shape[1], axis=1)
+        zero = cnt == 0
+        vals = np.where(zero, np.float32(1), sums) / np.where(zero, np.float32(1), cnt) * np.float32(ncall)
+        out += [struct.pack("<i", len(nb)), nb, struct.pack("<ii", ncall, sums.size),
+                vals.astype("<f4").tobytes()]
+    ds = (im.datasets[-1] if im.datasets else "").encode()
+    out += [struct.pack("<i", int(im.chunk_count)), struct.pack("<i", len(ds)), ds]
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(b"".join(out))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -1,0 +1,502 @@
+"""Proxy Hessians H = Σ x xᵀ of every distinct linear-layer input: accumulate, checkpoint, store, merge.
+
+LDLQ minimises tr((Ŵ−W) H (Ŵ−W)ᵀ) with H = E[x xᵀ] over the layer's inputs x.  This module
+collects the sums S = Σ_t x_t x_tᵀ and token counts n (H = S / n) for each :class:`InputGroup`
+(q/k/v share one input, gate/up share one; see :mod:`repq.calib.hooks`).
+
+Arithmetic
+    Each batch's partial Xᵀ X is one fp32 GEMM (bf16/fp16 inputs on CUDA: tensor cores with fp32
+    accumulation and fp32 output, ``torch.mm(..., out_dtype=float32)``), added into a float64
+    accumulator.  fp32 rounding is confined to one batch (≤ a few thousand tokens); across the run
+    the sum is float64, so the order of batches (ranks, resume) changes only the last bits.
+
+Stored layout (a directory)::
+
+    hessians.json                      index: format, version, fingerprints, counts, aliases, config
+    hessian-00001-of-00003.safetensors sums S (float64 by default), one tensor per key,
+    ...                                with the same provenance in the safetensors metadata
+
+    key:     the first consumer's GGUF name (blk.N.attn_q.weight, blk.N.attn_output.weight,
+             blk.N.ffn_gate.weight, blk.N.ffn_down.weight, output.weight | token_embd.weight)
+    aliases: blk.N.attn_k.weight, blk.N.attn_v.weight → blk.N.attn_q.weight;
+             blk.N.ffn_up.weight → blk.N.ffn_gate.weight
+    mean:    :meth:`HessianSet.mean` = S / n
+
+Provenance: ``model_fingerprint`` (:meth:`ModelConfig.fingerprint`: tensor names, shapes, key
+hyper-parameters), ``data_fingerprints`` (sha256 of the token chunks), token count, repq version.
+Using or merging Hessians of another model is refused (:class:`MismatchError`).
+
+Checkpoints (``DIR/checkpoint/rank{r}-of-{w}.safetensors``)
+    Every ``checkpoint_every`` chunks each rank atomically rewrites one file holding its float64
+    sums, counts and position.  ``resume`` continues from it; since the sums are saved exactly and
+    the batches are the same, the result equals an uninterrupted run's (given the same batch size
+    and world size).  The directory is removed when the final files are written.
+
+Several processes (``torchrun --nproc-per-node K --no-python repq hessian ...``)
+    torch.distributed with NCCL on GPUs (one per process, ``cuda:LOCAL_RANK``) or gloo on CPU.
+    Rank r processes chunks r, r+K, r+2K, ...; the float64 sums are all-reduced at the end and
+    rank 0 writes.
+
+Memory, and the plan for a 70B model (n_embd 8192, n_ff 28672, 80 blocks)
+    Per block the four inputs need 3·8192² + 28672² ≈ 1.02 G entries: 8.2 GB in float64, 656 GB
+    for all 80 blocks.  That exceeds a GPU and most hosts, so a 70B run is split by blocks:
+    ``layers=`` (CLI ``--layers 0-9``) collects only those blocks; each group is one run
+    (one forward pass over the data per group, accumulators ≈ 82 GB float64 for 10 blocks,
+    kept on the GPU of an H200, or ``acc_device="cpu"`` to keep them in host memory and add each
+    batch's fp32 partial there), and the groups' directories are merged (:func:`merge_hessians`,
+    disjoint keys; CLI ``--merge``).  The model itself (140 GB bf16) is spread over the ranks'
+    GPUs by running one process per GPU, each holding the whole model when it fits (H200: 141 GB,
+    not quite), otherwise with weights streamed block by block from the GGUF; streaming is not
+    implemented yet.  Store with ``store_dtype="float32"`` to halve the 656 GB on disk (LDLQ
+    needs no more than fp32).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..errors import InputFileError, MismatchError, UsageError
+from ..model.llama import LoadedModel
+from .hooks import InputGroup, forward_with_hooks, input_groups
+
+FORMAT = "repq.hessian"
+FORMAT_VERSION = 1
+INDEX = "hessians.json"
+CHECKPOINT_DIR = "checkpoint"
+_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class HessianConfig:
+    """Settings of one Hessian collection run."""
+
+    batch_size: int = 1            #: chunks per forward pass
+    device: str = "cpu"            #: compute device: cpu | cuda | cuda:N (ranks use cuda:LOCAL_RANK)
+    acc_device: str = ""           #: where the float64 sums live ("" = the compute device; "cpu" for big models)
+    store_dtype: str = "float64"   #: dtype of the stored sums: float64 | float32
+    checkpoint_every: int = 0      #: chunks (per rank) between checkpoints; 0 = none
+    resume: bool = False           #: continue from DIR/checkpoint
+    head: bool = True              #: include the output head's input
+    layers: tuple[int, ...] | None = None  #: only these blocks (None = all)
+    shard_bytes: int = 2 << 30     #: maximum bytes of one safetensors shard
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise UsageError("--batch must be at least 1")
+        if self.checkpoint_every < 0:
+            raise UsageError("--checkpoint-every must be ≥ 0")
+        if self.store_dtype not in _DTYPES:
+            raise UsageError(f"store dtype {self.store_dtype!r}: expected float64 or float32")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layers"] = list(self.layers) if self.layers is not None else None
+        return d
+
+
+# --------------------------------------------------------------------------------------------------
+# accumulation
+# --------------------------------------------------------------------------------------------------
+
+def xtx(x: torch.Tensor) -> torch.Tensor:
+    """Xᵀ X of x (rows, d) as fp32 (d, d).
+
+    bf16/fp16 on CUDA: products of 16-bit inputs are exact in fp32, so tensor cores with fp32
+    accumulation and output are as exact as an fp32 GEMM of the upcast inputs, and far faster.
+    """
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.mm(x.t(), x, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # torch without the out_dtype overload
+            pass
+    xf = x.float()
+    return xf.t() @ xf
+
+
+@dataclass
+class HessianAccumulator:
+    """Float64 sums S and counts n per input group."""
+
+    groups: list[InputGroup]
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for g in self.groups:
+            if g.key not in self.sums:
+                self.sums[g.key] = torch.zeros(g.dim, g.dim, dtype=torch.float64, device=self.device)
+                self.counts[g.key] = 0
+
+    def add(self, g: InputGroup, x: torch.Tensor) -> None:
+        """Add the rows of x (rows, dim) to group g."""
+        p = xtx(x)                                                            # (dim, dim) fp32
+        self.sums[g.key] += p.to(device=self.device, dtype=torch.float64)
+        self.counts[g.key] += int(x.shape[0])
+
+
+def accumulate(lm: LoadedModel, chunks: torch.Tensor, acc: HessianAccumulator, *, batch_size: int,
+               device: torch.device, on_batch: Callable[[int], None] | None = None) -> None:
+    """Run ``chunks`` (n, n_ctx) through the model in batches, adding every group's inputs to ``acc``."""
+    for i in range(0, len(chunks), batch_size):
+        forward_with_hooks(lm.model, chunks[i:i + batch_size].to(device), acc.groups, acc.add)
+        if on_batch:
+            on_batch(min(i + batch_size, len(chunks)))
+
+
+# --------------------------------------------------------------------------------------------------
+# the run: distributed, checkpointed
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class RunInfo:
+    """What :func:`collect_hessians` did."""
+
+    out_dir: str
+    keys: int
+    tokens: int
+    chunks: int
+    resumed_from: int
+    seconds: float
+    rank: int
+    world: int
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed, (0, 1) when not initialised."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: str) -> tuple[int, int, str]:
+    """Join the process group torchrun describes (WORLD_SIZE > 1); returns (rank, world, device).
+
+    NCCL for CUDA devices (each rank on ``cuda:LOCAL_RANK``), gloo otherwise.
+    """
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, device
+    cuda = device.startswith("cuda")
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(torch.device(device))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _checkpoint_path(out_dir: Path, rank: int, world: int) -> Path:
+    return out_dir / CHECKPOINT_DIR / f"rank{rank}-of-{world}.safetensors"
+
+
+def _save_checkpoint(path: Path, acc: HessianAccumulator, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    md = {k: str(v) for k, v in meta.items()} | {"counts": json.dumps(acc.counts)}
+    save_file({k: v.detach().cpu().contiguous() for k, v in acc.sums.items()}, str(tmp), metadata=md)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, acc: HessianAccumulator, expect: dict) -> int:
+    """Load sums/counts into ``acc``; returns how many of this rank's chunks were done."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        md = f.metadata() or {}
+        for k, v in expect.items():
+            if md.get(k) != str(v):
+                what = "another model" if k == "model_fingerprint" else f"a run with another {k}"
+                raise MismatchError(f"{path}: checkpoint is from {what} ({k} {md.get(k)!r}, this run {v!r})",
+                                    hint="drop --resume to start over, or delete the checkpoint directory")
+        for key in acc.sums:
+            acc.sums[key].copy_(f.get_tensor(key).to(acc.device))
+        acc.counts.update({k: int(v) for k, v in json.loads(md["counts"]).items()})
+        return int(md["next"])
+
+
+def collect_hessians(lm: LoadedModel, chunks: np.ndarray | torch.Tensor, out_dir: str | os.PathLike,
+                     cfg: HessianConfig, *, data_fingerprint: str, datasets: Iterable[str] = (),
+                     on_batch: Callable[[int, int], None] | None = None, _stop_after: int | None = None) -> RunInfo:
+    """Collect and save Hessians of every distinct linear input of ``lm`` over ``chunks``.
+
+    Joins torch.distributed when it is initialised (see :func:`init_distributed`); each rank
+    processes its share and rank 0 writes ``out_dir``.
+
+    Args:
+        chunks: (n_chunk, n_ctx) token ids (:class:`repq.data.Calibration.chunks`).
+        data_fingerprint: recorded, and checked on resume.
+        on_batch: (chunks done on this rank, this rank's total) after each batch.
+        _stop_after: tests: checkpoint and raise KeyboardInterrupt after this many of this rank's
+            chunks (an interruption at a known point).
+
+    Raises:
+        MismatchError: ``resume`` with a checkpoint of another model, data or world size.
+    """
+    t0 = time.time()
+    rank, world = dist_info()
+    chunks = torch.as_tensor(np.asarray(chunks), dtype=torch.long)
+    n_chunk, n_ctx = chunks.shape
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a directory")
+    device = torch.device(cfg.device)
+    acc_device = torch.device(cfg.acc_device) if cfg.acc_device else device
+    groups = input_groups(lm.model, head=cfg.head, layers=cfg.layers)
+    acc = HessianAccumulator(groups, acc_device)
+    mine = chunks[rank::world]
+    ckpt = _checkpoint_path(out, rank, world)
+    ident = {"model_fingerprint": lm.fingerprint, "data_fingerprint": data_fingerprint, "n_ctx": n_ctx,
+             "batch_size": cfg.batch_size, "rank": rank, "world": world, "head": cfg.head,
+             "layers": json.dumps(cfg.to_dict()["layers"])}
+    start = 0
+    if cfg.resume and ckpt.is_file():
+        start = _load_checkpoint(ckpt, acc, ident)
+    every = cfg.checkpoint_every
+    if every:  # checkpoints at batch boundaries only, so a resumed run replays the same batches
+        every = max(cfg.batch_size, every // cfg.batch_size * cfg.batch_size)
+    done = start
+    for i in range(start, len(mine), cfg.batch_size):
+        batch = mine[i:i + cfg.batch_size]
+        forward_with_hooks(lm.model, batch.to(device), groups, acc.add)
+        done = i + len(batch)
+        if on_batch:
+            on_batch(done, len(mine))
+        stop = _stop_after is not None and done >= _stop_after and done < len(mine)
+        if (every and done % every == 0 and done < len(mine)) or stop:
+            _save_checkpoint(ckpt, acc, ident | {"format": FORMAT + ".checkpoint", "next": done})
+        if stop:
+            raise KeyboardInterrupt
+    if world > 1:
+        _all_reduce(acc, device)
+    meta = {"model_fingerprint": lm.fingerprint, "data_fingerprints": [data_fingerprint],
+            "datasets": list(datasets), "n_ctx": n_ctx, "chunks": n_chunk, "tokens": n_chunk * n_ctx,
+            "model": lm.source, "model_config": lm.config.to_dict(), "config": cfg.to_dict()}
+    if rank == 0:
+        save_hessians(out, acc.sums, acc.counts, groups, meta, store_dtype=cfg.store_dtype,
+                      shard_bytes=cfg.shard_bytes)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    if ckpt.is_file():
+        ckpt.unlink()
+    if rank == 0 and (out / CHECKPOINT_DIR).is_dir() and not any((out / CHECKPOINT_DIR).iterdir()):
+        (out / CHECKPOINT_DIR).rmdir()
+    return RunInfo(str(out), len(groups), n_chunk * n_ctx, n_chunk, start, time.time() - t0, rank, world)
+
+
+def _all_reduce(acc: HessianAccumulator, device: torch.device) -> None:
+    """Sum every rank's float64 sums and counts (NCCL needs the tensors on the rank's GPU)."""
+    import torch.distributed as dist
+
+    nccl = dist.get_backend() == "nccl"
+    for key in sorted(acc.sums):
+        t = acc.sums[key]
+        if nccl and t.device.type != "cuda":
+            g = t.to(device)
+            dist.all_reduce(g)
+            t.copy_(g.cpu())
+            del g
+        else:
+            dist.all_reduce(t)
+    keys = sorted(acc.counts)
+    c = torch.tensor([acc.counts[k] for k in keys], dtype=torch.int64, device=device if nccl else "cpu")
+    dist.all_reduce(c)
+    acc.counts.update({k: int(v) for k, v in zip(keys, c.tolist(), strict=True)})
+
+
+# --------------------------------------------------------------------------------------------------
+# storage
+# --------------------------------------------------------------------------------------------------
+
+def save_hessians(out_dir: str | os.PathLike, sums: dict[str, torch.Tensor], counts: dict[str, int],
+                  groups: list[InputGroup] | dict[str, list[str]], meta: dict, *,
+                  store_dtype: str = "float64", shard_bytes: int = 2 << 30) -> None:
+    """Write sums and counts as safetensors shards plus ``hessians.json`` (written last, atomically).
+
+    ``groups`` gives each key's consumers (InputGroups, or {key: [consumer names]}).  Shards of a
+    previous result in ``out_dir`` that the new index does not name are removed afterwards.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    consumers = ({g.key: list(g.consumers) for g in groups} if isinstance(groups, list)
+                 else {k: list(v) for k, v in groups.items()})
+    dt = _DTYPES[store_dtype]
+    keys = [k for k in consumers if k in sums]
+    shards: list[list[str]] = [[]]
+    size = 0
+    for k in keys:
+        nbytes = sums[k].numel() * dt.itemsize
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(k)
+        size += nbytes
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "repq_version": __version__, "dtype": store_dtype} | meta
+    md_common = {"format": FORMAT, "model_fingerprint": meta["model_fingerprint"],
+                 "data_fingerprints": json.dumps(meta.get("data_fingerprints", [])),
+                 "tokens": str(meta.get("tokens", 0)), "repq_version": __version__}
+    entries, tag = {}, f"{os.getpid()}-{time.time_ns()}"
+    for i, ks in enumerate(shards, 1):
+        name = f"hessian-{i:05d}-of-{len(shards):05d}.safetensors"
+        tmp = out / f".{name}.{tag}.tmp"
+        tensors = {k: sums[k].detach().to(device="cpu", dtype=dt).contiguous() for k in ks}
+        save_file(tensors, str(tmp), metadata=md_common | {"counts": json.dumps({k: int(counts[k]) for k in ks})})
+        os.replace(tmp, out / name)
+        del tensors
+        for k in ks:
+            entries[k] = {"shard": name, "n": int(counts[k]), "dim": int(sums[k].shape[0]), "consumers": consumers[k]}
+    aliases = {c: k for k in keys for c in consumers[k] if c != k}
+    index = meta | {"entries": entries, "aliases": aliases}
+    old = _read_index(out / INDEX) if (out / INDEX).is_file() else None
+    tmp = out / f".{INDEX}.{tag}.tmp"
+    tmp.write_text(json.dumps(index, indent=1, default=str))
+    os.replace(tmp, out / INDEX)
+    if old:
+        keep = {e["shard"] for e in entries.values()}
+        for e in old.get("entries", {}).values():
+            if e["shard"] not in keep and (out / e["shard"]).is_file():
+                (out / e["shard"]).unlink()
+
+
+def _read_index(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputFileError(f"{path}: unreadable Hessian index ({e})") from e
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        raise InputFileError(f"{path}: not a repq Hessian index (format {d.get('format') if isinstance(d, dict) else None!r})")
+    if int(d.get("version", 0)) > FORMAT_VERSION:
+        raise InputFileError(f"{path}: Hessian format version {d['version']} is newer than this repq reads")
+    return d
+
+
+class HessianSet:
+    """A stored Hessian directory, read lazily (one tensor at a time).
+
+    Raises:
+        InputFileError: not a Hessian directory (no ``hessians.json``), or an unreadable one.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        idx = self.path / INDEX
+        if not idx.is_file():
+            hint = ("an interrupted run: finish it with `repq hessian ... --resume`"
+                    if (self.path / CHECKPOINT_DIR).is_dir() else "run `repq hessian MODEL --data D -o DIR`")
+            raise InputFileError(f"{self.path}: no {INDEX}, not a finished Hessian directory", hint=hint)
+        self.index = _read_index(idx)
+        self.entries: dict[str, dict] = self.index["entries"]
+        self.aliases: dict[str, str] = self.index.get("aliases", {})
+
+    @property
+    def model_fingerprint(self) -> str:
+        return self.index["model_fingerprint"]
+
+    @property
+    def data_fingerprints(self) -> list[str]:
+        return list(self.index.get("data_fingerprints", []))
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def key_of(self, name: str) -> str:
+        """Storage key of a weight's input (``blk.3.attn_k.weight`` → ``blk.3.attn_q.weight``)."""
+        key = self.aliases.get(name, name)
+        if key not in self.entries:
+            short = name.removesuffix(".weight")
+            raise UsageError(f"{self.path}: no Hessian for {short}",
+                             hint="run `repq hessian` on all layers or pass another --hessian DIR")
+        return key
+
+    def check_model(self, fingerprint: str, what: str = "this model") -> None:
+        """Raise :class:`MismatchError` unless these Hessians were collected on ``fingerprint``'s model."""
+        if fingerprint != self.model_fingerprint:
+            raise MismatchError(f"{self.path}: Hessians of another model (fingerprint "
+                                f"{self.model_fingerprint[:12]}…, {what} {fingerprint[:12]}…)",
+                                hint="collect them on this model with `repq hessian`")
+
+    def count(self, name: str) -> int:
+        return int(self.entries[self.key_of(name)]["n"])
+
+    def sum(self, name: str) -> torch.Tensor:
+        """S = Σ x xᵀ for a weight's input, in the stored dtype."""
+        from safetensors import safe_open
+
+        key = self.key_of(name)
+        shard = self.path / self.entries[key]["shard"]
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                return f.get_tensor(key)
+        except (OSError, KeyError, ValueError) as e:
+            raise InputFileError(f"{shard}: cannot read {key} ({e})") from e
+
+    def mean(self, name: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """H = S / n (float64 unless asked otherwise)."""
+        n = self.count(name)
+        return (self.sum(name).to(torch.float64) / max(n, 1)).to(dtype)
+
+
+def merge_hessians(dirs: list[str | os.PathLike], out_dir: str | os.PathLike, *,
+                   store_dtype: str | None = None, shard_bytes: int = 2 << 30) -> dict:
+    """Merge Hessian directories: S and n add per key; keys present in one run only are kept.
+
+    Typical uses: runs on different data, and block groups of one big model (``--layers``).
+
+    Raises:
+        MismatchError: the runs are of different models, or a key would count the same data twice.
+    """
+    if len(dirs) < 2:
+        raise UsageError("merging needs at least two Hessian directories")
+    sets = [HessianSet(d) for d in dirs]
+    first = sets[0]
+    for s in sets[1:]:
+        if s.model_fingerprint != first.model_fingerprint:
+            raise MismatchError(f"{s.path}: Hessians of another model than {first.path} "
+                                f"(fingerprints {s.model_fingerprint[:12]}… vs {first.model_fingerprint[:12]}…)")
+    if Path(out_dir).resolve() in {s.path.resolve() for s in sets}:
+        raise UsageError(f"{out_dir}: the merge output must be a new directory, not one of the inputs")
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    consumers: dict[str, list[str]] = {}
+    seen_data: dict[str, set[str]] = {}
+    for s in sets:
+        for key in s.keys():
+            fps = set(s.data_fingerprints)
+            if seen_data.get(key, set()) & fps:
+                raise MismatchError(f"{s.path}: {key} was collected on data already merged from another "
+                                    "directory; merging would count it twice")
+            seen_data.setdefault(key, set()).update(fps)
+            t = s.sum(key).to(torch.float64)
+            sums[key] = sums[key] + t if key in sums else t
+            counts[key] = counts.get(key, 0) + s.count(key)
+            consumers.setdefault(key, s.entries[key]["consumers"])
+    dtype = store_dtype or ("float64" if all(s.index.get("dtype") == "float64" for s in sets) else "float32")
+    meta = {"model_fingerprint": first.model_fingerprint,
+            "data_fingerprints": sorted({fp for s in sets for fp in s.data_fingerprints}),
+            "datasets": [d for s in sets for d in s.index.get("datasets", [])],
+            "n_ctx": first.index.get("n_ctx"), "tokens": max(counts.values()),
+            "model": first.index.get("model"), "model_config": first.index.get("model_config"),
+            "merged_from": [str(s.path) for s in sets]}
+    save_hessians(out_dir, sums, counts, consumers, meta, store_dtype=dtype, shard_bytes=shard_bytes)
+    if Path(out_dir, CHECKPOINT_DIR).is_dir():
+        shutil.rmtree(Path(out_dir, CHECKPOINT_DIR))
+    return meta | {"keys": len(sums)}

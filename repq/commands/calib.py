@@ -1,0 +1,264 @@
+"""`repq imatrix`, `repq hessian`, `repq calib`: activation statistics on the torch side, and data."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .._output import Output
+from ..cli import JsonOpt, QuietOpt, ThreadsOpt, app, meta, run_command
+from ..errors import UsageError
+
+DataOpt = Annotated[Path, typer.Option("--data", "-d", help="Calibration data: text file, or JSONL with 'text' or chat 'messages'.")]
+ChunksOpt = Annotated[int, typer.Option("--chunks", help="Use at most N chunks (-1 = all the data holds).")]
+CtxOpt = Annotated[int, typer.Option("--ctx-size", "-c", help="Tokens per chunk (llama-imatrix's -c).")]
+DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="Model compute dtype: auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16.")]
+BatchOpt = Annotated[int, typer.Option("--batch", help="Chunks per forward pass.", min=1)]
+VocabOpt = Annotated[Path | None, typer.Option("--vocab", help="A GGUF of the same model to tokenize with (needed for an HF directory).")]
+
+
+def _setup(device: str, dtype: str, threads: int):
+    """Resolve --device / --dtype and apply --threads."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device is available", hint="use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UsageError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype not in names:
+        raise UsageError(f"--dtype {dtype}: expected auto, float32, bfloat16 or float16")
+    return device, names[dtype]
+
+
+def _load(model: Path, data: Path, vocab: Path | None, device: str, dtype, ctx: int, chunks: int, out: Output):
+    """Model on device + calibration chunks tokenized by llama.cpp."""
+    from ..data import Tokenizer, load_calibration
+    from ..model import load_model
+
+    lm = load_model(model, device=device, dtype=dtype)
+    vocab_path = vocab or lm.gguf_path
+    if vocab_path is None:
+        raise UsageError(f"{model}: an HF directory needs --vocab FILE.gguf (llama.cpp tokenizes from a GGUF)")
+    with Tokenizer(vocab_path) as tok:
+        if tok.n_vocab != lm.config.n_vocab:
+            raise UsageError(f"{vocab_path}: vocabulary of {tok.n_vocab} tokens, the model has {lm.config.n_vocab}")
+        cal = load_calibration(data, tok, n_ctx=ctx, n_chunks=None if chunks < 0 else chunks)
+    out.log(f"{data}: {cal.n_tokens_file:,} tokens → {len(cal.chunks)} chunks of {cal.n_ctx}")
+    return lm, cal
+
+
+def _stepper(advance):
+    """on_batch(done, total) → progress-bar advances."""
+    last = [0]
+
+    def on_batch(done: int, total: int) -> None:
+        advance(done - last[0], total=total)
+        last[0] = done
+
+    return on_batch
+
+
+@app.command()
+def imatrix(
+    model: Annotated[Path, typer.Argument(help="Model: F32/F16/BF16 GGUF or HF directory.")],
+    data: DataOpt,
+    out_path: Annotated[Path, typer.Option("--output", "-o", help="Output imatrix file.")],
+    fmt: Annotated[str, typer.Option("--format", help="gguf | dat (default: dat for *.dat, else gguf).")] = "",
+    chunks: ChunksOpt = -1,
+    ctx: CtxOpt = 512,
+    process_output: Annotated[bool, typer.Option("--process-output", help="Also collect the output head's input (llama-imatrix's --process-output).")] = False,
+    batch: BatchOpt = 1,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    vocab: VocabOpt = None,
+    threads: ThreadsOpt = 0,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Importance matrix (Σx² per input column) as llama-imatrix computes it, for llama-quantize --imatrix.
+
+    Examples:
+
+        repq imatrix model-f32.gguf --data library.txt -o imatrix.gguf --chunks 100
+
+        repq imatrix model-f32.gguf --data calib.jsonl -o imatrix.dat --format dat
+
+        repq imatrix ./hf-model --vocab model-f32.gguf --data library.txt -o im.gguf --json | jq .tokens_per_s
+    """
+    out = Output(json_out, quiet)
+
+    def body():
+        from ..calib.imatrix import collect_imatrix
+        from ..io.imatrix import save_imatrix_dat, save_imatrix_gguf
+
+        f = fmt or ("dat" if out_path.suffix.lower() == ".dat" else "gguf")
+        if f not in ("gguf", "dat"):
+            raise UsageError(f"--format {fmt}: expected gguf or dat")
+        dev, dt = _setup(device, dtype, threads)
+        lm, cal = _load(model, data, vocab, dev, dt, ctx, chunks, out)
+        t0 = time.time()
+        with out.progress("imatrix", total=len(cal.chunks)) as advance:
+            res = collect_imatrix(lm.model, cal.chunks, process_output=process_output, batch_size=batch,
+                                  device=dev, on_batch=_stepper(advance))
+        secs = time.time() - t0
+        im = res.to_imatrix([cal.dataset])
+        (save_imatrix_dat if f == "dat" else save_imatrix_gguf)(out_path, im)
+        tokens = cal.chunks.size
+        out.result({**meta(), "command": "imatrix", "input": str(model), "output": str(out_path), "format": f,
+                    "config": {"chunks": chunks, "ctx_size": ctx, "process_output": process_output, "batch": batch,
+                               "device": dev, "dtype": str(dt).removeprefix("torch.")},
+                    "chunks": len(cal.chunks), "n_ctx": cal.n_ctx, "tokens": tokens, "entries": len(im.entries),
+                    "data_fingerprint": cal.fingerprint, "seconds": round(secs, 3),
+                    "tokens_per_s": round(tokens / secs, 1)},
+                   human=f"wrote {out_path}: {len(im.entries)} entries from {len(cal.chunks)} chunks × {cal.n_ctx} "
+                         f"({tokens / secs:,.0f} tokens/s)")
+
+    run_command(out, body)
+
+
+def _parse_layers(spec: str | None) -> tuple[int, ...] | None:
+    if not spec:
+        return None
+    out: list[int] = []
+    try:
+        for part in spec.split(","):
+            a, sep, b = part.strip().partition("-")
+            out += list(range(int(a), int(b) + 1)) if sep else [int(a)]
+    except ValueError:
+        raise UsageError(f"--layers {spec!r}: expected block indices like 0-9,12") from None
+    return tuple(sorted(set(out)))
+
+
+@app.command()
+def hessian(
+    model: Annotated[Path | None, typer.Argument(help="Model: F32/F16/BF16 GGUF or HF directory (not with --merge).")] = None,
+    data: Annotated[Path | None, typer.Option("--data", "-d", help="Calibration data: text file, or JSONL with 'text' or chat 'messages'.")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--output", "-o", help="Output directory (safetensors shards + hessians.json).")] = None,
+    chunks: ChunksOpt = -1,
+    ctx: CtxOpt = 512,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    batch: BatchOpt = 1,
+    checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N chunks (per process); 0 = never.", min=0)] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint.")] = False,
+    layers: Annotated[str | None, typer.Option(help="Only these blocks, e.g. 0-9 (merge the groups with --merge).")] = None,
+    head: Annotated[bool, typer.Option("--head/--no-head", help="Include the output head's input.")] = True,
+    acc_device: Annotated[str, typer.Option(help="Where the float64 sums live: '' = the compute device, or cpu.")] = "",
+    store_dtype: Annotated[str, typer.Option(help="Stored sums: float64 | float32.")] = "float64",
+    merge: Annotated[list[Path] | None, typer.Option("--merge", help="Merge these Hessian directories into -o (repeat; no MODEL).")] = None,
+    vocab: VocabOpt = None,
+    threads: ThreadsOpt = 0,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Proxy Hessians H = Σ x xᵀ / n of every distinct linear-layer input, for LDLQ.
+
+    Examples:
+
+        repq hessian model-f32.gguf --data library.txt -o hess/ --chunks 128 --checkpoint-every 16
+
+        torchrun --nproc-per-node 8 --no-python repq hessian model.gguf --data d.txt -o hess/ --device cuda
+
+        repq hessian --merge hess-a/ --merge hess-b/ -o hess-ab/
+    """
+    from ..calib.hessian import dist_info
+
+    out = Output(json_out, quiet or dist_info()[0] > 0)
+
+    def body():
+        from ..calib import hessian as H
+
+        if out_dir is None:
+            raise UsageError("missing -o/--output DIR")
+        if merge:
+            if model is not None or data is not None:
+                raise UsageError("--merge takes Hessian directories only: drop MODEL and --data")
+            m = H.merge_hessians(merge, out_dir, store_dtype=store_dtype if store_dtype != "float64" else None)
+            out.result({**meta(), "command": "hessian merge", "inputs": [str(p) for p in merge],
+                        "output": str(out_dir), "keys": m["keys"], "tokens": m["tokens"],
+                        "model_fingerprint": m["model_fingerprint"]},
+                       human=f"merged {len(merge)} runs into {out_dir}: {m['keys']} inputs")
+            return
+        if model is None or data is None:
+            raise UsageError("give MODEL and --data (or --merge DIR ... to merge runs)")
+        dev, dt = _setup(device, dtype, threads)
+        rank, world, dev = H.init_distributed(dev)
+        cfg = H.HessianConfig(batch_size=batch, device=dev, acc_device=acc_device, store_dtype=store_dtype,
+                              checkpoint_every=checkpoint_every, resume=resume, head=head,
+                              layers=_parse_layers(layers))
+        lm, cal = _load(model, data, vocab, dev, dt, ctx, chunks, out)
+        if cfg.layers and max(cfg.layers) >= lm.config.n_layer:
+            raise UsageError(f"--layers {layers}: the model has blocks 0-{lm.config.n_layer - 1}")
+        if world > 1:
+            out.log(f"{world} processes: this one takes chunks {rank}, {rank + world}, ...")
+        with out.progress("hessian", total=0) as advance:
+            info = H.collect_hessians(lm, cal.chunks, out_dir, cfg, data_fingerprint=cal.fingerprint,
+                                      datasets=[cal.dataset], on_batch=_stepper(advance))
+        if resume:
+            out.log(f"resumed after {info.resumed_from} chunks" if info.resumed_from else
+                    "no checkpoint to resume from: ran from the start")
+        out.result({**meta(), "command": "hessian", "input": str(model), "output": str(out_dir),
+                    "config": cfg.to_dict() | {"chunks": chunks, "ctx_size": ctx, "dtype": str(dt).removeprefix("torch.")},
+                    "chunks": info.chunks, "n_ctx": cal.n_ctx, "tokens": info.tokens, "keys": info.keys,
+                    "world": world, "resumed_from": info.resumed_from, "model_fingerprint": lm.fingerprint,
+                    "data_fingerprint": cal.fingerprint, "seconds": round(info.seconds, 3),
+                    "tokens_per_s": round(info.tokens / max(info.seconds, 1e-9), 1)},
+                   human=f"wrote {out_dir}: {info.keys} Hessians from {info.tokens:,} tokens "
+                         f"({info.tokens / max(info.seconds, 1e-9):,.0f} tokens/s)")
+
+    run_command(out, body)
+
+
+@app.command()
+def calib(
+    model: Annotated[Path, typer.Argument(help="Model GGUF (with a chat template).")],
+    out_path: Annotated[Path, typer.Option("--output", "-o", help="Output JSONL (one {'messages': [...]} per line).")],
+    prompts: Annotated[str, typer.Option(help="'builtin', a text file (one prompt per line) or JSONL ('prompt' or 'messages').")] = "builtin",
+    n: Annotated[int, typer.Option("--n", help="Conversations to generate (prompts are cycled).", min=1)] = 32,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per answer at most.", min=1)] = 256,
+    seed: Annotated[int, typer.Option(help="Sampling seed (answer i uses seed + i).")] = 0,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.", min=0.0)] = 0.0,
+    ctx: Annotated[int, typer.Option("--ctx-size", "-c", help="Context of the generating model.")] = 2048,
+    threads: ThreadsOpt = 0,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Self-generated calibration data: the model answers prompts through its own chat template.
+
+    Examples:
+
+        repq calib model-f32.gguf -o selfgen.jsonl --n 64 --max-tokens 512
+
+        repq calib model-f32.gguf -o selfgen.jsonl --prompts my_prompts.txt --temperature 0.8 --seed 7
+
+        repq imatrix model-f32.gguf --data selfgen.jsonl -o imatrix.gguf
+    """
+    out = Output(json_out, quiet)
+
+    def body():
+        from .. import data as D
+
+        cfg = D.GenerateConfig(n=n, max_tokens=max_tokens, seed=seed, temperature=temperature, n_ctx=ctx,
+                               threads=threads)
+        plist = D.read_prompts(prompts)
+        t0 = time.time()
+        with out.progress("calib", total=cfg.n) as advance:
+            recs = D.generate_conversations(model, plist, cfg, on_item=lambda i, total: advance(1))
+        D.write_jsonl(out_path, recs)
+        out.result({**meta(), "command": "calib", "input": str(model), "output": str(out_path),
+                    "config": cfg.to_dict() | {"prompts": prompts}, "conversations": len(recs),
+                    "seconds": round(time.time() - t0, 3)},
+                   human=f"wrote {out_path}: {len(recs)} conversations")
+
+    run_command(out, body)

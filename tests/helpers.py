@@ -1,0 +1,94 @@
+"""Test helpers: tiny synthetic llama GGUF models (written with gguf-py, an independent writer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def make_tiny_llama(path: Path, *, n_embd: int = 256, n_ff: int = 512, n_layer: int = 2, n_vocab: int = 512,
+                    n_head: int = 4, n_head_kv: int = 2, tied: bool = False, dtype: str = "f32",
+                    nan_in: str | None = None, seed: int = 0) -> Path:
+    """Write a random-weight llama-architecture GGUF with llama.cpp's tensor names.
+
+    Args:
+        dtype: "f32", "f16" or "bf16" for the 2-D weights (norms stay F32).
+        nan_in: name of a tensor to poison with a NaN.
+    """
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny-llama")
+    w.add_context_length(256)
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(n_ff)
+    w.add_block_count(n_layer)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_rope_dimension_count(n_embd // n_head)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_file_type(0)
+    w.add_vocab_size(n_vocab)
+    w.add_tokenizer_model("gpt2")
+    tokens = [f"t{i}" for i in range(n_vocab)]
+    w.add_token_list(tokens)
+    w.add_token_types([1] * n_vocab)
+    w.add_token_merges([])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    head_dim = n_embd // n_head
+
+    def add(name: str, shape_rows_cols: tuple[int, ...], scale: float = 0.05, norm: bool = False):
+        if norm:
+            a = (1.0 + 0.1 * rng.standard_normal(shape_rows_cols)).astype(np.float32)
+        else:
+            a = (scale * rng.standard_normal(shape_rows_cols)).astype(np.float32)
+        if name == nan_in:
+            a.flat[7] = np.nan
+        if not norm and dtype == "f16":
+            a = a.astype(np.float16)
+            w.add_tensor(name, a)
+        elif not norm and dtype == "bf16":
+            bits = (a.view(np.uint32) >> 16).astype(np.uint16)
+            w.add_tensor(name, bits.view(np.uint8).reshape(a.shape[0], -1), raw_dtype=gguf.GGMLQuantizationType.BF16)
+        else:
+            w.add_tensor(name, a)
+
+    add("token_embd.weight", (n_vocab, n_embd))
+    add("output_norm.weight", (n_embd,), norm=True)
+    if not tied:
+        add("output.weight", (n_vocab, n_embd))
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        add(p + "attn_norm.weight", (n_embd,), norm=True)
+        add(p + "attn_q.weight", (n_embd, n_embd))
+        add(p + "attn_k.weight", (n_head_kv * head_dim, n_embd))
+        add(p + "attn_v.weight", (n_head_kv * head_dim, n_embd))
+        add(p + "attn_output.weight", (n_embd, n_embd))
+        add(p + "ffn_norm.weight", (n_embd,), norm=True)
+        add(p + "ffn_gate.weight", (n_ff, n_embd))
+        add(p + "ffn_up.weight", (n_ff, n_embd))
+        add(p + "ffn_down.weight", (n_embd, n_ff))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def write_legacy_imatrix(path: Path, entries: dict[str, np.ndarray], ncall: int = 10, chunk_count: int = 10,
+                         dataset: str = "synthetic") -> Path:
+    """Legacy llama.cpp .dat imatrix: values stored as mean squares × ncall."""
+    import struct
+
+    out = [struct.pack("<i", len(entries))]
+    for name, v in entries.items():
+        b = name.encode()
+        out.append(struct.pack("<i", len(b)) + b + struct.pack("<ii", ncall, v.size))
+        out.append((np.asarray(v, np.float32) * ncall).astype("<f4").tobytes())
+    out.append(struct.pack("<i", chunk_count) + struct.pack("<i", len(dataset)) + dataset.encode())
+    path.write_bytes(b"".join(out))
+    return path
