@@ -92,3 +92,32 @@ def write_legacy_imatrix(path: Path, entries: dict[str, np.ndarray], ncall: int 
     out.append(struct.pack("<i", chunk_count) + struct.pack("<i", len(dataset)) + dataset.encode())
     path.write_bytes(b"".join(out))
     return path
+
+
+def make_tiny_hf_llama(out_dir: Path, *, hidden: int = 256, inter: int = 512, layers: int = 2, vocab: int = 512,
+                       heads: int = 4, kv_heads: int = 2, seed: int = 0) -> Path:
+    """A random-weight Hugging Face Llama directory saved with transformers, with a small
+    byte-fallback BPE tokenizer (Llama-2 style) that convert_hf_to_gguf.py accepts offline."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    v = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for i in range(256):
+        v[f"<0x{i:02X}>"] = len(v)
+    for w in ["t", "h", "e", "th", "he", "▁the", "▁a", "▁of", "in", "er"]:
+        v[w] = len(v)
+    while len(v) < vocab:
+        v[f"tok{len(v)}"] = len(v)
+    tok = Tokenizer(models.BPE(vocab=v, merges=[("t", "h"), ("h", "e")], unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+                      tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(out_dir, safe_serialization=True)
+    fast.save_pretrained(out_dir)
+    return out_dir

@@ -14,7 +14,7 @@ from ..errors import UsageError
 
 @app.command()
 def quantize(
-    model: Annotated[Path, typer.Argument(help="Input model: F32/F16/BF16 GGUF.")],
+    model: Annotated[Path, typer.Argument(help="Input model: F32/F16/BF16 GGUF, or a Hugging Face model directory.")],
     out_path: Annotated[Path, typer.Argument(metavar="OUT", help="Output GGUF path.")],
     fmt: Annotated[str, typer.Option("--fmt", "-f", help="llama-quantize ftype: Q4_K_M, Q3_K_S, IQ4_XS, Q4_0, ...")],
     method: Annotated[str, typer.Option(help="rtn | imatrix (ggml's own quantizers, byte-identical to llama-quantize).")] = "",
@@ -34,6 +34,8 @@ def quantize(
     Examples:
 
         repq quantize model-f32.gguf model-q4_k_m.gguf --fmt Q4_K_M
+
+        repq quantize ./SmolLM2-135M-Instruct/ smollm2-q4_0.gguf --fmt Q4_0   # HF directory
 
         repq quantize model-f32.gguf model-iq4_xs.gguf --fmt IQ4_XS --imatrix imatrix.gguf
 
@@ -55,11 +57,14 @@ def quantize(
             raise UsageError("--method rtn ignores importance; drop --imatrix or use --method imatrix")
         cfg = pipeline.QuantizeConfig(ftype=fmt, method=m, imatrix=str(imatrix) if imatrix else None,
                                       threads=threads, allow_requantize=allow_requantize, mix=opts)
+        from ..io.convert import ensure_gguf
+
         pipeline.check_output_path(model, out_path)
+        src = ensure_gguf(model)
         with out.progress(f"quantize {model.name} → {fmt}", total=0) as advance:
             def on_tensor(rep, i, n):
                 advance(1, f"{rep.name} → {rep.dst_type}", total=n)
-            rep = pipeline.quantize_model(model, out_path, cfg, on_tensor=on_tensor)
+            rep = pipeline.quantize_model(src, out_path, cfg, on_tensor=on_tensor)
         out.table(f"{out_path.name}: {rep.ftype}", ["tensor", "shape", "from", "to", "MiB", "imatrix"],
                   [[t.name, "×".join(map(str, t.shape)), t.src_type, t.dst_type + ("*" if t.fallback else ""),
                     f"{t.dst_bytes / 2**20:.2f}", "yes" if t.imatrix else ""] for t in rep.tensors])

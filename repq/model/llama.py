@@ -77,6 +77,9 @@ class ModelConfig:
     rope_freq_factors: tuple[float, ...] | None = field(default=None, compare=False)  #: llama3 rope_freqs
 
     def __post_init__(self):
+        # GGUF stores these as float32; normalise so a config equals its GGUF round trip.
+        for name in ("rms_eps", "rope_base", "rope_freq_scale", "attn_scale"):
+            object.__setattr__(self, name, float(np.float32(getattr(self, name))))
         if self.arch not in ARCH_ROPE_NEOX:
             raise UnsupportedError(f"architecture {self.arch!r} is not supported "
                                    f"(supported: {', '.join(ARCH_ROPE_NEOX)})")
@@ -197,12 +200,10 @@ def config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
         raise UnsupportedError(f"{where}: RoPE scaling {rope_type!r} is not supported (default, linear, llama3)")
     if cfg.get("mlp_bias"):
         raise UnsupportedError(f"{where}: mlp_bias is not supported")
-    # convert_hf_to_gguf writes the eps as float32; keep that value so both sources agree exactly.
-    eps = float(np.float32(cfg.get("rms_norm_eps", 1e-6)))
     return ModelConfig(
         arch=arch, n_layer=int(cfg["num_hidden_layers"]), n_embd=n_embd, n_ff=int(cfg["intermediate_size"]),
         n_head=n_head, n_head_kv=int(cfg.get("num_key_value_heads") or n_head), n_vocab=int(cfg["vocab_size"]),
-        head_dim=head_dim, rms_eps=eps, rope_base=float(np.float32(base)), rope_freq_scale=freq_scale,
+        head_dim=head_dim, rms_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_base=base, rope_freq_scale=freq_scale,
         tied=bool(cfg.get("tie_word_embeddings", False)),
         attn_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)), qk_norm=arch == "qwen3",
         context_length=int(cfg.get("max_position_embeddings", 4096)), rope_freq_factors=factors)

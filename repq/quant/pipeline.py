@@ -258,4 +258,4 @@ def check_output_path(src: str | os.PathLike, out: str | os.PathLike) -> None:
     if Path(out).is_dir():
         raise UsageError(f"{out} is a directory; OUT must be a file path")
     if not Path(src).exists():
-        raise InputFileError(f"{src}: no such file")
+        raise InputFileError(f"{src}: no such file or directory")
