@@ -1,0 +1,91 @@
+"""A ggml-backed grid for LDLQ: ggml fits each block's scales, repq rewrites the codes.
+
+:class:`GgmlGrid` is the ``fit`` callback of :func:`repq.quant.ldlq.ldlq`.  For every block it
+hands the error-corrected columns to ggml's own quantizer (``ggml_quantize_chunk`` with an
+importance vector — the imatrix search llama-quantize uses), keeps the resulting block bytes, and
+returns the block's (A, B) grid.  After LDLQ has chosen codes, :meth:`GgmlGrid.pack` writes them
+into those bytes; the scale bytes stay exactly as ggml produced them, so the file is a valid
+tensor of the type and decodes (through ggml) to LDLQ's values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..ggml import quants
+from . import grids
+from .ldlq import LdlqResult, ldlq
+
+
+class GgmlGrid:
+    """Per-tensor state: the type, the importance vector, and the raw bytes of fitted blocks."""
+
+    def __init__(self, gtype: int, rows: int, n_per_row: int, importance: np.ndarray | None,
+                 threads: int | None = None):
+        self.gtype = gtype
+        self.lay = grids.layout(gtype)
+        self.rows, self.n = rows, n_per_row
+        self.importance = None if importance is None else np.ascontiguousarray(importance, np.float32)
+        self.threads = threads
+        self.raw = np.zeros((rows, n_per_row // self.lay.qk, self.lay.size), np.uint8)
+
+    def fit(self, w_blk: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        qk = self.lay.qk
+        x = w_blk.detach().to("cpu", torch.float32).numpy()
+        imp = None if self.importance is None else self.importance[k * qk:(k + 1) * qk]
+        raw = quants.quantize(self.gtype, np.ascontiguousarray(x), imp, threads=self.threads, validate=False)
+        raw = raw.reshape(self.rows, self.lay.size)
+        self.raw[:, k] = raw
+        a, b = grids.scales(raw, self.gtype, qk)
+        return torch.from_numpy(a).to(w_blk.device), torch.from_numpy(b).to(w_blk.device)
+
+    def pack(self, codes: torch.Tensor) -> np.ndarray:
+        """Row-major ggml bytes of the tensor with LDLQ's codes."""
+        return grids.set_codes(self.raw.reshape(self.rows, -1), self.gtype, self.n, codes.cpu().numpy())
+
+    def decode(self, raw: np.ndarray) -> np.ndarray:
+        """The exact float32 values ggml decodes from ``raw``."""
+        return quants.dequantize(self.gtype, raw, self.n)
+
+
+@dataclass
+class QuantizedTensor:
+    raw: np.ndarray         # uint8 row-major ggml bytes
+    values: np.ndarray      # float32 (rows, n): ggml's dequantization of raw (what torch must use)
+    proxy_loss: float       # tr(ΔW H ΔWᵀ) of LDLQ
+    baseline_loss: float    # the same for ggml's own imatrix quantization (importance = diag H)
+
+
+def ldlq_quantize(w: np.ndarray | torch.Tensor, h: np.ndarray | torch.Tensor, gtype: int, *,
+                  damp: float = 0.01, act_order: bool = True, device: str | torch.device = "cpu",
+                  threads: int | None = None) -> QuantizedTensor:
+    """LDLQ-quantize one weight (rows × n_per_row, ggml row order) to ggml type ``gtype``.
+
+    Importance for ggml's per-block scale search is diag(H), the imatrix llama.cpp would use.
+    Also measures ggml's own imatrix quantization with that importance, for diagnostics.
+    """
+    wt = torch.as_tensor(np.asarray(w, np.float32)).to(device)
+    ht = torch.as_tensor(np.asarray(h, np.float64)).to(device)
+    imp = torch.diagonal(ht).clamp_min(0).to("cpu", torch.float32).numpy()
+    imp = imp / max(float(imp.mean()), 1e-30)
+    grid = GgmlGrid(gtype, wt.shape[0], wt.shape[1], imp, threads=threads)
+    lay = grid.lay
+    res: LdlqResult = ldlq(wt, ht, grid.fit, qk=lay.qk, sub=lay.sub, levels=torch.from_numpy(lay.levels),
+                           damp=damp, act_order=act_order)
+    raw = grid.pack(res.codes)
+    values = grid.decode(raw)
+    w_np = wt.cpu().numpy()
+    base_raw = quants.quantize(gtype, w_np, imp, threads=threads)
+    base = quants.dequantize(gtype, base_raw, w_np.shape[1])
+    h64 = ht.cpu().to(torch.float64)
+    loss = _proxy(w_np, values, h64)
+    return QuantizedTensor(raw=raw.reshape(-1), values=values, proxy_loss=loss,
+                           baseline_loss=_proxy(w_np, base, h64))
+
+
+def _proxy(w: np.ndarray, q: np.ndarray, h: torch.Tensor) -> float:
+    dw = torch.from_numpy(w.astype(np.float64) - q.astype(np.float64))
+    return float(torch.einsum("ij,jk,ik->", dw, h, dw))
