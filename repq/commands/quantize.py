@@ -17,8 +17,12 @@ def quantize(
     model: Annotated[Path, typer.Argument(help="Input model: F32/F16/BF16 GGUF, or a Hugging Face model directory.")],
     out_path: Annotated[Path, typer.Argument(metavar="OUT", help="Output GGUF path.")],
     fmt: Annotated[str, typer.Option("--fmt", "-f", help="llama-quantize ftype: Q4_K_M, Q3_K_S, IQ4_XS, Q4_0, ...")],
-    method: Annotated[str, typer.Option(help="rtn | imatrix (ggml's own quantizers, byte-identical to llama-quantize).")] = "",
+    method: Annotated[str, typer.Option(help="rtn | imatrix (ggml's own quantizers, byte-identical to llama-quantize) | ldlq (error feedback through Hessians).")] = "",
     imatrix: Annotated[Path | None, typer.Option(help="Importance matrix (GGUF or legacy .dat).")] = None,
+    hessian: Annotated[Path | None, typer.Option(help="Hessian directory from `repq hessian` (for --method ldlq).")] = None,
+    damp: Annotated[float, typer.Option(help="LDLQ: relative damping of H's diagonal.")] = 0.01,
+    act_order: Annotated[bool, typer.Option("--act-order/--no-act-order", help="LDLQ: round each block's columns by decreasing diag(H).")] = True,
+    device: Annotated[str, typer.Option(help="LDLQ: torch device (cpu, cuda, cuda:1).")] = "cpu",
     threads: ThreadsOpt = 0,
     pure: Annotated[bool, typer.Option("--pure", help="Same type for every tensor (no k-quant mixture).")] = False,
     leave_output_tensor: Annotated[bool, typer.Option("--leave-output-tensor", help="Leave output.weight unquantized.")] = False,
@@ -52,22 +56,28 @@ def quantize(
             output_tensor_type=mix.type_id(output_tensor_type) if output_tensor_type else None,
             token_embedding_type=mix.type_id(token_embedding_type) if token_embedding_type else None,
             tensor_types=tuple(_parse_tensor_type(s) for s in (tensor_type or [])))
-        m = method or ("imatrix" if imatrix else "rtn")
+        m = method or ("ldlq" if hessian else "imatrix" if imatrix else "rtn")
         if m == "rtn" and imatrix:
             raise UsageError("--method rtn ignores importance; drop --imatrix or use --method imatrix")
         cfg = pipeline.QuantizeConfig(ftype=fmt, method=m, imatrix=str(imatrix) if imatrix else None,
-                                      threads=threads, allow_requantize=allow_requantize, mix=opts)
+                                      hessian=str(hessian) if hessian else None, damp=damp, act_order=act_order,
+                                      device=device, threads=threads, allow_requantize=allow_requantize, mix=opts)
         from ..io.convert import ensure_gguf
 
         pipeline.check_output_path(model, out_path)
         src = ensure_gguf(model)
+        tq = _ldlq_quantizer(src, cfg) if m == "ldlq" else None
         with out.progress(f"quantize {model.name} → {fmt}", total=0) as advance:
             def on_tensor(rep, i, n):
                 advance(1, f"{rep.name} → {rep.dst_type}", total=n)
-            rep = pipeline.quantize_model(src, out_path, cfg, on_tensor=on_tensor)
-        out.table(f"{out_path.name}: {rep.ftype}", ["tensor", "shape", "from", "to", "MiB", "imatrix"],
-                  [[t.name, "×".join(map(str, t.shape)), t.src_type, t.dst_type + ("*" if t.fallback else ""),
-                    f"{t.dst_bytes / 2**20:.2f}", "yes" if t.imatrix else ""] for t in rep.tensors])
+            rep = pipeline.quantize_model(src, out_path, cfg, on_tensor=on_tensor, tensor_quantizer=tq)
+        cols = ["tensor", "shape", "from", "to", "MiB", "method"]
+        rows = [[t.name, "×".join(map(str, t.shape)), t.src_type, t.dst_type + ("*" if t.fallback else ""),
+                 f"{t.dst_bytes / 2**20:.2f}", t.method] for t in rep.tensors]
+        if m == "ldlq":
+            cols += ["rel.err", "ggml rel.err"]
+            rows = [r + [_fmt(t.proxy_rel_err), _fmt(t.baseline_rel_err)] for r, t in zip(rows, rep.tensors, strict=True)]
+        out.table(f"{out_path.name}: {rep.ftype}", cols, rows)
         types: dict[str, int] = {}
         for t in rep.tensors:
             types[t.dst_type] = types.get(t.dst_type, 0) + 1
@@ -79,6 +89,32 @@ def quantize(
                          f"{len(rep.tensors)} tensors in {rep.seconds:.1f} s  (* = shape fallback)")
 
     run_command(out, body)
+
+
+def _fmt(v: float | None) -> str:
+    return "" if v is None else f"{v:.2e}"
+
+
+def _ldlq_quantizer(src: Path, cfg):
+    """LDLQ per-tensor quantizer over a Hessian directory, checked against the model first."""
+    from ..calib.hessian import HessianSet
+    from ..errors import UsageError as _UE
+    from ..io.gguf_file import GGUFModel
+    from ..model.llama import config_from_gguf
+    from ..quant.ldlq_method import ldlq_tensor_quantizer
+
+    hs = HessianSet(cfg.hessian)
+    with GGUFModel(src) as g:
+        hs.check_model(config_from_gguf(g).fingerprint(), f"{Path(src).name} is")
+
+    def lookup(name: str):
+        try:
+            return hs.mean(name)
+        except _UE:
+            return None  # e.g. token_embd of an untied model: no matmul input to weight by
+
+    return ldlq_tensor_quantizer(lookup, damp=cfg.damp, act_order=cfg.act_order, device=cfg.device,
+                                 threads=cfg.threads or None)
 
 
 def _parse_tensor_type(spec: str) -> tuple[str, int]:

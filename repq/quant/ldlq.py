@@ -73,22 +73,22 @@ def block_act_order(h: torch.Tensor, qk: int) -> torch.Tensor:
     return (inner + torch.arange(0, n, qk, device=h.device)[:, None]).reshape(-1)
 
 
-def round_to_grid(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, levels: torch.Tensor,
+def round_to_grid(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, inv_a: torch.Tensor, levels: torch.Tensor,
                   uniform: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest grid value fl32(a·level + b) to each w (all (rows,)); returns (level index, value)."""
-    if uniform:  # consecutive integer levels: the candidates around (w − b)/a are enough
+    """Nearest grid value fl32(a·level + b) to each w (all (rows,)); returns (level index, value).
+
+    ``levels`` is sorted; ``inv_a`` is 1/a (0 where a = 0, where every level decodes to b).
+    """
+    if uniform:  # consecutive integer levels: round (w − b)/a
         lo = levels[0]
-        safe = torch.where(a == 0, torch.ones_like(a), a)
-        center = torch.round((w - b) / safe - lo).clamp(0, levels.numel() - 1)
-        cand = (center[:, None] + torch.tensor([-1.0, 0.0, 1.0], device=w.device)).clamp(0, levels.numel() - 1)
-    else:
-        cand = torch.arange(levels.numel(), device=w.device, dtype=w.dtype).expand(w.shape[0], -1)
-    idx = cand.long()
-    vals = a[:, None] * levels[idx] + b[:, None]
-    best = torch.argmin((vals - w[:, None]).abs(), dim=1)
-    return idx.gather(1, best[:, None])[:, 0], vals.gather(1, best[:, None])[:, 0]
+        idx = torch.round((w - b) * inv_a - lo).clamp_(0, levels.numel() - 1)
+        return idx, a * (idx + lo) + b
+    vals = a[:, None] * levels[None, :] + b[:, None]      # (rows, n_levels), few levels (IQ4: 16)
+    idx = torch.argmin((vals - w[:, None]).abs(), dim=1)
+    return idx.to(w.dtype), vals.gather(1, idx[:, None])[:, 0]
 
 
+@torch.inference_mode()
 def ldlq(w: torch.Tensor, h: torch.Tensor, fit: Fit, *, qk: int, sub: int, levels: torch.Tensor,
          damp: float = 0.01, act_order: bool = True) -> LdlqResult:
     """Quantize W on a ggml grid with LDLQ error feedback (see the module docstring).
@@ -109,38 +109,45 @@ def ldlq(w: torch.Tensor, h: torch.Tensor, fit: Fit, *, qk: int, sub: int, level
     if n % qk:
         raise ValueError(f"{n} columns is not a multiple of the block size {qk}")
     dev = w.device
-    hd = damp_hessian(h.to(torch.float64), damp)
+    # 1. damped H in processing order and the upper Cholesky factor U of its inverse
+    hd = damp_hessian(h.to(dev, torch.float64), damp)
     perm = block_act_order(hd, qk) if act_order else torch.arange(n, device=dev)
     hp = hd[perm][:, perm]
-    chol = torch.linalg.cholesky(hp)
-    u = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True).to(torch.float32)
-    wp = w[:, perm].to(torch.float32).clone()
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hp)), upper=True).to(torch.float32)
+    inv_diag = (1.0 / torch.diagonal(u)).tolist()
+    wp = w[:, perm].to(torch.float32).clone()                      # (rows, n), error-corrected as we go
     levels = levels.to(dev, torch.float32)
     order = torch.argsort(levels)
-    lv_sorted = levels[order]
-    uniform = bool(torch.all(lv_sorted[1:] - lv_sorted[:-1] == 1))
-    codes_p = torch.empty(rows, n, dtype=torch.long, device=dev)
+    lv = levels[order]
+    uniform = bool(torch.all(lv[1:] - lv[:-1] == 1))
+    idx_p = torch.empty(rows, n, dtype=torch.float32, device=dev)  # index into sorted levels
     qp = torch.empty(rows, n, dtype=torch.float32, device=dev)
-    inv_perm = torch.argsort(perm)
+    perm_list = perm.tolist()
     for b0 in range(0, n, qk):
         b1 = b0 + qk
-        blk_perm = perm[b0:b1] - b0                         # original offsets of the block's columns
-        a_sub, b_sub = fit(wp[:, b0:b1][:, torch.argsort(blk_perm)], b0 // qk)   # (rows, qk // sub)
+        # 2. fit the block's grid on its error-corrected columns (ggml wants them in original order)
+        offs = [p - b0 for p in perm_list[b0:b1]]
+        a_sub, b_sub = fit(wp[:, b0:b1][:, torch.argsort(torch.tensor(offs, device=dev))], b0 // qk)
+        a_sub, b_sub = a_sub.to(dev, torch.float32), b_sub.to(dev, torch.float32)
+        inv_a = torch.where(a_sub == 0, torch.zeros_like(a_sub), 1.0 / a_sub)
         err = torch.empty(rows, qk, dtype=torch.float32, device=dev)
+        # 3. round column by column on that grid, feeding each error into the block's later columns
         for i in range(qk):
-            j = b0 + i
-            s = int(blk_perm[i]) // sub
-            idx, val = round_to_grid(wp[:, j], a_sub[:, s], b_sub[:, s], lv_sorted, uniform)
-            codes_p[:, j], qp[:, j] = order[idx], val
-            e = (wp[:, j] - val) / u[j, j]
+            j, s = b0 + i, offs[i] // sub
+            idx, val = round_to_grid(wp[:, j], a_sub[:, s], b_sub[:, s], inv_a[:, s], lv, uniform)
+            idx_p[:, j], qp[:, j] = idx, val
+            e = (wp[:, j] - val) * inv_diag[j]
             err[:, i] = e
             if i + 1 < qk:
-                wp[:, j + 1:b1] -= e[:, None] * u[j, j + 1:b1][None, :]
+                wp[:, j + 1:b1].addr_(e, u[j, j + 1:b1], alpha=-1.0)
+        # 4. lazy update of all later blocks
         if b1 < n:
-            wp[:, b1:] -= err @ u[b0:b1, b1:]
-    codes, q = codes_p[:, inv_perm], qp[:, inv_perm]
-    dw = (w.to(torch.float64) - q.to(torch.float64))
-    loss = float(torch.einsum("ij,jk,ik->", dw, h.to(torch.float64), dw))
+            wp[:, b1:].addmm_(err, u[b0:b1, b1:], alpha=-1.0)
+    inv_perm = torch.argsort(perm)
+    codes = order[idx_p[:, inv_perm].long()]
+    q = qp[:, inv_perm]
+    dw = w.to(torch.float64) - q.to(torch.float64)
+    loss = float(torch.einsum("ij,jk,ik->", dw, h.to(dev, torch.float64), dw))
     return LdlqResult(codes=codes, q=q, proxy_loss=loss)
 
 

@@ -1,4 +1,7 @@
-"""`repq quantize` for the methods that reproduce llama-quantize: ``rtn`` and ``imatrix``.
+"""`repq quantize`: llama-quantize's file layout and type mix, with a pluggable per-tensor quantizer.
+
+With ``rtn`` and ``imatrix`` the per-tensor quantizer is ggml's own and the file is byte-identical to
+llama-quantize's; ``ldlq`` (repq.quant.ldlq_method) replaces the per-tensor quantizer only.
 
 The pipeline mirrors llama_model_quantize_impl (src/llama-quant.cpp at the pinned commit):
 
@@ -46,7 +49,16 @@ class QuantizeConfig:
     ftype: str
     """llama-quantize ftype name, e.g. ``Q4_K_M``."""
     method: str = "rtn"
-    """``rtn`` (no importance) or ``imatrix`` (ggml's importance-weighted search; needs an imatrix)."""
+    """``rtn`` (no importance), ``imatrix`` (ggml's importance-weighted search; needs an imatrix) or
+    ``ldlq`` (error feedback through Hessians; needs ``hessian``)."""
+    hessian: str | None = None
+    """Directory of proxy Hessians written by `repq hessian` (method ldlq)."""
+    damp: float = 0.01
+    """LDLQ: relative diagonal damping of H."""
+    act_order: bool = True
+    """LDLQ: round the columns of each block by decreasing diag(H)."""
+    device: str = "cpu"
+    """LDLQ: torch device for the error-feedback arithmetic."""
     imatrix: str | None = None
     """Path of an imatrix file (GGUF or legacy .dat) as given on the command line."""
     threads: int = 0
@@ -56,10 +68,16 @@ class QuantizeConfig:
     mix: mix.MixOptions = field(default_factory=mix.MixOptions)
 
     def __post_init__(self) -> None:
-        if self.method not in ("rtn", "imatrix"):
-            raise UsageError(f"unknown method {self.method!r} (expected rtn or imatrix)")
+        if self.method not in ("rtn", "imatrix", "ldlq"):
+            raise UsageError(f"unknown method {self.method!r} (expected rtn, imatrix or ldlq)")
         if self.method == "imatrix" and not self.imatrix:
             raise UsageError("--method imatrix needs --imatrix FILE")
+        if self.method == "ldlq" and not self.hessian:
+            raise UsageError("--method ldlq needs --hessian DIR (make one with `repq hessian`)")
+        if self.method != "ldlq" and self.hessian:
+            raise UsageError("--hessian is only used by --method ldlq")
+        if not 0 <= self.damp < 10:
+            raise UsageError("--damp must be in [0, 10)")
         if self.threads < 0:
             raise UsageError("--threads must be ≥ 0")
 
@@ -80,6 +98,12 @@ class TensorReport:
     fallback: bool
     imatrix: bool
     seconds: float
+    method: str = ""
+    """How this tensor was produced: copy, rtn, imatrix, ldlq, or a fallback with its reason."""
+    proxy_rel_err: float | None = None
+    """tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) of the result (methods with a Hessian)."""
+    baseline_rel_err: float | None = None
+    """The same for ggml's imatrix quantization with importance diag(H)."""
 
 
 @dataclass
@@ -139,8 +163,22 @@ def check_imatrix(im: dict[str, np.ndarray], model: gguf_file.GGUFModel, plans: 
             raise MismatchError(f"{path}: imatrix entry {p.name} contains non-finite values")
 
 
+TensorQuantizer = Callable[[mix.TensorPlan, np.ndarray, gguf_file.TensorRef, "np.ndarray | None"],
+                           tuple[np.ndarray, dict]]
+"""(plan, float32 rows × n_per_row, source tensor, importance or None) -> (ggml bytes, report fields)."""
+
+
+def ggml_tensor_quantizer(threads: int | None) -> TensorQuantizer:
+    """ggml's own quantizer: what llama-quantize does for every tensor."""
+    def run(p, x, t, imp):
+        return _quantize_tensor(p.dst_type, x, t, imp, threads), {"method": "imatrix" if imp is not None else "rtn"}
+    return run
+
+
 def quantize_model(src: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeConfig, *,
-                   on_tensor: Callable[[TensorReport, int, int], None] | None = None) -> QuantizeReport:
+                   on_tensor: Callable[[TensorReport, int, int], None] | None = None,
+                   tensor_quantizer: TensorQuantizer | None = None,
+                   extra_kv: list[tuple[str, int, object]] | None = None) -> QuantizeReport:
     """Quantize a GGUF model; see the module docstring.
 
     Args:
@@ -154,12 +192,14 @@ def quantize_model(src: str | os.PathLike, out: str | os.PathLike, cfg: Quantize
     """
     t_start = time.perf_counter()
     ftype = mix.ftype_from_name(cfg.ftype)
+    tq = tensor_quantizer or ggml_tensor_quantizer(cfg.threads or None)
     model = gguf_file.GGUFModel(src)
     try:
         info = model_info(model)
         tinfos = [mix.TensorInfo(name=t.name, shape=t.shape, type=t.type) for t in model.tensors.values()]
         imx: Imatrix | None = load_imatrix(cfg.imatrix) if cfg.imatrix else None
-        mix_opts = cfg.mix if imx is None else _with_imatrix(cfg.mix)
+        # ldlq has importance data (diag H): pick the mix llama-quantize picks with an imatrix
+        mix_opts = cfg.mix if imx is None and cfg.method != "ldlq" else _with_imatrix(cfg.mix)
         plans = mix.plan_types(info, tinfos, ftype, mix_opts)
         importance = imx.importance() if imx is not None else {}
         if imx is not None:
@@ -189,6 +229,8 @@ def quantize_model(src: str | os.PathLike, out: str | os.PathLike, cfg: Quantize
             writer.set_kv(KV_IMATRIX_N_ENTRIES, gguf_file.UINT32, len(importance))
             if imx.chunk_count > 0:
                 writer.set_kv(KV_IMATRIX_N_CHUNKS, gguf_file.UINT32, imx.chunk_count)
+        for key, vtype, value in extra_kv or []:
+            writer.set_kv(key, vtype, value)
 
         for p in plans:
             t = model.tensors[p.name]
@@ -201,7 +243,8 @@ def quantize_model(src: str | os.PathLike, out: str | os.PathLike, cfg: Quantize
             for i, p in enumerate(plans):
                 t = model.tensors[p.name]
                 t0 = time.perf_counter()
-                used_imatrix = False
+                info: dict = {"method": "copy"}
+                imp = None
                 if p.dst_type == t.type:
                     data = t.data
                 else:
@@ -209,12 +252,11 @@ def quantize_model(src: str | os.PathLike, out: str | os.PathLike, cfg: Quantize
                     imp = importance.get(p.name)
                     if imp is not None and imp.size != t.n_per_row * (t.shape[2] if len(t.shape) > 2 else 1):
                         imp = None  # token_embd with a foreign size: llama-quantize ignores it too
-                    data = _quantize_tensor(p.dst_type, x, t, imp, cfg.threads or None)
-                    used_imatrix = imp is not None
+                    data, info = tq(p, x, t, imp)
                 writer.write_tensor_data(p.name, data)
                 rep = TensorReport(p.name, t.shape, mix.type_name(t.type), mix.type_name(p.dst_type),
-                                   t.n_bytes, int(data.nbytes),
-                                   p.fallback, used_imatrix, time.perf_counter() - t0)
+                                   t.n_bytes, int(data.nbytes), p.fallback, imp is not None,
+                                   time.perf_counter() - t0, **info)
                 reports.append(rep)
                 if on_tensor:
                     on_tensor(rep, i, len(plans))
