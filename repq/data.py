@@ -86,12 +86,6 @@ class Tokenizer:
             self._lc.llama_model_free(self._model)
             self._model = None
 
-    def __del__(self):  # pragma: no cover
-        try:
-            self.close()
-        except Exception:
-            pass
-
     def __enter__(self) -> Tokenizer:
         return self
 

@@ -5,10 +5,13 @@ collects the sums S = Σ_t x_t x_tᵀ and token counts n (H = S / n) for each :c
 (q/k/v share one input, gate/up share one; see :mod:`repq.calib.hooks`).
 
 Arithmetic
-    Each batch's partial Xᵀ X is one fp32 GEMM (bf16/fp16 inputs on CUDA: tensor cores with fp32
-    accumulation and fp32 output, ``torch.mm(..., out_dtype=float32)``), added into a float64
-    accumulator.  fp32 rounding is confined to one batch (≤ a few thousand tokens); across the run
-    the sum is float64, so the order of batches (ranks, resume) changes only the last bits.
+    Each batch's Xᵀ X is one GEMM accumulated (beta = 1) into an fp32 buffer on the compute
+    device; bf16/fp16 activations on CUDA use tensor cores with fp32 accumulation and output
+    (``addmm(..., out_dtype=float32)``: products of 16-bit numbers are exact in fp32).  Every
+    ``flush_every`` batches the buffer is added into float64 sums (on ``acc_device``) and zeroed,
+    so fp32 rounding is confined to a few thousand tokens and the run-long sum is float64.  Flush
+    points depend only on the batch index; checkpoints store the fp32 buffers too, so a resumed
+    run does exactly the arithmetic of an uninterrupted one.
 
 Stored layout (a directory)::
 
@@ -28,9 +31,10 @@ Using or merging Hessians of another model is refused (:class:`MismatchError`).
 
 Checkpoints (``DIR/checkpoint/rank{r}-of-{w}.safetensors``)
     Every ``checkpoint_every`` chunks each rank atomically rewrites one file holding its float64
-    sums, counts and position.  ``resume`` continues from it; since the sums are saved exactly and
-    the batches are the same, the result equals an uninterrupted run's (given the same batch size
-    and world size).  The directory is removed when the final files are written.
+    sums, fp32 buffers, counts and position.  ``resume`` continues from it and ends bit for bit
+    where an uninterrupted run ends (same batch size, ``flush_every`` and number of processes;
+    a checkpoint of another model, data or setting is refused).  The directory is removed when
+    the final files are written.
 
 Several processes (``torchrun --nproc-per-node K --no-python repq hessian ...``)
     torch.distributed with NCCL on GPUs (one per process, ``cuda:LOCAL_RANK``) or gloo on CPU.
@@ -38,17 +42,20 @@ Several processes (``torchrun --nproc-per-node K --no-python repq hessian ...``)
     rank 0 writes.
 
 Memory, and the plan for a 70B model (n_embd 8192, n_ff 28672, 80 blocks)
-    Per block the four inputs need 3·8192² + 28672² ≈ 1.02 G entries: 8.2 GB in float64, 656 GB
-    for all 80 blocks.  That exceeds a GPU and most hosts, so a 70B run is split by blocks:
-    ``layers=`` (CLI ``--layers 0-9``) collects only those blocks; each group is one run
-    (one forward pass over the data per group, accumulators ≈ 82 GB float64 for 10 blocks,
-    kept on the GPU of an H200, or ``acc_device="cpu"`` to keep them in host memory and add each
-    batch's fp32 partial there), and the groups' directories are merged (:func:`merge_hessians`,
-    disjoint keys; CLI ``--merge``).  The model itself (140 GB bf16) is spread over the ranks'
-    GPUs by running one process per GPU, each holding the whole model when it fits (H200: 141 GB,
-    not quite), otherwise with weights streamed block by block from the GGUF; streaming is not
-    implemented yet.  Store with ``store_dtype="float32"`` to halve the 656 GB on disk (LDLQ
-    needs no more than fp32).
+    Per block the four inputs need 3·8192² + 28672² ≈ 1.02 G entries: 8.2 GB as float64 sums plus
+    4.1 GB of fp32 buffers; 980 GB for all 80 blocks.  So a 70B run is split by blocks and the
+    float64 sums live on the host:
+
+    1. ``layers=`` (CLI ``--layers 0-9``) collects only those blocks: one forward pass over the
+       data per group of 10 blocks, holding 41 GB of fp32 buffers on the GPU and, with
+       ``acc_device="cpu"``, 82 GB of float64 sums in host memory (flushed every ``flush_every``
+       batches, so the host adds are amortised).  Each group is written as its own directory.
+    2. The groups are merged (:func:`merge_hessians`, disjoint keys; CLI ``--merge``), or used
+       directly group by group, since LDLQ needs one layer's H at a time.
+    3. The weights (140 GB in bf16) do not fit on one H100 next to the buffers: run one process
+       per GPU (torchrun; data parallel, all-reduce at the end) on H200s, or stream blocks from
+       the GGUF to the GPU one at a time (not implemented yet: the model is loaded whole).
+    4. ``store_dtype="float32"`` halves the 656 GB of stored sums; LDLQ needs no more than fp32.
 """
 
 from __future__ import annotations
@@ -58,14 +65,14 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .. import __version__
-from ..errors import InputFileError, MismatchError, UsageError
+from ..errors import InputFileError, MismatchError, OperationError, UsageError
 from ..model.llama import LoadedModel
 from .hooks import InputGroup, forward_with_hooks, input_groups
 
@@ -89,10 +96,13 @@ class HessianConfig:
     head: bool = True              #: include the output head's input
     layers: tuple[int, ...] | None = None  #: only these blocks (None = all)
     shard_bytes: int = 2 << 30     #: maximum bytes of one safetensors shard
+    flush_every: int = 8           #: batches summed in fp32 on the compute device between float64 flushes
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise UsageError("--batch must be at least 1")
+        if self.flush_every < 1:
+            raise UsageError("flush_every must be at least 1")
         if self.checkpoint_every < 0:
             raise UsageError("--checkpoint-every must be ≥ 0")
         if self.store_dtype not in _DTYPES:
@@ -108,50 +118,93 @@ class HessianConfig:
 # accumulation
 # --------------------------------------------------------------------------------------------------
 
-def xtx(x: torch.Tensor) -> torch.Tensor:
-    """Xᵀ X of x (rows, d) as fp32 (d, d).
-
-    bf16/fp16 on CUDA: products of 16-bit inputs are exact in fp32, so tensor cores with fp32
-    accumulation and output are as exact as an fp32 GEMM of the upcast inputs, and far faster.
-    """
+def _addmm_xtx(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """acc (fp32, d×d) += Xᵀ X in one GEMM (beta = 1), tensor cores for 16-bit x on CUDA."""
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
         try:
-            return torch.mm(x.t(), x, out_dtype=torch.float32)
+            torch.addmm(acc, x.t(), x, out_dtype=torch.float32, out=acc)
+            return
         except (TypeError, RuntimeError):  # torch without the out_dtype overload
             pass
     xf = x.float()
-    return xf.t() @ xf
+    acc.addmm_(xf.t(), xf)
 
 
-@dataclass
 class HessianAccumulator:
-    """Float64 sums S and counts n per input group."""
+    """Sums S = Σ x xᵀ and counts n per input group.
 
-    groups: list[InputGroup]
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=dict)
+    Two levels: each batch is added by one fp32 GEMM into a ``pending`` buffer on the compute
+    device; every ``flush_every`` batches of the run (and at its end) the pending sums are
+    added into float64 ``sums`` on ``acc_device`` and reset.  fp32 rounding so stays confined to a
+    few thousand tokens, the float64 adds happen once per flush (not once per batch), and with
+    ``acc_device="cpu"`` the GPU holds only the fp32 buffers (4 bytes per entry).
+    """
 
-    def __post_init__(self):
-        for g in self.groups:
-            if g.key not in self.sums:
-                self.sums[g.key] = torch.zeros(g.dim, g.dim, dtype=torch.float64, device=self.device)
-                self.counts[g.key] = 0
+    def __init__(self, groups: list[InputGroup], acc_device: str | torch.device = "cpu", *,
+                 device: str | torch.device | None = None, flush_every: int = 8):
+        self.groups = groups
+        self.acc_device = torch.device(acc_device)
+        self.device = torch.device(device) if device is not None else self.acc_device
+        self.flush_every = max(1, flush_every)
+        self.sums = {g.key: torch.zeros(g.dim, g.dim, dtype=torch.float64, device=self.acc_device) for g in groups}
+        self.counts = {g.key: 0 for g in groups}
+        self.pending: dict[str, torch.Tensor] = {}
+        self.batches = 0  #: batches added since the run began
+        self._stage: torch.Tensor | None = None
 
     def add(self, g: InputGroup, x: torch.Tensor) -> None:
         """Add the rows of x (rows, dim) to group g."""
-        p = xtx(x)                                                            # (dim, dim) fp32
-        self.sums[g.key] += p.to(device=self.device, dtype=torch.float64)
+        p = self.pending.get(g.key)
+        if p is None:
+            p = self.pending[g.key] = torch.zeros(g.dim, g.dim, dtype=torch.float32, device=x.device)
+        _addmm_xtx(p, x)
         self.counts[g.key] += int(x.shape[0])
 
+    def end_batch(self) -> None:
+        """Count a finished batch; flush after every ``flush_every``-th batch of the run.
 
-def accumulate(lm: LoadedModel, chunks: torch.Tensor, acc: HessianAccumulator, *, batch_size: int,
-               device: torch.device, on_batch: Callable[[int], None] | None = None) -> None:
-    """Run ``chunks`` (n, n_ctx) through the model in batches, adding every group's inputs to ``acc``."""
-    for i in range(0, len(chunks), batch_size):
-        forward_with_hooks(lm.model, chunks[i:i + batch_size].to(device), acc.groups, acc.add)
-        if on_batch:
-            on_batch(min(i + batch_size, len(chunks)))
+        The flush points depend only on the batch index, so a run resumed from a checkpoint
+        (which stores the pending buffers too) does exactly the arithmetic of an uninterrupted one.
+        """
+        self.batches += 1
+        if self.batches % self.flush_every == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        """Add the pending fp32 sums into the float64 sums and reset them.
+
+        GPU → host goes through one pinned fp32 staging buffer (a pageable fp64 copy is 4× slower).
+        """
+        for key, p in self.pending.items():
+            if p.is_cuda and self.acc_device.type == "cpu":
+                if self._stage is None or self._stage.numel() < p.numel():
+                    self._stage = torch.empty(max(g.dim for g in self.groups) ** 2, pin_memory=True)
+                stage = self._stage[: p.numel()].view_as(p)
+                stage.copy_(p)
+                self.sums[key].add_(stage)
+            else:
+                self.sums[key].add_(p.to(self.acc_device))
+            p.zero_()
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, metadata) of the whole state, for a checkpoint (copied to the host)."""
+        t = {k: v.detach().cpu().contiguous() for k, v in self.sums.items()}
+        t |= {f"pending/{k}": v.detach().cpu().contiguous() for k, v in self.pending.items()}
+        return t, {"counts": json.dumps(self.counts), "batches": str(self.batches)}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], md: dict) -> None:
+        for k in self.sums:
+            self.sums[k].copy_(tensors[k])
+        self.pending = {k.removeprefix("pending/"): v.to(self.device) for k, v in tensors.items()
+                        if k.startswith("pending/")}
+        self.counts.update({k: int(v) for k, v in json.loads(md["counts"]).items()})
+        self.batches = int(md["batches"])
+
+
+def step(model, tokens: torch.Tensor, acc: HessianAccumulator) -> None:
+    """One batch: forward ``tokens`` (B, T) through ``model`` adding every group's inputs to ``acc``."""
+    forward_with_hooks(model, tokens, acc.groups, acc.add)
+    acc.end_batch()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -208,8 +261,8 @@ def _save_checkpoint(path: Path, acc: HessianAccumulator, meta: dict) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    md = {k: str(v) for k, v in meta.items()} | {"counts": json.dumps(acc.counts)}
-    save_file({k: v.detach().cpu().contiguous() for k, v in acc.sums.items()}, str(tmp), metadata=md)
+    tensors, md = acc.state()
+    save_file(tensors, str(tmp), metadata={k: str(v) for k, v in meta.items()} | md)
     os.replace(tmp, path)
 
 
@@ -224,9 +277,7 @@ def _load_checkpoint(path: Path, acc: HessianAccumulator, expect: dict) -> int:
                 what = "another model" if k == "model_fingerprint" else f"a run with another {k}"
                 raise MismatchError(f"{path}: checkpoint is from {what} ({k} {md.get(k)!r}, this run {v!r})",
                                     hint="drop --resume to start over, or delete the checkpoint directory")
-        for key in acc.sums:
-            acc.sums[key].copy_(f.get_tensor(key).to(acc.device))
-        acc.counts.update({k: int(v) for k, v in json.loads(md["counts"]).items()})
+        acc.load_state({k: f.get_tensor(k) for k in f.keys()}, md)  # noqa: SIM118
         return int(md["next"])
 
 
@@ -258,12 +309,12 @@ def collect_hessians(lm: LoadedModel, chunks: np.ndarray | torch.Tensor, out_dir
     device = torch.device(cfg.device)
     acc_device = torch.device(cfg.acc_device) if cfg.acc_device else device
     groups = input_groups(lm.model, head=cfg.head, layers=cfg.layers)
-    acc = HessianAccumulator(groups, acc_device)
+    acc = HessianAccumulator(groups, acc_device, device=device, flush_every=cfg.flush_every)
     mine = chunks[rank::world]
     ckpt = _checkpoint_path(out, rank, world)
     ident = {"model_fingerprint": lm.fingerprint, "data_fingerprint": data_fingerprint, "n_ctx": n_ctx,
-             "batch_size": cfg.batch_size, "rank": rank, "world": world, "head": cfg.head,
-             "layers": json.dumps(cfg.to_dict()["layers"])}
+             "batch_size": cfg.batch_size, "flush_every": cfg.flush_every, "rank": rank, "world": world,
+             "head": cfg.head, "layers": json.dumps(cfg.to_dict()["layers"])}
     start = 0
     if cfg.resume and ckpt.is_file():
         start = _load_checkpoint(ckpt, acc, ident)
@@ -273,7 +324,7 @@ def collect_hessians(lm: LoadedModel, chunks: np.ndarray | torch.Tensor, out_dir
     done = start
     for i in range(start, len(mine), cfg.batch_size):
         batch = mine[i:i + cfg.batch_size]
-        forward_with_hooks(lm.model, batch.to(device), groups, acc.add)
+        step(lm.model, batch.to(device), acc)
         done = i + len(batch)
         if on_batch:
             on_batch(done, len(mine))
@@ -282,8 +333,13 @@ def collect_hessians(lm: LoadedModel, chunks: np.ndarray | torch.Tensor, out_dir
             _save_checkpoint(ckpt, acc, ident | {"format": FORMAT + ".checkpoint", "next": done})
         if stop:
             raise KeyboardInterrupt
+    acc.flush()
     if world > 1:
         _all_reduce(acc, device)
+    bad = [k for k, v in acc.sums.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise OperationError(f"non-finite activations in the input of {bad[0]}",
+                             hint="the model overflows in this dtype; try --dtype float32")
     meta = {"model_fingerprint": lm.fingerprint, "data_fingerprints": [data_fingerprint],
             "datasets": list(datasets), "n_ctx": n_ctx, "chunks": n_chunk, "tokens": n_chunk * n_ctx,
             "model": lm.source, "model_config": lm.config.to_dict(), "config": cfg.to_dict()}
@@ -294,10 +350,9 @@ def collect_hessians(lm: LoadedModel, chunks: np.ndarray | torch.Tensor, out_dir
         import torch.distributed as dist
 
         dist.barrier()
-    if ckpt.is_file():
-        ckpt.unlink()
-    if rank == 0 and (out / CHECKPOINT_DIR).is_dir() and not any((out / CHECKPOINT_DIR).iterdir()):
-        (out / CHECKPOINT_DIR).rmdir()
+    ckpt.unlink(missing_ok=True)
+    if rank == 0:  # the result is written: checkpoints of this or older runs are of no further use
+        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     return RunInfo(str(out), len(groups), n_chunk * n_ctx, n_chunk, start, time.time() - t0, rank, world)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Annotated
@@ -19,6 +20,16 @@ DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Model compute dtype: auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16.")]
 BatchOpt = Annotated[int, typer.Option("--batch", help="Chunks per forward pass.", min=1)]
 VocabOpt = Annotated[Path | None, typer.Option("--vocab", help="A GGUF of the same model to tokenize with (needed for an HF directory).")]
+
+
+def _spin_less() -> None:
+    """Let torch's OpenMP threads sleep soon instead of spinning (only before torch is imported).
+
+    libgomp's default spins 300,000 times at each barrier; on a CPU shared with other processes a
+    spinning thread steals the core its partner needs, and 2-thread runs became 4× slower than
+    1-thread runs.  A short spin costs nothing measurable on an idle machine.  Results are unchanged.
+    """
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 
 def _setup(device: str, dtype: str, threads: int):
@@ -99,6 +110,7 @@ def imatrix(
     out = Output(json_out, quiet)
 
     def body():
+        _spin_less()
         from ..calib.imatrix import collect_imatrix
         from ..io.imatrix import save_imatrix_dat, save_imatrix_gguf
 
@@ -155,6 +167,7 @@ def hessian(
     layers: Annotated[str | None, typer.Option(help="Only these blocks, e.g. 0-9 (merge the groups with --merge).")] = None,
     head: Annotated[bool, typer.Option("--head/--no-head", help="Include the output head's input.")] = True,
     acc_device: Annotated[str, typer.Option(help="Where the float64 sums live: '' = the compute device, or cpu.")] = "",
+    flush_every: Annotated[int, typer.Option(help="Batches summed in fp32 before each float64 flush.", min=1)] = 8,
     store_dtype: Annotated[str, typer.Option(help="Stored sums: float64 | float32.")] = "float64",
     merge: Annotated[list[Path] | None, typer.Option("--merge", help="Merge these Hessian directories into -o (repeat; no MODEL).")] = None,
     vocab: VocabOpt = None,
@@ -164,6 +177,11 @@ def hessian(
 ):
     """Proxy Hessians H = Σ x xᵀ / n of every distinct linear-layer input, for LDLQ.
 
+    One H per input, named after its first weight: blk.N.attn_q.weight (also attn_k, attn_v),
+    blk.N.attn_output.weight, blk.N.ffn_gate.weight (also ffn_up), blk.N.ffn_down.weight, and the
+    head's input (output.weight, or token_embd.weight when tied).  float64 sums, counts and
+    provenance in OUT/hessians.json + safetensors shards.
+
     Examples:
 
         repq hessian model-f32.gguf --data library.txt -o hess/ --chunks 128 --checkpoint-every 16
@@ -172,11 +190,10 @@ def hessian(
 
         repq hessian --merge hess-a/ --merge hess-b/ -o hess-ab/
     """
-    from ..calib.hessian import dist_info
-
-    out = Output(json_out, quiet or dist_info()[0] > 0)
+    out = Output(json_out, quiet or int(os.environ.get("RANK", "0")) > 0)  # torchrun: rank 0 reports
 
     def body():
+        _spin_less()
         from ..calib import hessian as H
 
         if out_dir is None:
@@ -194,7 +211,8 @@ def hessian(
             raise UsageError("give MODEL and --data (or --merge DIR ... to merge runs)")
         dev, dt = _setup(device, dtype, threads)
         rank, world, dev = H.init_distributed(dev)
-        cfg = H.HessianConfig(batch_size=batch, device=dev, acc_device=acc_device, store_dtype=store_dtype,
+        cfg = H.HessianConfig(batch_size=batch, device=dev, acc_device=acc_device, flush_every=flush_every,
+                              store_dtype=store_dtype,
                               checkpoint_every=checkpoint_every, resume=resume, head=head,
                               layers=_parse_layers(layers))
         lm, cal = _load(model, data, vocab, dev, dt, ctx, chunks, out)
@@ -202,9 +220,14 @@ def hessian(
             raise UsageError(f"--layers {layers}: the model has blocks 0-{lm.config.n_layer - 1}")
         if world > 1:
             out.log(f"{world} processes: this one takes chunks {rank}, {rank + world}, ...")
-        with out.progress("hessian", total=0) as advance:
-            info = H.collect_hessians(lm, cal.chunks, out_dir, cfg, data_fingerprint=cal.fingerprint,
-                                      datasets=[cal.dataset], on_batch=_stepper(advance))
+        try:
+            with out.progress("hessian", total=0) as advance:
+                info = H.collect_hessians(lm, cal.chunks, out_dir, cfg, data_fingerprint=cal.fingerprint,
+                                          datasets=[cal.dataset], on_batch=_stepper(advance))
+        except KeyboardInterrupt:
+            if checkpoint_every:
+                out.log(f"run again with --resume to continue from the last checkpoint in {out_dir}/checkpoint")
+            raise
         if resume:
             out.log(f"resumed after {info.resumed_from} chunks" if info.resumed_from else
                     "no checkpoint to resume from: ran from the start")
@@ -247,6 +270,7 @@ def calib(
     out = Output(json_out, quiet)
 
     def body():
+        _spin_less()
         from .. import data as D
 
         cfg = D.GenerateConfig(n=n, max_tokens=max_tokens, seed=seed, temperature=temperature, n_ctx=ctx,
