@@ -17,7 +17,7 @@ import torch
 
 from ..ggml import quants
 from . import grids
-from .ldlq import LdlqResult, ldlq
+from .ldlq import LdlqResult, ldlq, ldlq_static
 
 
 class GgmlGrid:
@@ -42,6 +42,14 @@ class GgmlGrid:
         a, b = grids.scales(raw, self.gtype, qk)
         return torch.from_numpy(a).to(w_blk.device), torch.from_numpy(b).to(w_blk.device)
 
+    def fit_all(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fit every block at once on whole rows (exactly ggml's imatrix quantization's grid)."""
+        x = np.ascontiguousarray(w.detach().to("cpu", torch.float32).numpy())
+        raw = quants.quantize(self.gtype, x, self.importance, threads=self.threads, validate=False)
+        self.raw = raw.reshape(self.rows, -1, self.lay.size).copy()
+        a, b = grids.scales(raw, self.gtype, self.n)
+        return torch.from_numpy(a).to(w.device), torch.from_numpy(b).to(w.device)
+
     def pack(self, codes: torch.Tensor) -> np.ndarray:
         """Row-major ggml bytes of the tensor with LDLQ's codes."""
         return grids.set_codes(self.raw.reshape(self.rows, -1), self.gtype, self.n, codes.cpu().numpy())
@@ -61,7 +69,7 @@ class QuantizedTensor:
 
 def ldlq_quantize(w: np.ndarray | torch.Tensor, h: np.ndarray | torch.Tensor, gtype: int, *,
                   damp: float = 0.01, act_order: bool = True, device: str | torch.device = "cpu",
-                  threads: int | None = None) -> QuantizedTensor:
+                  threads: int | None = None, scales: str = "static") -> QuantizedTensor:
     """LDLQ-quantize one weight (rows × n_per_row, ggml row order) to ggml type ``gtype``.
 
     Importance for ggml's per-block scale search is diag(H), the imatrix llama.cpp would use.
@@ -73,8 +81,12 @@ def ldlq_quantize(w: np.ndarray | torch.Tensor, h: np.ndarray | torch.Tensor, gt
     imp = imp / max(float(imp.mean()), 1e-30)
     grid = GgmlGrid(gtype, wt.shape[0], wt.shape[1], imp, threads=threads)
     lay = grid.lay
-    res: LdlqResult = ldlq(wt, ht, grid.fit, qk=lay.qk, sub=lay.sub, levels=torch.from_numpy(lay.levels),
-                           damp=damp, act_order=act_order)
+    if scales == "static":
+        res: LdlqResult = ldlq_static(wt, ht, grid.fit_all, sub=lay.sub, levels=torch.from_numpy(lay.levels),
+                                      damp=damp, act_order=act_order)
+    else:
+        res = ldlq(wt, ht, grid.fit, qk=lay.qk, sub=lay.sub, levels=torch.from_numpy(lay.levels),
+                   damp=damp, act_order=act_order)
     raw = grid.pack(res.codes)
     values = grid.decode(raw)
     w_np = wt.cpu().numpy()

@@ -151,6 +151,60 @@ def ldlq(w: torch.Tensor, h: torch.Tensor, fit: Fit, *, qk: int, sub: int, level
     return LdlqResult(codes=codes, q=q, proxy_loss=loss)
 
 
+FitAll = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""fit_all(W (rows, cols)) -> (A, B), each (rows, cols // sub): one grid for the whole tensor."""
+
+
+@torch.inference_mode()
+def ldlq_static(w: torch.Tensor, h: torch.Tensor, fit_all: FitAll, *, sub: int, levels: torch.Tensor,
+                damp: float = 0.01, act_order: bool = True, lazy: int = 128) -> LdlqResult:
+    """LDLQ with "static groups": the grid of every block is fitted once, on the original W, before
+    the error-feedback pass; columns are then visited in global activation order (decreasing
+    diag H) regardless of block, each rounded on its own block's fixed grid.  Errors of the most
+    important inputs can flow into any less important column of the row.
+
+    Args/Returns: as :func:`ldlq`; ``lazy`` is the column batch between rank-k updates.
+    """
+    rows, n = w.shape
+    dev = w.device
+    # (n // sub, rows): one contiguous row of grid parameters per sub-block
+    a_all, b_all = (t.to(dev, torch.float32).t().contiguous() for t in fit_all(w))
+    inv_a_all = torch.where(a_all == 0, torch.zeros_like(a_all), 1.0 / a_all)
+    hd = damp_hessian(h.to(dev, torch.float64), damp)
+    perm = torch.argsort(torch.diagonal(hd), descending=True, stable=True) if act_order \
+        else torch.arange(n, device=dev)
+    hp = hd[perm][:, perm]
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hp)), upper=True).to(torch.float32)
+    inv_diag = (1.0 / torch.diagonal(u)).tolist()
+    wp = w[:, perm].to(torch.float32).clone()
+    levels = levels.to(dev, torch.float32)
+    order = torch.argsort(levels)
+    lv = levels[order]
+    uniform = bool(torch.all(lv[1:] - lv[:-1] == 1))
+    idx_p = torch.empty(rows, n, dtype=torch.float32, device=dev)
+    qp = torch.empty(rows, n, dtype=torch.float32, device=dev)
+    subs = (perm // sub).tolist()
+    for c0 in range(0, n, lazy):
+        c1 = min(c0 + lazy, n)
+        err = torch.empty(rows, c1 - c0, dtype=torch.float32, device=dev)
+        for i in range(c1 - c0):
+            j, s = c0 + i, subs[c0 + i]
+            idx, val = round_to_grid(wp[:, j], a_all[s], b_all[s], inv_a_all[s], lv, uniform)
+            idx_p[:, j], qp[:, j] = idx, val
+            e = (wp[:, j] - val) * inv_diag[j]
+            err[:, i] = e
+            if j + 1 < c1:
+                wp[:, j + 1:c1].addr_(e, u[j, j + 1:c1], alpha=-1.0)
+        if c1 < n:
+            wp[:, c1:].addmm_(err, u[c0:c1, c1:], alpha=-1.0)
+    inv_perm = torch.argsort(perm)
+    codes = order[idx_p[:, inv_perm].long()]
+    q = qp[:, inv_perm]
+    dw = w.to(torch.float64) - q.to(torch.float64)
+    loss = float(torch.einsum("ij,jk,ik->", dw, h.to(dev, torch.float64), dw))
+    return LdlqResult(codes=codes, q=q, proxy_loss=loss)
+
+
 def proxy_loss(w: np.ndarray | torch.Tensor, q: np.ndarray | torch.Tensor, h: np.ndarray | torch.Tensor) -> float:
     """tr((W − Q) H (W − Q)ᵀ) in float64."""
     dw = torch.as_tensor(np.asarray(w, np.float64) - np.asarray(q, np.float64))

@@ -28,7 +28,8 @@ HessianLookup = Callable[[str], "torch.Tensor | None"]
 
 
 def ldlq_tensor_quantizer(hessian_for: HessianLookup, *, damp: float = 0.01, act_order: bool = True,
-                          device: str = "cpu", threads: int | None = None) -> pipeline.TensorQuantizer:
+                          device: str = "cpu", threads: int | None = None,
+                          scales: str = "static") -> pipeline.TensorQuantizer:
     def run(p: mix.TensorPlan, x: np.ndarray, t, imp: np.ndarray | None):
         h = hessian_for(p.name)
         if h is not None:
@@ -50,7 +51,8 @@ def ldlq_tensor_quantizer(hessian_for: HessianLookup, *, damp: float = 0.01, act
         if reason is not None:
             raw = pipeline._quantize_tensor(p.dst_type, x, t, imp, threads)
             return raw, {"method": f"{'imatrix' if imp is not None else 'rtn'} ({reason})"}
-        r = ldlq_quantize(x, h, p.dst_type, damp=damp, act_order=act_order, device=device, threads=threads)
+        r = ldlq_quantize(x, h, p.dst_type, damp=damp, act_order=act_order, device=device, threads=threads,
+                          scales=scales)
         scale = float(torch.einsum("ij,jk,ik->", torch.from_numpy(x.astype(np.float64)), h,
                                    torch.from_numpy(x.astype(np.float64))))
         return r.raw, {"method": "ldlq", "proxy_rel_err": r.proxy_loss / max(scale, 1e-300),

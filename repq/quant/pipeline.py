@@ -59,6 +59,10 @@ class QuantizeConfig:
     """LDLQ: round the columns of each block by decreasing diag(H)."""
     device: str = "cpu"
     """LDLQ: torch device for the error-feedback arithmetic."""
+    scales: str = "static"
+    """LDLQ: ``static`` fits every block's grid on the original weights (ggml's imatrix search) and
+    visits columns in global activation order; ``dynamic`` fits each block on the error-corrected
+    weights when the pass reaches it (columns in block order)."""
     imatrix: str | None = None
     """Path of an imatrix file (GGUF or legacy .dat) as given on the command line."""
     threads: int = 0
@@ -76,6 +80,8 @@ class QuantizeConfig:
             raise UsageError("--method ldlq needs --hessian DIR (make one with `repq hessian`)")
         if self.method != "ldlq" and self.hessian:
             raise UsageError("--hessian is only used by --method ldlq")
+        if self.scales not in ("static", "dynamic"):
+            raise UsageError(f"--scales must be static or dynamic, not {self.scales!r}")
         if not 0 <= self.damp < 10:
             raise UsageError("--damp must be in [0, 10)")
         if self.threads < 0:
