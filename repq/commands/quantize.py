@@ -23,6 +23,7 @@ def quantize(
     damp: Annotated[float, typer.Option(help="LDLQ: relative damping of H's diagonal.")] = 0.01,
     act_order: Annotated[bool, typer.Option("--act-order/--no-act-order", help="LDLQ: round each block's columns by decreasing diag(H).")] = True,
     device: Annotated[str, typer.Option(help="LDLQ: torch device (cpu, cuda, cuda:1).")] = "cpu",
+    refit: Annotated[bool, typer.Option("--refit/--no-refit", help="LDLQ: re-fit block scales against H after rounding (legacy types, IQ4_NL).")] = True,
     scales: Annotated[str, typer.Option(help="LDLQ: static (grids fitted on W up front, global act order) | dynamic (fitted on error-corrected blocks).")] = "static",
     threads: ThreadsOpt = 0,
     pure: Annotated[bool, typer.Option("--pure", help="Same type for every tensor (no k-quant mixture).")] = False,
@@ -62,7 +63,7 @@ def quantize(
             raise UsageError("--method rtn ignores importance; drop --imatrix or use --method imatrix")
         cfg = pipeline.QuantizeConfig(ftype=fmt, method=m, imatrix=str(imatrix) if imatrix else None,
                                       hessian=str(hessian) if hessian else None, damp=damp, act_order=act_order,
-                                      device=device, scales=scales, threads=threads, allow_requantize=allow_requantize, mix=opts)
+                                      device=device, scales=scales, refit=refit, threads=threads, allow_requantize=allow_requantize, mix=opts)
         from ..io.convert import ensure_gguf
 
         pipeline.check_output_path(model, out_path)
@@ -115,7 +116,7 @@ def _ldlq_quantizer(src: Path, cfg):
             return None  # e.g. token_embd of an untied model: no matmul input to weight by
 
     return ldlq_tensor_quantizer(lookup, damp=cfg.damp, act_order=cfg.act_order, device=cfg.device,
-                                 threads=cfg.threads or None, scales=cfg.scales)
+                                 threads=cfg.threads or None, scales=cfg.scales, refit=cfg.refit)
 
 
 def _parse_tensor_type(spec: str) -> tuple[str, int]:

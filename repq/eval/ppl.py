@@ -75,8 +75,8 @@ class EvalConfig:
     """KV cache type for V (``-ctv``)."""
 
     def __post_init__(self) -> None:
-        if self.n_ctx < 4 or self.n_ctx % 2:
-            raise UsageError(f"-c {self.n_ctx}: the context must be an even number of tokens, at least 4")
+        if self.n_ctx < 4:
+            raise UsageError(f"-c {self.n_ctx}: the context must hold at least 4 tokens")
         if self.chunks == 0 or self.chunks < -1:
             raise UsageError(f"--chunks {self.chunks}: expected a positive number (or -1 for all)")
         if self.n_batch < 1 or self.n_ubatch < 1:

@@ -17,6 +17,7 @@ import torch
 
 from ..ggml import quants
 from . import grids
+from . import refit as refit_mod
 from .ldlq import LdlqResult, ldlq, ldlq_static
 
 
@@ -69,7 +70,7 @@ class QuantizedTensor:
 
 def ldlq_quantize(w: np.ndarray | torch.Tensor, h: np.ndarray | torch.Tensor, gtype: int, *,
                   damp: float = 0.01, act_order: bool = True, device: str | torch.device = "cpu",
-                  threads: int | None = None, scales: str = "static") -> QuantizedTensor:
+                  threads: int | None = None, scales: str = "static", refit: bool = True) -> QuantizedTensor:
     """LDLQ-quantize one weight (rows × n_per_row, ggml row order) to ggml type ``gtype``.
 
     Importance for ggml's per-block scale search is diag(H), the imatrix llama.cpp would use.
@@ -87,14 +88,17 @@ def ldlq_quantize(w: np.ndarray | torch.Tensor, h: np.ndarray | torch.Tensor, gt
     else:
         res = ldlq(wt, ht, grid.fit, qk=lay.qk, sub=lay.sub, levels=torch.from_numpy(lay.levels),
                    damp=damp, act_order=act_order)
-    raw = grid.pack(res.codes)
-    values = grid.decode(raw)
     w_np = wt.cpu().numpy()
-    base_raw = quants.quantize(gtype, w_np, imp, threads=threads)
-    base = quants.dequantize(gtype, base_raw, w_np.shape[1])
     h64 = ht.cpu().to(torch.float64)
-    loss = _proxy(w_np, values, h64)
-    return QuantizedTensor(raw=raw.reshape(-1), values=values, proxy_loss=loss,
+    if scales == "static":   # the fitted grid *is* ggml's imatrix quantization with importance diag(H)
+        base = grid.decode(grid.raw.reshape(-1))
+    else:
+        base = quants.dequantize(gtype, quants.quantize(gtype, w_np, imp, threads=threads), w_np.shape[1])
+    raw = grid.pack(res.codes)
+    if refit and refit_mod.supported(gtype):
+        raw = refit_mod.refit_scales(raw, w_np, h64, gtype)
+    values = grid.decode(raw)
+    return QuantizedTensor(raw=raw.reshape(-1), values=values, proxy_loss=_proxy(w_np, values, h64),
                            baseline_loss=_proxy(w_np, base, h64))
 
 

@@ -29,7 +29,7 @@ HessianLookup = Callable[[str], "torch.Tensor | None"]
 
 def ldlq_tensor_quantizer(hessian_for: HessianLookup, *, damp: float = 0.01, act_order: bool = True,
                           device: str = "cpu", threads: int | None = None,
-                          scales: str = "static") -> pipeline.TensorQuantizer:
+                          scales: str = "static", refit: bool = True) -> pipeline.TensorQuantizer:
     def run(p: mix.TensorPlan, x: np.ndarray, t, imp: np.ndarray | None):
         h = hessian_for(p.name)
         if h is not None:
@@ -52,7 +52,7 @@ def ldlq_tensor_quantizer(hessian_for: HessianLookup, *, damp: float = 0.01, act
             raw = pipeline._quantize_tensor(p.dst_type, x, t, imp, threads)
             return raw, {"method": f"{'imatrix' if imp is not None else 'rtn'} ({reason})"}
         r = ldlq_quantize(x, h, p.dst_type, damp=damp, act_order=act_order, device=device, threads=threads,
-                          scales=scales)
+                          scales=scales, refit=refit)
         scale = float(torch.einsum("ij,jk,ik->", torch.from_numpy(x.astype(np.float64)), h,
                                    torch.from_numpy(x.astype(np.float64))))
         return r.raw, {"method": "ldlq", "proxy_rel_err": r.proxy_loss / max(scale, 1e-300),

@@ -63,6 +63,8 @@ class QuantizeConfig:
     """LDLQ: ``static`` fits every block's grid on the original weights (ggml's imatrix search) and
     visits columns in global activation order; ``dynamic`` fits each block on the error-corrected
     weights when the pass reaches it (columns in block order)."""
+    refit: bool = True
+    """LDLQ: re-fit fp16 block scales against H once the codes are fixed (legacy types, IQ4_NL)."""
     imatrix: str | None = None
     """Path of an imatrix file (GGUF or legacy .dat) as given on the command line."""
     threads: int = 0
