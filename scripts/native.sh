@@ -17,6 +17,7 @@ TARGETS=(ggml-base ggml-cpu ggml llama llama-quantize llama-imatrix llama-perple
 [ "${REPQ_CUDA:-0}" = 1 ] && TARGETS+=(ggml-cuda)
 key=$( { cat "$ROOT/vendor/llama.cpp/.repq-commit"; cat "$ROOT/native/CMakeLists.txt"; echo "${OPTS[*]}"; echo "${TARGETS[*]}"; uname -m; } | sha256sum | cut -c1-16)
 BUILD=$CACHE/build/$key
+mkdir -p "$BUILD"
 if [ ! -f "$BUILD/.complete" ]; then
   echo "native: building llama.cpp into $BUILD (${OPTS[*]})" >&2
   cmake -S "$ROOT/native" -B "$BUILD" -G Ninja "${OPTS[@]}" > "$BUILD.configure.log" 2>&1 || {
