@@ -52,12 +52,13 @@ class Tokenizer:
                 raise InputFileError(f"{self.path}: no tokenizer in this GGUF (tokenizer.ggml.model missing)")
         self._lc = lc = llama_cpp()
         logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
-        lc.llama_backend_init()
-        params = lc.llama_model_default_params()
-        params.vocab_only = True
-        self._model = lc.llama_model_load_from_file(str(self.path).encode(), params)
-        if not self._model:
-            raise InputFileError(f"{self.path}: llama.cpp could not load this model's vocabulary")
+        # Through the high-level class: building llama_model_params by hand from
+        # llama_model_default_params() segfaults with the CUDA build (seen on an H100).
+        try:
+            self._llm = lc.Llama(model_path=str(self.path), vocab_only=True, verbose=False)
+        except (ValueError, RuntimeError) as e:
+            raise InputFileError(f"{self.path}: llama.cpp could not load this model's vocabulary ({e})") from e
+        self._model = self._llm._model.model
         self._vocab = lc.llama_model_get_vocab(self._model)
         self.n_vocab = int(lc.llama_vocab_n_tokens(self._vocab))
         self.add_bos = bool(lc.llama_vocab_get_add_bos(self._vocab))
@@ -82,8 +83,9 @@ class Tokenizer:
         return t.decode("utf-8", errors="replace") if t else ""
 
     def close(self) -> None:
-        if getattr(self, "_model", None):
-            self._lc.llama_model_free(self._model)
+        if getattr(self, "_llm", None) is not None:
+            self._llm.close()  # frees the model once (llama-cpp-python owns it)
+            self._llm = None
             self._model = None
 
     def __enter__(self) -> Tokenizer:

@@ -6,6 +6,7 @@ llama-bench's table; report puts several quantizations in one Markdown table and
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -128,6 +129,7 @@ def kld(
                 if n_ctx is not None and n_ctx != bl.n_ctx:
                     raise MismatchError(f"{base} was computed with -c {bl.n_ctx}, not {n_ctx}",
                                         hint=f"drop -c or pass -c {bl.n_ctx}")
+                cfg = replace(cfg, n_ctx=bl.n_ctx)  # the file's chunk size is the one used
                 try:
                     r = K.kl_divergence(model, bl, cfg, data=data, on_chunk=lambda d, n: step("kld", d, n))
                 finally:

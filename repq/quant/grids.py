@@ -87,26 +87,26 @@ def layout(gtype: int) -> Layout:
         return Layout(name, 32, 34, 32, lv, (Field(2 + e32, np.zeros(32, int), 8, 0),))
     if name == "IQ4_NL":
         return Layout(name, 32, 18, 32, KVALUES_IQ4NL, (_nibbles(2),))
-    # K-quants: element e = 128n + 32j + 16g + l (Q2_K/Q3_K), 64c + 32h + l (Q4_K/Q5_K), ...
+    # K-quants: element e = 128n + 32j + 16g + li (Q2_K/Q3_K), 64c + 32h + li (Q4_K/Q5_K), ...
     if name == "Q2_K":
-        n, j, g, l = e256 // 128, (e256 // 32) % 4, (e256 // 16) % 2, e256 % 16
-        return Layout(name, 256, 84, 16, ar(4), (Field(16 + 32 * n + 16 * g + l, 2 * j, 2, 0),))
+        n, j, g, li = e256 // 128, (e256 // 32) % 4, (e256 // 16) % 2, e256 % 16
+        return Layout(name, 256, 84, 16, ar(4), (Field(16 + 32 * n + 16 * g + li, 2 * j, 2, 0),))
     if name == "Q3_K":
-        n, j, g, l = e256 // 128, (e256 // 32) % 4, (e256 // 16) % 2, e256 % 16
+        n, j, g, li = e256 // 128, (e256 // 32) % 4, (e256 // 16) % 2, e256 % 16
         lv = np.array([-4, -3, -2, -1, 0, 1, 2, 3], np.float32)  # low 2 bits, minus 4 unless the hmask bit
-        return Layout(name, 256, 110, 16, lv, (Field(32 + 32 * n + 16 * g + l, 2 * j, 2, 0),
-                                               Field(16 * g + l, 4 * n + j, 1, 2)))
+        return Layout(name, 256, 110, 16, lv, (Field(32 + 32 * n + 16 * g + li, 2 * j, 2, 0),
+                                               Field(16 * g + li, 4 * n + j, 1, 2)))
     if name == "Q4_K":
-        c, h, l = e256 // 64, (e256 // 32) % 2, e256 % 32
-        return Layout(name, 256, 144, 32, ar(16), (Field(16 + 32 * c + l, 4 * h, 4, 0),))
+        c, h, li = e256 // 64, (e256 // 32) % 2, e256 % 32
+        return Layout(name, 256, 144, 32, ar(16), (Field(16 + 32 * c + li, 4 * h, 4, 0),))
     if name == "Q5_K":
-        c, h, l = e256 // 64, (e256 // 32) % 2, e256 % 32
-        return Layout(name, 256, 176, 32, ar(32), (Field(48 + 32 * c + l, 4 * h, 4, 0),
-                                                   Field(16 + l, 2 * c + h, 1, 4)))
+        c, h, li = e256 // 64, (e256 // 32) % 2, e256 % 32
+        return Layout(name, 256, 176, 32, ar(32), (Field(48 + 32 * c + li, 4 * h, 4, 0),
+                                                   Field(16 + li, 2 * c + h, 1, 4)))
     if name == "Q6_K":
-        n, k, l = e256 // 128, (e256 // 32) % 4, e256 % 32
-        return Layout(name, 256, 210, 16, ar(64, -32), (Field(64 * n + l + 32 * (k % 2), 4 * (k // 2), 4, 0),
-                                                        Field(128 + 32 * n + l, 2 * k, 2, 4)))
+        n, k, li = e256 // 128, (e256 // 32) % 4, e256 % 32
+        return Layout(name, 256, 210, 16, ar(64, -32), (Field(64 * n + li + 32 * (k % 2), 4 * (k // 2), 4, 0),
+                                                        Field(128 + 32 * n + li, 2 * k, 2, 4)))
     if name == "IQ4_XS":
         ib, h, j = e256 // 32, (e256 // 16) % 2, e256 % 16
         return Layout(name, 256, 136, 32, KVALUES_IQ4NL, (Field(8 + 16 * ib + j, 4 * h, 4, 0),))

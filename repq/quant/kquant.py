@@ -76,8 +76,10 @@ def ldlq_quantize(w: np.ndarray | torch.Tensor, h: np.ndarray | torch.Tensor, gt
     Importance for ggml's per-block scale search is diag(H), the imatrix llama.cpp would use.
     Also measures ggml's own imatrix quantization with that importance, for diagnostics.
     """
-    wt = torch.as_tensor(np.array(w, np.float32, copy=True)).to(device)
-    ht = torch.as_tensor(np.asarray(h, np.float64)).to(device)
+    wt = (w.detach().to(device, torch.float32) if isinstance(w, torch.Tensor)
+          else torch.as_tensor(np.array(w, np.float32, copy=True)).to(device))
+    ht = (h.detach().to(device, torch.float64) if isinstance(h, torch.Tensor)
+          else torch.as_tensor(np.asarray(h, np.float64)).to(device))
     imp = torch.diagonal(ht).clamp_min(0).to("cpu", torch.float32).numpy()
     imp = imp / max(float(imp.mean()), 1e-30)
     grid = GgmlGrid(gtype, wt.shape[0], wt.shape[1], imp, threads=threads)
