@@ -15,7 +15,7 @@ DATA_DIR := $(REPQ_CACHE)/data
 REF_F32 := $(MODEL_DIR)/smollm2-135m-f32.gguf
 export LLAMA_CPP_LIB_PATH := $(CURDIR)/native/build/bin
 
-.PHONY: help setup vendor native model data demo test test-fast test-slow bench lint fmt docs clean
+.PHONY: help setup vendor native model data demo test test-fast test-slow bench bench-ldlq lint fmt clean
 
 help:
 	@echo "make setup      venv + Python deps + vendored llama.cpp + native build (cached)"
@@ -24,7 +24,7 @@ help:
 	@echo "make test-fast  unit tests only (seconds)"
 	@echo "make bench      benchmarks against llama.cpp's tools (results in benchmarks/results)"
 	@echo "make native     (re)build vendor/llama.cpp into native/build; REPQ_CUDA=1 for CUDA"
-	@echo "make lint | fmt | docs | clean"
+	@echo "make lint | fmt | clean"
 
 $(VENV)/.stamp: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,9 +48,20 @@ model: setup
 data:
 	bash scripts/fetch_data.sh
 
+DEMO := $(REPQ_CACHE)/demo
+
+# The main job on the built-in default: Hessians from library text, LDLQ Q4_0 of the reference
+# model, llama.cpp's own Q4_0 (imatrix from the same text) for comparison, and a report of both on
+# the tutorial text (about 15 minutes on 2 cores).
 demo: model data
-	$(VENV)/bin/repq quantize $(REF_F32) $(REPQ_CACHE)/demo-q4_k_m.gguf --fmt Q4_K_M
-	@echo "wrote $(REPQ_CACHE)/demo-q4_k_m.gguf"
+	mkdir -p $(DEMO)
+	test -f $(DEMO)/hess/hessians.json || $(VENV)/bin/repq hessian $(REF_F32) --data $(DATA_DIR)/library.txt --chunks 32 -o $(DEMO)/hess
+	test -f $(DEMO)/imatrix.gguf || $(VENV)/bin/repq imatrix $(REF_F32) --data $(DATA_DIR)/library.txt --chunks 32 -o $(DEMO)/imatrix.gguf
+	$(VENV)/bin/repq quantize $(REF_F32) $(DEMO)/llama-imatrix-q4_0.gguf --fmt Q4_0 --imatrix $(DEMO)/imatrix.gguf -q
+	$(VENV)/bin/repq quantize $(REF_F32) $(DEMO)/repq-ldlq-q4_0.gguf --fmt Q4_0 --hessian $(DEMO)/hess
+	$(VENV)/bin/repq report $(DEMO)/llama-imatrix-q4_0.gguf $(DEMO)/repq-ldlq-q4_0.gguf --base $(REF_F32) \
+		--data $(DATA_DIR)/tutorial.txt --chunks 20 -o $(DEMO)/report.md --plot $(DEMO)/report.png
+	@echo "report: $(DEMO)/report.md  plot: $(DEMO)/report.png"
 
 test-fast: setup
 	$(PY) -m pytest tests/unit -q
@@ -63,6 +74,11 @@ test: setup model data
 
 bench: setup model data
 	$(PY) benchmarks/bench_quantize.py
+	$(PY) benchmarks/bench_eval.py
+
+# LDLQ vs llama-quantize quality (about an hour on 2 cores; resumable)
+bench-ldlq: setup model data
+	$(PY) benchmarks/bench_ldlq.py --calib-chunks 64 --eval-chunks 40
 
 lint: setup
 	$(VENV)/bin/ruff check repq tests benchmarks
@@ -70,8 +86,6 @@ lint: setup
 fmt: setup
 	$(VENV)/bin/ruff check --fix repq tests benchmarks
 
-docs: setup
-	$(PY) scripts/gen_readme_help.py
 
 clean:
 	rm -rf $(VENV) native/build .pytest_cache

@@ -88,6 +88,48 @@ def round_to_grid(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, inv_a: torc
     return idx.to(w.dtype), vals.gather(1, idx[:, None])[:, 0]
 
 
+def _inverse_cholesky(hp: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+    """Upper Cholesky factor U of H⁻¹ (float32) and 1/diag(U), for H in processing order."""
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hp)), upper=True).to(torch.float32)
+    return u, (1.0 / torch.diagonal(u)).tolist()
+
+
+def _sorted_levels(levels: torch.Tensor, dev) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(code of each sorted level, sorted levels, whether they are consecutive integers)."""
+    levels = levels.to(dev, torch.float32)
+    order = torch.argsort(levels)
+    lv = levels[order]
+    return order, lv, bool(torch.all(lv[1:] - lv[:-1] == 1))
+
+
+def _round_segment(wp: torch.Tensor, u: torch.Tensor, inv_diag: list[float], c0: int, c1: int, grid_of,
+                   lv: torch.Tensor, uniform: bool, idx_p: torch.Tensor, qp: torch.Tensor) -> torch.Tensor:
+    """Round columns [c0, c1) one by one, feeding each scaled error into the segment's later
+    columns; returns the errors (rows, c1 − c0) for the lazy update of the columns after c1.
+    ``grid_of(i)`` gives the (a, b, 1/a) vectors of the segment's i-th column."""
+    err = torch.empty(wp.shape[0], c1 - c0, dtype=torch.float32, device=wp.device)
+    for i in range(c1 - c0):
+        j = c0 + i
+        a, b, inv_a = grid_of(i)
+        idx, val = round_to_grid(wp[:, j], a, b, inv_a, lv, uniform)
+        idx_p[:, j], qp[:, j] = idx, val
+        e = (wp[:, j] - val) * inv_diag[j]
+        err[:, i] = e
+        if j + 1 < c1:
+            wp[:, j + 1:c1].addr_(e, u[j, j + 1:c1], alpha=-1.0)
+    return err
+
+
+def _result(w: torch.Tensor, h: torch.Tensor, perm: torch.Tensor, order: torch.Tensor, idx_p: torch.Tensor,
+            qp: torch.Tensor) -> LdlqResult:
+    inv_perm = torch.argsort(perm)
+    codes = order[idx_p[:, inv_perm].long()]
+    q = qp[:, inv_perm]
+    dw = w.to(torch.float64) - q.to(torch.float64)
+    loss = float(torch.einsum("ij,jk,ik->", dw, h.to(w.device, torch.float64), dw))
+    return LdlqResult(codes=codes, q=q, proxy_loss=loss)
+
+
 @torch.inference_mode()
 def ldlq(w: torch.Tensor, h: torch.Tensor, fit: Fit, *, qk: int, sub: int, levels: torch.Tensor,
          damp: float = 0.01, act_order: bool = True) -> LdlqResult:
@@ -112,14 +154,9 @@ def ldlq(w: torch.Tensor, h: torch.Tensor, fit: Fit, *, qk: int, sub: int, level
     # 1. damped H in processing order and the upper Cholesky factor U of its inverse
     hd = damp_hessian(h.to(dev, torch.float64), damp)
     perm = block_act_order(hd, qk) if act_order else torch.arange(n, device=dev)
-    hp = hd[perm][:, perm]
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hp)), upper=True).to(torch.float32)
-    inv_diag = (1.0 / torch.diagonal(u)).tolist()
+    u, inv_diag = _inverse_cholesky(hd[perm][:, perm])
     wp = w[:, perm].to(torch.float32).clone()                      # (rows, n), error-corrected as we go
-    levels = levels.to(dev, torch.float32)
-    order = torch.argsort(levels)
-    lv = levels[order]
-    uniform = bool(torch.all(lv[1:] - lv[:-1] == 1))
+    order, lv, uniform = _sorted_levels(levels, dev)
     idx_p = torch.empty(rows, n, dtype=torch.float32, device=dev)  # index into sorted levels
     qp = torch.empty(rows, n, dtype=torch.float32, device=dev)
     perm_list = perm.tolist()
@@ -128,27 +165,16 @@ def ldlq(w: torch.Tensor, h: torch.Tensor, fit: Fit, *, qk: int, sub: int, level
         # 2. fit the block's grid on its error-corrected columns (ggml wants them in original order)
         offs = [p - b0 for p in perm_list[b0:b1]]
         a_sub, b_sub = fit(wp[:, b0:b1][:, torch.argsort(torch.tensor(offs, device=dev))], b0 // qk)
-        a_sub, b_sub = a_sub.to(dev, torch.float32), b_sub.to(dev, torch.float32)
-        inv_a = torch.where(a_sub == 0, torch.zeros_like(a_sub), 1.0 / a_sub)
-        err = torch.empty(rows, qk, dtype=torch.float32, device=dev)
+        a_t = a_sub.to(dev, torch.float32).t().contiguous()        # (qk // sub, rows)
+        b_t = b_sub.to(dev, torch.float32).t().contiguous()
+        inv_t = torch.where(a_t == 0, torch.zeros_like(a_t), 1.0 / a_t)
         # 3. round column by column on that grid, feeding each error into the block's later columns
-        for i in range(qk):
-            j, s = b0 + i, offs[i] // sub
-            idx, val = round_to_grid(wp[:, j], a_sub[:, s], b_sub[:, s], inv_a[:, s], lv, uniform)
-            idx_p[:, j], qp[:, j] = idx, val
-            e = (wp[:, j] - val) * inv_diag[j]
-            err[:, i] = e
-            if i + 1 < qk:
-                wp[:, j + 1:b1].addr_(e, u[j, j + 1:b1], alpha=-1.0)
+        err = _round_segment(wp, u, inv_diag, b0, b1, lambda i, offs=offs, a=a_t, b=b_t, ia=inv_t:
+                             (a[offs[i] // sub], b[offs[i] // sub], ia[offs[i] // sub]), lv, uniform, idx_p, qp)
         # 4. lazy update of all later blocks
         if b1 < n:
             wp[:, b1:].addmm_(err, u[b0:b1, b1:], alpha=-1.0)
-    inv_perm = torch.argsort(perm)
-    codes = order[idx_p[:, inv_perm].long()]
-    q = qp[:, inv_perm]
-    dw = w.to(torch.float64) - q.to(torch.float64)
-    loss = float(torch.einsum("ij,jk,ik->", dw, h.to(dev, torch.float64), dw))
-    return LdlqResult(codes=codes, q=q, proxy_loss=loss)
+    return _result(w, h, perm, order, idx_p, qp)
 
 
 FitAll = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -173,36 +199,20 @@ def ldlq_static(w: torch.Tensor, h: torch.Tensor, fit_all: FitAll, *, sub: int, 
     hd = damp_hessian(h.to(dev, torch.float64), damp)
     perm = torch.argsort(torch.diagonal(hd), descending=True, stable=True) if act_order \
         else torch.arange(n, device=dev)
-    hp = hd[perm][:, perm]
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hp)), upper=True).to(torch.float32)
-    inv_diag = (1.0 / torch.diagonal(u)).tolist()
+    u, inv_diag = _inverse_cholesky(hd[perm][:, perm])
     wp = w[:, perm].to(torch.float32).clone()
-    levels = levels.to(dev, torch.float32)
-    order = torch.argsort(levels)
-    lv = levels[order]
-    uniform = bool(torch.all(lv[1:] - lv[:-1] == 1))
+    order, lv, uniform = _sorted_levels(levels, dev)
     idx_p = torch.empty(rows, n, dtype=torch.float32, device=dev)
     qp = torch.empty(rows, n, dtype=torch.float32, device=dev)
     subs = (perm // sub).tolist()
     for c0 in range(0, n, lazy):
         c1 = min(c0 + lazy, n)
-        err = torch.empty(rows, c1 - c0, dtype=torch.float32, device=dev)
-        for i in range(c1 - c0):
-            j, s = c0 + i, subs[c0 + i]
-            idx, val = round_to_grid(wp[:, j], a_all[s], b_all[s], inv_a_all[s], lv, uniform)
-            idx_p[:, j], qp[:, j] = idx, val
-            e = (wp[:, j] - val) * inv_diag[j]
-            err[:, i] = e
-            if j + 1 < c1:
-                wp[:, j + 1:c1].addr_(e, u[j, j + 1:c1], alpha=-1.0)
+        err = _round_segment(wp, u, inv_diag, c0, c1, lambda i, c0=c0:
+                             (a_all[subs[c0 + i]], b_all[subs[c0 + i]], inv_a_all[subs[c0 + i]]),
+                             lv, uniform, idx_p, qp)
         if c1 < n:
             wp[:, c1:].addmm_(err, u[c0:c1, c1:], alpha=-1.0)
-    inv_perm = torch.argsort(perm)
-    codes = order[idx_p[:, inv_perm].long()]
-    q = qp[:, inv_perm]
-    dw = w.to(torch.float64) - q.to(torch.float64)
-    loss = float(torch.einsum("ij,jk,ik->", dw, h.to(dev, torch.float64), dw))
-    return LdlqResult(codes=codes, q=q, proxy_loss=loss)
+    return _result(w, h, perm, order, idx_p, qp)
 
 
 def proxy_loss(w: np.ndarray | torch.Tensor, q: np.ndarray | torch.Tensor, h: np.ndarray | torch.Tensor) -> float:
