@@ -25,8 +25,8 @@ CTX, CHUNKS = "128", "6"
 
 
 def llama(tool, *args, marker: str) -> str:
-    """Run a llama.cpp tool; repeat (up to 4 times) when its asynchronous logger dropped ``marker``."""
-    for _ in range(4):
+    """Run a llama.cpp tool; repeat (up to 20 times) when its asynchronous logger dropped ``marker``."""
+    for _ in range(20):
         p = subprocess.run([str(tool), *map(str, args)], capture_output=True, text=True, check=True)
         out = p.stdout + p.stderr
         if marker in out:
