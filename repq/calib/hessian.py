@@ -482,6 +482,26 @@ class HessianSet:
                              hint="run `repq hessian` on all layers or pass another --hessian DIR")
         return key
 
+    def has(self, name: str) -> bool:
+        """Whether the index names a Hessian for a weight's input (its key or an alias of it)."""
+        return self.aliases.get(name, name) in self.entries
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of the stored S for a weight's input, from its shard's header (no data read).
+
+        Raises:
+            InputFileError: the shard is missing, unreadable or does not hold the tensor.
+        """
+        from safetensors import SafetensorError, safe_open
+
+        key = self.key_of(name)
+        shard = self.path / self.entries[key]["shard"]
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                return tuple(int(d) for d in f.get_slice(key).get_shape())
+        except (OSError, KeyError, ValueError, SafetensorError) as e:
+            raise InputFileError(f"{shard}: cannot read {key} ({e})") from e
+
     def check_model(self, fingerprint: str, what: str = "this model") -> None:
         """Raise :class:`MismatchError` unless these Hessians were collected on ``fingerprint``'s model."""
         if fingerprint != self.model_fingerprint:
@@ -494,14 +514,14 @@ class HessianSet:
 
     def sum(self, name: str) -> torch.Tensor:
         """S = Σ x xᵀ for a weight's input, in the stored dtype."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         key = self.key_of(name)
         shard = self.path / self.entries[key]["shard"]
         try:
             with safe_open(str(shard), framework="pt") as f:
                 return f.get_tensor(key)
-        except (OSError, KeyError, ValueError) as e:
+        except (OSError, KeyError, ValueError, SafetensorError) as e:
             raise InputFileError(f"{shard}: cannot read {key} ({e})") from e
 
     def mean(self, name: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:

@@ -9,7 +9,7 @@ import typer
 
 from .._output import Output
 from ..cli import JsonOpt, QuietOpt, ThreadsOpt, app, meta, run_command
-from ..errors import UsageError
+from ..errors import MismatchError, UnsupportedError, UsageError
 
 
 @app.command()
@@ -98,25 +98,57 @@ def _fmt(v: float | None) -> str:
 
 
 def _ldlq_quantizer(src: Path, cfg):
-    """LDLQ per-tensor quantizer over a Hessian directory, checked against the model first."""
+    """LDLQ per-tensor quantizer over a Hessian directory, checked against the model first.
+
+    Everything that can be checked without reading the Hessians' values is checked here, before
+    the output is opened: the device, the model fingerprint, and the stored shape of every Hessian
+    the model's tensors will use (a shard's header only).  Values (finite, symmetric, positive
+    semi-definite) are checked per tensor as LDLQ reads them; a failure there aborts the atomic
+    write, so OUT is never partial.
+    """
     from ..calib.hessian import HessianSet
-    from ..errors import UsageError as _UE
     from ..io.gguf_file import GGUFModel
     from ..model.llama import config_from_gguf
     from ..quant.ldlq_method import ldlq_tensor_quantizer
 
+    _check_device(cfg.device)
     hs = HessianSet(cfg.hessian)
     with GGUFModel(src) as g:
         hs.check_model(config_from_gguf(g).fingerprint(), f"{Path(src).name} is")
+        for name, t in g.tensors.items():
+            if len(t.shape) < 2 or not hs.has(name):
+                continue
+            shape = hs.shape(name)
+            if shape != (t.n_per_row, t.n_per_row):
+                raise MismatchError(f"{hs.path}: Hessian for {name.removesuffix('.weight')} is "
+                                    f"{'×'.join(map(str, shape))}, {name} has rows of {t.n_per_row}",
+                                    hint="the directory was altered or is of another model; "
+                                         "collect it again with `repq hessian`")
 
     def lookup(name: str):
-        try:
-            return hs.mean(name)
-        except _UE:
-            return None  # e.g. token_embd of an untied model: no matmul input to weight by
+        # no entry (e.g. token_embd of an untied model: no matmul input to weight by) → ggml's quantizer;
+        # an entry that cannot be read is an error, not a silent fallback
+        return hs.mean(name) if hs.has(name) else None
 
     return ldlq_tensor_quantizer(lookup, damp=cfg.damp, act_order=cfg.act_order, device=cfg.device,
                                  threads=cfg.threads or None, scales=cfg.scales, refit=cfg.refit)
+
+
+def _check_device(device: str) -> None:
+    """A usable torch device for LDLQ, or a one-line UsageError (not torch's traceback)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {device!r}: not a torch device (expected cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= n:
+            raise UnsupportedError(f"--device {device}: {'no CUDA device' if n == 0 else f'only {n} CUDA devices'} "
+                                   "visible to torch", hint="use --device cpu")
+    elif dev.type != "cpu":
+        raise UnsupportedError(f"--device {device}: LDLQ runs on cpu or cuda only")
 
 
 def _parse_tensor_type(spec: str) -> tuple[str, int]:

@@ -68,6 +68,20 @@ class QuantizedTensor:
     baseline_loss: float    # the same for ggml's own imatrix quantization (importance = diag H)
 
 
+def importance(h: torch.Tensor) -> np.ndarray:
+    """ggml importance from diag(H), normalised to mean 1.
+
+    An all-zero H (an input that never carried signal) says nothing about which columns matter:
+    uniform importance then, as :func:`repq.quant.ldlq.damp_hessian` gives dead inputs a unit
+    diagonal (all-zero importance would make ggml's scale search return zero blocks).
+    """
+    diag = torch.diagonal(h).clamp_min(0).to("cpu", torch.float32).numpy()
+    mean = float(diag.mean())
+    if not mean > 0:
+        return np.ones_like(diag)
+    return diag / mean
+
+
 def ldlq_quantize(w: np.ndarray | torch.Tensor, h: np.ndarray | torch.Tensor, gtype: int, *,
                   damp: float = 0.01, act_order: bool = True, device: str | torch.device = "cpu",
                   threads: int | None = None, scales: str = "static", refit: bool = True) -> QuantizedTensor:
@@ -80,8 +94,7 @@ def ldlq_quantize(w: np.ndarray | torch.Tensor, h: np.ndarray | torch.Tensor, gt
           else torch.as_tensor(np.array(w, np.float32, copy=True)).to(device))
     ht = (h.detach().to(device, torch.float64) if isinstance(h, torch.Tensor)
           else torch.as_tensor(np.asarray(h, np.float64)).to(device))
-    imp = torch.diagonal(ht).clamp_min(0).to("cpu", torch.float32).numpy()
-    imp = imp / max(float(imp.mean()), 1e-30)
+    imp = importance(ht)
     grid = GgmlGrid(gtype, wt.shape[0], wt.shape[1], imp, threads=threads)
     lay = grid.lay
     if scales == "static":
