@@ -1,33 +1,45 @@
 """One output object for every command: rich tables for people, one JSON object for --json.
 
 stdout carries results only; progress, logs and hints go to stderr.
+
+rich is imported on first use (a table, a human result line, a log line, an error, a live progress
+bar), not with this module: `--json` and `--quiet` runs that succeed never import it.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from contextlib import contextmanager
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
+if TYPE_CHECKING:
+    from rich.console import Console
+
+
+def _console(file) -> Console:
+    from rich.console import Console
+
+    return Console(file=file, highlight=False, soft_wrap=True)
+
+
+def _no_advance(n: int = 1, desc: str | None = None, total: int | None = None) -> None:
+    """`advance` of a disabled progress bar."""
 
 
 class Output:
     def __init__(self, json_mode: bool = False, quiet: bool = False):
         self.json_mode = json_mode
         self.quiet = quiet
-        self.out = Console(file=sys.stdout, highlight=False, soft_wrap=True)
-        self.err = Console(file=sys.stderr, highlight=False, soft_wrap=True)
+
+    # Consoles bind sys.stdout / sys.stderr when first used (after a test runner has swapped them, if any).
+    @cached_property
+    def out(self) -> Console:
+        return _console(sys.stdout)
+
+    @cached_property
+    def err(self) -> Console:
+        return _console(sys.stderr)
 
     def log(self, msg: str) -> None:
         if not self.quiet:
@@ -41,6 +53,8 @@ class Output:
     def table(self, title: str, columns: list[str], rows: list[list[Any]]) -> None:
         if self.json_mode or self.quiet:
             return
+        from rich.table import Table
+
         t = Table(title=title, show_lines=False, header_style="bold")
         for c in columns:
             t.add_column(c, justify="left" if c in ("tensor", "name", "file") else "right")
@@ -51,6 +65,8 @@ class Output:
     def result(self, obj: dict[str, Any], human: str | None = None) -> None:
         """The command's result: one JSON object with --json, else an optional human line."""
         if self.json_mode:
+            import json
+
             sys.stdout.write(json.dumps(obj, indent=None, default=str) + "\n")
             sys.stdout.flush()
         elif human and not self.quiet:
@@ -59,7 +75,19 @@ class Output:
     @contextmanager
     def progress(self, description: str, total: int):
         """A progress bar on stderr (disabled for --quiet, --json or a non-terminal stderr)."""
-        disable = self.quiet or self.json_mode or not self.err.is_terminal
+        if self.quiet or self.json_mode:
+            yield _no_advance
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        disable = not self.err.is_terminal
         prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=self.err, disable=disable,
                         transient=False)

@@ -2,9 +2,15 @@
 
 Exit codes: 0 success · 1 operation failed · 2 bad usage or input · 130 interrupted.
 Set REPQ_DEBUG=1 for tracebacks.
-"""
 
-from __future__ import annotations
+Start-up time is part of every command's wall time (`repq quantize` of a 135M model takes ~0.5 s),
+so this module and the command modules import only typer and repq's light modules at the top:
+numpy, torch, llama_cpp, gguf and the library modules are imported inside the command bodies,
+rich inside repq._output when something is printed, and pydantic (typer's converter) not at all
+for plain parameters (repq._typer_fast).  The command modules also leave out
+`from __future__ import annotations`: typer would evaluate every annotation string of every command
+at each start (~1 ms per command).  tests/unit/test_cli_startup.py checks the import set.
+"""
 
 import os
 import sys
@@ -12,9 +18,11 @@ from typing import Annotated
 
 import typer
 
-from . import __version__
+from . import __version__, _typer_fast
 from ._output import Output
 from .errors import RepqError
+
+_typer_fast.install()  # typer's parameter conversion without importing pydantic (start-up time)
 
 app = typer.Typer(
     name="repq",
@@ -67,7 +75,7 @@ def version(json_out: JsonOpt = False):
     run_command(out, lambda: out.result(meta(), human=" ".join(f"{k}={v}" for k, v in meta().items())))
 
 
-# One module per command; each registers itself on `app` when imported.
+# One module per command; each registers itself on `app` when imported (keep their top-level imports light).
 from .commands import calib as _calib  # noqa: E402,F401
 from .commands import evaluate as _evaluate  # noqa: E402,F401
 from .commands import quantize as _quantize  # noqa: E402,F401

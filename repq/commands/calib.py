@@ -1,7 +1,5 @@
 """`repq imatrix`, `repq hessian`, `repq calib`: activation statistics on the torch side, and data."""
 
-from __future__ import annotations
-
 import os
 import time
 from pathlib import Path

@@ -4,8 +4,6 @@ ppl and kld print what llama-perplexity prints (same numbers, same formats); ben
 llama-bench's table; report puts several quantizations in one Markdown table and plot.
 """
 
-from __future__ import annotations
-
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated

@@ -1,7 +1,5 @@
 """`repq quantize`: llama.cpp's ftype mixes with ggml's quantizers (byte-identical to llama-quantize)."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Annotated
 

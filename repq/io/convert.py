@@ -6,7 +6,6 @@ directory (file names, sizes and the bytes of its JSON files), so converting hap
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -23,6 +22,8 @@ def is_hf_dir(path: str | os.PathLike) -> bool:
 
 
 def fingerprint(model_dir: Path) -> str:
+    import hashlib
+
     h = hashlib.sha256()
     for p in sorted(model_dir.iterdir()):
         if not p.is_file():
