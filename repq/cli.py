@@ -77,6 +77,7 @@ def version(json_out: JsonOpt = False):
 
 # One module per command; each registers itself on `app` when imported (keep their top-level imports light).
 from .commands import calib as _calib  # noqa: E402,F401
+from .commands import distill as _distill  # noqa: E402,F401
 from .commands import evaluate as _evaluate  # noqa: E402,F401
 from .commands import quantize as _quantize  # noqa: E402,F401
 

@@ -345,6 +345,13 @@ class Transformer(nn.Module):
         if cfg.tied:
             self.output.weight = self.token_embd.weight
         self._rope: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
+        #: torch.compile'd blocks used by forward() when set (:meth:`compile_blocks`)
+        self._compiled: list | None = None
+
+    def compile_blocks(self, enable: bool = True) -> None:
+        """Run each block through ``torch.compile`` (one graph per block, shared by all blocks'
+        shapes); ``enable=False`` goes back to eager (hooks, statistics)."""
+        self._compiled = [torch.compile(b, dynamic=False) for b in self.blk] if enable else None
 
     def linears(self) -> list[Linear]:
         """Every linear module in graph order (the output head last)."""
@@ -363,7 +370,7 @@ class Transformer(nn.Module):
         """
         x = self.token_embd(tokens)                                           # (B, T, d)
         cos, sin = self.rope(tokens.shape[1], x.device)
-        for blk in self.blk:
+        for blk in self._compiled or self.blk:
             x = blk(x, cos, sin)
         x = self.output_norm(x)
         return self.output(x).float() if head else x

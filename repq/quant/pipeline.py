@@ -50,7 +50,8 @@ class QuantizeConfig:
     """llama-quantize ftype name, e.g. ``Q4_K_M``."""
     method: str = "rtn"
     """``rtn`` (no importance), ``imatrix`` (ggml's importance-weighted search; needs an imatrix) or
-    ``ldlq`` (error feedback through Hessians; needs ``hessian``)."""
+    ``ldlq`` (error feedback through Hessians; needs ``hessian``).  ``distill`` is internal to
+    `repq distill`, which supplies the bytes of every tensor itself."""
     hessian: str | None = None
     """Directory of proxy Hessians written by `repq hessian` (method ldlq)."""
     damp: float = 0.01
@@ -74,7 +75,7 @@ class QuantizeConfig:
     mix: mix.MixOptions = field(default_factory=mix.MixOptions)
 
     def __post_init__(self) -> None:
-        if self.method not in ("rtn", "imatrix", "ldlq"):
+        if self.method not in ("rtn", "imatrix", "ldlq", "distill"):
             raise UsageError(f"unknown method {self.method!r} (expected rtn, imatrix or ldlq)")
         if self.method == "imatrix" and not self.imatrix:
             raise UsageError("--method imatrix needs --imatrix FILE")
@@ -186,7 +187,8 @@ def ggml_tensor_quantizer(threads: int | None) -> TensorQuantizer:
 def quantize_model(src: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeConfig, *,
                    on_tensor: Callable[[TensorReport, int, int], None] | None = None,
                    tensor_quantizer: TensorQuantizer | None = None,
-                   extra_kv: list[tuple[str, int, object]] | None = None) -> QuantizeReport:
+                   extra_kv: list[tuple[str, int, object]] | None = None,
+                   tensor_values: Callable[[str], "np.ndarray | None"] | None = None) -> QuantizeReport:
     """Quantize a GGUF model; see the module docstring.
 
     Args:
@@ -194,6 +196,11 @@ def quantize_model(src: str | os.PathLike, out: str | os.PathLike, cfg: Quantize
         out: output path (written atomically).
         cfg: what to produce.
         on_tensor: called after each tensor with (report, index, total), for progress display.
+        tensor_quantizer: the per-tensor quantizer (default: ggml's, as llama-quantize).
+        extra_kv: key/value pairs to add after the ftype keys.
+        tensor_values: name -> float32 (n_rows × n_per_row) values that replace the input's for that
+            tensor (None keeps the input's); a replaced tensor always goes through
+            ``tensor_quantizer``, also when its type does not change (`repq distill`'s trained norms).
 
     Raises:
         InputFileError, MismatchError, UnsupportedError, UsageError: bad input (nothing written).
@@ -207,7 +214,7 @@ def quantize_model(src: str | os.PathLike, out: str | os.PathLike, cfg: Quantize
         tinfos = [mix.TensorInfo(name=t.name, shape=t.shape, type=t.type) for t in model.tensors.values()]
         imx: Imatrix | None = load_imatrix(cfg.imatrix) if cfg.imatrix else None
         # ldlq has importance data (diag H): pick the mix llama-quantize picks with an imatrix
-        mix_opts = cfg.mix if imx is None and cfg.method != "ldlq" else _with_imatrix(cfg.mix)
+        mix_opts = cfg.mix if imx is None and cfg.method not in ("ldlq", "distill") else _with_imatrix(cfg.mix)
         plans = mix.plan_types(info, tinfos, ftype, mix_opts)
         importance = imx.importance() if imx is not None else {}
         if imx is not None:
@@ -253,10 +260,15 @@ def quantize_model(src: str | os.PathLike, out: str | os.PathLike, cfg: Quantize
                 t0 = time.perf_counter()
                 info: dict = {"method": "copy"}
                 imp = None
-                if p.dst_type == t.type:
+                x = tensor_values(p.name) if tensor_values is not None else None
+                if x is None and p.dst_type == t.type:
                     data = t.data
                 else:
-                    x = tensor_f32(t)
+                    if x is None:
+                        x = tensor_f32(t)
+                    elif x.shape != (t.n_rows, t.n_per_row):
+                        raise MismatchError(f"{p.name}: replacement values have shape {x.shape}, "
+                                            f"the tensor is {t.n_rows} × {t.n_per_row}")
                     imp = importance.get(p.name)
                     if imp is not None and imp.size != t.n_per_row * (t.shape[2] if len(t.shape) > 2 else 1):
                         imp = None  # token_embd with a foreign size: llama-quantize ignores it too

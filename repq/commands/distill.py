@@ -1,0 +1,133 @@
+"""`repq distill`: progressive LDLQ quantization with self-distillation (repq.distill)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .._output import Output
+from ..cli import JsonOpt, QuietOpt, ThreadsOpt, app, meta, run_command
+from ..errors import UsageError
+
+
+@app.command()
+def distill(
+    model: Annotated[Path, typer.Argument(help="Original model: F32/F16/BF16 GGUF (teacher and starting student).")],
+    out_path: Annotated[Path, typer.Argument(metavar="OUT", help="Output GGUF path.")],
+    fmt: Annotated[str, typer.Option("--fmt", "-f", help="llama-quantize ftype: Q3_K_S, Q4_0, IQ4_XS, Q4_K_M, ...")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="Training + Hessian data: text, or JSONL ('text' or chat 'messages', e.g. from `repq calib`).")],
+    steps_per_group: Annotated[int, typer.Option(help="Training steps after each group is quantized.", min=0)] = 100,
+    groups: Annotated[str | None, typer.Option(help="Group order, each optionally with its own steps: ffn_up,ffn_gate,ffn_down,attn_v,attn_output,attn_qk,embd (e.g. 'ffn_up:200,...').")] = None,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (per group: warmup, cosine to 10 %).")] = 5e-5,
+    seq_len: Annotated[int, typer.Option("--seq-len", "-c", help="Tokens per training sequence.")] = 512,
+    batch: Annotated[int, typer.Option(help="Sequences per step (all processes together).", min=1)] = 8,
+    batch_tokens: Annotated[int, typer.Option(help="Tokens per step; overrides --batch (batch = tokens / seq-len).", min=0)] = 0,
+    hessian_chunks: Annotated[int, typer.Option(help="Sequences per group for the online Hessians.", min=1)] = 64,
+    chunks: Annotated[int, typer.Option(help="Use at most N sequences of the data (-1 = all).")] = -1,
+    damp: Annotated[float, typer.Option(help="LDLQ: relative damping of H's diagonal.")] = 0.01,
+    kl_chunk: Annotated[int, typer.Option(help="Tokens per chunk of the fused full-vocabulary KL.", min=1)] = 2048,
+    warmup: Annotated[int, typer.Option(help="Warmup steps at the start of each group.", min=0)] = 10,
+    seed: Annotated[int, typer.Option(help="Data order and Hessian sample seed.")] = 0,
+    checkpoint_dir: Annotated[Path | None, typer.Option(help="Checkpoints + metrics.jsonl (default: OUT.distill/).")] = None,
+    checkpoint_every: Annotated[int, typer.Option(help="Also checkpoint every N steps (0: only after each group).", min=0)] = 50,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint in --checkpoint-dir.")] = False,
+    keep_checkpoint: Annotated[bool, typer.Option("--keep-checkpoint", help="Keep the last checkpoint after OUT is written.")] = False,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (torchrun: cuda:LOCAL_RANK).")] = "auto",
+    compile_: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the student's blocks (CUDA only).")] = True,
+    vocab: Annotated[Path | None, typer.Option("--vocab", help="A GGUF of the same model to tokenize with.")] = None,
+    threads: ThreadsOpt = 0,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Quantize MODEL to OUT group by group, training the rest of the model after each group.
+
+    For each group (FFN up, gate, down, attn V, attn output, attn Q+K, embeddings/head): Hessians
+    of its inputs on the current student, LDLQ to the ftype's ggml types, weights frozen at ggml's
+    exact dequantization, then --steps-per-group AdamW steps of full-vocabulary KL(teacher ‖ student)
+    on everything not yet frozen.  OUT has llama-quantize's type mix and layout.  Checkpoints after
+    each group and every --checkpoint-every steps; rerun with --resume after an interruption.
+
+    Examples:
+
+        repq distill smollm2-f32.gguf smollm2-q3_k_s.gguf --fmt Q3_K_S --data library.txt
+
+        repq distill model-f32.gguf q4_0.gguf --fmt Q4_0 --data calib.jsonl --steps-per-group 300 --batch 16
+
+        repq distill model-f32.gguf q.gguf --fmt Q4_0 --data d.txt --resume     # after a crash / Ctrl-C
+
+        torchrun --nproc-per-node 2 --no-python repq distill m.gguf q.gguf --fmt Q3_K_S --data d.txt --device cuda
+    """
+    out = Output(json_out, quiet or int(os.environ.get("RANK", "0")) > 0)
+
+    def body():
+        from .calib import _setup, _spin_less
+
+        _spin_less()
+        from ..calib.hessian import init_distributed
+        from ..data import Tokenizer, load_calibration
+        from ..distill.groups import parse_groups
+        from ..distill.run import DistillConfig, Distiller, Runtime
+        from ..model.llama import load_config
+        from ..quant.pipeline import check_output_path
+
+        check_output_path(model, out_path)
+        n_batch = batch_tokens // seq_len if batch_tokens else batch
+        if batch_tokens and n_batch < 1:
+            raise UsageError(f"--batch-tokens {batch_tokens} is less than one sequence of {seq_len}")
+        cfg = DistillConfig(ftype=fmt.upper(), groups=parse_groups(groups), steps_per_group=steps_per_group,
+                            lr=lr, warmup=warmup, batch=n_batch, seq_len=seq_len, hessian_chunks=hessian_chunks,
+                            damp=damp, kl_chunk=kl_chunk, seed=seed)
+        mcfg, gguf_path = load_config(model)
+        if gguf_path is None:
+            raise UsageError(f"{model}: distill reads a GGUF (convert the HF directory with `repq quantize "
+                             f"{model} x.gguf --fmt F32` or convert_hf_to_gguf.py first)")
+        # Tokenize before CUDA is initialised (llama.cpp's and torch's CUDA runtimes in one process).
+        with Tokenizer(vocab or gguf_path) as tok:
+            if tok.n_vocab != mcfg.n_vocab:
+                raise UsageError(f"{vocab}: vocabulary of {tok.n_vocab} tokens, the model has {mcfg.n_vocab}")
+            cal = load_calibration(data, tok, n_ctx=seq_len, n_chunks=None if chunks < 0 else chunks)
+        out.log(f"{data}: {cal.n_tokens_file:,} tokens → {len(cal.chunks)} sequences of {cal.n_ctx}")
+        dev, _ = _setup(device, "auto", threads)
+        rank, world, dev = init_distributed(dev)
+        ckdir = checkpoint_dir or Path(str(out_path) + ".distill")
+        total = cfg.total_steps()
+        with out.progress("distill", total=total) as advance:
+            def on_event(ev: dict) -> None:
+                kind = ev["event"]
+                if kind == "step":
+                    advance(1, desc=f"{ev['group']:<11} {ev['step']:>4}/{ev['steps']}  KL {ev['loss']:.4f}  "
+                                    f"{ev['tok_s']:,.0f} tok/s")
+                elif kind == "quantized":
+                    out.log(f"quantized {ev['group']} ({ev['tensors']} tensors)")
+                elif kind == "resumed":
+                    advance(ev["global_step"])
+                    out.log(f"resumed at {ev['group']} ({ev['phase']}, step {ev['step']}), "
+                            f"{ev['global_step']} steps done")
+
+            rt = Runtime(device=dev, threads=threads or None, checkpoint_dir=str(ckdir),
+                         checkpoint_every=checkpoint_every, resume=resume, compile=compile_,
+                         log_path=str(ckdir / "metrics.jsonl"), keep_checkpoint=keep_checkpoint, on_event=on_event)
+            try:
+                res = Distiller(model, out_path, cal.chunks, cfg, rt, data_fingerprint=cal.fingerprint).run()
+            except KeyboardInterrupt:
+                out.log(f"interrupted: rerun with --resume to continue from {ckdir}/state.pt")
+                raise
+        if rank != 0:
+            return
+        last = res.metrics[-1] if res.metrics else {}
+        rows = [[t["name"], t["type"], t["method"], f"{t.get('proxy_rel_err', float('nan')):.4g}",
+                 f"{t.get('baseline_rel_err', float('nan')):.4g}", t["group"]] for t in res.tensors]
+        out.table("tensors (proxy error: tr(ΔW H ΔWᵀ)/tr(W H Wᵀ), LDLQ vs ggml imatrix)",
+                  ["tensor", "type", "method", "ldlq", "ggml", "group"], rows)
+        out.result({**meta(), "command": "distill", "input": str(model), "output": str(out_path),
+                    "config": cfg.to_dict(), "world": world, "device": dev, "file_bytes": res.file_bytes,
+                    "tokens": res.tokens, "seconds": round(res.seconds, 3), "resumed_from": res.resumed_from,
+                    "final_loss": last.get("loss"), "metrics_log": str(ckdir / "metrics.jsonl"),
+                    "tensors": res.tensors},
+                   human=f"wrote {out_path}: {res.file_bytes:,} bytes, {res.tokens:,} training tokens in "
+                         f"{res.seconds:.0f} s; final KL {last.get('loss', float('nan')):.4f}")
+
+    run_command(out, body)

@@ -1,0 +1,1 @@
+"""Self-distillation: progressive LDLQ quantization with KL training between groups (`repq distill`)."""
