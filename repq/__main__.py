@@ -1,5 +1,6 @@
 """`python -m repq` runs the CLI (where the console script is not installed)."""
 
-from .cli import app
+if __name__ == "__main__":   # not when a spawned worker process re-imports the main module
+    from .cli import app
 
-app()
+    app()

@@ -52,17 +52,22 @@ def _setup(device: str, dtype: str, threads: int):
 
 def _load(model: Path, data: Path, vocab: Path | None, device: str, dtype, ctx: int, chunks: int, out: Output):
     """Model on device + calibration chunks tokenized by llama.cpp."""
-    from ..data import Tokenizer, load_calibration
+    from ..data import Tokenizer, load_calibration, load_calibration_isolated
     from ..model import load_model
+    from ..model.llama import load_config
 
-    lm = load_model(model, device=device, dtype=dtype)
-    vocab_path = vocab or lm.gguf_path
+    vocab_path = vocab or load_config(model)[1]
     if vocab_path is None:
         raise UsageError(f"{model}: an HF directory needs --vocab FILE.gguf (llama.cpp tokenizes from a GGUF)")
-    with Tokenizer(vocab_path) as tok:
-        if tok.n_vocab != lm.config.n_vocab:
-            raise UsageError(f"{vocab_path}: vocabulary of {tok.n_vocab} tokens, the model has {lm.config.n_vocab}")
-        cal = load_calibration(data, tok, n_ctx=ctx, n_chunks=None if chunks < 0 else chunks)
+    n_chunks = None if chunks < 0 else chunks
+    if device.startswith("cuda"):   # libllama next to torch's CUDA crashed on H100s: tokenize in a child
+        cal, n_vocab = load_calibration_isolated(data, vocab_path, n_ctx=ctx, n_chunks=n_chunks)
+    else:
+        with Tokenizer(vocab_path) as tok:
+            cal, n_vocab = load_calibration(data, tok, n_ctx=ctx, n_chunks=n_chunks), tok.n_vocab
+    lm = load_model(model, device=device, dtype=dtype)
+    if n_vocab != lm.config.n_vocab:
+        raise UsageError(f"{vocab_path}: vocabulary of {n_vocab} tokens, the model has {lm.config.n_vocab}")
     out.log(f"{data}: {cal.n_tokens_file:,} tokens → {len(cal.chunks)} chunks of {cal.n_ctx}")
     return lm, cal
 

@@ -28,7 +28,7 @@ def distill(
     hessian_chunks: Annotated[int, typer.Option(help="Sequences per group for the online Hessians.", min=1)] = 64,
     chunks: Annotated[int, typer.Option(help="Use at most N sequences of the data (-1 = all).")] = -1,
     damp: Annotated[float, typer.Option(help="LDLQ: relative damping of H's diagonal.")] = 0.01,
-    kl_chunk: Annotated[int, typer.Option(help="Tokens per chunk of the fused full-vocabulary KL.", min=1)] = 2048,
+    kl_chunk: Annotated[int, typer.Option(help="Tokens per chunk of the fused full-vocabulary KL.", min=1)] = 1024,
     warmup: Annotated[int, typer.Option(help="Warmup steps at the start of each group.", min=0)] = 10,
     seed: Annotated[int, typer.Option(help="Data order and Hessian sample seed.")] = 0,
     checkpoint_dir: Annotated[Path | None, typer.Option(help="Checkpoints + metrics.jsonl (default: OUT.distill/).")] = None,
@@ -67,7 +67,7 @@ def distill(
 
         _spin_less()
         from ..calib.hessian import init_distributed
-        from ..data import Tokenizer, load_calibration
+        from ..data import load_calibration_isolated
         from ..distill.groups import parse_groups
         from ..distill.run import DistillConfig, Distiller, Runtime
         from ..model.llama import load_config
@@ -84,11 +84,11 @@ def distill(
         if gguf_path is None:
             raise UsageError(f"{model}: distill reads a GGUF (convert the HF directory with `repq quantize "
                              f"{model} x.gguf --fmt F32` or convert_hf_to_gguf.py first)")
-        # Tokenize before CUDA is initialised (llama.cpp's and torch's CUDA runtimes in one process).
-        with Tokenizer(vocab or gguf_path) as tok:
-            if tok.n_vocab != mcfg.n_vocab:
-                raise UsageError(f"{vocab}: vocabulary of {tok.n_vocab} tokens, the model has {mcfg.n_vocab}")
-            cal = load_calibration(data, tok, n_ctx=seq_len, n_chunks=None if chunks < 0 else chunks)
+        # llama.cpp's tokenizer runs in a child process: libllama next to torch's CUDA crashed on H100s.
+        cal, n_vocab = load_calibration_isolated(data, vocab or gguf_path, n_ctx=seq_len,
+                                                 n_chunks=None if chunks < 0 else chunks)
+        if n_vocab != mcfg.n_vocab:
+            raise UsageError(f"{vocab or gguf_path}: vocabulary of {n_vocab} tokens, the model has {mcfg.n_vocab}")
         out.log(f"{data}: {cal.n_tokens_file:,} tokens → {len(cal.chunks)} sequences of {cal.n_ctx}")
         dev, _ = _setup(device, "auto", threads)
         rank, world, dev = init_distributed(dev)
