@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputFileError, UsageError
+from .errors import InputFileError, MismatchError, UsageError
 
 # --------------------------------------------------------------------------------------------------
 # llama.cpp's tokenizer
@@ -487,3 +487,45 @@ def load_calibration_isolated(path: str | os.PathLike, gguf_path: str | os.PathL
 
     with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as ex:
         return ex.submit(_calibration_child, str(path), str(gguf_path), n_ctx, n_chunks).result()
+
+
+# --------------------------------------------------------------------------------------------------
+# pre-tokenized chunks (`repq tokenize`)
+# --------------------------------------------------------------------------------------------------
+
+def save_token_chunks(path: str | os.PathLike, cal: Calibration) -> None:
+    """Write ``cal.chunks`` as a 2-D int32 ``.npy`` (atomically)."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, cal.chunks.astype(np.int32), allow_pickle=False)
+    os.replace(tmp, p)
+
+
+def load_token_chunks(path: str | os.PathLike, *, n_ctx: int, n_vocab: int, n_chunks: int | None = None) -> Calibration:
+    """Chunks written by ``repq tokenize`` (no tokenizer needed: llama.cpp's ran when they were made).
+
+    Raises:
+        InputFileError: not a 2-D integer .npy.
+        UsageError: another chunk length, or no chunk.
+        MismatchError: token ids outside the model's vocabulary (tokens of another model).
+    """
+    p = Path(path)
+    try:
+        a = np.load(p, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise InputFileError(f"{p}: not a readable .npy of token chunks ({e})") from None
+    if a.ndim != 2 or not np.issubdtype(a.dtype, np.integer):
+        raise InputFileError(f"{p}: expected a 2-D integer array of token chunks (from `repq tokenize`), "
+                             f"got {a.dtype} {a.shape}")
+    if a.shape[1] != n_ctx:
+        raise UsageError(f"{p}: chunks of {a.shape[1]} tokens, this run uses {n_ctx}",
+                         hint=f"pass -c {a.shape[1]}, or tokenize the text again with -c {n_ctx}")
+    if n_chunks is not None:
+        a = a[:n_chunks]
+    if len(a) == 0:
+        raise UsageError(f"{p}: no token chunks")
+    if a.min() < 0 or a.max() >= n_vocab:
+        raise MismatchError(f"{p}: token ids up to {int(a.max())} for a vocabulary of {n_vocab} "
+                            "(tokens of another model?)")
+    return Calibration(a.astype(np.int64), str(p), int(a.size))

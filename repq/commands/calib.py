@@ -247,6 +247,44 @@ def hessian(
 
 
 @app.command()
+def tokenize(
+    model: Annotated[Path, typer.Argument(help="GGUF whose tokenizer to use.")],
+    data: DataOpt,
+    out_path: Annotated[Path, typer.Option("--output", "-o", help="Output .npy (int32, chunks × ctx).")],
+    chunks: ChunksOpt = -1,
+    ctx: CtxOpt = 512,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Tokenize and chunk data once with llama.cpp's tokenizer, for `repq distill --data FILE.npy`.
+
+    The chunks are exactly those `repq hessian` / `repq distill` make from the text (BOS first
+    when the vocabulary adds one).  Useful to tokenize once for many runs, or on another machine.
+
+    Example:
+
+        repq tokenize model-f32.gguf --data library.txt -c 512 -o library-512.npy
+    """
+    out = Output(json_out, quiet)
+
+    def body():
+        from ..data import Tokenizer, load_calibration, save_token_chunks
+
+        if out_path.suffix.lower() != ".npy":
+            raise UsageError(f"-o {out_path}: the output must end in .npy")
+        with Tokenizer(model) as tok:
+            cal = load_calibration(data, tok, n_ctx=ctx, n_chunks=None if chunks < 0 else chunks)
+        save_token_chunks(out_path, cal)
+        out.result({**meta(), "command": "tokenize", "input": str(data), "output": str(out_path),
+                    "chunks": int(len(cal.chunks)), "n_ctx": cal.n_ctx, "tokens_in_file": cal.n_tokens_file,
+                    "data_fingerprint": cal.fingerprint},
+                   human=f"wrote {out_path}: {len(cal.chunks)} chunks of {cal.n_ctx} tokens "
+                         f"({cal.n_tokens_file:,} tokens in {data})")
+
+    run_command(out, body)
+
+
+@app.command()
 def calib(
     model: Annotated[Path, typer.Argument(help="Model GGUF (with a chat template).")],
     out_path: Annotated[Path, typer.Option("--output", "-o", help="Output JSONL (one {'messages': [...]} per line).")],

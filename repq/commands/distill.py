@@ -18,7 +18,7 @@ def distill(
     model: Annotated[Path, typer.Argument(help="Original model: F32/F16/BF16 GGUF (teacher and starting student).")],
     out_path: Annotated[Path, typer.Argument(metavar="OUT", help="Output GGUF path.")],
     fmt: Annotated[str, typer.Option("--fmt", "-f", help="llama-quantize ftype: Q3_K_S, Q4_0, IQ4_XS, Q4_K_M, ...")],
-    data: Annotated[Path, typer.Option("--data", "-d", help="Training + Hessian data: text, or JSONL ('text' or chat 'messages', e.g. from `repq calib`).")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="Training + Hessian data: text, JSONL ('text' or chat 'messages', e.g. from `repq calib`), or token chunks from `repq tokenize` (.npy).")],
     steps_per_group: Annotated[int, typer.Option(help="Training steps after each group is quantized.", min=0)] = 100,
     groups: Annotated[str | None, typer.Option(help="Group order, each optionally with its own steps: ffn_up,ffn_gate,ffn_down,attn_v,attn_output,attn_qk,embd (e.g. 'ffn_up:200,...').")] = None,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (per group: warmup, cosine to 10 %).")] = 5e-5,
@@ -67,7 +67,7 @@ def distill(
 
         _spin_less()
         from ..calib.hessian import init_distributed
-        from ..data import load_calibration_isolated
+        from ..data import load_calibration_isolated, load_token_chunks
         from ..distill.groups import parse_groups
         from ..distill.run import DistillConfig, Distiller, Runtime
         from ..model.llama import load_config
@@ -84,11 +84,13 @@ def distill(
         if gguf_path is None:
             raise UsageError(f"{model}: distill reads a GGUF (convert the HF directory with `repq quantize "
                              f"{model} x.gguf --fmt F32` or convert_hf_to_gguf.py first)")
-        # llama.cpp's tokenizer runs in a child process: libllama next to torch's CUDA crashed on H100s.
-        cal, n_vocab = load_calibration_isolated(data, vocab or gguf_path, n_ctx=seq_len,
-                                                 n_chunks=None if chunks < 0 else chunks)
-        if n_vocab != mcfg.n_vocab:
-            raise UsageError(f"{vocab or gguf_path}: vocabulary of {n_vocab} tokens, the model has {mcfg.n_vocab}")
+        n_chunks = None if chunks < 0 else chunks
+        if data.suffix.lower() == ".npy":   # chunks from `repq tokenize`
+            cal = load_token_chunks(data, n_ctx=seq_len, n_vocab=mcfg.n_vocab, n_chunks=n_chunks)
+        else:  # llama.cpp's tokenizer in a child process: libllama next to torch's CUDA crashed on H100s
+            cal, n_vocab = load_calibration_isolated(data, vocab or gguf_path, n_ctx=seq_len, n_chunks=n_chunks)
+            if n_vocab != mcfg.n_vocab:
+                raise UsageError(f"{vocab or gguf_path}: vocabulary of {n_vocab} tokens, the model has {mcfg.n_vocab}")
         out.log(f"{data}: {cal.n_tokens_file:,} tokens → {len(cal.chunks)} sequences of {cal.n_ctx}")
         dev, _ = _setup(device, "auto", threads)
         rank, world, dev = init_distributed(dev)
