@@ -16,7 +16,10 @@ with torch.no_grad():
 save_gguf(m, "/tmp/smoke/m.gguf", kv=byte_vocab_kv())
 rng = np.random.default_rng(0)
 Path("/tmp/smoke/d.txt").write_text(" ".join(rng.choice(["the", "cat", "sat", "on", "mat", "dog", "ran"], 4000)))
+chunks = rng.integers(0, 262, size=(96, 64)).astype(np.int32)
+chunks[:, 0] = 259
+np.save("/tmp/smoke/d.npy", chunks)   # token chunks: llama-cpp-python crashes on these machines
 PY
-python3 -X faulthandler -m repq distill $S/m.gguf $S/q.gguf --fmt Q3_K_S --data $S/d.txt --seq-len 64 --batch 8 --steps-per-group 5 \
+python3 -X faulthandler -m repq distill $S/m.gguf $S/q.gguf --fmt Q3_K_S --data $S/d.npy --seq-len 64 --batch 8 --steps-per-group 5 \
   --hessian-chunks 16 --device cuda --json > $S/out.json
 python3 -c "import json; d=json.load(open('$S/out.json')); print('smoke ok', d['file_bytes'], d['final_loss'], d['device'])"
