@@ -32,7 +32,8 @@ def distill(
     warmup: Annotated[int, typer.Option(help="Warmup steps at the start of each group.", min=0)] = 10,
     seed: Annotated[int, typer.Option(help="Data order and Hessian sample seed.")] = 0,
     checkpoint_dir: Annotated[Path | None, typer.Option(help="Checkpoints + metrics.jsonl (default: OUT.distill/).")] = None,
-    checkpoint_every: Annotated[int, typer.Option(help="Also checkpoint every N steps (0: only after each group).", min=0)] = 50,
+    checkpoint_every: Annotated[int, typer.Option(help="Also checkpoint every N steps (0: off).", min=0)] = 0,
+    checkpoint_minutes: Annotated[float, typer.Option(help="Also checkpoint when this many minutes passed since the last (0: off); checkpoints always follow each group.", min=0)] = 10.0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint in --checkpoint-dir.")] = False,
     keep_checkpoint: Annotated[bool, typer.Option("--keep-checkpoint", help="Keep the last checkpoint after OUT is written.")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (torchrun: cuda:LOCAL_RANK).")] = "auto",
@@ -110,7 +111,7 @@ def distill(
                             f"{ev['global_step']} steps done")
 
             rt = Runtime(device=dev, threads=threads or None, checkpoint_dir=str(ckdir),
-                         checkpoint_every=checkpoint_every, resume=resume, compile=compile_,
+                         checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes, resume=resume, compile=compile_,
                          log_path=str(ckdir / "metrics.jsonl"), keep_checkpoint=keep_checkpoint, on_event=on_event)
             try:
                 res = Distiller(model, out_path, cal.chunks, cfg, rt, data_fingerprint=cal.fingerprint).run()

@@ -65,10 +65,11 @@ from ..ggml import quants
 from ..io import gguf_file
 from ..model.llama import LoadedModel, Transformer, load_model
 from ..quant import grids, pipeline
-from .groups import DEFAULT_ORDER, Group, format_groups, parse_groups
+from .groups import DEFAULT_ORDER, Group, format_groups
 from .kl import fused_kl
 
 STATE_FILE = "state.pt"
+LOG_EVERY = 10   #: steps between metric logs (each costs one device sync)
 METRICS_FILE = "metrics.jsonl"
 FORMAT_VERSION = 1
 
@@ -131,6 +132,7 @@ class Runtime:
     threads: int | None = None
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0        #: steps between checkpoints (0: only after each group)
+    checkpoint_minutes: float = 0.0  #: also checkpoint when this many minutes passed since the last (0: off)
     resume: bool = False
     compile: bool = False            #: torch.compile the student's blocks (CUDA)
     log_path: str | None = None      #: JSONL of per-step metrics (rewritten from the checkpoint on resume)
@@ -443,14 +445,16 @@ class Distiller:
     def _loss(self, tokens: torch.Tensor, n_total: int) -> torch.Tensor:
         return distill_loss(self.student, self.teacher, tokens, kl_chunk=self.cfg.kl_chunk, n_total=n_total)
 
-    def _train_step(self, opt, step: int, n_steps: int, gstep: int) -> float:
+    def _train_step(self, opt, step: int, n_steps: int, gstep: int) -> torch.Tensor:
         lr = lr_at(self.cfg, step, n_steps)
         for pg in opt.param_groups:
             pg["lr"] = lr
         idx = batch_indices(self.cfg, len(self.chunks), gstep)
         per = self.cfg.batch // self.world
         mine = idx[self.rank * per:(self.rank + 1) * per]
-        tokens = self.chunks[mine].to(self.device)
+        tokens = self.chunks[torch.from_numpy(mine)]
+        if self.device.type == "cuda":   # pinned + non_blocking: no host-device sync in the step
+            tokens = tokens.pin_memory().to(self.device, non_blocking=True)
         n_total = self.cfg.batch * self.cfg.seq_len // self.world   # per-rank mean; ranks average below
         loss = self._loss(tokens, n_total)
         opt.zero_grad(set_to_none=True)
@@ -472,7 +476,24 @@ class Distiller:
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip, foreach=True)
         opt.step()
-        return float(loss.detach())
+        return loss.detach()
+
+    def _log_steps(self, pending: list, group: str, n_steps: int, tok_s: float, log) -> None:
+        """Record pending (step, global step, loss tensor) entries: one device sync per call."""
+        if not pending:
+            return
+        tokens_per_step = self.cfg.batch * self.cfg.seq_len
+        losses = torch.stack([x[2] for x in pending]).float().cpu().tolist()
+        for (st, gs, _), loss in zip(pending, losses, strict=True):
+            m = {"group": group, "step": st + 1, "steps": n_steps, "global_step": gs, "tokens": gs * tokens_per_step,
+                 "loss": loss, "lr": lr_at(self.cfg, st, n_steps), "tok_s": tok_s}
+            self.metrics.append(m)
+            if log is not None:
+                log.write(json.dumps(m) + "\n")
+            self._event({"event": "step", **m})
+        if log is not None:
+            log.flush()
+        pending.clear()
 
     def _event(self, ev: dict) -> None:
         if self.rt.on_event and self.rank == 0:
@@ -534,23 +555,24 @@ class Distiller:
                 opt.load_state_dict(opt_state)
             opt_state = None
             t0, done_here = time.perf_counter(), 0
+            pending: list[tuple[int, int, torch.Tensor]] = []   # (step, global step, loss) not yet logged
+
+            last_ck = time.monotonic()
             for step in range(step0, n_steps if opt is not None else 0):
                 if self.rt._stop_at_step is not None and gstep >= self.rt._stop_at_step:
                     raise KeyboardInterrupt
-                loss = self._train_step(opt, step, n_steps, gstep)
+                pending.append((step, gstep + 1, self._train_step(opt, step, n_steps, gstep)))
                 gstep += 1
                 done_here += 1
-                el = time.perf_counter() - t0
-                m = {"group": g.name, "step": step + 1, "steps": n_steps, "global_step": gstep,
-                     "tokens": gstep * tokens_per_step, "loss": loss, "lr": lr_at(cfg, step, n_steps),
-                     "tok_s": done_here * tokens_per_step / max(el, 1e-9)}
-                self.metrics.append(m)
-                if log is not None:
-                    log.write(json.dumps(m) + "\n")
-                    log.flush()
-                self._event({"event": "step", **m})
-                if self.rt.checkpoint_every and gstep % self.rt.checkpoint_every == 0 and step + 1 < n_steps:
+                if len(pending) >= LOG_EVERY:
+                    self._log_steps(pending, g.name, n_steps, done_here * tokens_per_step / (time.perf_counter() - t0), log)
+                due = (self.rt.checkpoint_every and gstep % self.rt.checkpoint_every == 0) or (
+                    self.rt.checkpoint_minutes and time.monotonic() - last_ck >= 60 * self.rt.checkpoint_minutes)
+                if due and step + 1 < n_steps:
+                    self._log_steps(pending, g.name, n_steps, done_here * tokens_per_step / (time.perf_counter() - t0), log)
                     self._checkpoint(gi, "train", step + 1, gstep, opt)
+                    last_ck = time.monotonic()
+            self._log_steps(pending, g.name, n_steps, done_here * tokens_per_step / max(time.perf_counter() - t0, 1e-9), log)
             phase = "quantize"
             self._checkpoint(gi + 1, "quantize", 0, gstep, None)
             self._event({"event": "group_done", "group": g.name, "global_step": gstep})
