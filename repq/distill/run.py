@@ -232,6 +232,19 @@ def distill_loss(student: Transformer, teacher: Transformer, tokens: torch.Tenso
                     compute_dtype=dt)
 
 
+def average_gradients(params: list[torch.nn.Parameter], dist, world: int) -> None:
+    """Data parallel: every rank's gradients ← their mean over ranks (one flat all-reduce)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([x.reshape(-1) for x in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    off = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[off:off + n].view_as(p).clone()
+        off += n
+
+
 # --------------------------------------------------------------------------------------------------
 # checkpoints
 # --------------------------------------------------------------------------------------------------
@@ -461,15 +474,7 @@ class Distiller:
         loss.backward()
         params = [p for pg in opt.param_groups for p in pg["params"]]
         if self.dist is not None:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            flat = torch.cat([x.reshape(-1) for x in grads])
-            self.dist.all_reduce(flat)
-            flat /= self.world
-            off = 0
-            for p in params:
-                n = p.numel()
-                p.grad = flat[off:off + n].view_as(p).clone()
-                off += n
+            average_gradients(params, self.dist, self.world)
             lt = loss.detach().clone()
             self.dist.all_reduce(lt)
             loss = lt / self.world
