@@ -9,13 +9,14 @@ PYTHON ?= python3
 VENV ?= .venv
 export REPQ_CACHE ?= $(HOME)/.cache/repq
 PY := $(VENV)/bin/python
+CACHE ?= $(or $(REPQ_CACHE),$(HOME)/.cache/repq)
 JOBS ?= $(shell nproc)
 MODEL_DIR := $(REPQ_CACHE)/models
 DATA_DIR := $(REPQ_CACHE)/data
 REF_F32 := $(MODEL_DIR)/smollm2-135m-f32.gguf
 export LLAMA_CPP_LIB_PATH := $(CURDIR)/native/build/bin
 
-.PHONY: help setup vendor native model data demo test test-fast test-slow bench bench-ldlq lint fmt clean
+.PHONY: help setup vendor native model data demo test test-fast test-slow bench bench-ldlq bench-distill-cpu lint fmt clean
 
 help:
 	@echo "make setup      venv + Python deps + vendored llama.cpp + native build (cached)"
@@ -79,6 +80,15 @@ bench: setup model data
 # LDLQ vs llama-quantize quality (about an hour on 2 cores; resumable)
 bench-ldlq: setup model data
 	$(PY) benchmarks/bench_ldlq.py --calib-chunks 64 --eval-chunks 40
+
+# repq distill on 2 CPU cores (Q4_0, ~18 min) and its KLD vs the F32 base (README's CPU row)
+bench-distill-cpu: setup model data
+	mkdir -p $(CACHE)/bench-distill
+	$(VENV)/bin/repq distill $(CACHE)/models/smollm2-135m-f32.gguf $(CACHE)/bench-distill/q4_0.gguf --fmt Q4_0 \
+	  --data $(CACHE)/data/library.txt --device cpu --steps-per-group 25 --batch 2 --seq-len 256 \
+	  --hessian-chunks 32 --threads 2 --warmup 3 --json > $(CACHE)/bench-distill/q4_0.distill.json
+	$(VENV)/bin/repq kld $(CACHE)/models/smollm2-135m-f32.gguf $(CACHE)/bench-distill/q4_0.gguf \
+	  --data $(CACHE)/data/tutorial.txt --chunks 40 -t 2 --json > $(CACHE)/bench-distill/q4_0.kld.json
 
 lint: setup
 	$(VENV)/bin/ruff check repq tests benchmarks

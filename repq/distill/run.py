@@ -30,17 +30,18 @@ every step's chunks and the gradients are all-reduced (sum of per-rank token-mea
 each group's Hessians are summed over ranks; the group's tensors are LDLQ-quantized in parallel
 (tensor i on rank i mod world) and their bytes broadcast; rank 0 writes checkpoints and the GGUF.
 
-Memory plan for a 7-8B Llama (n_embd 4096, n_ff 14336, vocab 128k) on 80 GB GPUs
-    teacher bf16 16 GB + student fp32 master 32 GB + AdamW moments 64 GB + fp32 grads 32 GB = 144 GB,
-    plus activations.  One 80 GB GPU therefore does not hold the plain scheme; the options are
-    (a) 2+ GPUs with FSDP2 sharding of student, grads and optimiser state (not implemented yet:
-    this module replicates the student and all-reduces gradients, DDP-style), (b) one GPU with the
-    frozen fraction growing: after the FFN groups (~65 % of the weights) are frozen, their master
-    copies, grads and moments are dropped — frozen tensors here have no grad and no optimiser
-    state, so training memory shrinks group by group (the first group is the peak: ~110 GB), and
-    (c) activation memory bounded by ``batch`` × ``seq_len`` with the fused KL keeping logits to
-    ``kl_chunk`` × vocab.  The Hessians of one group of a 7B model (4096² or 14336² fp32 per input
-    per layer) are collected and consumed group by group, ≤ 1 GB per layer.
+Memory plan for a 7-8B Llama (n_embd 4096, n_ff 14336, vocab 128k), measured on an H200 (139.8 GiB)
+with benchmarks/bench_distill_scaling.py (random weights, batch 1 × 2048, fused KL, compiled blocks):
+    teacher bf16 16 GB + student fp32 32 GB, plus fp32 gradients and two AdamW moments (12 bytes) for
+    every parameter not yet frozen.  Frozen tensors have no gradient and no optimiser state, so
+    memory falls group by group: with ffn_up frozen (the first group, the peak) the step ran out of
+    memory on one H200; with ffn_up + ffn_gate frozen it peaked at 121.7 GiB, with the whole FFN
+    frozen at 99.0 GiB.  So one 80 GB GPU does not hold an 8B run with this data-parallel scheme, and
+    one H200 holds it from the third group on.  What fits it everywhere (not implemented yet): FSDP2
+    sharding of the student, gradients and moments over the GPUs (8 × 80 GB: ~19 GB per GPU of
+    optimiser state at the peak), or AdamW moments in bf16 / on the host for the first groups.
+    The Hessians of one group of a 7B model (4096² or 14336² per input per layer) are collected and
+    consumed group by group, ≤ 1 GB per layer.
 """
 
 from __future__ import annotations

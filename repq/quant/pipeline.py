@@ -188,7 +188,7 @@ def quantize_model(src: str | os.PathLike, out: str | os.PathLike, cfg: Quantize
                    on_tensor: Callable[[TensorReport, int, int], None] | None = None,
                    tensor_quantizer: TensorQuantizer | None = None,
                    extra_kv: list[tuple[str, int, object]] | None = None,
-                   tensor_values: Callable[[str], "np.ndarray | None"] | None = None) -> QuantizeReport:
+                   tensor_values: Callable[[str], np.ndarray | None] | None = None) -> QuantizeReport:
     """Quantize a GGUF model; see the module docstring.
 
     Args:
