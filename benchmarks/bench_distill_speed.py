@@ -7,8 +7,8 @@ Both train a student of the reference model's shape (SmolLM2-135M: 30 blocks, n_
 * ``hf``: transformers ``LlamaForCausalLM`` (sdpa attention), bf16 autocast, teacher forward,
   student forward/backward, full-vocabulary fp32 KL on materialised logits, AdamW (fp32 master).
 * ``repq``: :func:`repq.distill.run.distill_loss` — fp32 master student under bf16 autocast,
-  bf16 teacher, fused chunked KL over the vocabulary, blocks under ``torch.compile`` (``repq-eager``
-  without), AdamW (fp32).
+  bf16 teacher, fused chunked KL over the vocabulary, blocks under ``torch.compile`` (one graph per
+  block; ``repq-whole``: all blocks as one graph; ``repq-eager``: no compile), AdamW (fp32).
 
 Reported per shape (batch × seq): tokens/s over ``--steps`` timed steps after ``--warmup``, peak
 GPU memory (torch.cuda.max_memory_allocated), and repq/hf ratios.
@@ -58,7 +58,7 @@ def _hf_models(device):
     return step
 
 
-def _repq_models(device, compile_: bool):
+def _repq_models(device, compile_: bool, whole: bool = False):
     from repq.distill.run import distill_loss
     from repq.model.llama import ModelConfig, random_model
 
@@ -66,8 +66,8 @@ def _repq_models(device, compile_: bool):
     student = random_model(cfg, seed=0, device=device, dtype=torch.float32).requires_grad_(True)
     teacher = random_model(cfg, seed=1, device=device, dtype=torch.bfloat16)
     if compile_:
-        student.compile_blocks()
-        teacher.compile_blocks()
+        student.compile_blocks(whole=whole)
+        teacher.compile_blocks(whole=whole)
     opt = torch.optim.AdamW([p for p in student.parameters()], lr=1e-5, foreach=True)
 
     def step(tokens):
@@ -86,7 +86,8 @@ def measure(kind: str, batch: int, seq: int, steps: int, warmup: int, device: st
     torch.cuda.reset_peak_memory_stats()
     row = {"kind": kind, "batch": batch, "seq": seq}
     try:
-        step = _hf_models(device) if kind == "hf" else _repq_models(device, kind == "repq")
+        step = _hf_models(device) if kind == "hf" else _repq_models(device, kind != "repq-eager",
+                                                                     whole=kind == "repq-whole")
         g = torch.Generator(device="cpu").manual_seed(0)
         tokens = torch.randint(0, SMOLLM2["n_vocab"], (batch, seq), generator=g).to(device)
         t0 = time.perf_counter()
@@ -115,7 +116,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--shapes", default="16x512,32x1024", help="batch x seq, comma separated")
-    ap.add_argument("--kinds", default="hf,repq,repq-eager")
+    ap.add_argument("--kinds", default="hf,repq,repq-whole,repq-eager")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--out", default="benchmarks/results/distill_speed_cuda.json")

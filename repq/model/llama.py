@@ -348,10 +348,22 @@ class Transformer(nn.Module):
         #: torch.compile'd blocks used by forward() when set (:meth:`compile_blocks`)
         self._compiled: list | None = None
 
-    def compile_blocks(self, enable: bool = True) -> None:
-        """Run each block through ``torch.compile`` (one graph per block, shared by all blocks'
-        shapes); ``enable=False`` goes back to eager (hooks, statistics)."""
-        self._compiled = [torch.compile(b, dynamic=False) for b in self.blk] if enable else None
+    def compile_blocks(self, enable: bool = True, *, whole: bool = False) -> None:
+        """Run the blocks through ``torch.compile``: each block on its own, or (``whole``) all of
+        them as one graph, which costs a longer compile but one call (and one guard check) per
+        forward instead of one per block — what matters when the GPU outruns Python, as with a
+        135M model.  ``enable=False`` goes back to eager (hooks, statistics)."""
+        if not enable:
+            self._compiled = None
+        elif whole:
+            self._compiled = torch.compile(self._blocks, dynamic=False)
+        else:
+            self._compiled = [torch.compile(b, dynamic=False) for b in self.blk]
+
+    def _blocks(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        for blk in self.blk:
+            x = blk(x, cos, sin)
+        return x
 
     def linears(self) -> list[Linear]:
         """Every linear module in graph order (the output head last)."""
@@ -370,8 +382,11 @@ class Transformer(nn.Module):
         """
         x = self.token_embd(tokens)                                           # (B, T, d)
         cos, sin = self.rope(tokens.shape[1], x.device)
-        for blk in self._compiled or self.blk:
-            x = blk(x, cos, sin)
+        if callable(self._compiled):
+            x = self._compiled(x, cos, sin)
+        else:
+            for blk in self._compiled or self.blk:
+                x = blk(x, cos, sin)
         x = self.output_norm(x)
         return self.output(x).float() if head else x
 
