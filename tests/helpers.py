@@ -121,3 +121,20 @@ def make_tiny_hf_llama(out_dir: Path, *, hidden: int = 256, inter: int = 512, la
     LlamaForCausalLM(cfg).save_pretrained(out_dir, safe_serialization=True)
     fast.save_pretrained(out_dir)
     return out_dir
+
+
+def llama_cpp_logits(gguf_path: Path, text: str) -> tuple[list[int], np.ndarray]:
+    """(token ids of ``text``, llama.cpp's logits for every position), through llama-cpp-python
+    on the native build (F16 KV cache, 2 threads)."""
+    from repq.data import Tokenizer
+    from repq.llama import llama_cpp
+
+    with Tokenizer(gguf_path) as tok:
+        ids = [int(t) for t in tok.tokenize(text)]
+    llm = llama_cpp().Llama(str(gguf_path), n_ctx=128, logits_all=True, verbose=False, type_k=0, type_v=0,
+                            n_threads=2)
+    try:
+        llm.eval(ids)
+        return ids, np.array(llm.scores[: len(ids)])
+    finally:
+        llm.close()

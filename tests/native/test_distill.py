@@ -132,20 +132,12 @@ def test_gguf_holds_the_frozen_student_exactly_and_llama_quantize_layout(tiny, t
 
 
 def test_llama_cpp_logits_equal_the_torch_student(tiny, tmp_path):
-    from repq.data import Tokenizer
-    from repq.llama import llama_cpp
+    from helpers import llama_cpp_logits
 
     src, _, chunks = tiny
     out = tmp_path / "q.gguf"
     res = _run(src, out, chunks, _cfg(ftype="Q8_0"))
-    with Tokenizer(out) as tok:
-        ids = [int(t) for t in tok.tokenize("the quick fox jumps over the lazy dog " * 3)]
-    llm = llama_cpp().Llama(str(out), n_ctx=128, logits_all=True, verbose=False, type_k=0, type_v=0, n_threads=2)
-    try:
-        llm.eval(ids)
-        ref = np.array(llm.scores[: len(ids)])
-    finally:
-        llm.close()
+    ids, ref = llama_cpp_logits(out, "the quick fox jumps over the lazy dog " * 3)
     with torch.no_grad():
         got = res.student(torch.tensor([ids]))[0].numpy()
     # llama.cpp multiplies Q8_0 weights by 8-bit-quantized activations: close, not equal

@@ -104,20 +104,12 @@ def test_rope_norm_on_permuted_equals_neox():
 @needs_native
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_logits_match_llama_cpp(tmp_path, arch):
-    from repq.data import Tokenizer
-    from repq.llama import llama_cpp
+    from helpers import llama_cpp_logits
 
     m = random_model(tiny_config(**ARCHS[arch]), seed=1)
     p = tmp_path / "m.gguf"
     save_gguf(m, p, kv=byte_vocab_kv())
-    with Tokenizer(p) as tok:
-        ids = [int(t) for t in tok.tokenize("Hello the world, the end. " * 3)]
-    llm = llama_cpp().Llama(str(p), n_ctx=128, logits_all=True, verbose=False, type_k=0, type_v=0, n_threads=2)
-    try:
-        llm.eval(ids)
-        ref = np.array(llm.scores[: len(ids)])
-    finally:
-        llm.close()
+    ids, ref = llama_cpp_logits(p, "Hello the world, the end. " * 3)
     got = load_model(p).model(torch.tensor([ids]))[0].numpy()
     assert np.abs(got - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
     assert (got.argmax(-1) == ref.argmax(-1)).all()
