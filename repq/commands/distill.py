@@ -1,6 +1,5 @@
 """`repq distill`: progressive LDLQ quantization with self-distillation (repq.distill)."""
 
-from __future__ import annotations
 
 import os
 from pathlib import Path

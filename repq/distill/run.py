@@ -567,6 +567,10 @@ class Distiller:
             for step in range(step0, n_steps if opt is not None else 0):
                 if self.rt._stop_at_step is not None and gstep >= self.rt._stop_at_step:
                     raise KeyboardInterrupt
+                if os.environ.get("REPQ_TEST_SIGINT_AT_STEP") == str(gstep):   # tests: a real Ctrl-C here
+                    import signal
+
+                    os.kill(os.getpid(), signal.SIGINT)
                 pending.append((step, gstep + 1, self._train_step(opt, step, n_steps, gstep)))
                 gstep += 1
                 done_here += 1

@@ -176,9 +176,6 @@ def test_interrupted_run_resumes_to_identical_bytes(tiny, tmp_path, stop):
 
 def test_cli_kill_and_resume(tiny, tmp_path):
     """A real SIGINT in the middle of a CLI run, then --resume: same bytes as an uninterrupted run."""
-    import signal
-    import time
-
     src, text, _ = tiny
     args = ["distill", str(src), None, "--fmt", "Q4_0", "--data", str(text), "--seq-len", str(SEQ), "--batch", "4",
             "--steps-per-group", "6", "--hessian-chunks", "8", "--lr", "2e-5", "--warmup", "1",
@@ -188,19 +185,12 @@ def test_cli_kill_and_resume(tiny, tmp_path):
     assert full.returncode == 0, full.stderr
     assert json.loads(full.stdout)["file_bytes"] == a.stat().st_size
     cmd = REPQ + [str(x) if x else str(b) for x in args]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the process sends itself SIGINT before step 15 (mid-group 3): a real Ctrl-C at a known point
+    p = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"REPQ_TEST_SIGINT_AT_STEP": "14"})
+    assert p.returncode == 130, p.stderr
+    assert "--resume" in p.stderr and not b.exists()
     log = Path(str(b) + ".distill") / "metrics.jsonl"
-    t0 = time.time()
-    while time.time() - t0 < 120 and p.poll() is None:
-        if log.exists() and len(log.read_text().splitlines()) >= 9:
-            p.send_signal(signal.SIGINT)
-            break
-        time.sleep(0.05)
-    _, err = p.communicate(timeout=120)
-    if p.returncode == 0:
-        pytest.fail("the run finished before it could be interrupted")
-    assert p.returncode == 130, err
-    assert "--resume" in err and not b.exists()
+    assert len(log.read_text().splitlines()) == 14
     again = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     assert a.read_bytes() == b.read_bytes()
