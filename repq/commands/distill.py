@@ -1,6 +1,5 @@
 """`repq distill`: progressive LDLQ quantization with self-distillation (repq.distill)."""
 
-
 import os
 from pathlib import Path
 from typing import Annotated
