@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -186,7 +187,9 @@ def test_cli_kill_and_resume(tiny, tmp_path):
     assert json.loads(full.stdout)["file_bytes"] == a.stat().st_size
     cmd = REPQ + [str(x) if x else str(b) for x in args]
     # the process sends itself SIGINT before step 15 (mid-group 3): a real Ctrl-C at a known point
-    p = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"REPQ_TEST_SIGINT_AT_STEP": "14"})
+    # (SIGINT back to its default first: a shell's background job, as CI may be, starts with it ignored)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"REPQ_TEST_SIGINT_AT_STEP": "14"},
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert p.returncode == 130, p.stderr
     assert "--resume" in p.stderr and not b.exists()
     log = Path(str(b) + ".distill") / "metrics.jsonl"
