@@ -2,7 +2,8 @@
 """Multi-GPU scaling and memory of repq's distillation step (random weights; speed and memory only).
 
 Scaling: the data-parallel step `repq distill` runs under torchrun (per rank: bf16 teacher, fp32
-master student under bf16 autocast, fused KL, then :func:`repq.distill.run.average_gradients` and
+master student under bf16 autocast, fused KL, gradients averaged by :class:`repq.distill.run.GradAverager`
+(``--flat``: one all-reduce after backward, :func:`average_gradients`) and
 AdamW), at a fixed batch per GPU.  Run it with 1 and with N processes and compare total tokens/s::
 
     torchrun --nproc-per-node 1 benchmarks/bench_distill_scaling.py --out s1.json
@@ -40,12 +41,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--freeze", default="", help="comma list of tensor kinds to freeze (e.g. ffn_up)")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--flat", action="store_true", help="one all-reduce after backward instead of overlapped buckets")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
 
     import torch.distributed as dist
 
-    from repq.distill.run import average_gradients, distill_loss
+    from repq.distill.run import GradAverager, average_gradients, distill_loss
     from repq.model.llama import ModelConfig, Transformer
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -68,6 +70,7 @@ def main() -> None:
         student.compile_blocks()
         teacher.compile_blocks()
     opt = torch.optim.AdamW(trainable, lr=1e-5, foreach=True)
+    averager = GradAverager(trainable, dist, world) if world > 1 and not a.flat else None
     g = torch.Generator().manual_seed(1 + rank)
     n_tok = a.batch_per_gpu * a.seq
 
@@ -76,7 +79,9 @@ def main() -> None:
         loss = distill_loss(student, teacher, tokens, n_total=n_tok)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if world > 1:
+        if averager is not None:
+            averager.finish()
+        elif world > 1:
             average_gradients(trainable, dist, world)
         torch.nn.utils.clip_grad_norm_(trainable, 1.0, foreach=True)
         opt.step()
@@ -96,7 +101,7 @@ def main() -> None:
     dt = time.perf_counter() - t0
     res = {"model": a.model, "world": world, "batch_per_gpu": a.batch_per_gpu, "seq": a.seq, "frozen": frozen,
            "trainable_params": sum(p.numel() for p in trainable), "params": sum(p.numel() for p in student.parameters()),
-           "tokens_per_s_total": round(world * a.steps * n_tok / dt, 1), "step_ms": round(1000 * dt / a.steps, 2),
+           "allreduce": "flat" if a.flat else "overlapped buckets", "tokens_per_s_total": round(world * a.steps * n_tok / dt, 1), "step_ms": round(1000 * dt / a.steps, 2),
            "peak_gib_rank0": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2),
            "device": torch.cuda.get_device_name(dev), "torch": torch.__version__}
     if rank == 0:

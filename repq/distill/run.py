@@ -26,7 +26,8 @@ of every frozen tensor, and the run's identity (model fingerprint, ftype, settin
 continues from it; on CPU the resumed run's GGUF is byte-identical to an uninterrupted run's.
 
 Several processes (torchrun; gloo on CPU, NCCL on GPUs): each rank takes ``batch / world`` of
-every step's chunks and the gradients are all-reduced (sum of per-rank token-mean KL · share);
+every step's chunks and the gradients are averaged over ranks by bucketed all-reduces that overlap
+backward (:class:`GradAverager`);
 each group's Hessians are summed over ranks; the group's tensors are LDLQ-quantized in parallel
 (tensor i on rank i mod world) and their bytes broadcast; rank 0 writes checkpoints and the GGUF.
 
@@ -246,6 +247,68 @@ def average_gradients(params: list[torch.nn.Parameter], dist, world: int) -> Non
         off += n
 
 
+class GradAverager:
+    """Data-parallel gradient averaging overlapped with backward (what DDP's buckets do).
+
+    Parameters are split into buckets of about ``bucket_bytes`` in reverse order (the order backward
+    produces their gradients).  A post-accumulate-grad hook counts each bucket's finished gradients;
+    when a bucket is complete its flat copy is all-reduced asynchronously while backward goes on.
+    :meth:`finish` launches what is left (gradients that never came are zeros), waits, and writes
+    the means back.  The sums are the same as :func:`average_gradients`'s, element by element.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], dist, world: int, bucket_bytes: int = 25 << 20):
+        self.dist, self.world = dist, world
+        self.buckets: list[list[torch.nn.Parameter]] = []
+        cur: list[torch.nn.Parameter] = []
+        size = 0
+        for p in reversed(params):
+            cur.append(p)
+            size += p.numel() * p.element_size()
+            if size >= bucket_bytes:
+                self.buckets.append(cur)
+                cur, size = [], 0
+        if cur:
+            self.buckets.append(cur)
+        self.where = {id(p): i for i, b in enumerate(self.buckets) for p in b}
+        self.hooks = [p.register_post_accumulate_grad_hook(self._ready) for p in params]
+        self._reset()
+
+    def _reset(self) -> None:
+        self.done = [0] * len(self.buckets)
+        self.pending: dict[int, tuple[torch.Tensor, object]] = {}
+
+    def _launch(self, i: int) -> None:
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                          for p in self.buckets[i]])
+        self.pending[i] = (flat, self.dist.all_reduce(flat, async_op=True))
+
+    def _ready(self, p: torch.nn.Parameter) -> None:
+        i = self.where[id(p)]
+        self.done[i] += 1
+        if self.done[i] == len(self.buckets[i]):
+            self._launch(i)
+
+    def finish(self) -> None:
+        for i in range(len(self.buckets)):
+            if i not in self.pending:
+                self._launch(i)
+        for i, (flat, work) in sorted(self.pending.items()):
+            work.wait()
+            flat /= self.world
+            off = 0
+            for p in self.buckets[i]:
+                n = p.numel()
+                p.grad = flat[off:off + n].view_as(p).clone()
+                off += n
+        self._reset()
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+
 # --------------------------------------------------------------------------------------------------
 # checkpoints
 # --------------------------------------------------------------------------------------------------
@@ -311,6 +374,7 @@ class Distiller:
         self.params = dict(self.student.named_parameters())       # GGUF name → Parameter (tied: token_embd)
         self.frozen: dict[str, np.ndarray] = {}                   # GGUF name → ggml bytes
         self.tensor_reports: list[dict] = []
+        self._averager: GradAverager | None = None
         self.metrics: list[dict] = []
         if self.rt.compile and dev.startswith("cuda"):
             self.student.compile_blocks()
@@ -475,7 +539,7 @@ class Distiller:
         loss.backward()
         params = [p for pg in opt.param_groups for p in pg["params"]]
         if self.dist is not None:
-            average_gradients(params, self.dist, self.world)
+            self._averager.finish()
             lt = loss.detach().clone()
             self.dist.all_reduce(lt)
             loss = lt / self.world
@@ -557,6 +621,10 @@ class Distiller:
                 step0, opt_state = 0, None
                 self._checkpoint(gi, "train", 0, gstep, None)
             opt = self._optimizer()
+            if self._averager is not None:
+                self._averager.remove()
+            self._averager = (GradAverager([p for pg in opt.param_groups for p in pg["params"]], self.dist, self.world)
+                              if self.dist is not None and opt is not None else None)
             if opt is not None and opt_state is not None:
                 opt.load_state_dict(opt_state)
             opt_state = None
