@@ -99,9 +99,6 @@ def quantize(gtype: int, x: np.ndarray, imatrix: np.ndarray | None = None, *,
     if blck <= 0 or n_per_row % blck != 0:
         raise UnsupportedError(
             f"row length {n_per_row} is not a multiple of the {type_name(gtype)} block size {blck}")
-    if not np.isfinite(x).all():
-        bad = int(np.argwhere(~np.isfinite(x))[0][0])
-        raise UsageError(f"non-finite value (NaN or Inf) in row {bad}")
     if imatrix is not None:
         imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
         if imatrix.shape != (n_per_row,):
@@ -116,24 +113,32 @@ def quantize(gtype: int, x: np.ndarray, imatrix: np.ndarray | None = None, *,
         return out
     lib.ggml_quantize_init(gtype)  # allocate i-quant grids once, before threads race to do it
     threads = threads or default_threads()
-    # A few contiguous row ranges per thread: big enough that the per-call overhead vanishes,
-    # small enough to balance.  Each row is quantized independently, so bytes do not depend on it.
-    n_chunks = min(nrows, 1 if nrows * n_per_row < 65536 else 4 * threads)
+    # Row ranges of about 64k values, handed to the threads as they come free (llama-quantize's
+    # chunks are 32 × 512 values): big enough that the per-call overhead vanishes, small enough to
+    # balance threads that run at different speeds (4 chunks per thread were 20 % slower on a
+    # 2-vCPU machine).  Each row is quantized independently, so the bytes do not depend on it.
+    n_chunks = min(nrows, max(1 if nrows * n_per_row < 65536 else 4 * threads, (nrows * n_per_row) >> 16))
     bounds = [nrows * i // n_chunks for i in range(n_chunks + 1)]
     imp = _ptr(imatrix) if imatrix is not None else None
     base = out.ctypes.data
 
-    def work(i: int) -> None:
+    def work(i: int) -> str | None:
+        """Check, quantize and validate rows r0..r1 (in a worker thread, as llama-quantize does)."""
         r0, r1 = bounds[i], bounds[i + 1]
+        if not np.isfinite(x[r0:r1]).all():
+            return f"non-finite value (NaN or Inf) in row {r0 + int(np.argwhere(~np.isfinite(x[r0:r1]))[0][0])}"
         lib.ggml_quantize_chunk(gtype, _ptr(x[r0:r1]), ctypes.c_void_p(base + r0 * rs), 0, r1 - r0, n_per_row, imp)
+        if validate and not lib.ggml_validate_row_data(gtype, ctypes.c_void_p(base + r0 * rs), (r1 - r0) * rs):
+            return f"ggml rejected the quantized {type_name(gtype)} data (validation failed)"
+        return None
 
     if threads == 1 or n_chunks == 1:
-        for i in range(n_chunks):
-            work(i)
+        errors = [work(i) for i in range(n_chunks)]
     else:
-        list(_pool(threads).map(work, range(n_chunks)))
-    if validate and not lib.ggml_validate_row_data(gtype, out.ctypes.data_as(ctypes.c_void_p), out.nbytes):
-        raise UsageError(f"ggml rejected the quantized {type_name(gtype)} data (validation failed)")
+        errors = list(_pool(threads).map(work, range(n_chunks)))
+    bad = next((e for e in errors if e), None)
+    if bad:
+        raise UsageError(bad)
     return out
 
 
