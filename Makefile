@@ -24,6 +24,7 @@ help:
 	@echo "make test       setup + model + data, then every test tier (what CI runs)"
 	@echo "make test-fast  unit tests only (seconds)"
 	@echo "make bench      benchmarks against llama.cpp's tools (results in benchmarks/results)"
+	@echo "make bench-ldlq LDLQ vs llama.cpp quality (about an hour); make bench-distill-cpu: repq distill Q4_0 on CPU"
 	@echo "make native     (re)build vendor/llama.cpp into native/build; REPQ_CUDA=1 for CUDA"
 	@echo "make lint | fmt | clean"
 
