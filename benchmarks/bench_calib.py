@@ -14,6 +14,17 @@ the same batches, on a random-initialised Llama with n_embd 4096 (Llama-3-8B-lik
 
     python benchmarks/bench_calib.py --gpu [--layers 4] [--batch 8] [--iters 10]
     → benchmarks/results/calib_gpu.json
+
+It times the accumulator three times: as ``repq hessian`` runs it (upper-triangle bands on a side
+stream), bands on the forward's stream, and one full Xᵀ X GEMM per input (``--no-full`` skips the
+last two).
+
+Scaling (--gpu under torchrun): the same total batches split over the ranks, each rank summing its
+share, then the float64 sums all-reduced over NCCL (what ``repq hessian`` does before writing);
+rank 0 reports tokens/s over the whole.  Run with 1 and with K processes and divide:
+
+    torchrun --nproc-per-node 1 benchmarks/bench_calib.py --gpu --iters 32 --out h1.json
+    torchrun --nproc-per-node 2 benchmarks/bench_calib.py --gpu --iters 32 --out h2.json
 """
 
 from __future__ import annotations
@@ -67,44 +78,76 @@ def bench_cpu(args) -> dict:
 def bench_gpu(args) -> dict:
     import torch
 
-    from repq.calib.hessian import HessianAccumulator, step
+    from repq.calib.hessian import HessianAccumulator, _all_reduce, init_distributed, step
     from repq.calib.hooks import input_groups
     from repq.model import ModelConfig, random_model
 
-    dev = torch.device("cuda")
+    rank, world, dev_name = init_distributed("cuda") if "WORLD_SIZE" in os.environ else (0, 1, "cuda")
+    dev = torch.device(dev_name)
     cfg = ModelConfig(arch="llama", n_layer=args.layers, n_embd=4096, n_ff=14336, n_head=32, n_head_kv=8,
                       n_vocab=32000, rms_eps=1e-5, rope_base=500000.0, tied=False)
     model = random_model(cfg, device=dev, dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, cfg.n_vocab, (args.batch, args.ctx), generator=g).to(dev) for _ in range(args.iters)]
+    batches = [torch.randint(0, cfg.n_vocab, (args.batch, args.ctx), generator=g) for _ in range(args.iters)]
+    mine = [b.to(dev) for b in batches[rank::world]]
     groups = input_groups(model)
-    acc = HessianAccumulator(groups, args.acc_device or "cuda", device=dev, flush_every=args.flush_every)
 
-    def timed(fn) -> float:
-        for b in batches[:2]:  # warm-up
+    def timed(fn, finish=lambda: None) -> float:
+        for b in mine[:2]:  # warm-up
             fn(b)
+        finish()
         torch.cuda.synchronize()
+        if world > 1:
+            torch.distributed.barrier()
         t = time.perf_counter()
-        for b in batches:
+        for b in mine:
             fn(b)
+        finish()
         torch.cuda.synchronize()
+        if world > 1:
+            torch.distributed.barrier()
         return time.perf_counter() - t
+
+    def hessian(band, side_stream=True) -> tuple[float, HessianAccumulator]:
+        acc = HessianAccumulator(groups, args.acc_device or dev, device=dev, flush_every=args.flush_every, band=band,
+                                 side_stream=side_stream)
+
+        def finish():
+            acc.flush()
+            if world > 1:
+                _all_reduce(acc, dev)
+            acc.mirror()
+        t = timed(lambda b: step(model, b, acc), finish)
+        return t, acc
 
     with torch.no_grad():
         t_fwd = timed(lambda b: model(b, head=False))
-        t_hess = timed(lambda b: step(model, b, acc))
-        acc.flush()
+        t_hess, acc = hessian(None)
+        gib = round(sum(v.numel() * 8 for v in acc.sums.values()) / 2**30, 2)
+        del acc
+        t_one = hessian(None, side_stream=False)[0] if args.full else None
+        t_full = hessian(lambda d: d, side_stream=False)[0] if args.full else None
     tokens = args.iters * args.batch * args.ctx
-    res = {"benchmark": "hessian_gpu", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    res = {"benchmark": "hessian_gpu", "device": torch.cuda.get_device_name(), "gpus": world, "torch": torch.__version__,
            "model": cfg.to_dict(), "batch": args.batch, "ctx": args.ctx, "iters": args.iters,
-           "acc_device": args.acc_device or "cuda", "flush_every": args.flush_every, "accumulator_gib": round(
-               sum(v.numel() * 8 for v in acc.sums.values()) / 2**30, 2),
+           "acc_device": args.acc_device or "cuda", "flush_every": args.flush_every, "accumulator_gib": gib,
            "forward_bf16_tokens_per_s": round(tokens / t_fwd, 1), "hessian_tokens_per_s": round(tokens / t_hess, 1),
            "fraction_of_forward": round(t_fwd / t_hess, 3)}
-    print(f"bf16 forward   {res['forward_bf16_tokens_per_s']:10.1f} tok/s\n"
-          f"hessian        {res['hessian_tokens_per_s']:10.1f} tok/s\n"
-          f"fraction of forward: {res['fraction_of_forward']:.3f}  ({res['accumulator_gib']} GiB float64 sums)")
-    return res
+    if t_full is not None:
+        res |= {"hessian_one_stream_tokens_per_s": round(tokens / t_one, 1),
+                "hessian_full_gemm_tokens_per_s": round(tokens / t_full, 1),
+                "fraction_of_forward_full_gemm": round(t_fwd / t_full, 3)}
+    if rank == 0:
+        print(f"GPUs: {world} × {res['device']}\n"
+              f"bf16 forward   {res['forward_bf16_tokens_per_s']:10.1f} tok/s\n"
+              f"hessian        {res['hessian_tokens_per_s']:10.1f} tok/s (upper-triangle bands, side stream: repq)\n"
+              + (f"hessian        {res['hessian_one_stream_tokens_per_s']:10.1f} tok/s (bands, one stream)\n"
+                 f"hessian        {res['hessian_full_gemm_tokens_per_s']:10.1f} tok/s (full Xᵀ X GEMMs, one stream)\n"
+                 if t_full is not None else "")
+              + f"fraction of forward: {res['fraction_of_forward']:.3f}  ({gib} GiB float64 sums)")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return res | {"rank": rank}
 
 
 def main() -> None:
@@ -118,12 +161,16 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=10, help="--gpu: timed batches.")
     ap.add_argument("--acc-device", default="", help="--gpu: where the float64 sums live (default cuda).")
     ap.add_argument("--flush-every", type=int, default=8, help="--gpu: batches between fp32 → float64 flushes.")
+    ap.add_argument("--full", action=argparse.BooleanOptionalAction, default=True,
+                    help="--gpu: also time one full Xᵀ X GEMM per input (the unbanded accumulator).")
     ap.add_argument("--model", type=Path, default=cache_dir() / "models" / "smollm2-135m-f32.gguf")
     ap.add_argument("--data", type=Path, default=cache_dir() / "data" / "library.txt")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     args.batch = args.batch or (8 if args.gpu else 1)
     res = bench_gpu(args) if args.gpu else bench_cpu(args)
+    if res.pop("rank", 0):
+        return
     res |= {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "load_avg": os.getloadavg()[0]}
     out = args.out or ROOT / "benchmarks" / "results" / ("calib_gpu.json" if args.gpu else "calib_cpu.json")

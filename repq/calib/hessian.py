@@ -7,7 +7,8 @@ collects the sums S = Σ_t x_t x_tᵀ and token counts n (H = S / n) for each :c
 Arithmetic
     Each batch's Xᵀ X is one GEMM accumulated (beta = 1) into an fp32 buffer on the compute
     device; bf16/fp16 activations on CUDA use tensor cores with fp32 accumulation and output
-    (``addmm(..., out_dtype=float32)``: products of 16-bit numbers are exact in fp32).  Every
+    (``addmm(..., out_dtype=float32)``: products of 16-bit numbers are exact in fp32).  Only the
+    upper triangle is computed, in row bands (:func:`band_rows`, about half the flops).  Every
     ``flush_every`` batches the buffer is added into float64 sums (on ``acc_device``) and zeroed,
     so fp32 rounding is confined to a few thousand tokens and the run-long sum is float64.  Flush
     points depend only on the batch index; checkpoints store the fp32 buffers too, so a resumed
@@ -60,6 +61,7 @@ Memory, and the plan for a 70B model (n_embd 8192, n_ff 28672, 80 blocks)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -118,46 +120,93 @@ class HessianConfig:
 # accumulation
 # --------------------------------------------------------------------------------------------------
 
-def _addmm_xtx(acc: torch.Tensor, x: torch.Tensor) -> None:
-    """acc (fp32, d×d) += Xᵀ X in one GEMM (beta = 1), tensor cores for 16-bit x on CUDA."""
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+def _addmm_xtx(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += aᵀ b in one GEMM (beta = 1), tensor cores for 16-bit inputs on CUDA."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
         try:
-            torch.addmm(acc, x.t(), x, out_dtype=torch.float32, out=acc)
+            torch.addmm(acc, a.t(), b, out_dtype=torch.float32, out=acc)
             return
         except (TypeError, RuntimeError):  # torch without the out_dtype overload
             pass
-    xf = x.float()
-    acc.addmm_(xf.t(), xf)
+    acc.addmm_(a.float().t(), b.float())
+
+
+def band_rows(dim: int) -> int:
+    """Row height of the bands in which a dim × dim Σ x xᵀ is accumulated (``dim``: no banding).
+
+    Σ x xᵀ is symmetric, so only its upper triangle needs computing.  It is accumulated as k
+    horizontal bands of t = dim / k rows, band i holding rows [i·t, (i+1)·t) from column i·t on:
+    one GEMM X[:, band]ᵀ X[:, i·t:] each, (k + 1) / 2k of the full product's flops (0.52 for
+    n_ff 14336 at t = 512) with every GEMM still large.  Small inputs take one full GEMM.
+    """
+    if dim < 1024:
+        return dim
+    for t in (512, 384, 256, 128):
+        if dim % t == 0:
+            return t
+    return dim
 
 
 class HessianAccumulator:
     """Sums S = Σ x xᵀ and counts n per input group.
 
-    Two levels: each batch is added by one fp32 GEMM into a ``pending`` buffer on the compute
-    device; every ``flush_every`` batches of the run (and at its end) the pending sums are
-    added into float64 ``sums`` on ``acc_device`` and reset.  fp32 rounding so stays confined to a
-    few thousand tokens, the float64 adds happen once per flush (not once per batch), and with
-    ``acc_device="cpu"`` the GPU holds only the fp32 buffers (4 bytes per entry).
+    Two levels: each batch is added by fp32 GEMMs into a ``pending`` buffer on the compute
+    device — the upper triangle only, in bands (:func:`band_rows`) — and every ``flush_every``
+    batches of the run (and at its end) the pending sums are added into the same upper bands of
+    float64 ``sums`` on ``acc_device`` and reset; :meth:`finalize` mirrors them to the full
+    symmetric matrices once at the end.  fp32 rounding so stays confined to a few thousand
+    tokens, the float64 adds happen once per flush (not once per batch), and with
+    ``acc_device="cpu"`` the GPU holds only the fp32 bands (about 2 bytes per entry of H).
+
+    On CUDA the GEMMs run on a side stream (``side_stream``), overlapping the forward pass's
+    memory-bound kernels; the main stream waits for it before any pending buffer is read.
     """
 
     def __init__(self, groups: list[InputGroup], acc_device: str | torch.device = "cpu", *,
-                 device: str | torch.device | None = None, flush_every: int = 8):
+                 device: str | torch.device | None = None, flush_every: int = 8,
+                 band: Callable[[int], int] | None = None, side_stream: bool = True):
         self.groups = groups
         self.acc_device = torch.device(acc_device)
         self.device = torch.device(device) if device is not None else self.acc_device
         self.flush_every = max(1, flush_every)
+        self.band = band or band_rows
         self.sums = {g.key: torch.zeros(g.dim, g.dim, dtype=torch.float64, device=self.acc_device) for g in groups}
         self.counts = {g.key: 0 for g in groups}
-        self.pending: dict[str, torch.Tensor] = {}
+        self.pending: dict[str, list[torch.Tensor]] = {}   # key → bands (t, dim − i·t), fp32
         self.batches = 0  #: batches added since the run began
         self._stage: torch.Tensor | None = None
+        self.side_stream = side_stream
+        self._stream = None
+
+    def _side(self, x: torch.Tensor):
+        if not (self.side_stream and x.is_cuda):
+            return None
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=x.device)
+        self._stream.wait_stream(torch.cuda.current_stream(x.device))
+        return self._stream
+
+    def _sync(self) -> None:
+        """Make the current stream wait for the side stream's GEMMs."""
+        if self._stream is not None:
+            torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
+
+    def _bands(self, dim: int, device: torch.device) -> list[torch.Tensor]:
+        t = self.band(dim)
+        return [torch.zeros(t, dim - i, dtype=torch.float32, device=device) for i in range(0, dim, t)]
 
     def add(self, g: InputGroup, x: torch.Tensor) -> None:
         """Add the rows of x (rows, dim) to group g."""
-        p = self.pending.get(g.key)
-        if p is None:
-            p = self.pending[g.key] = torch.zeros(g.dim, g.dim, dtype=torch.float32, device=x.device)
-        _addmm_xtx(p, x)
+        side = self._side(x)
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            bands = self.pending.get(g.key)
+            if bands is None:
+                bands = self.pending[g.key] = self._bands(g.dim, x.device)
+            t = bands[0].shape[0]
+            for i, band in enumerate(bands):
+                _addmm_xtx(band, x[:, i * t:(i + 1) * t], x[:, i * t:])
+        if side is not None:
+            x.record_stream(side)   # x's memory is not reused before the side stream is done with it
         self.counts[g.key] += int(x.shape[0])
 
     def end_batch(self) -> None:
@@ -170,32 +219,75 @@ class HessianAccumulator:
         if self.batches % self.flush_every == 0:
             self.flush()
 
-    def flush(self) -> None:
-        """Add the pending fp32 sums into the float64 sums and reset them.
+    def _host(self, band: torch.Tensor) -> torch.Tensor:
+        """``band`` on acc_device; GPU → host through one pinned fp32 staging buffer (a pageable
+        fp64 copy is 4× slower)."""
+        if not (band.is_cuda and self.acc_device.type == "cpu"):
+            return band.to(self.acc_device)
+        if self._stage is None or self._stage.numel() < band.numel():
+            self._stage = torch.empty(max(g.dim for g in self.groups) ** 2 // 2 + 1, pin_memory=True)
+        stage = self._stage[: band.numel()].view_as(band)
+        stage.copy_(band)
+        return stage
 
-        GPU → host goes through one pinned fp32 staging buffer (a pageable fp64 copy is 4× slower).
-        """
-        for key, p in self.pending.items():
-            if p.is_cuda and self.acc_device.type == "cpu":
-                if self._stage is None or self._stage.numel() < p.numel():
-                    self._stage = torch.empty(max(g.dim for g in self.groups) ** 2, pin_memory=True)
-                stage = self._stage[: p.numel()].view_as(p)
-                stage.copy_(p)
-                self.sums[key].add_(stage)
-            else:
-                self.sums[key].add_(p.to(self.acc_device))
-            p.zero_()
+    def flush(self) -> None:
+        """Add the pending fp32 bands into the same bands of the float64 sums and reset them."""
+        self._sync()
+        for key, bands in self.pending.items():
+            s = self.sums[key]
+            t = bands[0].shape[0]
+            for i, band in enumerate(bands):
+                s[i * t:(i + 1) * t, i * t:].add_(self._host(band))
+                band.zero_()
+
+    def upper_bands(self, key: str) -> list[torch.Tensor]:
+        """Views of the float64 sum's upper bands (rows [r0, r0 + t), columns r0 on): every entry
+        that :meth:`flush` writes."""
+        s = self.sums[key]
+        t = self.band(s.shape[0])
+        return [s[r0:r0 + t, r0:] for r0 in range(0, s.shape[0], t)]
+
+    def finalize(self) -> None:
+        """Flush, then :meth:`mirror`."""
+        self.flush()
+        self.mirror()
+
+    def mirror(self) -> None:
+        """Fill each sum's lower triangle from its upper bands: full symmetric S."""
+        for key, s in self.sums.items():
+            t = self.band(s.shape[0])
+            for r0 in range(0, s.shape[0] - t, t):
+                s[r0 + t:, r0:r0 + t].copy_(s[r0:r0 + t, r0 + t:].t())
+
+    def _unpack(self, bands: list[torch.Tensor]) -> torch.Tensor:
+        """The full symmetric fp32 matrix of pending bands (exact copies of their entries)."""
+        self._sync()
+        t, dim = bands[0].shape[0], bands[0].shape[1]
+        full = torch.empty(dim, dim, dtype=torch.float32)
+        for i, band in enumerate(bands):
+            b = band.detach().cpu()
+            full[i * t:(i + 1) * t, i * t:] = b
+            full[(i + 1) * t:, i * t:(i + 1) * t] = b[:, t:].t()
+        return full
+
+    def _pack(self, full: torch.Tensor) -> list[torch.Tensor]:
+        dim = full.shape[0]
+        bands = self._bands(dim, self.device)
+        t = bands[0].shape[0]
+        for i, band in enumerate(bands):
+            band.copy_(full[i * t:(i + 1) * t, i * t:])
+        return bands
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors, metadata) of the whole state, for a checkpoint (copied to the host)."""
         t = {k: v.detach().cpu().contiguous() for k, v in self.sums.items()}
-        t |= {f"pending/{k}": v.detach().cpu().contiguous() for k, v in self.pending.items()}
+        t |= {f"pending/{k}": self._unpack(v) for k, v in self.pending.items()}
         return t, {"counts": json.dumps(self.counts), "batches": str(self.batches)}
 
     def load_state(self, tensors: dict[str, torch.Tensor], md: dict) -> None:
         for k in self.sums:
             self.sums[k].copy_(tensors[k])
-        self.pending = {k.removeprefix("pending/"): v.to(self.device) for k, v in tensors.items()
+        self.pending = {k.removeprefix("pending/"): self._pack(v) for k, v in tensors.items()
                         if k.startswith("pending/")}
         self.counts.update({k: int(v) for k, v in json.loads(md["counts"]).items()})
         self.batches = int(md["batches"])
@@ -336,6 +428,7 @@ def collect_hessians(lm: LoadedModel, chunks: np.ndarray | torch.Tensor, out_dir
     acc.flush()
     if world > 1:
         _all_reduce(acc, device)
+    acc.mirror()
     bad = [k for k, v in acc.sums.items() if not bool(torch.isfinite(v).all())]
     if bad:
         raise OperationError(f"non-finite activations in the input of {bad[0]}",
@@ -357,19 +450,17 @@ def collect_hessians(lm: LoadedModel, chunks: np.ndarray | torch.Tensor, out_dir
 
 
 def _all_reduce(acc: HessianAccumulator, device: torch.device) -> None:
-    """Sum every rank's float64 sums and counts (NCCL needs the tensors on the rank's GPU)."""
+    """Sum every rank's float64 sums (their upper bands: half the traffic; call before
+    :meth:`HessianAccumulator.mirror`) and counts.  NCCL needs the tensors on the rank's GPU."""
     import torch.distributed as dist
 
     nccl = dist.get_backend() == "nccl"
     for key in sorted(acc.sums):
-        t = acc.sums[key]
-        if nccl and t.device.type != "cuda":
-            g = t.to(device)
+        for band in acc.upper_bands(key):
+            g = band.to(device if nccl else band.device, copy=True).contiguous()
             dist.all_reduce(g)
-            t.copy_(g.cpu())
+            band.copy_(g)
             del g
-        else:
-            dist.all_reduce(t)
     keys = sorted(acc.counts)
     c = torch.tensor([acc.counts[k] for k in keys], dtype=torch.int64, device=device if nccl else "cpu")
     dist.all_reduce(c)

@@ -18,6 +18,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from repq.calib import hessian as H
 from repq.calib.hessian import HessianConfig, HessianSet, collect_hessians, merge_hessians
 from repq.calib.hooks import capture_inputs, input_groups
 from repq.calib.imatrix import collect_imatrix
@@ -175,7 +176,40 @@ def run_hessian(model, chunks, out, fp: str | None = None, **kw) -> None:
     collect_hessians(lm_of(model), chunks, out, HessianConfig(**kw), data_fingerprint=fp or f"d{len(chunks)}")
 
 
-def test_hessian_equals_xtx_and_imatrix(tmp_path):
+@pytest.fixture(params=["full", "banded"])
+def banding(request, monkeypatch):
+    """Run a test with one GEMM per input and again with 16-row upper-triangle bands (the path
+    that real models, n_embd ≥ 1024, take)."""
+    if request.param == "banded":
+        monkeypatch.setattr(H, "band_rows", lambda d: 16 if d > 16 and d % 16 == 0 else d)
+    return request.param
+
+
+def test_banded_accumulator_equals_xtx_and_round_trips():
+    from repq.calib.hooks import InputGroup
+
+    g = InputGroup(key="k", consumers=("k",), dim=48, module=None)
+    acc = H.HessianAccumulator([g], band=lambda d: 16, flush_every=2)
+    full = H.HessianAccumulator([g], band=lambda d: d, flush_every=2)
+    xs = [torch.randn(20, 48, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    for x in xs:
+        acc.add(g, x), full.add(g, x), acc.end_batch(), full.end_batch()
+    assert [tuple(b.shape) for b in acc.pending["k"]] == [(16, 48), (16, 32), (16, 16)]
+    t, md = acc.state()                                   # batch 3 pending: the fp32 bands round-trip
+    assert t["pending/k"].shape == (48, 48) and torch.equal(t["pending/k"], t["pending/k"].T)
+    again = H.HessianAccumulator([g], band=lambda d: 16, flush_every=2)
+    again.load_state(t, md)
+    assert all(torch.equal(a, b) for a, b in zip(again.pending["k"], acc.pending["k"], strict=True))
+    acc.finalize(), full.finalize()
+    x = torch.cat(xs).double()
+    torch.testing.assert_close(acc.sums["k"], x.T @ x, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(acc.sums["k"], full.sums["k"], rtol=1e-6, atol=1e-5)
+    assert torch.equal(acc.sums["k"], acc.sums["k"].T) and acc.counts["k"] == 60
+    assert H.band_rows(14336) == 512 and H.band_rows(4096) == 512 and H.band_rows(576) == 576
+    assert H.band_rows(1536) == 512 and H.band_rows(1000) == 1000
+
+
+def test_hessian_equals_xtx_and_imatrix(tmp_path, banding):
     model = random_model(CFG, seed=2)
     chunks = random_chunks(5)
     run_hessian(model, chunks, tmp_path / "h", batch_size=2)
@@ -198,7 +232,7 @@ def test_hessian_equals_xtx_and_imatrix(tmp_path):
         hs.mean("blk.0.nope.weight")
 
 
-def test_resume_after_interruption_equals_uninterrupted(tmp_path):
+def test_resume_after_interruption_equals_uninterrupted(tmp_path, banding):
     model = random_model(CFG, seed=3)
     chunks = random_chunks(7)
     run_hessian(model, chunks, tmp_path / "full", flush_every=2)   # fp32 → float64 after batches 2, 4, 6
