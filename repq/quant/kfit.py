@@ -1,0 +1,194 @@
+"""Q4_K grid fitting and packing in torch, for LDLQ on a GPU.
+
+On the CPU, LDLQ's grid is ggml's own imatrix quantization (``GgmlGrid.fit_all``: one
+``ggml_quantize_chunk`` call).  On a GPU that call is the slowest step of the whole tensor (a
+4096 × 4096 Q4_K takes longer on 16 CPU cores than LDLQ's column loop takes on an H100), so this
+module runs the same search, vectorised over every block, on the tensor's device:
+
+* weights: for each 256-super-block with Σx² = s, sub-block element weight
+  ``imp · sqrt(2s/256 + x²)`` (``imp`` = the importance vector, diag H here);
+* per 32-sub-block: the weighted (scale, min) search over 37 candidate inverse scales
+  ``(−0.9 + 0.05·k + 15) / (max − min)``, each followed by the closed-form weighted least-squares
+  (scale, min) for its codes, keeping the lowest weighted squared error (``min`` clamped to ≤ 0);
+* per super-block: the 8 scales and the 8 mins quantized to 6 bits under fp16 super-scales
+  ``d``/``dmin`` by the same 9-candidate search plus coordinate-descent refinement, weighted by
+  each sub-block's total weight.
+
+It is written from the description of llama.cpp's ``quantize_row_q4_K_impl`` and follows its
+choices step for step (candidate order, strict improvements, round-half-to-even), so the grid is
+the one llama-quantize would pick up to float summation order: tests compare the bytes with
+ggml's and the weighted error of both.  :func:`pack_q4_k` writes the 144-byte ggml blocks
+(``d``, ``dmin``, 12 packed 6-bit scale/min bytes, 128 bytes of 4-bit codes) on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+QK_K = 256
+SUB = 32
+NMAX = 15
+BLOCK_BYTES = 144
+
+
+@dataclass
+class Q4KGrid:
+    """Fitted Q4_K grid of a (rows, n) weight: per super-block fp16 ``d``/``dmin`` (rows, nb) and
+    per sub-block 6-bit ``sc``/``mn`` (rows, nb, 8)."""
+
+    d: torch.Tensor
+    dmin: torch.Tensor
+    sc: torch.Tensor
+    mn: torch.Tensor
+
+    def ab(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B), each float32 (rows, n / 32): sub-block values decode to fl32(A·code + B), as
+        ggml's ``dequantize_row_q4_K`` computes them (``d·sc``, ``dmin·m``)."""
+        d = self.d.float()[..., None]
+        m = self.dmin.float()[..., None]
+        a = d * self.sc.float()
+        b = -(m * self.mn.float())
+        rows = a.shape[0]
+        return a.reshape(rows, -1), b.reshape(rows, -1)
+
+
+def _qkx3(x: torch.Tensor, w: torch.Tensor, nstep: int = 36, rmin: float = -0.9,
+          rdelta: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted (scale, −min) per row of x (S, 32) with weights w: ``make_qkx3_quants``' search.
+
+    The candidates are visited in order and an accepted one moves ``min``, which later candidates
+    round against (llama.cpp's behaviour, kept): a loop over candidates, vectorised over rows.
+    """
+    lo = lo0 = x.min(-1).values.clamp(max=0.0)
+    hi = x.max(-1).values
+    flat = hi <= lo
+    one = torch.ones_like(hi)
+    sum_w = w.sum(-1)
+    sum_x = (w * x).sum(-1)
+    iscale = NMAX / torch.where(flat, one, hi - lo)
+    scale = 1.0 / iscale
+    lv = torch.round(iscale[:, None] * (x - lo[:, None])).clamp_(0, NMAX)
+    best = (w * (scale[:, None] * lv + lo[:, None] - x) ** 2).sum(-1)
+    for k in range(nstep + 1):
+        rng = torch.where(flat, one, hi - lo)
+        isc = (rmin + rdelta * k + NMAX) / rng
+        la = torch.round(isc[:, None] * (x - lo[:, None])).clamp_(0, NMAX)
+        wl = w * la
+        sum_l = wl.sum(-1)
+        sum_l2 = (wl * la).sum(-1)
+        sum_xl = (wl * x).sum(-1)
+        det = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+        pos = this_min > 0
+        this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
+        this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
+        mad = (w * (this_scale[:, None] * la + this_min[:, None] - x) ** 2).sum(-1)
+        take = (det > 0) & (mad < best) & ~flat
+        best = torch.where(take, mad, best)
+        scale = torch.where(take, this_scale, scale)
+        lo = torch.where(take, this_min, lo)
+    scale = torch.where(flat, torch.zeros_like(scale), scale)
+    return scale, -torch.where(flat, lo0, lo)
+
+
+def _qp(x: torch.Tensor, w: torch.Tensor, nmax: int = 63) -> tuple[torch.Tensor, torch.Tensor]:
+    """6-bit codes and float super-scale per row of x (B, 8) ≥ 0: ``make_qp_quants``' search."""
+    mx = x.max(-1).values.clamp(min=0.0)
+    zero = mx < 1e-15
+    mx = torch.where(zero, torch.ones_like(mx), mx)
+    iscale = nmax / mx
+    lv = torch.round(iscale[:, None] * x)
+    best = (w * (x - (1.0 / iscale)[:, None] * lv) ** 2).sum(-1)
+    for k in (-4, -3, -2, -1, 1, 2, 3, 4):
+        isc = (0.1 * k + nmax) / mx
+        lk = torch.round(isc[:, None] * x).clamp_(max=nmax)
+        mse = (w * (x - (1.0 / isc)[:, None] * lk) ** 2).sum(-1)
+        better = mse < best
+        best = torch.where(better, mse, best)
+        iscale = torch.where(better, isc, iscale)
+    lv = torch.round(iscale[:, None] * x).clamp_(max=nmax)
+    wx = w * x
+    sumlx = (wx * lv).sum(-1)
+    suml2 = (w * lv * lv).sum(-1)
+    for _ in range(5):                            # coordinate descent, element by element
+        for i in range(x.shape[1]):
+            wi, xi, li = w[:, i], x[:, i], lv[:, i]
+            slx = sumlx - wi * xi * li
+            sl2 = suml2 - wi * li * li
+            ok = (slx > 0) & (sl2 > 0)
+            new = torch.round(xi * sl2 / torch.where(ok, slx, torch.ones_like(slx))).clamp_(max=nmax)
+            slx2 = slx + wi * xi * new
+            sl22 = sl2 + wi * new * new
+            acc = ok & (new != li) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            lv[:, i] = torch.where(acc, new, li)
+            sumlx = torch.where(acc, slx2, sumlx)
+            suml2 = torch.where(acc, sl22, suml2)
+    scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)),
+                        torch.zeros_like(suml2))
+    scale = torch.where(zero, torch.zeros_like(scale), scale)
+    lv = torch.where(zero[:, None], torch.zeros_like(lv), lv)
+    return lv.to(torch.uint8), scale
+
+
+@torch.inference_mode()
+def fit_q4_k(w: torch.Tensor, importance: torch.Tensor, *, chunk_rows: int = 4096) -> Q4KGrid:
+    """Fit the Q4_K grid of W (rows, n; n a multiple of 256) on W's device: llama.cpp's search
+    *with* an importance vector (without one llama.cpp runs a different, older search).
+
+    Args:
+        importance: (n,) float weights of the columns (diag H, as an imatrix).
+        chunk_rows: rows per pass (bounds the temporaries: about 40 bytes per weight).
+    """
+    rows, n = w.shape
+    if n % QK_K:
+        raise ValueError(f"{n} columns is not a multiple of {QK_K}")
+    nb = n // QK_K
+    out = {k: [] for k in ("d", "dmin", "sc", "mn")}
+    imp = importance.to(w.device, torch.float32).reshape(1, nb, 8, SUB)
+    for r0 in range(0, rows, chunk_rows):
+        x = w[r0:r0 + chunk_rows].to(torch.float32).reshape(-1, nb, 8, SUB)
+        r = x.shape[0]
+        sigma2 = 2.0 * (x * x).sum((-1, -2)) / QK_K                               # (r, nb)
+        wt = imp * torch.sqrt(sigma2[..., None, None] + x * x)
+        scale, mins = _qkx3(x.reshape(-1, SUB), wt.reshape(-1, SUB))
+        sw = wt.sum(-1).reshape(-1, 8)
+        ls, d = _qp(scale.reshape(-1, 8), sw)
+        lm, dm = _qp(mins.reshape(-1, 8), sw)
+        out["d"].append(d.to(torch.float16).reshape(r, nb))
+        out["dmin"].append(dm.to(torch.float16).reshape(r, nb))
+        out["sc"].append(ls.reshape(r, nb, 8))
+        out["mn"].append(lm.reshape(r, nb, 8))
+    return Q4KGrid(**{k: torch.cat(v) for k, v in out.items()})
+
+
+def codes_q4_k(w: torch.Tensor, grid: Q4KGrid) -> torch.Tensor:
+    """The nearest code of every weight on the grid (int64, (rows, n)): ggml's final rounding
+    ``clamp(round((x + dmin·m) / (d·sc)), 0, 15)``; 0 where d·sc = 0 (every code decodes alike)."""
+    rows, n = w.shape
+    d = grid.d.float()[..., None] * grid.sc.float()
+    dm = grid.dmin.float()[..., None] * grid.mn.float()
+    x = w.to(torch.float32).reshape(rows, -1, 8, SUB)
+    safe = torch.where(d == 0, torch.ones_like(d), d)
+    q = torch.round((x + dm[..., None]) / safe[..., None]).clamp_(0, NMAX)
+    q = torch.where((d == 0)[..., None], torch.zeros_like(q), q)
+    return q.reshape(rows, n).long()
+
+
+def pack_q4_k(grid: Q4KGrid, codes: torch.Tensor) -> torch.Tensor:
+    """ggml Q4_K bytes, uint8 (rows, n / 256 · 144), of the grid with these codes (0..15)."""
+    rows, nb = grid.d.shape
+    blk = torch.empty(rows, nb, BLOCK_BYTES, dtype=torch.uint8, device=codes.device)
+    blk[..., 0:2] = grid.d.contiguous().view(torch.uint8).reshape(rows, nb, 2)
+    blk[..., 2:4] = grid.dmin.contiguous().view(torch.uint8).reshape(rows, nb, 2)
+    ls, lm = grid.sc.to(torch.int32), grid.mn.to(torch.int32)
+    s = torch.zeros(rows, nb, 12, dtype=torch.int32, device=codes.device)
+    s[..., 0:4] = ls[..., 0:4] | ((ls[..., 4:8] >> 4) << 6)
+    s[..., 4:8] = lm[..., 0:4] | ((lm[..., 4:8] >> 4) << 6)
+    s[..., 8:12] = (ls[..., 4:8] & 0xF) | ((lm[..., 4:8] & 0xF) << 4)
+    blk[..., 4:16] = s.to(torch.uint8)
+    q = codes.to(torch.int32).reshape(rows, nb, 4, 2, SUB)                  # 64-value chunks: low, high nibble
+    blk[..., 16:] = (q[..., 0, :] | (q[..., 1, :] << 4)).to(torch.uint8).reshape(rows, nb, 128)
+    return blk.reshape(rows, nb * BLOCK_BYTES)
