@@ -5,7 +5,10 @@ tokens: the input of ``attn_output`` (4096 columns) and of ``ffn_down`` (14336 c
 LDLQ of a 4096 × 4096 and a 4096 × 14336 weight to the given type (grid fit, error feedback,
 packing), after one warm-up, and ggml's own imatrix quantization of the same tensor for scale.
 
-    python benchmarks/bench_ldlq_speed.py --device cuda --type Q4_K [--tokens 8192]
+    python benchmarks/bench_ldlq_speed.py --device cuda --type Q4_K [--tokens 8192] [--profile]
+
+--profile adds a per-phase breakdown of the fastest run (CUDA synchronised at each phase end:
+setup, grid fit, cholesky, column loop, result, baseline, pack, refit, decode, losses).
 
 Target (issue 5): 4096 × 4096 Q4_K in ≤ 0.25 s on an H100.
 Writes benchmarks/results/ldlq_speed_<device>.json.
@@ -30,6 +33,7 @@ from repq.calib.hooks import capture_inputs, input_groups  # noqa: E402
 from repq.ggml import quants  # noqa: E402
 from repq.model.llama import ModelConfig, random_model  # noqa: E402
 from repq.quant.kquant import ldlq_quantize  # noqa: E402
+from repq.quant.ldlq import PhaseTimes  # noqa: E402
 
 
 def sync(dev: str) -> None:
@@ -43,6 +47,7 @@ def main() -> None:
     ap.add_argument("--type", default="Q4_K")
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--profile", action="store_true", help="time each phase (syncs CUDA between phases)")
     args = ap.parse_args()
     dev = args.device
     cfg = ModelConfig(arch="llama", n_layer=1, n_embd=4096, n_ff=14336, n_head=32, n_head_kv=8, n_vocab=32000)
@@ -57,23 +62,31 @@ def main() -> None:
         h = (x.T @ x / x.shape[0]).to(torch.float64)
         w = (torch.randn(4096, cols, generator=torch.Generator().manual_seed(1)) / cols ** 0.5).numpy()
         ldlq_quantize(w[:256], h, gtype, device=dev)                      # warm-up (kernels, ggml init)
-        times = []
+        times, phases = [], None
         for _ in range(args.reps):
             sync(dev)
             t = time.perf_counter()
-            r = ldlq_quantize(w, h, gtype, device=dev)
+            timer = PhaseTimes(dev) if args.profile else None
+            r = ldlq_quantize(w, h, gtype, device=dev, timer=timer)
             sync(dev)
             times.append(time.perf_counter() - t)
+            if timer is not None and times[-1] == min(times):
+                phases = dict(timer)
         t = time.perf_counter()
         quants.quantize(gtype, w, torch.diagonal(h).float().cpu().numpy())
         t_ggml = time.perf_counter() - t
         row = {"shape": [4096, cols], "type": args.type, "seconds": min(times), "all_seconds": times,
                "ggml_imatrix_seconds": t_ggml, "proxy_loss_vs_ggml": r.proxy_loss / r.baseline_loss}
+        if phases is not None:
+            row["phase_seconds"] = phases
         rows.append(row)
         print(f"{args.type} 4096×{cols}: LDLQ {min(times):.3f} s (ggml imatrix {t_ggml:.3f} s), "
               f"proxy loss {row['proxy_loss_vs_ggml']:.3f}× ggml's", flush=True)
+        if phases is not None:
+            print("  " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in phases.items()), flush=True)
     name = torch.cuda.get_device_name() if dev.startswith("cuda") else platform.processor() or platform.machine()
-    res = {"benchmark": "ldlq_speed", "device": dev, "device_name": name, "tokens": args.tokens, "rows": rows,
+    res = {"benchmark": "ldlq_speed", "device": dev, "device_name": name, "tokens": args.tokens,
+           "profiled": args.profile, "rows": rows,
            "command": "python " + " ".join(sys.argv)}
     out = ROOT / "benchmarks" / "results" / f"ldlq_speed_{dev.split(':')[0]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ import torch
 from ..ggml import quants
 from . import grids
 from . import refit as refit_mod
-from .ldlq import LdlqResult, ldlq, ldlq_static
+from .ldlq import LdlqResult, Timer, ldlq, ldlq_static, proxy_loss_on
 
 
 class GgmlGrid:
@@ -53,6 +53,8 @@ class GgmlGrid:
 
     def pack(self, codes: torch.Tensor) -> np.ndarray:
         """Row-major ggml bytes of the tensor with LDLQ's codes."""
+        if self.lay.n_codes <= 256:   # a 16 MB copy from the GPU instead of 128 MB of int64
+            codes = codes.to(torch.uint8)
         return grids.set_codes(self.raw.reshape(self.rows, -1), self.gtype, self.n, codes.cpu().numpy())
 
     def decode(self, raw: np.ndarray) -> np.ndarray:
@@ -84,39 +86,49 @@ def importance(h: torch.Tensor) -> np.ndarray:
 
 def ldlq_quantize(w: np.ndarray | torch.Tensor, h: np.ndarray | torch.Tensor, gtype: int, *,
                   damp: float = 0.01, act_order: bool = True, device: str | torch.device = "cpu",
-                  threads: int | None = None, scales: str = "static", refit: bool = True) -> QuantizedTensor:
+                  threads: int | None = None, scales: str = "static", refit: bool = True,
+                  timer: Timer | None = None) -> QuantizedTensor:
     """LDLQ-quantize one weight (rows × n_per_row, ggml row order) to ggml type ``gtype``.
 
     Importance for ggml's per-block scale search is diag(H), the imatrix llama.cpp would use.
     Also measures ggml's own imatrix quantization with that importance, for diagnostics.
+    Everything of O(n³) (Cholesky, losses, refit) runs on ``device``; ggml's grid fit, packing
+    and decoding run on the CPU.  ``timer`` (e.g. a :class:`repq.quant.ldlq.PhaseTimes`) is called
+    at the end of each phase: setup, grid fit, cholesky, column loop, result, baseline, pack,
+    refit, decode, losses.
     """
     wt = (w.detach().to(device, torch.float32) if isinstance(w, torch.Tensor)
           else torch.as_tensor(np.array(w, np.float32, copy=True)).to(device))
     ht = (h.detach().to(device, torch.float64) if isinstance(h, torch.Tensor)
           else torch.as_tensor(np.asarray(h, np.float64)).to(device))
+    tick = timer if timer is not None else (lambda phase: None)
     imp = importance(ht)
     grid = GgmlGrid(gtype, wt.shape[0], wt.shape[1], imp, threads=threads)
     lay = grid.lay
+    levels = torch.from_numpy(lay.levels)
+    tick("setup")
     if scales == "static":
-        res: LdlqResult = ldlq_static(wt, ht, grid.fit_all, sub=lay.sub, levels=torch.from_numpy(lay.levels),
-                                      damp=damp, act_order=act_order)
+        res: LdlqResult = ldlq_static(wt, ht, grid.fit_all, sub=lay.sub, levels=levels, damp=damp,
+                                      act_order=act_order, loss=False, timer=timer)
     else:
-        res = ldlq(wt, ht, grid.fit, qk=lay.qk, sub=lay.sub, levels=torch.from_numpy(lay.levels),
-                   damp=damp, act_order=act_order)
-    w_np = wt.cpu().numpy()
-    h64 = ht.cpu().to(torch.float64)
+        res = ldlq(wt, ht, grid.fit, qk=lay.qk, sub=lay.sub, levels=levels, damp=damp, act_order=act_order,
+                   loss=False, timer=timer)
+    do_refit = refit and refit_mod.supported(gtype)
+    w_np = wt.cpu().numpy() if scales != "static" or do_refit else None   # for ggml and refit
     if scales == "static":   # the fitted grid *is* ggml's imatrix quantization with importance diag(H)
         base = grid.decode(grid.raw.reshape(-1))
     else:
         base = quants.dequantize(gtype, quants.quantize(gtype, w_np, imp, threads=threads), w_np.shape[1])
+    tick("baseline")
     raw = grid.pack(res.codes)
-    if refit and refit_mod.supported(gtype):
-        raw = refit_mod.refit_scales(raw, w_np, h64, gtype)
+    tick("pack")
+    if do_refit:
+        raw = refit_mod.refit_scales(raw, w_np, ht, gtype)
+        tick("refit")
     values = grid.decode(raw)
-    return QuantizedTensor(raw=raw.reshape(-1), values=values, proxy_loss=_proxy(w_np, values, h64),
-                           baseline_loss=_proxy(w_np, base, h64))
-
-
-def _proxy(w: np.ndarray, q: np.ndarray, h: torch.Tensor) -> float:
-    dw = torch.from_numpy(w.astype(np.float64) - q.astype(np.float64))
-    return float(torch.einsum("ij,jk,ik->", dw, h, dw))
+    tick("decode")
+    out = QuantizedTensor(raw=raw.reshape(-1), values=values,
+                          proxy_loss=proxy_loss_on(wt, torch.from_numpy(values), ht),
+                          baseline_loss=proxy_loss_on(wt, torch.from_numpy(base), ht))
+    tick("losses")
+    return out

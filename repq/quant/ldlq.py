@@ -36,14 +36,39 @@ H = [[1, 0.9], [0.9, 1]].  Rounding each to nearest gives Q = [1, 1], error [-0.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from . import ldlq_triton
+
 Fit = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 """fit(W_block (rows, qk) in original column order, block index) -> (A, B), each (rows, qk // sub)."""
+
+
+Timer = Callable[[str], None]
+"""timer(phase) is called as each phase ends (see :class:`PhaseTimes`)."""
+
+
+class PhaseTimes(dict):
+    """Seconds per phase, accumulated: a :data:`Timer` that charges the time since its previous
+    call (or its creation) to the phase it is called with, synchronising CUDA first so that the
+    asynchronous work of a phase is charged to it.  For profiling: the syncs cost a little."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        super().__init__()
+        self.cuda = torch.device(device).type == "cuda"
+        self.t = time.perf_counter()
+
+    def __call__(self, phase: str) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self[phase] = self.get(phase, 0.0) + now - self.t
+        self.t = now
 
 
 @dataclass
@@ -88,10 +113,12 @@ def round_to_grid(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, inv_a: torc
     return idx.to(w.dtype), vals.gather(1, idx[:, None])[:, 0]
 
 
-def _inverse_cholesky(hp: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+def _inverse_cholesky(hp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Upper Cholesky factor U of H⁻¹ (float32) and 1/diag(U), for H in processing order."""
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hp)), upper=True).to(torch.float32)
-    return u, (1.0 / torch.diagonal(u)).tolist()
+    if ldlq_triton.available(u.device):   # the kernel reads rows of U (torch returns it column-major)
+        u = u.contiguous()
+    return u, 1.0 / torch.diagonal(u)
 
 
 def _sorted_levels(levels: torch.Tensor, dev) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -102,18 +129,29 @@ def _sorted_levels(levels: torch.Tensor, dev) -> tuple[torch.Tensor, torch.Tenso
     return order, lv, bool(torch.all(lv[1:] - lv[:-1] == 1))
 
 
-def _round_segment(wp: torch.Tensor, u: torch.Tensor, inv_diag: list[float], c0: int, c1: int, grid_of,
-                   lv: torch.Tensor, uniform: bool, idx_p: torch.Tensor, qp: torch.Tensor) -> torch.Tensor:
+Grid = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""(A, B, 1/A), each float32 (n_grid, rows): one contiguous row of grid parameters per sub-block."""
+
+
+def _round_segment(wp: torch.Tensor, u: torch.Tensor, inv_d: torch.Tensor, c0: int, c1: int, grid: Grid,
+                   gmap: torch.Tensor, lv: torch.Tensor, uniform: bool, idx_p: torch.Tensor,
+                   qp: torch.Tensor) -> torch.Tensor:
     """Round columns [c0, c1) one by one, feeding each scaled error into the segment's later
     columns; returns the errors (rows, c1 − c0) for the lazy update of the columns after c1.
-    ``grid_of(i)`` gives the (a, b, 1/a) vectors of the segment's i-th column."""
+    Column c0 + i uses row ``gmap[i]`` of the grid tables.  On CUDA (with triton) this is one
+    kernel launch per 128 columns (:mod:`repq.quant.ldlq_triton`); the torch loop below otherwise."""
+    if ldlq_triton.available(wp.device):
+        return ldlq_triton.round_segment(wp, u, inv_d, c0, c1, grid, gmap, lv, uniform, idx_p, qp)
+    a_all, b_all, ia_all = grid
+    subs = gmap.tolist()
+    inv_diag = inv_d[c0:c1].tolist()
     err = torch.empty(wp.shape[0], c1 - c0, dtype=torch.float32, device=wp.device)
     for i in range(c1 - c0):
         j = c0 + i
-        a, b, inv_a = grid_of(i)
-        idx, val = round_to_grid(wp[:, j], a, b, inv_a, lv, uniform)
+        g = subs[i]
+        idx, val = round_to_grid(wp[:, j], a_all[g], b_all[g], ia_all[g], lv, uniform)
         idx_p[:, j], qp[:, j] = idx, val
-        e = (wp[:, j] - val) * inv_diag[j]
+        e = (wp[:, j] - val) * inv_diag[i]
         err[:, i] = e
         if j + 1 < c1:
             wp[:, j + 1:c1].addr_(e, u[j, j + 1:c1], alpha=-1.0)
@@ -121,18 +159,28 @@ def _round_segment(wp: torch.Tensor, u: torch.Tensor, inv_diag: list[float], c0:
 
 
 def _result(w: torch.Tensor, h: torch.Tensor, perm: torch.Tensor, order: torch.Tensor, idx_p: torch.Tensor,
-            qp: torch.Tensor) -> LdlqResult:
+            qp: torch.Tensor, loss: bool) -> LdlqResult:
     inv_perm = torch.argsort(perm)
     codes = order[idx_p[:, inv_perm].long()]
     q = qp[:, inv_perm]
-    dw = w.to(torch.float64) - q.to(torch.float64)
-    loss = float(torch.einsum("ij,jk,ik->", dw, h.to(w.device, torch.float64), dw))
-    return LdlqResult(codes=codes, q=q, proxy_loss=loss)
+    return LdlqResult(codes=codes, q=q, proxy_loss=proxy_loss_on(w, q, h.to(w.device)) if loss else float("nan"))
+
+
+def proxy_loss_on(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
+    """tr((W − Q) H (W − Q)ᵀ) in float64 on H's device (W and Q are moved there)."""
+    dev = h.device
+    dw = w.to(dev, torch.float64) - q.to(dev, torch.float64)
+    return float(torch.einsum("ij,jk,ik->", dw, h.to(torch.float64), dw))
+
+
+def _tick(timer: Timer | None, phase: str) -> None:
+    if timer is not None:
+        timer(phase)
 
 
 @torch.inference_mode()
 def ldlq(w: torch.Tensor, h: torch.Tensor, fit: Fit, *, qk: int, sub: int, levels: torch.Tensor,
-         damp: float = 0.01, act_order: bool = True) -> LdlqResult:
+         damp: float = 0.01, act_order: bool = True, loss: bool = True, timer: Timer | None = None) -> LdlqResult:
     """Quantize W on a ggml grid with LDLQ error feedback (see the module docstring).
 
     Args:
@@ -143,6 +191,8 @@ def ldlq(w: torch.Tensor, h: torch.Tensor, fit: Fit, *, qk: int, sub: int, level
         levels: float32 (n_codes,) integer level of each code (``grids.Layout.levels``).
         damp: relative diagonal damping.
         act_order: visit columns inside each block by decreasing diag(H).
+        loss: compute ``proxy_loss`` (else NaN: the caller measures it on its final values).
+        timer: called at the end of each phase ("cholesky", "grid fit", "column loop", "result").
 
     Returns:
         LdlqResult with codes and decoded weights in the original column order. W is not modified.
@@ -154,27 +204,31 @@ def ldlq(w: torch.Tensor, h: torch.Tensor, fit: Fit, *, qk: int, sub: int, level
     # 1. damped H in processing order and the upper Cholesky factor U of its inverse
     hd = damp_hessian(h.to(dev, torch.float64), damp)
     perm = block_act_order(hd, qk) if act_order else torch.arange(n, device=dev)
-    u, inv_diag = _inverse_cholesky(hd[perm][:, perm])
+    u, inv_d = _inverse_cholesky(hd[perm][:, perm])
     wp = w[:, perm].to(torch.float32).clone()                      # (rows, n), error-corrected as we go
     order, lv, uniform = _sorted_levels(levels, dev)
     idx_p = torch.empty(rows, n, dtype=torch.float32, device=dev)  # index into sorted levels
     qp = torch.empty(rows, n, dtype=torch.float32, device=dev)
     perm_list = perm.tolist()
+    _tick(timer, "cholesky")
     for b0 in range(0, n, qk):
         b1 = b0 + qk
         # 2. fit the block's grid on its error-corrected columns (ggml wants them in original order)
-        offs = [p - b0 for p in perm_list[b0:b1]]
-        a_sub, b_sub = fit(wp[:, b0:b1][:, torch.argsort(torch.tensor(offs, device=dev))], b0 // qk)
+        offs = torch.tensor([p - b0 for p in perm_list[b0:b1]], device=dev)
+        a_sub, b_sub = fit(wp[:, b0:b1][:, torch.argsort(offs)], b0 // qk)
         a_t = a_sub.to(dev, torch.float32).t().contiguous()        # (qk // sub, rows)
         b_t = b_sub.to(dev, torch.float32).t().contiguous()
         inv_t = torch.where(a_t == 0, torch.zeros_like(a_t), 1.0 / a_t)
+        _tick(timer, "grid fit")
         # 3. round column by column on that grid, feeding each error into the block's later columns
-        err = _round_segment(wp, u, inv_diag, b0, b1, lambda i, offs=offs, a=a_t, b=b_t, ia=inv_t:
-                             (a[offs[i] // sub], b[offs[i] // sub], ia[offs[i] // sub]), lv, uniform, idx_p, qp)
+        err = _round_segment(wp, u, inv_d, b0, b1, (a_t, b_t, inv_t), offs // sub, lv, uniform, idx_p, qp)
         # 4. lazy update of all later blocks
         if b1 < n:
             wp[:, b1:].addmm_(err, u[b0:b1, b1:], alpha=-1.0)
-    return _result(w, h, perm, order, idx_p, qp)
+        _tick(timer, "column loop")
+    res = _result(w, h, perm, order, idx_p, qp, loss)
+    _tick(timer, "result")
+    return res
 
 
 FitAll = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -183,7 +237,8 @@ FitAll = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 @torch.inference_mode()
 def ldlq_static(w: torch.Tensor, h: torch.Tensor, fit_all: FitAll, *, sub: int, levels: torch.Tensor,
-                damp: float = 0.01, act_order: bool = True, lazy: int = 128) -> LdlqResult:
+                damp: float = 0.01, act_order: bool = True, lazy: int = 128, loss: bool = True,
+                timer: Timer | None = None) -> LdlqResult:
     """LDLQ with "static groups": the grid of every block is fitted once, on the original W, before
     the error-feedback pass; columns are then visited in global activation order (decreasing
     diag H) regardless of block, each rounded on its own block's fixed grid.  Errors of the most
@@ -196,23 +251,26 @@ def ldlq_static(w: torch.Tensor, h: torch.Tensor, fit_all: FitAll, *, sub: int, 
     # (n // sub, rows): one contiguous row of grid parameters per sub-block
     a_all, b_all = (t.to(dev, torch.float32).t().contiguous() for t in fit_all(w))
     inv_a_all = torch.where(a_all == 0, torch.zeros_like(a_all), 1.0 / a_all)
+    _tick(timer, "grid fit")
     hd = damp_hessian(h.to(dev, torch.float64), damp)
     perm = torch.argsort(torch.diagonal(hd), descending=True, stable=True) if act_order \
         else torch.arange(n, device=dev)
-    u, inv_diag = _inverse_cholesky(hd[perm][:, perm])
+    u, inv_d = _inverse_cholesky(hd[perm][:, perm])
     wp = w[:, perm].to(torch.float32).clone()
     order, lv, uniform = _sorted_levels(levels, dev)
     idx_p = torch.empty(rows, n, dtype=torch.float32, device=dev)
     qp = torch.empty(rows, n, dtype=torch.float32, device=dev)
-    subs = (perm // sub).tolist()
+    subs = perm // sub
+    _tick(timer, "cholesky")
     for c0 in range(0, n, lazy):
         c1 = min(c0 + lazy, n)
-        err = _round_segment(wp, u, inv_diag, c0, c1, lambda i, c0=c0:
-                             (a_all[subs[c0 + i]], b_all[subs[c0 + i]], inv_a_all[subs[c0 + i]]),
-                             lv, uniform, idx_p, qp)
+        err = _round_segment(wp, u, inv_d, c0, c1, (a_all, b_all, inv_a_all), subs[c0:c1], lv, uniform, idx_p, qp)
         if c1 < n:
             wp[:, c1:].addmm_(err, u[c0:c1, c1:], alpha=-1.0)
-    return _result(w, h, perm, order, idx_p, qp)
+    _tick(timer, "column loop")
+    res = _result(w, h, perm, order, idx_p, qp, loss)
+    _tick(timer, "result")
+    return res
 
 
 def proxy_loss(w: np.ndarray | torch.Tensor, q: np.ndarray | torch.Tensor, h: np.ndarray | torch.Tensor) -> float:

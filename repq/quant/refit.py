@@ -33,7 +33,7 @@ def refit_scales(raw: np.ndarray, w: np.ndarray, h: torch.Tensor, gtype: int, *,
     Args:
         raw: uint8 row-major ggml bytes (rows × n/32 blocks).
         w: float32 (rows, n) original weight.
-        h: (n, n) Hessian (float64).
+        h: (n, n) Hessian (float64); the O(n²)-per-row work runs on its device.
         gtype: one of :data:`REFIT_TYPES`.
     """
     name = mix.type_name(gtype)
@@ -43,23 +43,25 @@ def refit_scales(raw: np.ndarray, w: np.ndarray, h: torch.Tensor, gtype: int, *,
     asym = name in ("Q4_1", "Q5_1")
     codes = grids.get_codes(raw, gtype, n)
     blocks = raw.reshape(rows, nb, lay.size).copy()
-    hb = h.to(torch.float64).reshape(nb, lay.qk, nb, lay.qk)
+    h = h.to(torch.float64)
+    dev = h.device
+    hb = h.reshape(nb, lay.qk, nb, lay.qk)
     for r0 in range(0, rows, row_chunk):
         r1 = min(rows, r0 + row_chunk)
-        v = torch.from_numpy(lay.levels[codes[r0:r1]].astype(np.float64)).reshape(r1 - r0, nb, lay.qk)
+        v = torch.from_numpy(lay.levels[codes[r0:r1]].astype(np.float64)).to(dev).reshape(r1 - r0, nb, lay.qk)
         basis = [v] + ([torch.ones_like(v)] if asym else [])                     # each (R, nb, qk)
-        wr = torch.from_numpy(w[r0:r1].astype(np.float64))
-        hw = (wr @ h.to(torch.float64)).reshape(r1 - r0, nb, lay.qk)              # (R, nb, qk)
+        wr = torch.from_numpy(w[r0:r1].astype(np.float64)).to(dev)
+        hw = (wr @ h).reshape(r1 - r0, nb, lay.qk)                                # (R, nb, qk)
         k = len(basis)
-        g = torch.empty(r1 - r0, k * nb, k * nb, dtype=torch.float64)
-        rhs = torch.empty(r1 - r0, k * nb, dtype=torch.float64)
+        g = torch.empty(r1 - r0, k * nb, k * nb, dtype=torch.float64, device=dev)
+        rhs = torch.empty(r1 - r0, k * nb, dtype=torch.float64, device=dev)
         for i, bi in enumerate(basis):
             rhs[:, i * nb:(i + 1) * nb] = (bi * hw).sum(-1)
             for j, bj in enumerate(basis):
                 g[:, i * nb:(i + 1) * nb, j * nb:(j + 1) * nb] = torch.einsum("rbi,bick,rck->rbc", bi, hb, bj)
         ridge = 1e-9 * torch.diagonal(g, dim1=1, dim2=2).abs().mean(-1).clamp_min(1e-30)
-        g += ridge[:, None, None] * torch.eye(k * nb, dtype=torch.float64)
-        p = torch.linalg.solve(g, rhs).numpy()
+        g += ridge[:, None, None] * torch.eye(k * nb, dtype=torch.float64, device=dev)
+        p = torch.linalg.solve(g, rhs).cpu().numpy()
         new = blocks[r0:r1].copy()
         new[..., 0:2] = p[:, :nb].astype(np.float16)[..., None].view(np.uint8)
         if asym:
@@ -76,5 +78,5 @@ def _row_loss(blocks: np.ndarray, w: np.ndarray, h: torch.Tensor, gtype: int) ->
     from ..ggml import quants
 
     q = quants.dequantize(gtype, blocks.reshape(-1), w.shape[1])
-    dw = torch.from_numpy(w.astype(np.float64) - q.astype(np.float64))
-    return ((dw @ h.to(torch.float64)) * dw).sum(-1).numpy()
+    dw = torch.from_numpy(w.astype(np.float64) - q.astype(np.float64)).to(h.device)
+    return ((dw @ h.to(torch.float64)) * dw).sum(-1).cpu().numpy()
