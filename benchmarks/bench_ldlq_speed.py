@@ -48,6 +48,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="time each phase (syncs CUDA between phases)")
+    ap.add_argument("--fit", default="auto", choices=["auto", "ggml", "torch"],
+                    help="grid fit: auto = torch on CUDA for Q4_K, ggml otherwise")
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     dev = args.device
     cfg = ModelConfig(arch="llama", n_layer=1, n_embd=4096, n_ff=14336, n_head=32, n_head_kv=8, n_vocab=32000)
@@ -61,13 +64,13 @@ def main() -> None:
         x = xs[key].to(dev)
         h = (x.T @ x / x.shape[0]).to(torch.float64)
         w = (torch.randn(4096, cols, generator=torch.Generator().manual_seed(1)) / cols ** 0.5).numpy()
-        ldlq_quantize(w[:256], h, gtype, device=dev)                      # warm-up (kernels, ggml init)
+        ldlq_quantize(w[:256], h, gtype, device=dev, fit=args.fit)        # warm-up (kernels, ggml init)
         times, phases = [], None
         for _ in range(args.reps):
             sync(dev)
             t = time.perf_counter()
             timer = PhaseTimes(dev) if args.profile else None
-            r = ldlq_quantize(w, h, gtype, device=dev, timer=timer)
+            r = ldlq_quantize(w, h, gtype, device=dev, timer=timer, fit=args.fit)
             sync(dev)
             times.append(time.perf_counter() - t)
             if timer is not None and times[-1] == min(times):
@@ -75,7 +78,7 @@ def main() -> None:
         t = time.perf_counter()
         quants.quantize(gtype, w, torch.diagonal(h).float().cpu().numpy())
         t_ggml = time.perf_counter() - t
-        row = {"shape": [4096, cols], "type": args.type, "seconds": min(times), "all_seconds": times,
+        row = {"shape": [4096, cols], "type": args.type, "fit": args.fit, "seconds": min(times), "all_seconds": times,
                "ggml_imatrix_seconds": t_ggml, "proxy_loss_vs_ggml": r.proxy_loss / r.baseline_loss}
         if phases is not None:
             row["phase_seconds"] = phases
@@ -88,7 +91,7 @@ def main() -> None:
     res = {"benchmark": "ldlq_speed", "device": dev, "device_name": name, "tokens": args.tokens,
            "profiled": args.profile, "rows": rows,
            "command": "python " + " ".join(sys.argv)}
-    out = ROOT / "benchmarks" / "results" / f"ldlq_speed_{dev.split(':')[0]}.json"
+    out = args.out or ROOT / "benchmarks" / "results" / f"ldlq_speed_{dev.split(':')[0]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")
 

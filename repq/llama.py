@@ -4,10 +4,19 @@ llama-cpp-python is installed without building its own llama.cpp; it loads ``lib
 ``LLAMA_CPP_LIB_PATH``.  :func:`llama_cpp` sets that variable to repq's native build (unless the
 user set it) *before* the first import, so evaluation runs on exactly the libraries whose ggml
 repq quantizes with.
+
+C++ runtime.  A libggml built by newer GCCs (13 on the GPU machines) exports thousands of weak
+``std::`` template instantiations.  ctypes loads libllama with RTLD_LOCAL, so libllama's own
+references can bind to libggml's copies rather than libstdc++'s, and the std::regex that the
+tokenizer compiles while loading the vocabulary then crashed with a segmentation fault (located
+with ``benchmarks/gpu/trace_llama.sh``; llama.cpp's executables, which link libstdc++ first, never
+do).  :func:`llama_cpp` therefore loads libstdc++ with RTLD_GLOBAL first, so every library binds
+to the one runtime.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 from types import ModuleType
 
@@ -29,6 +38,7 @@ def llama_cpp() -> ModuleType:
         if not os.path.exists(os.path.join(lib_dir, "libllama.so")):
             raise NativeLibraryError(f"libllama.so not found in {lib_dir}",
                                      hint="build it with `make native` (or set LLAMA_CPP_LIB_PATH)")
+        _global_libstdcxx()
         try:
             import llama_cpp as mod
         except (ImportError, OSError, RuntimeError) as e:
@@ -36,3 +46,11 @@ def llama_cpp() -> ModuleType:
                                      hint="`make setup` installs it without its own llama.cpp build") from e
         _mod = mod
     return _mod
+
+
+def _global_libstdcxx() -> None:
+    """Load the C++ runtime into the global symbol scope (see the module docstring)."""
+    try:
+        ctypes.CDLL("libstdc++.so.6", mode=ctypes.RTLD_GLOBAL)
+    except OSError:  # no GNU C++ runtime by that name (another platform): nothing to unify
+        pass

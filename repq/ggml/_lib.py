@@ -86,6 +86,9 @@ def get_lib() -> ctypes.CDLL:
                     f"native library not found: {path}",
                     hint="build it with `make native` (or set REPQ_GGML_LIB / REPQ_NATIVE_DIR)")
             try:
+                from ..llama import _global_libstdcxx
+
+                _global_libstdcxx()   # one C++ runtime for every native library (see repq.llama)
                 lib = ctypes.CDLL(str(path))
                 _declare(lib)
             except (OSError, AttributeError) as e:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 QK_K = 256
@@ -192,3 +193,50 @@ def pack_q4_k(grid: Q4KGrid, codes: torch.Tensor) -> torch.Tensor:
     q = codes.to(torch.int32).reshape(rows, nb, 4, 2, SUB)                  # 64-value chunks: low, high nibble
     blk[..., 16:] = (q[..., 0, :] | (q[..., 1, :] << 4)).to(torch.uint8).reshape(rows, nb, 128)
     return blk.reshape(rows, nb * BLOCK_BYTES)
+
+
+def supported(gtype: int) -> bool:
+    """Whether this module fits ``gtype``'s grid (LDLQ on a GPU uses it rather than ggml on the CPU)."""
+    from .. import mix
+
+    return mix.type_name(gtype) == "Q4_K"
+
+
+class TorchQ4KGrid:
+    """:class:`repq.quant.kquant.GgmlGrid`'s static-grid interface for Q4_K, fitted and packed on
+    the weight's device by :func:`fit_q4_k` / :func:`pack_q4_k` (decoding stays ggml's)."""
+
+    def __init__(self, gtype: int, rows: int, n_per_row: int, importance: np.ndarray):
+        from .. import mix
+
+        if mix.type_name(gtype) != "Q4_K":
+            raise ValueError(f"TorchQ4KGrid is for Q4_K, not {mix.type_name(gtype)}")
+        self.gtype, self.rows, self.n = gtype, rows, n_per_row
+        self.importance = np.ascontiguousarray(importance, np.float32)
+        self.grid: Q4KGrid | None = None
+        self._w: torch.Tensor | None = None
+
+    def fit_all(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._w = w
+        self.grid = fit_q4_k(w, torch.from_numpy(self.importance))
+        return self.grid.ab()
+
+    @property
+    def raw(self) -> np.ndarray:
+        """W rounded to nearest on the fitted grid: llama.cpp's imatrix quantization (the baseline)."""
+        return self.pack(codes_q4_k(self._w, self.grid))
+
+    def baseline_values(self) -> torch.Tensor:
+        """The decoded values of :attr:`raw`, computed on the device (fl32(A·code + B), which is
+        what ggml's decoder computes: ``tests/native/test_kfit.py``)."""
+        a, b = self.grid.ab()
+        codes = codes_q4_k(self._w, self.grid).to(torch.float32)
+        return a.repeat_interleave(SUB, 1) * codes + b.repeat_interleave(SUB, 1)
+
+    def pack(self, codes: torch.Tensor) -> np.ndarray:
+        return pack_q4_k(self.grid, codes.to(self.grid.d.device)).cpu().numpy()
+
+    def decode(self, raw: np.ndarray) -> np.ndarray:
+        from ..ggml import quants
+
+        return quants.dequantize(self.gtype, raw, self.n)

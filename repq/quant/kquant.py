@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..ggml import quants
-from . import grids
+from . import grids, kfit
 from . import refit as refit_mod
 from .ldlq import LdlqResult, Timer, ldlq, ldlq_static, proxy_loss_on
 
@@ -87,13 +87,15 @@ def importance(h: torch.Tensor) -> np.ndarray:
 def ldlq_quantize(w: np.ndarray | torch.Tensor, h: np.ndarray | torch.Tensor, gtype: int, *,
                   damp: float = 0.01, act_order: bool = True, device: str | torch.device = "cpu",
                   threads: int | None = None, scales: str = "static", refit: bool = True,
-                  timer: Timer | None = None) -> QuantizedTensor:
+                  timer: Timer | None = None, fit: str = "auto") -> QuantizedTensor:
     """LDLQ-quantize one weight (rows × n_per_row, ggml row order) to ggml type ``gtype``.
 
     Importance for ggml's per-block scale search is diag(H), the imatrix llama.cpp would use.
     Also measures ggml's own imatrix quantization with that importance, for diagnostics.
     Everything of O(n³) (Cholesky, losses, refit) runs on ``device``; ggml's grid fit, packing
-    and decoding run on the CPU.  ``timer`` (e.g. a :class:`repq.quant.ldlq.PhaseTimes`) is called
+    and decoding run on the CPU, except for Q4_K on CUDA, whose grid is fitted and packed on the
+    GPU by :mod:`repq.quant.kfit` (llama.cpp's search in torch).  ``fit``: "auto" (that rule),
+    "ggml" or "torch" (Q4_K only, static scales).  ``timer`` (e.g. a :class:`repq.quant.ldlq.PhaseTimes`) is called
     at the end of each phase: setup, grid fit, cholesky, column loop, result, baseline, pack,
     refit, decode, losses.
     """
@@ -103,8 +105,15 @@ def ldlq_quantize(w: np.ndarray | torch.Tensor, h: np.ndarray | torch.Tensor, gt
           else torch.as_tensor(np.asarray(h, np.float64)).to(device))
     tick = timer if timer is not None else (lambda phase: None)
     imp = importance(ht)
-    grid = GgmlGrid(gtype, wt.shape[0], wt.shape[1], imp, threads=threads)
-    lay = grid.lay
+    if fit not in ("auto", "ggml", "torch"):
+        raise ValueError(f"fit={fit!r}: expected auto, ggml or torch")
+    if fit == "torch" or (fit == "auto" and scales == "static" and wt.is_cuda and kfit.supported(gtype)):
+        if scales != "static" or not kfit.supported(gtype):
+            raise ValueError("the torch grid fit is for Q4_K with static scales")
+        grid = kfit.TorchQ4KGrid(gtype, wt.shape[0], wt.shape[1], imp)
+    else:
+        grid = GgmlGrid(gtype, wt.shape[0], wt.shape[1], imp, threads=threads)
+    lay = grids.layout(gtype)
     levels = torch.from_numpy(lay.levels)
     tick("setup")
     if scales == "static":
@@ -115,10 +124,14 @@ def ldlq_quantize(w: np.ndarray | torch.Tensor, h: np.ndarray | torch.Tensor, gt
                    loss=False, timer=timer)
     do_refit = refit and refit_mod.supported(gtype)
     w_np = wt.cpu().numpy() if scales != "static" or do_refit else None   # for ggml and refit
-    if scales == "static":   # the fitted grid *is* ggml's imatrix quantization with importance diag(H)
-        base = grid.decode(grid.raw.reshape(-1))
+    base_t = None
+    if isinstance(grid, kfit.TorchQ4KGrid):  # stays on the device
+        base_t = grid.baseline_values()
+    elif scales == "static":   # the fitted grid *is* ggml's imatrix quantization with importance diag(H)
+        base_t = torch.from_numpy(grid.decode(grid.raw.reshape(-1)))
     else:
-        base = quants.dequantize(gtype, quants.quantize(gtype, w_np, imp, threads=threads), w_np.shape[1])
+        base_t = torch.from_numpy(
+            quants.dequantize(gtype, quants.quantize(gtype, w_np, imp, threads=threads), w_np.shape[1]))
     tick("baseline")
     raw = grid.pack(res.codes)
     tick("pack")
@@ -127,8 +140,10 @@ def ldlq_quantize(w: np.ndarray | torch.Tensor, h: np.ndarray | torch.Tensor, gt
         tick("refit")
     values = grid.decode(raw)
     tick("decode")
-    out = QuantizedTensor(raw=raw.reshape(-1), values=values,
-                          proxy_loss=proxy_loss_on(wt, torch.from_numpy(values), ht),
-                          baseline_loss=proxy_loss_on(wt, torch.from_numpy(base), ht))
+    # without a refit ggml decodes the bytes to exactly LDLQ's values (tests/native/test_ldlq.py),
+    # which are already on the device
+    q_t = torch.from_numpy(values) if do_refit else res.q
+    out = QuantizedTensor(raw=raw.reshape(-1), values=values, proxy_loss=proxy_loss_on(wt, q_t, ht),
+                          baseline_loss=proxy_loss_on(wt, base_t, ht))
     tick("losses")
     return out

@@ -70,3 +70,25 @@ def test_packed_bytes_decode_to_the_grid():
 def test_rejects_partial_super_blocks():
     with pytest.raises(ValueError, match="multiple of 256"):
         kfit.fit_q4_k(torch.zeros(2, 96), torch.ones(96))
+
+
+def test_ldlq_on_the_torch_grid():
+    """LDLQ with the torch-fitted grid (the CUDA path, forced here on the CPU): bytes decode through
+    ggml to exactly the values LDLQ chose, the baseline is llama.cpp's imatrix quantization up to
+    the rare near-tie, and LDLQ beats it on the proxy loss as with ggml's own grid."""
+    from repq.quant.kquant import ldlq_quantize
+
+    rng = np.random.default_rng(3)
+    n = 512
+    z = rng.standard_normal((4096, n)) @ (np.eye(n) + 0.4 * rng.standard_normal((n, n)) / np.sqrt(n))
+    z[:, :4] *= 8                                             # outlier input channels
+    h = z.T @ z / len(z)
+    w = weight(rows=64, n=n, seed=4)
+    t = ldlq_quantize(w, h, Q4_K, fit="torch")
+    g = ldlq_quantize(w, h, Q4_K, fit="ggml")
+    assert t.raw.shape == g.raw.shape
+    np.testing.assert_array_equal(t.values, quants.dequantize(Q4_K, t.raw, n))
+    assert abs(t.baseline_loss / g.baseline_loss - 1) < 1e-2
+    assert t.proxy_loss < 0.9 * t.baseline_loss and abs(t.proxy_loss / g.proxy_loss - 1) < 0.05
+    with pytest.raises(ValueError, match="Q4_K with static scales"):
+        ldlq_quantize(w, h, mix.type_id("Q4_0"), fit="torch")

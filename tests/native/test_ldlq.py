@@ -11,7 +11,7 @@ from repq import mix
 from repq.ggml import quants
 from repq.quant import grids
 from repq.quant.kquant import GgmlGrid, ldlq_quantize
-from repq.quant.ldlq import ldlq
+from repq.quant.ldlq import ldlq, proxy_loss
 
 TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"]
 
@@ -41,6 +41,7 @@ def test_exact_decode_and_lower_loss_than_ggml(layer, name):
     # what torch sees is what llama.cpp runs: ggml's dequantization of the packed bytes
     np.testing.assert_array_equal(quants.dequantize(t, r.raw, w.shape[1]), r.values)
     assert r.proxy_loss < 0.95 * r.baseline_loss
+    assert r.proxy_loss == pytest.approx(proxy_loss(w, r.values, h), rel=1e-9)   # the written values' loss
 
 
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "IQ4_NL", "Q6_K"])
