@@ -12,6 +12,9 @@ printed results must also be equal (PPL line, KLD statistics), which is checked 
 
 Usage:  python benchmarks/bench_eval.py [--threads 2] [--ctx 512] [--chunks 4] [--reps 6]
 Writes benchmarks/results/eval_cpu.json.
+
+GPU (a CUDA build of native/): ``--ngl 99`` offloads every layer in both tools (repq ``--ngl``,
+llama.cpp ``-ngl``) and writes eval_gpu.json with the device's name.
 """
 
 from __future__ import annotations
@@ -84,6 +87,11 @@ def compare(name: str, ours: list, theirs: list, reps: int, marker: str, same) -
     return r
 
 
+def gpu_name() -> str:
+    p = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+    return p.stdout.strip() or "unknown GPU"
+
+
 def final(out: str) -> str:
     return re.search(r"Final estimate: PPL = \S+ \+/- \S+", out).group(0)
 
@@ -102,6 +110,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=6)
     ap.add_argument("--bench-reps", type=int, default=5)
     ap.add_argument("--bench-rounds", type=int, default=4)
+    ap.add_argument("--ngl", type=int, default=0, help="layers offloaded to the GPU by both tools (CUDA build)")
+    ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
 
     model = cache_dir() / "models" / "smollm2-135m-f32.gguf"
@@ -109,7 +119,10 @@ def main() -> None:
     for p in (model, text):
         if not p.exists():
             raise SystemExit(f"missing {p}: run `make model data`")
-    repq = shutil.which("repq", path=str(Path(sys.executable).parent)) or "repq"
+    exe = shutil.which("repq", path=str(Path(sys.executable).parent))
+    repq = [exe] if exe else [sys.executable, "-m", "repq"]
+    gpu_l, gpu_r = (["-ngl", str(a.ngl)], ["--ngl", str(a.ngl)]) if a.ngl else ([], [])
+    results = a.out or (RESULTS.with_name("eval_gpu.json") if a.ngl else RESULTS)
     perplexity, bench, quantize = (tool_path(n) for n in ("llama-perplexity", "llama-bench", "llama-quantize"))
     t = str(a.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench-eval-"))
@@ -118,20 +131,21 @@ def main() -> None:
         subprocess.run([str(quantize), str(model), str(q4), "Q4_0", t], check=True, capture_output=True)
         base = tmp / "base.kld"
         common = ["-c", str(a.ctx), "--chunks", str(a.chunks), "-t", t]
-        timed([perplexity, "-m", model, "-f", text, *common, "--kl-divergence-base", base], "Final estimate")
+        timed([perplexity, "-m", model, "-f", text, *common, *gpu_l, "--kl-divergence-base", base], "Final estimate")
         print(f"threads {t}, -c {a.ctx}, {a.chunks} chunks, {a.reps} alternating runs each (min compared)",
               flush=True)
         res = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                           "python": platform.python_version(), "load_average_at_start": os.getloadavg()},
+                           "python": platform.python_version(), "load_average_at_start": os.getloadavg(),
+                           "gpu": gpu_name() if a.ngl else None, "ngl": a.ngl},
                "settings": {"threads": a.threads, "ctx": a.ctx, "chunks": a.chunks, "reps": a.reps,
                             "bench_reps": a.bench_reps, "bench_rounds": a.bench_rounds, "model": model.name, "text": text.name,
                             "kld_model": "Q4_0 (llama-quantize)"}}
-        res["ppl"] = compare("ppl", [repq, "ppl", model, "--data", text, *common],
-                             [perplexity, "-m", model, "-f", text, *common], a.reps, "Final estimate",
+        res["ppl"] = compare("ppl", [*repq, "ppl", model, "--data", text, *common, *gpu_r],
+                             [perplexity, "-m", model, "-f", text, *common, *gpu_l], a.reps, "Final estimate",
                              lambda o, th: final(o) == final(th))
         kld_common = ["-c", str(a.ctx), "-t", t]
-        res["kld"] = compare("kld", [repq, "kld", "--base-logits", base, q4, *kld_common],
-                             [perplexity, "-m", q4, *kld_common, "--kl-divergence-base", base, "--kl-divergence"],
+        res["kld"] = compare("kld", [*repq, "kld", "--base-logits", base, q4, *kld_common, *gpu_r],
+                             [perplexity, "-m", q4, *kld_common, *gpu_l, "--kl-divergence-base", base, "--kl-divergence"],
                              a.reps, "Same top p:", lambda o, th: o.strip().splitlines() == stats(th))
 
         # llama-bench vs repq bench, alternating, on the Q4_0 model
@@ -139,10 +153,12 @@ def main() -> None:
         load = []
         for _ in range(a.bench_rounds):
             load.append(os.getloadavg()[0])
-            _, _, out = timed([bench, "-m", q4, "-p", "512", "-n", "128", "-r", str(a.bench_reps), "-t", t, "-o", "json"])
+            _, _, out = timed([bench, "-m", q4, "-p", "512", "-n", "128", "-r", str(a.bench_reps), "-t", t, *gpu_l,
+                               "-o", "json"])
             for row in json.loads(out[out.index("["):out.rindex("]") + 1]):
                 rates["llama"]["pp" if row["n_prompt"] else "tg"].append(row["avg_ts"])
-            _, _, out = timed([repq, "bench", q4, "-p", "512", "-n", "128", "-r", str(a.bench_reps), "-t", t, "--json"])
+            _, _, out = timed([*repq, "bench", q4, "-p", "512", "-n", "128", "-r", str(a.bench_reps), "-t", t, *gpu_r,
+                               "--json"])
             for row in json.loads(out[out.index("{"):])["tests"]:
                 rates["repq"]["pp" if row["n_prompt"] else "tg"].append(row["avg_ts"])
         res["bench"] = {"load_average_1min": load}
@@ -154,9 +170,9 @@ def main() -> None:
                                "ok": 0.9 <= ratio <= 1.1}
             print(f"{k}    llama-bench {best_l:8.2f} t/s   repq bench {best_r:8.2f} t/s   ratio {ratio:.3f}  "
                   f"{'OK' if 0.9 <= ratio <= 1.1 else 'OUTSIDE TARGET'}", flush=True)
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(res, indent=2) + "\n")
-        print(f"wrote {RESULTS.relative_to(ROOT)}")
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.write_text(json.dumps(res, indent=2) + "\n")
+        print(f"wrote {results}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -449,6 +449,29 @@ def ppl_with_error(sum_nll: float, sum_nll2: float, count: int) -> tuple[float, 
 
 
 _pools: dict[int, ThreadPoolExecutor] = {}
+_malloc_tuned = False
+
+
+def keep_freed_memory() -> None:
+    """Tell glibc's malloc to keep freed blocks of up to 32 MiB in the process.
+
+    Scoring makes a few megabytes of numpy temporaries per block of rows, 2-4 GB of them per
+    hundred chunks.  With glibc's defaults each is mmap'ed, page-faulted in and unmapped again (or
+    trimmed off a thread arena), which cost more system time than the arithmetic: on an H100,
+    where llama.cpp's part takes a fraction of a second, ``repq ppl`` spent 5 s in the kernel
+    against llama-perplexity's 0.7 s.  Reusing the memory removes it (2-core CPU, 8 chunks: system
+    time 1.35 → 0.35 s).  No effect on results; a no-op where glibc is absent.
+    """
+    global _malloc_tuned
+    if _malloc_tuned:
+        return
+    _malloc_tuned = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)   # M_MMAP_THRESHOLD: blocks below 32 MiB come from the heap
+        libc.mallopt(-1, 1 << 30)    # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap
+    except (OSError, AttributeError):
+        pass
 
 
 def map_rows(fn: Callable, n_rows: int, threads: int, *arrays: np.ndarray, block: int = 8) -> list:
@@ -456,6 +479,7 @@ def map_rows(fn: Callable, n_rows: int, threads: int, *arrays: np.ndarray, block
 
     Blocks of a few rows keep the float64 temporaries in cache.  Results are in row order.
     """
+    keep_freed_memory()
     jobs = [tuple(a[s:s + block] for a in arrays) for s in range(0, n_rows, block)]
     if threads <= 1 or len(jobs) == 1:
         return [fn(*j) for j in jobs]
