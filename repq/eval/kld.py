@@ -208,13 +208,13 @@ def kld_rows(logits: np.ndarray, base_rows: np.ndarray, targets: np.ndarray):
     nll_base = -(scale * q[r, targets].astype(F32) + min_lp)        # float
     plb = scale[:, None] * q.astype(F32) + min_lp[:, None]          # (R, V) base log-probs
     imax_base = plb.argmax(axis=1)
-    # Only entries with log p_base > -16 contribute (typically a sixth of the vocabulary): gather
-    # them row by row, form the float terms, and sum each row's terms in double.
-    keep = plb > F32(-16)
-    n_keep = np.count_nonzero(keep, axis=1)
-    pk, lk = plb[keep], logits[keep]                               # row-major order
-    term = expf(pk) * ((pk - lk) + np.repeat(mx + lse, n_keep))     # float p_base * (log p_b - log q)
-    kld = np.bincount(np.repeat(r, n_keep), weights=term.astype(F64), minlength=R)
+    # Only entries with log p_base > -16 contribute: form the float terms p_base · (log p_b − log q)
+    # of whole rows (cheaper than gathering the kept ones), zero the others (× 0 or 1 is exact), and
+    # sum each row in double.  The C loop adds in index order, numpy pairwise: the sums differ by
+    # about 1e-16 relative, far below anything printed (a sequential sum costs 10× more here).
+    term = expf(plb) * ((plb - logits) + (mx + lse)[:, None])
+    np.multiply(term, plb > F32(-16), out=term)
+    kld = np.add.reduce(term, axis=1, dtype=F64)
     p_diff = expf(-nll) - expf(-nll_base)
     return nll, nll_base, kld, p_diff, imax == imax_base
 
