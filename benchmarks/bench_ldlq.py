@@ -114,7 +114,7 @@ def main() -> None:
                     kj.write_text(json.dumps(_parse_llama_kld((w / f"{ft}-{var}.kld.log").read_text())))
             k = json.loads(kj.read_text())
             row = {"ftype": ft, "variant": var, "file_bytes": out.stat().st_size, "quantize_s": secs,
-                   **_summary(k)}
+                   **_tensors(out), **_summary(k)}
             rows.append(row)
             print(f"{ft:7s} {var:13s} {row['file_bytes']:>11,} B  PPL {row['ppl']:8.4f}  "
                   f"KLD {row['mean_kld']:.4f}  99.9% {row['kld_p99_9']:.3f}  top {row['same_top']:.2f}%",
@@ -122,6 +122,11 @@ def main() -> None:
     for r in rows:
         ref = next(x for x in rows if x["ftype"] == r["ftype"] and x["variant"] == "ggml-imatrix")
         r["kld_vs_ggml_imatrix"] = r["mean_kld"] / ref["mean_kld"]
+        # same tensors, types, order and data bytes as llama-quantize --imatrix (file sizes differ
+        # only by llama-quantize's quantize.imatrix.* metadata strings)
+        r["tensors_equal_llama_imatrix"] = r["tensor_layout"] == ref["tensor_layout"]
+    for r in rows:
+        r["tensor_layout"] = len(r["tensor_layout"])
     res = {"benchmark": "ldlq_quality", "tag": args.tag, "model": args.model.name,
            "calib": f"{args.calib.name} {args.calib_chunks}x512", "eval": f"{args.eval.name} chunks={args.eval_chunks}",
            "threads": args.threads, "device": args.device, "seconds": time.perf_counter() - t_all, "rows": rows,
@@ -132,6 +137,16 @@ def main() -> None:
     (out_dir / f"ldlq_{args.tag}.md").write_text(_table(rows))
     _plot(rows, out_dir / f"ldlq_{args.tag}.png")
     print(_table(rows))
+
+
+def _tensors(path: Path) -> dict:
+    """Tensor data bytes and the (name, type, shape) list in file order."""
+    from repq.io.gguf_file import GGUFModel
+
+    with GGUFModel(path) as g:
+        refs = list(g.tensors.values())
+        return {"tensor_bytes": sum(t.n_bytes for t in refs),
+                "tensor_layout": [(t.name, t.type, list(t.shape)) for t in refs]}
 
 
 def _parse_llama_kld(text: str) -> dict:
@@ -171,10 +186,12 @@ def _summary(k: dict) -> dict:
 
 
 def _table(rows: list[dict]) -> str:
-    lines = ["| ftype | method | file bytes | PPL | mean KLD | 99.9% KLD | same top | KLD vs ggml imatrix |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| ftype | method | file bytes | tensor bytes | PPL | mean KLD | 99.9% KLD | same top | KLD vs ggml imatrix |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['ftype']} | {r['variant']} | {r['file_bytes']:,} | {r['ppl']:.4f} | {r['mean_kld']:.4f} | "
+        same = "" if r["variant"] == "ggml-imatrix" else (" =" if r.get("tensors_equal_llama_imatrix") else " ≠")
+        lines.append(f"| {r['ftype']} | {r['variant']} | {r['file_bytes']:,} | {r['tensor_bytes']:,}{same} | "
+                     f"{r['ppl']:.4f} | {r['mean_kld']:.4f} | "
                      f"{r['kld_p99_9']:.3f} | {r['same_top']:.2f} % | {r.get('kld_vs_ggml_imatrix', 1):.2f}× |")
     return "\n".join(lines) + "\n"
 

@@ -75,7 +75,7 @@ class Output:
     @contextmanager
     def progress(self, description: str, total: int):
         """A progress bar on stderr (disabled for --quiet, --json or a non-terminal stderr)."""
-        if self.quiet or self.json_mode:
+        if self.quiet or self.json_mode or not sys.stderr.isatty():
             yield _no_advance
             return
         from rich.progress import (

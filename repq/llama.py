@@ -17,13 +17,32 @@ to the one runtime.
 from __future__ import annotations
 
 import ctypes
+import importlib
+import importlib.util
 import os
+import sys
 from types import ModuleType
 
 from .errors import NativeLibraryError
 from .paths import native_dir
 
 _mod: ModuleType | None = None
+_low: ModuleType | None = None
+
+
+def _prepare() -> str:
+    """Point llama-cpp-python at native/build and unify the C++ runtime; returns the lib dir."""
+    lib_dir = os.environ.setdefault("LLAMA_CPP_LIB_PATH", str(native_dir()))
+    if not os.path.exists(os.path.join(lib_dir, "libllama.so")):
+        raise NativeLibraryError(f"libllama.so not found in {lib_dir}",
+                                 hint="build it with `make native` (or set LLAMA_CPP_LIB_PATH)")
+    _global_libstdcxx()
+    return lib_dir
+
+
+def _load_error(lib_dir: str, e: Exception) -> NativeLibraryError:
+    return NativeLibraryError(f"cannot load llama-cpp-python with {lib_dir}: {e}",
+                              hint="`make setup` installs it without its own llama.cpp build")
 
 
 def llama_cpp() -> ModuleType:
@@ -34,18 +53,46 @@ def llama_cpp() -> ModuleType:
     """
     global _mod
     if _mod is None:
-        lib_dir = os.environ.setdefault("LLAMA_CPP_LIB_PATH", str(native_dir()))
-        if not os.path.exists(os.path.join(lib_dir, "libllama.so")):
-            raise NativeLibraryError(f"libllama.so not found in {lib_dir}",
-                                     hint="build it with `make native` (or set LLAMA_CPP_LIB_PATH)")
-        _global_libstdcxx()
+        lib_dir = _prepare()
         try:
-            import llama_cpp as mod
+            pkg = sys.modules.get("llama_cpp")
+            if pkg is not None and getattr(pkg, "_repq_partial", False):   # bindings loaded alone so far
+                del pkg._repq_partial
+                pkg.__spec__.loader.exec_module(pkg)
+                mod = pkg
+            else:
+                import llama_cpp as mod
         except (ImportError, OSError, RuntimeError) as e:
-            raise NativeLibraryError(f"cannot load llama-cpp-python with {lib_dir}: {e}",
-                                     hint="`make setup` installs it without its own llama.cpp build") from e
+            raise _load_error(lib_dir, e) from e
         _mod = mod
     return _mod
+
+
+def llama_cpp_bindings() -> ModuleType:
+    """llama-cpp-python's ctypes bindings (``llama_cpp.llama_cpp``), bound to native/build.
+
+    Imported without running the package's ``__init__``, whose high-level layer (the ``Llama``
+    class, chat formats, jinja2) costs 80 ms of start-up that evaluation does not use;
+    :func:`llama_cpp` completes the package when something needs it.
+    """
+    global _low
+    if _low is None:
+        if _mod is not None:
+            _low = _mod.llama_cpp
+            return _low
+        lib_dir = _prepare()
+        try:
+            if "llama_cpp" not in sys.modules:
+                spec = importlib.util.find_spec("llama_cpp")
+                if spec is None:
+                    raise ImportError("No module named 'llama_cpp'")
+                pkg = importlib.util.module_from_spec(spec)
+                pkg._repq_partial = True
+                sys.modules["llama_cpp"] = pkg
+            _low = importlib.import_module("llama_cpp.llama_cpp")
+        except (ImportError, OSError, RuntimeError) as e:
+            raise _load_error(lib_dir, e) from e
+    return _low
 
 
 def _global_libstdcxx() -> None:

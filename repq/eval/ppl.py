@@ -139,9 +139,9 @@ _backend_ready = False
 def _lib():
     """llama_cpp bound to native/build, with llama.cpp's log captured (shown with REPQ_DEBUG=1)."""
     global _log_cb, _backend_ready
-    from ..llama import llama_cpp
+    from ..llama import llama_cpp_bindings
 
-    L = llama_cpp()
+    L = llama_cpp_bindings()
     if not _backend_ready:
         echo = bool(os.environ.get("REPQ_DEBUG"))
 

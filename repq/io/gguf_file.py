@@ -41,6 +41,7 @@ _SCALAR_FMT = {UINT8: "<B", INT8: "<b", UINT16: "<H", INT16: "<h", UINT32: "<I",
 
 
 # ggml_type ids present in ggml.h at the pinned commit (removed ids 4, 5, 31-33, 36-38 excluded).
+_U64 = struct.Struct("<Q")
 _KNOWN_TYPES = frozenset([*range(0, 4), *range(6, 31), 34, 35, 39, 40, 41, 42])
 
 
@@ -180,10 +181,10 @@ class GGUFModel:
             pos += 12
             if sub in _SCALAR_FMT:
                 return pos + n * struct.calcsize(_SCALAR_FMT[sub])
-            if sub == STRING:
+            if sub == STRING:   # a tokenizer's 50k-150k strings: keep this loop tight
+                unpack, buf = _U64.unpack_from, self._buf
                 for _ in range(n):
-                    (ln,) = struct.unpack_from("<Q", self._buf, pos)
-                    pos += 8 + ln
+                    pos += 8 + unpack(buf, pos)[0]
                 return pos
             raise ValueError(f"array of type {sub} is not supported")
         raise ValueError(f"unknown value type {vtype}")
