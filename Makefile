@@ -80,7 +80,7 @@ bench: setup model data
 
 # LDLQ vs llama-quantize quality (about an hour on 2 cores; resumable)
 bench-ldlq: setup model data
-	$(PY) benchmarks/bench_ldlq.py --calib-chunks 64 --eval-chunks 40
+	$(PY) benchmarks/bench_ldlq.py --calib-chunks 100 --eval-chunks 40 --work $(CACHE)/bench-ldlq-100
 
 # repq distill on 2 CPU cores (Q4_0, ~18 min) and its KLD vs the F32 base (README's CPU row)
 bench-distill-cpu: setup model data
