@@ -122,7 +122,10 @@ def bench_gpu(args) -> dict:
 
     with torch.no_grad():
         t_fwd = timed(lambda b: model(b, head=False))
-        t_hess, acc = hessian(None)
+        from repq.calib.hessian import band_rows
+
+        t_hess, acc = hessian((lambda d: args.band if d >= 1024 and d % args.band == 0 else band_rows(d))
+                              if args.band else None)
         gib = round(sum(v.numel() * 8 for v in acc.sums.values()) / 2**30, 2)
         del acc
         t_one = hessian(None, side_stream=False)[0] if args.full else None
@@ -131,6 +134,7 @@ def bench_gpu(args) -> dict:
     res = {"benchmark": "hessian_gpu", "device": torch.cuda.get_device_name(), "gpus": world, "torch": torch.__version__,
            "model": cfg.to_dict(), "batch": args.batch, "ctx": args.ctx, "iters": args.iters,
            "acc_device": args.acc_device or "cuda", "flush_every": args.flush_every, "accumulator_gib": gib,
+           "band": args.band or "band_rows",
            "forward_bf16_tokens_per_s": round(tokens / t_fwd, 1), "hessian_tokens_per_s": round(tokens / t_hess, 1),
            "fraction_of_forward": round(t_fwd / t_hess, 3)}
     if t_full is not None:
@@ -161,6 +165,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=10, help="--gpu: timed batches.")
     ap.add_argument("--acc-device", default="", help="--gpu: where the float64 sums live (default cuda).")
     ap.add_argument("--flush-every", type=int, default=8, help="--gpu: batches between fp32 → float64 flushes.")
+    ap.add_argument("--band", type=int, default=0, help="--gpu: band height (default: repq's band_rows)")
     ap.add_argument("--full", action=argparse.BooleanOptionalAction, default=True,
                     help="--gpu: also time one full Xᵀ X GEMM per input (the unbanded accumulator).")
     ap.add_argument("--model", type=Path, default=cache_dir() / "models" / "smollm2-135m-f32.gguf")
