@@ -44,11 +44,11 @@ Several processes (``torchrun --nproc-per-node K --no-python repq hessian ...``)
 
 Memory, and the plan for a 70B model (n_embd 8192, n_ff 28672, 80 blocks)
     Per block the four inputs need 3·8192² + 28672² ≈ 1.02 G entries: 8.2 GB as float64 sums plus
-    4.1 GB of fp32 buffers; 980 GB for all 80 blocks.  So a 70B run is split by blocks and the
+    2.1 GB of fp32 upper-triangle bands; 820 GB for all 80 blocks.  So a 70B run is split by blocks and the
     float64 sums live on the host:
 
     1. ``layers=`` (CLI ``--layers 0-9``) collects only those blocks: one forward pass over the
-       data per group of 10 blocks, holding 41 GB of fp32 buffers on the GPU and, with
+       data per group of 10 blocks, holding 21 GB of fp32 bands on the GPU and, with
        ``acc_device="cpu"``, 82 GB of float64 sums in host memory (flushed every ``flush_every``
        batches, so the host adds are amortised).  Each group is written as its own directory.
     2. The groups are merged (:func:`merge_hessians`, disjoint keys; CLI ``--merge``), or used
@@ -254,7 +254,7 @@ class HessianAccumulator:
 
     def mirror(self) -> None:
         """Fill each sum's lower triangle from its upper bands: full symmetric S."""
-        for key, s in self.sums.items():
+        for s in self.sums.values():
             t = self.band(s.shape[0])
             for r0 in range(0, s.shape[0] - t, t):
                 s[r0 + t:, r0:r0 + t].copy_(s[r0:r0 + t, r0 + t:].t())

@@ -40,8 +40,9 @@ _SCALAR_FMT = {UINT8: "<B", INT8: "<b", UINT16: "<H", INT16: "<h", UINT32: "<I",
                FLOAT32: "<f", BOOL: "<?", UINT64: "<Q", INT64: "<q", FLOAT64: "<d"}
 
 
-# ggml_type ids present in ggml.h at the pinned commit (removed ids 4, 5, 31-33, 36-38 excluded).
 _U64 = struct.Struct("<Q")
+
+# ggml_type ids present in ggml.h at the pinned commit (removed ids 4, 5, 31-33, 36-38 excluded).
 _KNOWN_TYPES = frozenset([*range(0, 4), *range(6, 31), 34, 35, 39, 40, 41, 42])
 
 

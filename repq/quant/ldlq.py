@@ -274,6 +274,6 @@ def ldlq_static(w: torch.Tensor, h: torch.Tensor, fit_all: FitAll, *, sub: int, 
 
 
 def proxy_loss(w: np.ndarray | torch.Tensor, q: np.ndarray | torch.Tensor, h: np.ndarray | torch.Tensor) -> float:
-    """tr((W − Q) H (W − Q)ᵀ) in float64."""
-    dw = torch.as_tensor(np.asarray(w, np.float64) - np.asarray(q, np.float64))
-    return float(torch.einsum("ij,jk,ik->", dw, torch.as_tensor(np.asarray(h, np.float64)), dw))
+    """tr((W − Q) H (W − Q)ᵀ) in float64, of host arrays (:func:`proxy_loss_on` for device tensors)."""
+    f64 = lambda a: torch.as_tensor(np.asarray(a, np.float64))  # noqa: E731
+    return proxy_loss_on(f64(w), f64(q), f64(h))
