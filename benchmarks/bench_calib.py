@@ -94,12 +94,6 @@ def bench_gpu(args) -> dict:
     groups = input_groups(model)
 
     def timed(fn, finish=lambda: None) -> float:
-        if args.fwd_priority:  # the forward (and hooks) on a high-priority stream, the GEMMs' side stream below it
-            with torch.cuda.stream(torch.cuda.Stream(device=dev, priority=-1)):
-                return _timed(fn, finish)
-        return _timed(fn, finish)
-
-    def _timed(fn, finish) -> float:
         for b in mine[:2]:  # warm-up
             fn(b)
         finish()
@@ -117,8 +111,7 @@ def bench_gpu(args) -> dict:
 
     def hessian(band, side_stream=True) -> tuple[float, HessianAccumulator]:
         acc = HessianAccumulator(groups, args.acc_device or dev, device=dev, flush_every=args.flush_every, band=band,
-                                 side_stream=side_stream and not args.no_side, k_chunk=args.k_chunk,
-                                 sm_carveout=args.carveout, side_sms=args.side_sms)
+                                 side_stream=side_stream and not args.no_side)
 
         def finish():
             acc.flush()
@@ -156,8 +149,7 @@ def bench_gpu(args) -> dict:
     res = {"benchmark": "hessian_gpu", "device": torch.cuda.get_device_name(), "gpus": world, "torch": torch.__version__,
            "model": cfg.to_dict(), "batch": args.batch, "ctx": args.ctx, "iters": args.iters,
            "acc_device": args.acc_device or "cuda", "flush_every": args.flush_every, "accumulator_gib": gib,
-           "band": args.band or "band_rows", "k_chunk": args.k_chunk, "fwd_priority": args.fwd_priority,
-           "sm_carveout": args.carveout, "side_sms": args.side_sms, "side_stream": not args.no_side,
+           "band": args.band or "band_rows", "side_stream": not args.no_side,
            "forward_bf16_tokens_per_s": round(tokens / t_fwd, 1), "hessian_tokens_per_s": round(tokens / t_hess, 1),
            "fraction_of_forward": round(statistics.median(fractions), 3),
            "rounds": args.rounds, "fraction_per_round": [round(f, 3) for f in fractions],
@@ -194,13 +186,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3,
                     help="--gpu: forward/Hessian timings, alternated; the median round's fraction is reported")
     ap.add_argument("--heat", type=float, default=3.0, help="--gpu: seconds of untimed forwards first (power cap)")
-    ap.add_argument("--k-chunk", type=int, default=0, help="--gpu: token rows per Xᵀ X GEMM (default: the batch)")
-    ap.add_argument("--carveout", type=int, default=0, help="--gpu: SMs the Xᵀ X GEMMs leave to the forward")
-    ap.add_argument("--side-sms", type=int, default=0, help="--gpu: SMs of a green context for the side stream")
     ap.add_argument("--no-side", action="store_true", help="--gpu: the GEMMs on the forward's stream")
     ap.add_argument("--n-ff", type=int, default=14336, help="--gpu: FFN width (11008: Llama-2-7B blocks)")
     ap.add_argument("--n-head-kv", type=int, default=8, help="--gpu: KV heads (32: Llama-2-7B blocks)")
-    ap.add_argument("--fwd-priority", action="store_true", help="--gpu: run the forward on a high-priority stream")
     ap.add_argument("--band", type=int, default=0, help="--gpu: band height (default: repq's band_rows)")
     ap.add_argument("--full", action=argparse.BooleanOptionalAction, default=True,
                     help="--gpu: also time one full Xᵀ X GEMM per input (the unbanded accumulator).")

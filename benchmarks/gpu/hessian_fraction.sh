@@ -14,6 +14,7 @@ for b in 64 128; do
   run --batch $b
   run --batch $b --n-ff 11008 --n-head-kv 32
 done
+run --batch 256 --iters 8
 run --batch 128 --no-side
 echo "== $(date +%T) end"
 kill $SMI

@@ -10,7 +10,10 @@ entries, 2·tokens flops each):
 * ``squares:l``   recursive 2 × 2 split: the off-diagonal square of each diagonal block is one
                   GEMM, down to diagonal leaves of l rows computed whole
 * ``kchunk:c``    bands:512 with the tokens split into GEMMs of c rows (shorter thread blocks)
-* ``triton``      repq's Triton kernel over the upper tiles only (when importable)
+
+A Triton kernel over the upper 128 × 128 (or 256 × 128) tiles only, in one launch, was measured too
+(commit 7b35c8f, ``benchmarks/results/hessian_h100/explore1/syrk_layouts.json``): at best 568 useful
+TFLOP/s for n = 14336 against 719 for the cuBLAS bands, so it was removed.
 
     PYTHONPATH=$PWD python benchmarks/gpu/syrk_layouts.py --n 14336 4096 --tokens 65536
 """
@@ -70,19 +73,9 @@ def full(x):
     return lambda: _mm(buf, x, x)
 
 
-def triton_syrk(x, p):
-    """p: BMxBNxBKxWARPSxSTAGES (default 128x128x64x8x3)."""
-    from repq.calib.syrk import SyrkTiles
-    bm, bn, bk, w, st = (int(v) for v in (p or "128x128x64x8x3").split("x"))
-    acc = SyrkTiles(x.shape[1], x.device, bm=bm, bn=bn, bk=bk, num_warps=w, num_stages=st)
-    return lambda: acc.add(x)
-
-
 def make(name: str, x: torch.Tensor, p: str):
     if name == "full":
         return full(x)
-    if name == "triton":
-        return triton_syrk(x, p)
     return {"bands": bands, "bandsT": bands_t, "squares": squares, "kchunk": kchunk}[name](x, int(p))
 
 
@@ -106,8 +99,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=65536)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--layouts", nargs="+", default=["full", "bands:512", "bands:1024", "bandsT:512", "squares:448",
-                                                     "squares:896", "kchunk:16384", "kchunk:8192", "triton", "triton:128x256x64x8x3",
-                                                     "triton:128x128x64x4x4", "triton:256x128x64x8x3"])
+                                                     "squares:896", "kchunk:16384", "kchunk:8192"])
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     torch.manual_seed(0)

@@ -164,8 +164,7 @@ class HessianAccumulator:
 
     def __init__(self, groups: list[InputGroup], acc_device: str | torch.device = "cpu", *,
                  device: str | torch.device | None = None, flush_every: int = 8,
-                 band: Callable[[int], int] | None = None, side_stream: bool = True, k_chunk: int = 0,
-                 sm_carveout: int = 0, side_sms: int = 0):
+                 band: Callable[[int], int] | None = None, side_stream: bool = True):
         self.groups = groups
         self.acc_device = torch.device(acc_device)
         self.device = torch.device(device) if device is not None else self.acc_device
@@ -177,22 +176,13 @@ class HessianAccumulator:
         self.batches = 0  #: batches added since the run began
         self._stage: torch.Tensor | None = None
         self.side_stream = side_stream
-        self.k_chunk = k_chunk  #: rows of x per GEMM (0: all of them)
-        self.sm_carveout = sm_carveout  #: SMs cuBLAS leaves free for the forward during the GEMMs
-        self.side_sms = side_sms  #: >0: the side stream lives in a green context of this many SMs
-        self._green = None
         self._stream = None
 
     def _side(self, x: torch.Tensor):
         if not (self.side_stream and x.is_cuda):
             return None
         if self._stream is None:
-            if self.side_sms:
-                from torch.cuda.green_contexts import GreenContext
-                self._green = GreenContext.create(num_sms=self.side_sms, device_id=x.device.index or 0)
-                self._stream = self._green.Stream()
-            else:
-                self._stream = torch.cuda.Stream(device=x.device)
+            self._stream = torch.cuda.Stream(device=x.device)
         self._stream.wait_stream(torch.cuda.current_stream(x.device))
         return self._stream
 
@@ -213,16 +203,8 @@ class HessianAccumulator:
             if bands is None:
                 bands = self.pending[g.key] = self._bands(g.dim, x.device)
             t = bands[0].shape[0]
-            kc = self.k_chunk or x.shape[0]
-            prev = torch._C._get_sm_carveout_experimental() if self.sm_carveout else None
-            if self.sm_carveout:
-                torch._C._set_sm_carveout_experimental(self.sm_carveout)
-            for r in range(0, x.shape[0], kc):
-                xr = x[r:r + kc]
-                for i, band in enumerate(bands):
-                    _addmm_xtx(band, xr[:, i * t:(i + 1) * t], xr[:, i * t:])
-            if self.sm_carveout:
-                torch._C._set_sm_carveout_experimental(prev)
+            for i, band in enumerate(bands):
+                _addmm_xtx(band, x[:, i * t:(i + 1) * t], x[:, i * t:])
         if side is not None:
             x.record_stream(side)   # x's memory is not reused before the side stream is done with it
         self.counts[g.key] += int(x.shape[0])
