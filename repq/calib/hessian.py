@@ -134,17 +134,14 @@ def _addmm_xtx(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 def band_rows(dim: int) -> int:
     """Row height of the bands in which a dim × dim Σ x xᵀ is accumulated (``dim``: no banding).
 
-    Σ x xᵀ is symmetric, so only its upper triangle needs computing.  It is accumulated as k
-    horizontal bands of t = dim / k rows, band i holding rows [i·t, (i+1)·t) from column i·t on:
-    one GEMM X[:, band]ᵀ X[:, i·t:] each, (k + 1) / 2k of the full product's flops (0.52 for
-    n_ff 14336 at t = 512) with every GEMM still large.  Small inputs take one full GEMM.
+    Σ x xᵀ is symmetric, so only its upper triangle needs computing.  It is accumulated as
+    k = ⌈dim / t⌉ horizontal bands of t rows (the last one shorter when t does not divide dim),
+    band i holding rows [i·t, (i+1)·t) from column i·t on: one GEMM X[:, band]ᵀ X[:, i·t:] each,
+    about (k + 1) / 2k of the full product's flops (0.52 for n_ff 14336) with every GEMM still
+    large.  512 rows was fastest on the H100 (``benchmarks/gpu/syrk_layouts.py``: 256 rows cost
+    18 % more for n = 14336, 1024 rows 4 %).  Small inputs take one full GEMM.
     """
-    if dim < 1024:
-        return dim
-    for t in (512, 384, 256, 128):
-        if dim % t == 0:
-            return t
-    return dim
+    return dim if dim < 1024 else 512
 
 
 class HessianAccumulator:
@@ -193,7 +190,7 @@ class HessianAccumulator:
 
     def _bands(self, dim: int, device: torch.device) -> list[torch.Tensor]:
         t = self.band(dim)
-        return [torch.zeros(t, dim - i, dtype=torch.float32, device=device) for i in range(0, dim, t)]
+        return [torch.zeros(min(t, dim - i), dim - i, dtype=torch.float32, device=device) for i in range(0, dim, t)]
 
     def add(self, g: InputGroup, x: torch.Tensor) -> None:
         """Add the rows of x (rows, dim) to group g."""

@@ -178,25 +178,27 @@ def run_hessian(model, chunks, out, fp: str | None = None, **kw) -> None:
 
 @pytest.fixture(params=["full", "banded"])
 def banding(request, monkeypatch):
-    """Run a test with one GEMM per input and again with 16-row upper-triangle bands (the path
-    that real models, n_embd ≥ 1024, take)."""
+    """Run a test with one GEMM per input and again with 24-row upper-triangle bands, the last one
+    shorter where 24 does not divide the width (the path that real models, n_embd ≥ 1024, take)."""
     if request.param == "banded":
-        monkeypatch.setattr(H, "band_rows", lambda d: 16 if d > 16 and d % 16 == 0 else d)
+        monkeypatch.setattr(H, "band_rows", lambda d: 24 if d > 24 else d)
     return request.param
 
 
-def test_banded_accumulator_equals_xtx_and_round_trips():
+@pytest.mark.parametrize("dim,shapes", [(48, [(16, 48), (16, 32), (16, 16)]),
+                                        (50, [(16, 50), (16, 34), (16, 18), (2, 2)])])
+def test_banded_accumulator_equals_xtx_and_round_trips(dim, shapes):
     from repq.calib.hooks import InputGroup
 
-    g = InputGroup(key="k", consumers=("k",), dim=48, module=None)
+    g = InputGroup(key="k", consumers=("k",), dim=dim, module=None)
     acc = H.HessianAccumulator([g], band=lambda d: 16, flush_every=2)
     full = H.HessianAccumulator([g], band=lambda d: d, flush_every=2)
-    xs = [torch.randn(20, 48, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    xs = [torch.randn(20, dim, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     for x in xs:
         acc.add(g, x), full.add(g, x), acc.end_batch(), full.end_batch()
-    assert [tuple(b.shape) for b in acc.pending["k"]] == [(16, 48), (16, 32), (16, 16)]
+    assert [tuple(b.shape) for b in acc.pending["k"]] == shapes
     t, md = acc.state()                                   # batch 3 pending: the fp32 bands round-trip
-    assert t["pending/k"].shape == (48, 48) and torch.equal(t["pending/k"], t["pending/k"].T)
+    assert t["pending/k"].shape == (dim, dim) and torch.equal(t["pending/k"], t["pending/k"].T)
     again = H.HessianAccumulator([g], band=lambda d: 16, flush_every=2)
     again.load_state(t, md)
     assert all(torch.equal(a, b) for a, b in zip(again.pending["k"], acc.pending["k"], strict=True))
@@ -206,7 +208,7 @@ def test_banded_accumulator_equals_xtx_and_round_trips():
     torch.testing.assert_close(acc.sums["k"], full.sums["k"], rtol=1e-6, atol=1e-5)
     assert torch.equal(acc.sums["k"], acc.sums["k"].T) and acc.counts["k"] == 60
     assert H.band_rows(14336) == 512 and H.band_rows(4096) == 512 and H.band_rows(576) == 576
-    assert H.band_rows(1536) == 512 and H.band_rows(1000) == 1000
+    assert H.band_rows(1536) == 512 and H.band_rows(1000) == 1000 and H.band_rows(11008) == 512
 
 
 def test_hessian_equals_xtx_and_imatrix(tmp_path, banding):
