@@ -16,7 +16,7 @@ DATA_DIR := $(REPQ_CACHE)/data
 REF_F32 := $(MODEL_DIR)/smollm2-135m-f32.gguf
 export LLAMA_CPP_LIB_PATH := $(CURDIR)/native/build/bin
 
-.PHONY: help setup vendor native model data demo test test-fast test-slow bench bench-ldlq bench-distill-cpu lint fmt clean
+.PHONY: help setup vendor native model data demo test test-fast test-slow test-gpu bench bench-ldlq bench-distill-cpu lint fmt clean
 
 help:
 	@echo "make setup      venv + Python deps + vendored llama.cpp + native build (cached)"
@@ -69,10 +69,15 @@ test-fast: setup
 	$(PY) -m pytest tests/unit -q
 
 test-slow: setup model data
-	$(PY) -m pytest tests -q -m slow
+	$(PY) -m pytest tests -q -m slow --ignore=tests/gpu
 
 test: setup model data
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q --ignore=tests/gpu
+
+# the CUDA paths against ggml and the CPU (tests/gpu; a GPU machine with the native build;
+# benchmarks/gpu/test_gpu.sh runs it on the device machine)
+test-gpu: setup
+	$(PY) -m pytest tests/gpu -q
 
 bench: setup model data
 	$(PY) benchmarks/bench_quantize.py

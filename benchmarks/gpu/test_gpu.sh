@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# GPU lease (carry .carry/g: the pruned vendor tree as llama.tgz and pytest's wheels): build the
+# CPU ggml (enough for ggml's encode/decode) and run tests/gpu, the CUDA paths against ggml and
+# the CPU.  The report comes back as $OUT/test_gpu.txt.
+set -uo pipefail
+mkdir -p vendor && tar xzf .carry/g/llama.tgz -C vendor
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/g/*.whl
+REPQ_CUDA=0 REPQ_CACHE=/tmp/rc JOBS=16 bash scripts/native.sh 2>&1 | tail -2
+export PYTHONPATH=/tmp/site:$PWD REPQ_CACHE=/tmp/rc
+nvidia-smi --query-gpu=name --format=csv,noheader | tee $OUT/test_gpu.txt
+python3 -m pytest tests/gpu -v -p no:cacheprovider 2>&1 | tee -a $OUT/test_gpu.txt | tail -25
