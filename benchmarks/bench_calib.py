@@ -79,7 +79,7 @@ def bench_cpu(args) -> dict:
 def bench_gpu(args) -> dict:
     import torch
 
-    from repq.calib.hessian import HessianAccumulator, _all_reduce, init_distributed, step
+    from repq.calib.hessian import HessianAccumulator, all_reduce_sums, init_distributed, step
     from repq.calib.hooks import input_groups
     from repq.model import ModelConfig, random_model
 
@@ -116,7 +116,7 @@ def bench_gpu(args) -> dict:
         def finish():
             acc.flush()
             if world > 1:
-                _all_reduce(acc, dev)
+                all_reduce_sums(acc, dev)
             acc.mirror()
         t = timed(lambda b: step(model, b, acc), finish)
         return t, acc

@@ -222,7 +222,9 @@ class HessianAccumulator:
         if not (band.is_cuda and self.acc_device.type == "cpu"):
             return band.to(self.acc_device)
         if self._stage is None or self._stage.numel() < band.numel():
-            self._stage = torch.empty(max(g.dim for g in self.groups) ** 2 // 2 + 1, pin_memory=True)
+            # the largest band of any group: its first (t × dim; the whole matrix when unbanded)
+            self._stage = torch.empty(max(min(self.band(g.dim), g.dim) * g.dim for g in self.groups),
+                                      pin_memory=True)
         stage = self._stage[: band.numel()].view_as(band)
         stage.copy_(band)
         return stage
@@ -424,7 +426,7 @@ def collect_hessians(lm: LoadedModel, chunks: np.ndarray | torch.Tensor, out_dir
             raise KeyboardInterrupt
     acc.flush()
     if world > 1:
-        _all_reduce(acc, device)
+        all_reduce_sums(acc, device)
     acc.mirror()
     bad = [k for k, v in acc.sums.items() if not bool(torch.isfinite(v).all())]
     if bad:
@@ -446,7 +448,7 @@ def collect_hessians(lm: LoadedModel, chunks: np.ndarray | torch.Tensor, out_dir
     return RunInfo(str(out), len(groups), n_chunk * n_ctx, n_chunk, start, time.time() - t0, rank, world)
 
 
-def _all_reduce(acc: HessianAccumulator, device: torch.device) -> None:
+def all_reduce_sums(acc: HessianAccumulator, device: torch.device) -> None:
     """Sum every rank's float64 sums (their upper bands: half the traffic; call before
     :meth:`HessianAccumulator.mirror`) and counts.  NCCL needs the tensors on the rank's GPU."""
     import torch.distributed as dist

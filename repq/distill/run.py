@@ -61,6 +61,7 @@ import numpy as np
 import torch
 
 from .. import mix
+from ..calib.hessian import HessianAccumulator, all_reduce_sums
 from ..calib.hooks import forward_with_hooks, input_groups
 from ..errors import InputFileError, MismatchError, UsageError
 from ..ggml import quants
@@ -428,37 +429,23 @@ class Distiller:
         # the same whatever the number of processes, so H differs between world sizes only by the
         # order of float64 additions (LDLQ then makes the same rounding decisions).
         batches = [idx[s:s + 8] for s in range(0, len(idx), 8)][self.rank::self.world]
-        sums = {g.key: torch.zeros(g.dim, g.dim, dtype=torch.float32, device=self.device) for g in groups}
-        total = {g.key: 0 for g in groups}
-        acc64 = {g.key: torch.zeros(g.dim, g.dim, dtype=torch.float64) for g in groups}
-
-        def add(g, x):
-            xf = x.float()
-            sums[g.key].addmm_(xf.t(), xf)
-            total[g.key] += int(x.shape[0])
-
+        # upper-triangle bands, 16-bit GEMMs with fp32 sums on the device, folded into float64 on
+        # the host after every batch (flush_every=1), all-reduced as upper bands
+        acc = HessianAccumulator(groups, "cpu", device=self.device, flush_every=1)
         compiled, self.student._compiled = self.student._compiled, None     # hooks need eager blocks
         try:
             with torch.no_grad(), _autocast(self.rt.device):
                 for b in batches:
-                    forward_with_hooks(self.student, self.chunks[b].to(self.device), groups, add)
-                    for k in sums:                       # fold into float64 every batch (bounded fp32 error)
-                        acc64[k] += sums[k].double().cpu()
-                        sums[k].zero_()
+                    forward_with_hooks(self.student, self.chunks[b].to(self.device), groups, acc.add)
+                    acc.end_batch()
         finally:
             self.student._compiled = compiled
         if self.dist is not None:
-            for k in sorted(acc64):
-                t = acc64[k].to(self.device) if self.dist.get_backend() == "nccl" else acc64[k]
-                self.dist.all_reduce(t)
-                acc64[k] = t.cpu()
-            c = torch.tensor([total[k] for k in sorted(total)], dtype=torch.int64,
-                             device=self.device if self.dist.get_backend() == "nccl" else "cpu")
-            self.dist.all_reduce(c)
-            total = dict(zip(sorted(total), c.tolist(), strict=True))
+            all_reduce_sums(acc, torch.device(self.device))
+        acc.mirror()
         out = {}
         for g in groups:
-            h = acc64[g.key] / max(1, total[g.key])
+            h = acc.sums[g.key] / max(1, acc.counts[g.key])
             for c in g.consumers:
                 out[c] = h
         return out
@@ -473,10 +460,9 @@ class Distiller:
             r = ldlq_quantize(w, h, p.dst_type, damp=self.cfg.damp, act_order=self.cfg.act_order,
                               device=self.rt.device, threads=self.rt.threads, scales=self.cfg.scales,
                               refit=self.cfg.refit)
-            scale = float(torch.einsum("ij,jk,ik->", torch.from_numpy(w.astype(np.float64)), h,
-                                       torch.from_numpy(w.astype(np.float64))))
-            info = {"method": "ldlq", "proxy_rel_err": r.proxy_loss / max(scale, 1e-300),
-                    "baseline_rel_err": r.baseline_loss / max(scale, 1e-300)}
+            scale = max(r.weight_energy, 1e-300)
+            info = {"method": "ldlq", "proxy_rel_err": r.proxy_loss / scale,
+                    "baseline_rel_err": r.baseline_loss / scale}
             raw = r.raw
         else:
             imp = None

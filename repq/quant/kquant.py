@@ -68,6 +68,7 @@ class QuantizedTensor:
     values: np.ndarray      # float32 (rows, n): ggml's dequantization of raw (what torch must use)
     proxy_loss: float       # tr(ΔW H ΔWᵀ) of LDLQ
     baseline_loss: float    # the same for ggml's own imatrix quantization (importance = diag H)
+    weight_energy: float = float("nan")  # tr(W H Wᵀ): the losses' scale, for relative errors
 
 
 def importance(h: torch.Tensor) -> np.ndarray:
@@ -144,6 +145,7 @@ def ldlq_quantize(w: np.ndarray | torch.Tensor, h: np.ndarray | torch.Tensor, gt
     # which are already on the device
     q_t = torch.from_numpy(values) if do_refit else res.q
     out = QuantizedTensor(raw=raw.reshape(-1), values=values, proxy_loss=proxy_loss_on(wt, q_t, ht),
-                          baseline_loss=proxy_loss_on(wt, base_t, ht))
+                          baseline_loss=proxy_loss_on(wt, base_t, ht),
+                          weight_energy=proxy_loss_on(wt, torch.zeros((), device=wt.device), ht))
     tick("losses")
     return out

@@ -51,10 +51,9 @@ def ldlq_tensor_quantizer(hessian_for: HessianLookup, *, damp: float = 0.01, act
                               scales=scales, refit=refit)
         except torch.linalg.LinAlgError as e:
             raise _not_factorable(p.name, h, damp) from e
-        scale = float(torch.einsum("ij,jk,ik->", torch.from_numpy(x.astype(np.float64)), h,
-                                   torch.from_numpy(x.astype(np.float64))))
-        return r.raw, {"method": "ldlq", "proxy_rel_err": r.proxy_loss / max(scale, 1e-300),
-                       "baseline_rel_err": r.baseline_loss / max(scale, 1e-300)}
+        scale = max(r.weight_energy, 1e-300)
+        return r.raw, {"method": "ldlq", "proxy_rel_err": r.proxy_loss / scale,
+                       "baseline_rel_err": r.baseline_loss / scale}
     return run
 
 

@@ -74,13 +74,14 @@ def test_triton_loop_agrees_with_torch_loop(layer, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_hessian_equals_xtx(dtype):
-    cfg = ModelConfig(arch="llama", n_layer=2, n_embd=1280, n_ff=2304, n_head=10, n_head_kv=2, n_vocab=300,
-                      rms_eps=1e-5, tied=False)
+@pytest.mark.parametrize("n_embd,n_ff", [(1280, 2304), (256, 512)])   # ragged 512-row bands; unbanded
+def test_cuda_hessian_equals_xtx(dtype, n_embd, n_ff):
+    cfg = ModelConfig(arch="llama", n_layer=2, n_embd=n_embd, n_ff=n_ff, n_head=n_embd // 128, n_head_kv=2,
+                      n_vocab=300, rms_eps=1e-5, tied=False)
     model = random_model(cfg, seed=3, device="cuda", dtype=dtype)
     groups = input_groups(model)
     tokens = torch.randint(0, cfg.n_vocab, (3, 64), generator=torch.Generator().manual_seed(0)).cuda()
-    acc = HessianAccumulator(groups, "cpu", device="cuda", flush_every=2)   # 1280, 2304: ragged 512-row bands
+    acc = HessianAccumulator(groups, "cpu", device="cuda", flush_every=2)   # float64 sums on the host
     for b in tokens.split(1):
         forward_with_hooks(model, b, groups, acc.add)
         acc.end_batch()

@@ -42,6 +42,7 @@ def test_exact_decode_and_lower_loss_than_ggml(layer, name):
     np.testing.assert_array_equal(quants.dequantize(t, r.raw, w.shape[1]), r.values)
     assert r.proxy_loss < 0.95 * r.baseline_loss
     assert r.proxy_loss == pytest.approx(proxy_loss(w, r.values, h), rel=1e-9)   # the written values' loss
+    assert r.weight_energy == pytest.approx(proxy_loss(w, np.zeros_like(w), h), rel=1e-12)   # tr(W H Wᵀ)
 
 
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "IQ4_NL", "Q6_K"])
