@@ -242,6 +242,14 @@ class Calibration:
         return h.hexdigest()
 
 
+def load_calibration_with(path: str | os.PathLike, gguf_path: str | os.PathLike, *, n_ctx: int = 512,
+                          n_chunks: int | None = None) -> tuple[Calibration, int]:
+    """:func:`load_calibration` with llama.cpp's tokenizer of ``gguf_path``: (calibration, the
+    tokenizer's vocabulary size)."""
+    with Tokenizer(gguf_path) as tok:
+        return load_calibration(path, tok, n_ctx=n_ctx, n_chunks=n_chunks), tok.n_vocab
+
+
 def load_calibration(path: str | os.PathLike, tok: Tokenizer, *, n_ctx: int = 512,
                      n_chunks: int | None = None) -> Calibration:
     """Tokenize and chunk a calibration file.
@@ -461,32 +469,6 @@ def byte_vocab_kv(*, chat_template: bool = True, add_bos: bool = True) -> list[t
     if chat_template:
         kv.append(("tokenizer.chat_template", G.STRING, CHATML_TEMPLATE, None))
     return kv
-
-
-# --------------------------------------------------------------------------------------------------
-# tokenizing in a child process
-# --------------------------------------------------------------------------------------------------
-
-def _calibration_child(path: str, gguf_path: str, n_ctx: int, n_chunks: int | None) -> tuple[Calibration, int]:
-    with Tokenizer(gguf_path) as tok:
-        return load_calibration(path, tok, n_ctx=n_ctx, n_chunks=n_chunks), tok.n_vocab
-
-
-def load_calibration_isolated(path: str | os.PathLike, gguf_path: str | os.PathLike, *, n_ctx: int = 512,
-                              n_chunks: int | None = None) -> tuple[Calibration, int]:
-    """:func:`load_calibration` with llama.cpp's tokenizer in a spawned child process.
-
-    Returns (calibration, tokenizer vocabulary size).  For processes that use CUDA through torch:
-    loading libllama and its OpenMP/CUDA runtimes into the same process as torch's crashed on the
-    H100 machines (segfaults in `repq hessian --device cuda` and `repq distill --device cuda`),
-    while torch and ggml-base alone (quantization) work.  Errors raised in the child (bad data,
-    text too short) are re-raised here unchanged.
-    """
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as ex:
-        return ex.submit(_calibration_child, str(path), str(gguf_path), n_ctx, n_chunks).result()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ def _setup(device: str, dtype: str, threads: int):
 
 def _load(model: Path, data: Path, vocab: Path | None, device: str, dtype, ctx: int, chunks: int, out: Output):
     """Model on device + calibration chunks tokenized by llama.cpp."""
-    from ..data import Tokenizer, load_calibration, load_calibration_isolated
+    from ..data import load_calibration_with
     from ..model import load_model
     from ..model.llama import load_config
 
@@ -60,11 +60,7 @@ def _load(model: Path, data: Path, vocab: Path | None, device: str, dtype, ctx: 
     if vocab_path is None:
         raise UsageError(f"{model}: an HF directory needs --vocab FILE.gguf (llama.cpp tokenizes from a GGUF)")
     n_chunks = None if chunks < 0 else chunks
-    if device.startswith("cuda"):   # libllama next to torch's CUDA crashed on H100s: tokenize in a child
-        cal, n_vocab = load_calibration_isolated(data, vocab_path, n_ctx=ctx, n_chunks=n_chunks)
-    else:
-        with Tokenizer(vocab_path) as tok:
-            cal, n_vocab = load_calibration(data, tok, n_ctx=ctx, n_chunks=n_chunks), tok.n_vocab
+    cal, n_vocab = load_calibration_with(data, vocab_path, n_ctx=ctx, n_chunks=n_chunks)
     lm = load_model(model, device=device, dtype=dtype)
     if n_vocab != lm.config.n_vocab:
         raise UsageError(f"{vocab_path}: vocabulary of {n_vocab} tokens, the model has {lm.config.n_vocab}")

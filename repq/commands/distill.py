@@ -66,7 +66,7 @@ def distill(
 
         _spin_less()
         from ..calib.hessian import init_distributed
-        from ..data import load_calibration_isolated, load_token_chunks
+        from ..data import load_calibration_with, load_token_chunks
         from ..distill.groups import parse_groups
         from ..distill.run import DistillConfig, Distiller, Runtime
         from ..model.llama import load_config
@@ -86,8 +86,8 @@ def distill(
         n_chunks = None if chunks < 0 else chunks
         if data.suffix.lower() == ".npy":   # chunks from `repq tokenize`
             cal = load_token_chunks(data, n_ctx=seq_len, n_vocab=mcfg.n_vocab, n_chunks=n_chunks)
-        else:  # llama.cpp's tokenizer in a child process: libllama next to torch's CUDA crashed on H100s
-            cal, n_vocab = load_calibration_isolated(data, vocab or gguf_path, n_ctx=seq_len, n_chunks=n_chunks)
+        else:
+            cal, n_vocab = load_calibration_with(data, vocab or gguf_path, n_ctx=seq_len, n_chunks=n_chunks)
             if n_vocab != mcfg.n_vocab:
                 raise UsageError(f"{vocab or gguf_path}: vocabulary of {n_vocab} tokens, the model has {mcfg.n_vocab}")
         out.log(f"{data}: {cal.n_tokens_file:,} tokens → {len(cal.chunks)} sequences of {cal.n_ctx}")
