@@ -138,3 +138,12 @@ def llama_cpp_logits(gguf_path: Path, text: str) -> tuple[list[int], np.ndarray]
         return ids, np.array(llm.scores[: len(ids)])
     finally:
         llm.close()
+
+
+def correlated_layer(n: int, m: int, samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A (m, n) float32 weight and the float64 Hessian Xᵀ X / samples of correlated inputs with a
+    few outlier channels (like real LLM inputs): LDLQ's test case."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((samples, n))
+    x = z @ (np.eye(n) + 0.5 * rng.standard_normal((n, n)) / np.sqrt(n)) * (1 + 4 * (rng.random(n) < 0.05))
+    return (0.05 * rng.standard_normal((m, n))).astype(np.float32), x.T @ x / len(x)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import correlated_layer
 
 from repq import mix
 from repq.calib.hessian import HessianAccumulator
@@ -36,11 +37,7 @@ def _lib(native):
 @pytest.fixture(scope="module")
 def layer():
     """A weight and a correlated Hessian with a few outlier input channels."""
-    rng = np.random.default_rng(1)
-    n, m = 512, 96
-    z = rng.standard_normal((4096, n))
-    x = z @ (np.eye(n) + 0.5 * rng.standard_normal((n, n)) / np.sqrt(n)) * (1 + 4 * (rng.random(n) < 0.05))
-    return (0.05 * rng.standard_normal((m, n))).astype(np.float32), x.T @ x / len(x)
+    return correlated_layer(512, 96, 4096, seed=1)
 
 
 @pytest.mark.parametrize("name", ["Q4_K", "Q4_0", "Q3_K", "Q6_K", "IQ4_XS"])

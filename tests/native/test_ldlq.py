@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import correlated_layer
 
 from repq import mix
 from repq.ggml import quants
@@ -24,12 +25,7 @@ def _lib(native):
 @pytest.fixture(scope="module")
 def layer():
     """A weight and a correlated Hessian with a few outlier input channels (like real LLM inputs)."""
-    rng = np.random.default_rng(0)
-    n, m = 256, 48
-    z = rng.standard_normal((2048, n))
-    mixm = np.eye(n) + 0.5 * rng.standard_normal((n, n)) / np.sqrt(n)
-    x = z @ mixm * (1 + 4 * (rng.random(n) < 0.05))
-    return (0.05 * rng.standard_normal((m, n))).astype(np.float32), x.T @ x / len(x)
+    return correlated_layer(256, 48, 2048, seed=0)
 
 
 @pytest.mark.parametrize("name", TYPES)
