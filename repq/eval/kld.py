@@ -40,12 +40,14 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputFileError, MismatchError, UsageError
+from . import ppl
 from .ppl import (
     F32,
     F64,
     EvalConfig,
     Session,
     check_same_tokenizer,
+    decode_ahead,
     expf,
     iter_chunk_logits,
     map_rows,
@@ -491,7 +493,8 @@ def kl_divergence(model: str | os.PathLike, base: BaseLogits, cfg: EvalConfig, *
         first = n_ctx // 2
         sums = KldSums()
         kld_vals, dp_vals, chunks = [], [], []
-        for i, logits in iter_chunk_logits(s, base.tokens, n_ctx, base.n_chunk, n_seq, n_batch):
+        for i, logits in decode_ahead(iter_chunk_logits(s, base.tokens, n_ctx, base.n_chunk, n_seq, n_batch),
+                                      ppl.overlap_decode(s)):
             targets = base.tokens[i * n_ctx + first + 1:(i + 1) * n_ctx]
             for nll, nll_b, kld, p_diff, same in map_rows(kld_rows, len(targets), s.threads,
                                                           logits, base.chunk(i), targets):

@@ -30,6 +30,8 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -196,6 +198,8 @@ class Session:
         self.ctx = None
         self.new_context(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_seq_max=n_seq_max)
         self.vocab = L.llama_model_get_vocab(self.model)
+        #: the model's layers run on a GPU: decoding leaves the CPU free for scoring
+        self.offloaded = bool(n_gpu_layers != 0 and L.llama_supports_gpu_offload())
         self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))
         self.add_bos = bool(L.llama_vocab_get_add_bos(self.vocab))
         self.bos = int(L.llama_vocab_bos(self.vocab))
@@ -365,6 +369,60 @@ def iter_chunk_logits(s: Session, tokens: np.ndarray, n_ctx: int, n_chunk: int, 
         else:
             for q in range(nsb):
                 yield i + q, s.logits_ith(q * n_ctx + first, n_rows)
+
+
+def overlap_decode(s: Session) -> bool:
+    """Whether to decode ahead (:func:`decode_ahead`): only when a GPU decodes, since on the CPU
+    decoding and scoring would compete for the same cores."""
+    return s.offloaded
+
+
+def decode_ahead(chunks: Iterator[tuple[int, np.ndarray]], enabled: bool) -> Iterator[tuple[int, np.ndarray]]:
+    """``chunks`` (:func:`iter_chunk_logits`), decoded one chunk ahead on a thread when ``enabled``.
+
+    With the model on a GPU, chunk i + 1 then decodes while the caller scores chunk i on the CPU
+    (ctypes and numpy both release the GIL).  Items are copied out of llama.cpp's buffer before the
+    decoder moves on, and arrive in order, so the numbers are those of the plain loop.  The session
+    must not be used by the caller until the iterator is exhausted or closed.
+    """
+    if not enabled:
+        yield from chunks
+        return
+    q: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for i, x in chunks:
+                if not put((i, np.array(x, copy=True))):
+                    return
+            put(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            put(e)
+
+    t = threading.Thread(target=work, name="repq-decode", daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        t.join()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,7 +621,8 @@ def perplexity(model: str | os.PathLike, data: str | os.PathLike, cfg: EvalConfi
         count = 0
         running = []
         try:
-            for i, logits in iter_chunk_logits(s, tokens, cfg.n_ctx, n_chunk, n_seq, n_batch):
+            for i, logits in decode_ahead(iter_chunk_logits(s, tokens, cfg.n_ctx, n_chunk, n_seq, n_batch),
+                                          overlap_decode(s)):
                 targets = tokens[i * cfg.n_ctx + first + 1:(i + 1) * cfg.n_ctx]
                 if writer is not None:
                     parts = map_rows(compress_rows, len(targets), s.threads, logits, targets)

@@ -160,6 +160,43 @@ def test_kld_both_ways_with_llama_perplexity(files):
     assert own["kld"]["mean"] < 1e-4 and own["same_top"]["value"] == 1.0
 
 
+def test_decode_ahead_gives_the_same_numbers(files, monkeypatch):
+    """With the model on a GPU, the next chunk decodes on a thread while this one is scored; forced
+    on here (CPU), ppl and kld must not change by a bit."""
+    from repq.eval import ppl as P
+
+    args = ("--data", files["text"], "-c", 64, "-t", 2, "--chunks", 5)
+    plain = ok_json("ppl", files["a"], *args), ok_json("kld", files["a"], files["b"], *args)["stats"]
+    monkeypatch.setattr(P, "overlap_decode", lambda s: True)
+    ahead = ok_json("ppl", files["a"], *args), ok_json("kld", files["a"], files["b"], *args)["stats"]
+    assert (plain[0]["ppl"], plain[0]["chunks"]) == (ahead[0]["ppl"], ahead[0]["chunks"])
+    assert plain[1] == ahead[1]
+
+
+def test_decode_ahead_copies_orders_raises_and_stops():
+    import threading
+
+    from repq.eval.ppl import decode_ahead
+
+    buf = np.zeros(3)
+
+    def chunks(n, fail_at=None):
+        for i in range(n):          # one buffer reused, like llama.cpp's logits
+            if i == fail_at:
+                raise RuntimeError("decode failed")
+            buf[:] = i
+            yield i, buf
+
+    got = [(i, x.copy()) for i, x in decode_ahead(chunks(6), True)]
+    assert [i for i, _ in got] == list(range(6)) and all((x == i).all() for i, x in got)
+    with pytest.raises(RuntimeError, match="decode failed"):
+        list(decode_ahead(chunks(6, fail_at=3), True))
+    it = decode_ahead(chunks(100), True)
+    next(it)
+    it.close()                          # the consumer stops early: the decoder thread ends too
+    assert not any(t.name == "repq-decode" for t in threading.enumerate())
+
+
 def test_kld_quantized_kv_cache(files):
     base = files["dir"] / "a.kld"
     if not base.exists():
