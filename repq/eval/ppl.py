@@ -621,8 +621,8 @@ def perplexity(model: str | os.PathLike, data: str | os.PathLike, cfg: EvalConfi
         count = 0
         running = []
         try:
-            for i, logits in decode_ahead(iter_chunk_logits(s, tokens, cfg.n_ctx, n_chunk, n_seq, n_batch),
-                                          overlap_decode(s)):
+            # no decode_ahead here: its copy of the logits costs about what the nll scoring does
+            for i, logits in iter_chunk_logits(s, tokens, cfg.n_ctx, n_chunk, n_seq, n_batch):
                 targets = tokens[i * cfg.n_ctx + first + 1:(i + 1) * cfg.n_ctx]
                 if writer is not None:
                     parts = map_rows(compress_rows, len(targets), s.threads, logits, targets)
