@@ -1,4 +1,4 @@
-"""Q4_K grid fitting and packing in torch, for LDLQ on a GPU.
+"""Q4_K and Q5_K grid fitting and packing in torch, for LDLQ on a GPU.
 
 On the CPU, LDLQ's grid is ggml's own imatrix quantization (``GgmlGrid.fit_all``: one
 ``ggml_quantize_chunk`` call).  On a GPU that call is the slowest step of the whole tensor (a
@@ -8,17 +8,21 @@ module runs the same search, vectorised over every block, on the tensor's device
 * weights: for each 256-super-block with Σx² = s, sub-block element weight
   ``imp · sqrt(2s/256 + x²)`` (``imp`` = the importance vector, diag H here);
 * per 32-sub-block: the weighted (scale, min) search over 37 candidate inverse scales
-  ``(−0.9 + 0.05·k + 15) / (max − min)``, each followed by the closed-form weighted least-squares
+  ``(−0.9 + 0.05·k + nmax) / (max − min)`` (nmax 15 for Q4_K, 31 for Q5_K), each followed by
+  the closed-form weighted least-squares
   (scale, min) for its codes, keeping the lowest weighted squared error (``min`` clamped to ≤ 0);
 * per super-block: the 8 scales and the 8 mins quantized to 6 bits under fp16 super-scales
   ``d``/``dmin`` by the same 9-candidate search plus coordinate-descent refinement, weighted by
   each sub-block's total weight.
 
-It is written from the description of llama.cpp's ``quantize_row_q4_K_impl`` and follows its
+It is written from the description of llama.cpp's ``quantize_row_q4_K_impl`` /
+``quantize_row_q5_K_impl`` (the same search but for the number of levels) and follows their
 choices step for step (candidate order, strict improvements, round-half-to-even), so the grid is
 the one llama-quantize would pick up to float summation order: tests compare the bytes with
-ggml's and the weighted error of both.  :func:`pack_q4_k` writes the 144-byte ggml blocks
-(``d``, ``dmin``, 12 packed 6-bit scale/min bytes, 128 bytes of 4-bit codes) on the device.
+ggml's and the weighted error of both.  :func:`pack_q4_k` writes the 144-byte Q4_K blocks (``d``,
+``dmin``, 12 packed 6-bit scale/min bytes, 128 bytes of 4-bit codes) on the device, and
+:func:`pack_q5_k` the 176-byte Q5_K blocks (the same 16 bytes, then 32 bytes of fifth bits and
+the 128 bytes of low nibbles).
 """
 
 from __future__ import annotations
@@ -30,19 +34,20 @@ import torch
 
 QK_K = 256
 SUB = 32
-NMAX = 15
-BLOCK_BYTES = 144
+NMAX = {"Q4_K": 15, "Q5_K": 31}            #: highest code of each supported type
+BLOCK_BYTES = {"Q4_K": 144, "Q5_K": 176}
 
 
 @dataclass
 class Q4KGrid:
-    """Fitted Q4_K grid of a (rows, n) weight: per super-block fp16 ``d``/``dmin`` (rows, nb) and
-    per sub-block 6-bit ``sc``/``mn`` (rows, nb, 8)."""
+    """Fitted Q4_K or Q5_K grid of a (rows, n) weight: per super-block fp16 ``d``/``dmin``
+    (rows, nb), per sub-block 6-bit ``sc``/``mn`` (rows, nb, 8), and the highest code ``nmax``."""
 
     d: torch.Tensor
     dmin: torch.Tensor
     sc: torch.Tensor
     mn: torch.Tensor
+    nmax: int = 15
 
     def ab(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B), each float32 (rows, n / 32): sub-block values decode to fl32(A·code + B), as
@@ -55,7 +60,7 @@ class Q4KGrid:
         return a.reshape(rows, -1), b.reshape(rows, -1)
 
 
-def _qkx3(x: torch.Tensor, w: torch.Tensor, nstep: int = 36, rmin: float = -0.9,
+def _qkx3(x: torch.Tensor, w: torch.Tensor, nmax: int, nstep: int = 36, rmin: float = -0.9,
           rdelta: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted (scale, −min) per row of x (S, 32) with weights w: ``make_qkx3_quants``' search.
 
@@ -68,14 +73,14 @@ def _qkx3(x: torch.Tensor, w: torch.Tensor, nstep: int = 36, rmin: float = -0.9,
     one = torch.ones_like(hi)
     sum_w = w.sum(-1)
     sum_x = (w * x).sum(-1)
-    iscale = NMAX / torch.where(flat, one, hi - lo)
+    iscale = nmax / torch.where(flat, one, hi - lo)
     scale = 1.0 / iscale
-    lv = torch.round(iscale[:, None] * (x - lo[:, None])).clamp_(0, NMAX)
+    lv = torch.round(iscale[:, None] * (x - lo[:, None])).clamp_(0, nmax)
     best = (w * (scale[:, None] * lv + lo[:, None] - x) ** 2).sum(-1)
     for k in range(nstep + 1):
         rng = torch.where(flat, one, hi - lo)
-        isc = (rmin + rdelta * k + NMAX) / rng
-        la = torch.round(isc[:, None] * (x - lo[:, None])).clamp_(0, NMAX)
+        isc = (rmin + rdelta * k + nmax) / rng
+        la = torch.round(isc[:, None] * (x - lo[:, None])).clamp_(0, nmax)
         wl = w * la
         sum_l = wl.sum(-1)
         sum_l2 = (wl * la).sum(-1)
@@ -135,9 +140,10 @@ def _qp(x: torch.Tensor, w: torch.Tensor, nmax: int = 63) -> tuple[torch.Tensor,
 
 
 @torch.inference_mode()
-def fit_q4_k(w: torch.Tensor, importance: torch.Tensor, *, chunk_rows: int = 4096) -> Q4KGrid:
-    """Fit the Q4_K grid of W (rows, n; n a multiple of 256) on W's device: llama.cpp's search
-    *with* an importance vector (without one llama.cpp runs a different, older search).
+def fit_q4_k(w: torch.Tensor, importance: torch.Tensor, *, chunk_rows: int = 4096, nmax: int = 15) -> Q4KGrid:
+    """Fit the Q4_K (``nmax`` 15) or Q5_K (``nmax`` 31) grid of W (rows, n; n a multiple of 256)
+    on W's device: llama.cpp's search *with* an importance vector (without one llama.cpp runs a
+    different, older search).
 
     Args:
         importance: (n,) float weights of the columns (diag H, as an imatrix).
@@ -154,7 +160,7 @@ def fit_q4_k(w: torch.Tensor, importance: torch.Tensor, *, chunk_rows: int = 409
         r = x.shape[0]
         sigma2 = 2.0 * (x * x).sum((-1, -2)) / QK_K                               # (r, nb)
         wt = imp * torch.sqrt(sigma2[..., None, None] + x * x)
-        scale, mins = _qkx3(x.reshape(-1, SUB), wt.reshape(-1, SUB))
+        scale, mins = _qkx3(x.reshape(-1, SUB), wt.reshape(-1, SUB), nmax)
         sw = wt.sum(-1).reshape(-1, 8)
         ls, d = _qp(scale.reshape(-1, 8), sw)
         lm, dm = _qp(mins.reshape(-1, 8), sw)
@@ -162,55 +168,86 @@ def fit_q4_k(w: torch.Tensor, importance: torch.Tensor, *, chunk_rows: int = 409
         out["dmin"].append(dm.to(torch.float16).reshape(r, nb))
         out["sc"].append(ls.reshape(r, nb, 8))
         out["mn"].append(lm.reshape(r, nb, 8))
-    return Q4KGrid(**{k: torch.cat(v) for k, v in out.items()})
+    return Q4KGrid(**{k: torch.cat(v) for k, v in out.items()}, nmax=nmax)
 
 
 def codes_q4_k(w: torch.Tensor, grid: Q4KGrid) -> torch.Tensor:
     """The nearest code of every weight on the grid (int64, (rows, n)): ggml's final rounding
-    ``clamp(round((x + dmin·m) / (d·sc)), 0, 15)``; 0 where d·sc = 0 (every code decodes alike)."""
+    ``clamp(round((x + dmin·m) / (d·sc)), 0, nmax)``; 0 where d·sc = 0 (every code decodes alike)."""
     rows, n = w.shape
     d = grid.d.float()[..., None] * grid.sc.float()
     dm = grid.dmin.float()[..., None] * grid.mn.float()
     x = w.to(torch.float32).reshape(rows, -1, 8, SUB)
     safe = torch.where(d == 0, torch.ones_like(d), d)
-    q = torch.round((x + dm[..., None]) / safe[..., None]).clamp_(0, NMAX)
+    q = torch.round((x + dm[..., None]) / safe[..., None]).clamp_(0, grid.nmax)
     q = torch.where((d == 0)[..., None], torch.zeros_like(q), q)
     return q.reshape(rows, n).long()
+
+
+def _head(grid: Q4KGrid, nbytes: int, device) -> torch.Tensor:
+    """(rows, nb, nbytes) uint8 blocks with the 16 bytes Q4_K and Q5_K share filled in: fp16 ``d``,
+    fp16 ``dmin``, and the 8 scales and 8 mins packed into 12 bytes (6 bits each)."""
+    rows, nb = grid.d.shape
+    blk = torch.empty(rows, nb, nbytes, dtype=torch.uint8, device=device)
+    blk[..., 0:2] = grid.d.contiguous().view(torch.uint8).reshape(rows, nb, 2)
+    blk[..., 2:4] = grid.dmin.contiguous().view(torch.uint8).reshape(rows, nb, 2)
+    ls, lm = grid.sc.to(torch.int32), grid.mn.to(torch.int32)
+    s = torch.zeros(rows, nb, 12, dtype=torch.int32, device=device)
+    s[..., 0:4] = ls[..., 0:4] | ((ls[..., 4:8] >> 4) << 6)
+    s[..., 4:8] = lm[..., 0:4] | ((lm[..., 4:8] >> 4) << 6)
+    s[..., 8:12] = (ls[..., 4:8] & 0xF) | ((lm[..., 4:8] & 0xF) << 4)
+    blk[..., 4:16] = s.to(torch.uint8)
+    return blk
+
+
+def _nibbles(q: torch.Tensor) -> torch.Tensor:
+    """Codes (rows, nb, 4, 2, 32) → 128 bytes per block: each 64-value chunk's first 32 codes in the
+    low nibbles, its last 32 in the high nibbles."""
+    rows, nb = q.shape[:2]
+    return (q[..., 0, :] | (q[..., 1, :] << 4)).to(torch.uint8).reshape(rows, nb, 128)
 
 
 def pack_q4_k(grid: Q4KGrid, codes: torch.Tensor) -> torch.Tensor:
     """ggml Q4_K bytes, uint8 (rows, n / 256 · 144), of the grid with these codes (0..15)."""
     rows, nb = grid.d.shape
-    blk = torch.empty(rows, nb, BLOCK_BYTES, dtype=torch.uint8, device=codes.device)
-    blk[..., 0:2] = grid.d.contiguous().view(torch.uint8).reshape(rows, nb, 2)
-    blk[..., 2:4] = grid.dmin.contiguous().view(torch.uint8).reshape(rows, nb, 2)
-    ls, lm = grid.sc.to(torch.int32), grid.mn.to(torch.int32)
-    s = torch.zeros(rows, nb, 12, dtype=torch.int32, device=codes.device)
-    s[..., 0:4] = ls[..., 0:4] | ((ls[..., 4:8] >> 4) << 6)
-    s[..., 4:8] = lm[..., 0:4] | ((lm[..., 4:8] >> 4) << 6)
-    s[..., 8:12] = (ls[..., 4:8] & 0xF) | ((lm[..., 4:8] & 0xF) << 4)
-    blk[..., 4:16] = s.to(torch.uint8)
-    q = codes.to(torch.int32).reshape(rows, nb, 4, 2, SUB)                  # 64-value chunks: low, high nibble
-    blk[..., 16:] = (q[..., 0, :] | (q[..., 1, :] << 4)).to(torch.uint8).reshape(rows, nb, 128)
-    return blk.reshape(rows, nb * BLOCK_BYTES)
+    blk = _head(grid, BLOCK_BYTES["Q4_K"], codes.device)
+    blk[..., 16:] = _nibbles(codes.to(torch.int32).reshape(rows, nb, 4, 2, SUB))
+    return blk.reshape(rows, nb * BLOCK_BYTES["Q4_K"])
+
+
+def pack_q5_k(grid: Q4KGrid, codes: torch.Tensor) -> torch.Tensor:
+    """ggml Q5_K bytes, uint8 (rows, n / 256 · 176), of the grid with these codes (0..31).
+
+    After the 16 shared bytes come ``qh`` (32 bytes: bit 2c of byte j is the fifth bit of code
+    64c + j, bit 2c + 1 that of code 64c + 32 + j) and ``qs`` (the low 4 bits, as in Q4_K)."""
+    rows, nb = grid.d.shape
+    blk = _head(grid, BLOCK_BYTES["Q5_K"], codes.device)
+    q = codes.to(torch.int32).reshape(rows, nb, 4, 2, SUB)
+    hi = (q >> 4) & 1
+    shift = (2 * torch.arange(4, device=q.device)[:, None] + torch.arange(2, device=q.device)[None, :])
+    blk[..., 16:48] = (hi << shift[..., None]).sum((2, 3)).to(torch.uint8)
+    blk[..., 48:] = _nibbles(q & 0xF)
+    return blk.reshape(rows, nb * BLOCK_BYTES["Q5_K"])
 
 
 def supported(gtype: int) -> bool:
     """Whether this module fits ``gtype``'s grid (LDLQ on a GPU uses it rather than ggml on the CPU)."""
     from .. import mix
 
-    return mix.type_name(gtype) == "Q4_K"
+    return mix.type_name(gtype) in NMAX
 
 
 class TorchQ4KGrid:
-    """:class:`repq.quant.kquant.GgmlGrid`'s static-grid interface for Q4_K, fitted and packed on
-    the weight's device by :func:`fit_q4_k` / :func:`pack_q4_k` (decoding stays ggml's)."""
+    """:class:`repq.quant.kquant.GgmlGrid`'s static-grid interface for Q4_K and Q5_K, fitted and
+    packed on the weight's device by :func:`fit_q4_k` / :func:`pack_q4_k` / :func:`pack_q5_k`
+    (decoding stays ggml's)."""
 
     def __init__(self, gtype: int, rows: int, n_per_row: int, importance: np.ndarray):
         from .. import mix
 
-        if mix.type_name(gtype) != "Q4_K":
-            raise ValueError(f"TorchQ4KGrid is for Q4_K, not {mix.type_name(gtype)}")
+        self.name = mix.type_name(gtype)
+        if self.name not in NMAX:
+            raise ValueError(f"TorchQ4KGrid is for {', '.join(NMAX)}, not {self.name}")
         self.gtype, self.rows, self.n = gtype, rows, n_per_row
         self.importance = np.ascontiguousarray(importance, np.float32)
         self.grid: Q4KGrid | None = None
@@ -218,7 +255,7 @@ class TorchQ4KGrid:
 
     def fit_all(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._w = w
-        self.grid = fit_q4_k(w, torch.from_numpy(self.importance))
+        self.grid = fit_q4_k(w, torch.from_numpy(self.importance), nmax=NMAX[self.name])
         return self.grid.ab()
 
     @property
@@ -234,7 +271,8 @@ class TorchQ4KGrid:
         return a.repeat_interleave(SUB, 1) * codes + b.repeat_interleave(SUB, 1)
 
     def pack(self, codes: torch.Tensor) -> np.ndarray:
-        return pack_q4_k(self.grid, codes.to(self.grid.d.device)).cpu().numpy()
+        pack = pack_q5_k if self.name == "Q5_K" else pack_q4_k
+        return pack(self.grid, codes.to(self.grid.d.device)).cpu().numpy()
 
     def decode(self, raw: np.ndarray) -> np.ndarray:
         from ..ggml import quants

@@ -40,7 +40,7 @@ def layer():
     return correlated_layer(512, 96, 4096, seed=1)
 
 
-@pytest.mark.parametrize("name", ["Q4_K", "Q4_0", "Q3_K", "Q6_K", "IQ4_XS"])
+@pytest.mark.parametrize("name", ["Q4_K", "Q5_K", "Q4_0", "Q3_K", "Q6_K", "IQ4_XS"])
 def test_cuda_ldlq_values_are_what_ggml_decodes(layer, name):
     w, h = layer
     t = mix.type_id(name)

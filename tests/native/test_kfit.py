@@ -1,5 +1,5 @@
-"""repq's torch Q4_K grid fit (the GPU path of LDLQ's grid) against ggml's own imatrix search, and
-its packed bytes against ggml's decoder."""
+"""repq's torch Q4_K and Q5_K grid fits (the GPU path of LDLQ's grid) against ggml's own imatrix
+search, and their packed bytes against ggml's decoder."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from repq.ggml import quants
 from repq.quant import grids, kfit
 
 Q4_K = mix.type_id("Q4_K")
+KTYPES = ["Q4_K", "Q5_K"]
 
 
 @pytest.fixture(autouse=True)
@@ -29,42 +30,49 @@ def weight(rows: int = 128, n: int = 1024, seed: int = 0) -> np.ndarray:
     return w
 
 
-def fit_bytes(w: np.ndarray, imp: np.ndarray) -> tuple[np.ndarray, kfit.Q4KGrid, torch.Tensor]:
+def fit_bytes(w: np.ndarray, imp: np.ndarray, name: str = "Q4_K") -> tuple[np.ndarray, kfit.Q4KGrid, torch.Tensor]:
     wt = torch.from_numpy(w)
-    grid = kfit.fit_q4_k(wt, torch.from_numpy(imp), chunk_rows=48)
+    grid = kfit.fit_q4_k(wt, torch.from_numpy(imp), chunk_rows=48, nmax=kfit.NMAX[name])
     codes = kfit.codes_q4_k(wt, grid)
-    return kfit.pack_q4_k(grid, codes).numpy(), grid, codes
+    pack = kfit.pack_q5_k if name == "Q5_K" else kfit.pack_q4_k
+    return pack(grid, codes).numpy(), grid, codes
 
 
+@pytest.mark.parametrize("name", KTYPES)
 @pytest.mark.parametrize("importance", ["gamma", "uniform"])
-def test_fit_matches_ggml_search(importance):
+def test_fit_matches_ggml_search(importance, name):
+    t, nbytes = mix.type_id(name), kfit.BLOCK_BYTES[name]
     w = weight()
     imp = (np.random.default_rng(1).gamma(2.0, 1.0, size=w.shape[1]).astype(np.float32) if importance == "gamma"
            else np.ones(w.shape[1], np.float32))
-    ours, _, _ = fit_bytes(w, imp)
-    ref = quants.quantize(Q4_K, w, imp).reshape(w.shape[0], -1)
-    same = (ours.reshape(w.shape[0], -1, 144) == ref.reshape(w.shape[0], -1, 144)).all(-1)
+    ours, _, _ = fit_bytes(w, imp, name)
+    ref = quants.quantize(t, w, imp).reshape(w.shape[0], -1)
+    same = (ours.reshape(w.shape[0], -1, nbytes) == ref.reshape(w.shape[0], -1, nbytes)).all(-1)
     # identical blocks up to float summation order (a near-tie may choose another candidate)
     assert same.mean() >= 0.95, same.mean()
     assert same[[3, 5]].all()
-    err = [float((((quants.dequantize(Q4_K, r.reshape(-1), w.shape[1]) - w) ** 2) * imp).sum()) for r in (ours, ref)]
+    err = [float((((quants.dequantize(t, r.reshape(-1), w.shape[1]) - w) ** 2) * imp).sum()) for r in (ours, ref)]
     assert abs(err[0] / err[1] - 1) < 5e-3, err
 
 
-def test_packed_bytes_decode_to_the_grid():
+@pytest.mark.parametrize("name", KTYPES)
+def test_packed_bytes_decode_to_the_grid(name):
+    t, nbytes, nmax = mix.type_id(name), kfit.BLOCK_BYTES[name], kfit.NMAX[name]
     w = weight(rows=40, n=512, seed=2)
-    raw, grid, codes = fit_bytes(w, np.ones(512, np.float32))
+    raw, grid, codes = fit_bytes(w, np.ones(512, np.float32), name)
+    assert int(codes.max()) == nmax                 # the fifth bit is exercised (Q5_K)
     a, b = grid.ab()
-    ga, gb = grids.scales(raw.reshape(-1), Q4_K, 512)
+    ga, gb = grids.scales(raw.reshape(-1), t, 512)
     np.testing.assert_array_equal(ga, a.numpy())
     np.testing.assert_array_equal(gb, b.numpy())
-    np.testing.assert_array_equal(grids.get_codes(raw.reshape(-1), Q4_K, 512), codes.numpy())
+    np.testing.assert_array_equal(grids.get_codes(raw.reshape(-1), t, 512), codes.numpy())
     values = (a.repeat_interleave(32, 1) * codes.float() + b.repeat_interleave(32, 1)).numpy()
-    np.testing.assert_array_equal(quants.dequantize(Q4_K, raw.reshape(-1), 512), values)
-    other = torch.randint(0, 16, codes.shape, generator=torch.Generator().manual_seed(0))
-    raw2 = kfit.pack_q4_k(grid, other).numpy()
-    np.testing.assert_array_equal(grids.get_codes(raw2.reshape(-1), Q4_K, 512), other.numpy())
-    np.testing.assert_array_equal(raw2.reshape(40, 2, 144)[..., :16], raw.reshape(40, 2, 144)[..., :16])
+    np.testing.assert_array_equal(quants.dequantize(t, raw.reshape(-1), 512), values)
+    other = torch.randint(0, nmax + 1, codes.shape, generator=torch.Generator().manual_seed(0))
+    pack = kfit.pack_q5_k if name == "Q5_K" else kfit.pack_q4_k
+    raw2 = pack(grid, other).numpy()
+    np.testing.assert_array_equal(grids.get_codes(raw2.reshape(-1), t, 512), other.numpy())
+    np.testing.assert_array_equal(raw2.reshape(40, 2, nbytes)[..., :16], raw.reshape(40, 2, nbytes)[..., :16])
 
 
 def test_rejects_partial_super_blocks():
@@ -72,7 +80,8 @@ def test_rejects_partial_super_blocks():
         kfit.fit_q4_k(torch.zeros(2, 96), torch.ones(96))
 
 
-def test_ldlq_on_the_torch_grid():
+@pytest.mark.parametrize("name", KTYPES)
+def test_ldlq_on_the_torch_grid(name):
     """LDLQ with the torch-fitted grid (the CUDA path, forced here on the CPU): bytes decode through
     ggml to exactly the values LDLQ chose, the baseline is llama.cpp's imatrix quantization up to
     the rare near-tie, and LDLQ beats it on the proxy loss as with ggml's own grid."""
@@ -84,11 +93,12 @@ def test_ldlq_on_the_torch_grid():
     z[:, :4] *= 8                                             # outlier input channels
     h = z.T @ z / len(z)
     w = weight(rows=64, n=n, seed=4)
-    t = ldlq_quantize(w, h, Q4_K, fit="torch")
-    g = ldlq_quantize(w, h, Q4_K, fit="ggml")
+    k = mix.type_id(name)
+    t = ldlq_quantize(w, h, k, fit="torch")
+    g = ldlq_quantize(w, h, k, fit="ggml")
     assert t.raw.shape == g.raw.shape
-    np.testing.assert_array_equal(t.values, quants.dequantize(Q4_K, t.raw, n))
+    np.testing.assert_array_equal(t.values, quants.dequantize(k, t.raw, n))
     assert abs(t.baseline_loss / g.baseline_loss - 1) < 1e-2
     assert t.proxy_loss < 0.9 * t.baseline_loss and abs(t.proxy_loss / g.proxy_loss - 1) < 0.05
-    with pytest.raises(ValueError, match="Q4_K with static scales"):
+    with pytest.raises(ValueError, match="Q4_K and Q5_K with static scales"):
         ldlq_quantize(w, h, mix.type_id("Q4_0"), fit="torch")
