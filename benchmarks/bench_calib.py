@@ -124,7 +124,7 @@ def bench_gpu(args) -> dict:
     with torch.no_grad():
         from repq.calib.hessian import band_rows
 
-        band = (lambda d: args.band if d >= 1024 and d % args.band == 0 else band_rows(d)) if args.band else None
+        band = (lambda d: args.band if d >= 1024 else band_rows(d)) if args.band else None   # ragged last band
         # The GPU at its power cap clocks lower than an idle one: heat it before timing anything,
         # then alternate forward and Hessian timings so that neither gets the cooler start.
         t_end = time.perf_counter() + args.heat
@@ -183,7 +183,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=10, help="--gpu: timed batches.")
     ap.add_argument("--acc-device", default="", help="--gpu: where the float64 sums live (default cuda).")
     ap.add_argument("--flush-every", type=int, default=8, help="--gpu: batches between fp32 → float64 flushes.")
-    ap.add_argument("--rounds", type=int, default=3,
+    ap.add_argument("--rounds", type=lambda v: max(1, int(v)), default=3,
                     help="--gpu: forward/Hessian timings, alternated; the median round's fraction is reported")
     ap.add_argument("--heat", type=float, default=3.0, help="--gpu: seconds of untimed forwards first (power cap)")
     ap.add_argument("--no-side", action="store_true", help="--gpu: the GEMMs on the forward's stream")

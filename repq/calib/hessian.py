@@ -278,7 +278,13 @@ class HessianAccumulator:
         return bands
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """(tensors, metadata) of the whole state, for a checkpoint (copied to the host)."""
+        """(tensors, metadata) of the whole state, for a checkpoint (copied to the host).
+
+        The float64 sums are mirrored first, so a checkpoint holds full symmetric matrices and
+        resumes under any band layout (flushes add to upper bands only; the final mirror rewrites
+        the lower triangle anyway).
+        """
+        self.mirror()
         t = {k: v.detach().cpu().contiguous() for k, v in self.sums.items()}
         t |= {f"pending/{k}": self._unpack(v) for k, v in self.pending.items()}
         return t, {"counts": json.dumps(self.counts), "batches": str(self.batches)}
@@ -365,7 +371,8 @@ def _load_checkpoint(path: Path, acc: HessianAccumulator, expect: dict) -> int:
         md = f.metadata() or {}
         for k, v in expect.items():
             if md.get(k) != str(v):
-                what = "another model" if k == "model_fingerprint" else f"a run with another {k}"
+                what = ("another model" if k == "model_fingerprint" else
+                        "an older repq (sums in another layout)" if k == "sums" else f"a run with another {k}")
                 raise MismatchError(f"{path}: checkpoint is from {what} ({k} {md.get(k)!r}, this run {v!r})",
                                     hint="drop --resume to start over, or delete the checkpoint directory")
         acc.load_state({k: f.get_tensor(k) for k in f.keys()}, md)  # noqa: SIM118
@@ -405,7 +412,8 @@ def collect_hessians(lm: LoadedModel, chunks: np.ndarray | torch.Tensor, out_dir
     ckpt = _checkpoint_path(out, rank, world)
     ident = {"model_fingerprint": lm.fingerprint, "data_fingerprint": data_fingerprint, "n_ctx": n_ctx,
              "batch_size": cfg.batch_size, "flush_every": cfg.flush_every, "rank": rank, "world": world,
-             "head": cfg.head, "layers": json.dumps(cfg.to_dict()["layers"])}
+             "head": cfg.head, "layers": json.dumps(cfg.to_dict()["layers"]),
+             "sums": "symmetric"}   # older checkpoints held upper bands only, of their band layout
     start = 0
     if cfg.resume and ckpt.is_file():
         start = _load_checkpoint(ckpt, acc, ident)

@@ -422,7 +422,14 @@ def decode_ahead(chunks: Iterator[tuple[int, np.ndarray]], enabled: bool) -> Ite
             yield item
     finally:
         stop.set()
-        t.join()
+        interrupted = None
+        while t.is_alive():   # the session must outlive the decode in flight, even on a second Ctrl-C
+            try:
+                t.join()
+            except KeyboardInterrupt as e:
+                interrupted = e
+        if interrupted is not None:
+            raise interrupted
 
 
 # ---------------------------------------------------------------------------------------------

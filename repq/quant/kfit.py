@@ -231,10 +231,21 @@ def pack_q5_k(grid: Q4KGrid, codes: torch.Tensor) -> torch.Tensor:
 
 
 def supported(gtype: int) -> bool:
-    """Whether this module fits ``gtype``'s grid (LDLQ on a GPU uses it rather than ggml on the CPU)."""
+    """Whether ``gtype``'s grid can be fitted in torch (here: Q4_K, Q5_K; :mod:`repq.quant.kfit_qx`:
+    Q3_K, Q6_K).  LDLQ on a GPU then fits it on the device rather than in ggml on the CPU."""
     from .. import mix
+    from .kfit_qx import NAMES
 
-    return mix.type_name(gtype) in NMAX
+    return mix.type_name(gtype) in NMAX or mix.type_name(gtype) in NAMES
+
+
+def torch_grid(gtype: int, rows: int, n_per_row: int, importance: np.ndarray):
+    """The torch-fitted grid object for a :func:`supported` type (TorchQ4KGrid or TorchQxGrid)."""
+    from .. import mix
+    from .kfit_qx import TorchQxGrid
+
+    cls = TorchQ4KGrid if mix.type_name(gtype) in NMAX else TorchQxGrid
+    return cls(gtype, rows, n_per_row, importance)
 
 
 class TorchQ4KGrid:

@@ -94,9 +94,9 @@ def ldlq_quantize(w: np.ndarray | torch.Tensor, h: np.ndarray | torch.Tensor, gt
     Importance for ggml's per-block scale search is diag(H), the imatrix llama.cpp would use.
     Also measures ggml's own imatrix quantization with that importance, for diagnostics.
     Everything of O(n³) (Cholesky, losses, refit) runs on ``device``; ggml's grid fit, packing
-    and decoding run on the CPU, except for Q4_K and Q5_K on CUDA, whose grids are fitted and
-    packed on the GPU by :mod:`repq.quant.kfit` (llama.cpp's search in torch).  ``fit``: "auto"
-    (that rule), "ggml" or "torch" (Q4_K and Q5_K only, static scales).  ``timer`` (e.g. a :class:`repq.quant.ldlq.PhaseTimes`) is called
+    and decoding run on the CPU, except for Q3_K, Q4_K, Q5_K and Q6_K on CUDA, whose grids are
+    fitted and packed on the GPU by :mod:`repq.quant.kfit` / :mod:`repq.quant.kfit_qx` (llama.cpp's
+    search in torch).  ``fit``: "auto" (that rule), "ggml" or "torch" (those types, static scales).  ``timer`` (e.g. a :class:`repq.quant.ldlq.PhaseTimes`) is called
     at the end of each phase: setup, grid fit, cholesky, column loop, result, baseline, pack,
     refit, decode, losses.
     """
@@ -110,8 +110,8 @@ def ldlq_quantize(w: np.ndarray | torch.Tensor, h: np.ndarray | torch.Tensor, gt
         raise ValueError(f"fit={fit!r}: expected auto, ggml or torch")
     if fit == "torch" or (fit == "auto" and scales == "static" and wt.is_cuda and kfit.supported(gtype)):
         if scales != "static" or not kfit.supported(gtype):
-            raise ValueError("the torch grid fit is for Q4_K and Q5_K with static scales")
-        grid = kfit.TorchQ4KGrid(gtype, wt.shape[0], wt.shape[1], imp)
+            raise ValueError("the torch grid fit is for Q3_K, Q4_K, Q5_K and Q6_K with static scales")
+        grid = kfit.torch_grid(gtype, wt.shape[0], wt.shape[1], imp)
     else:
         grid = GgmlGrid(gtype, wt.shape[0], wt.shape[1], imp, threads=threads)
     lay = grids.layout(gtype)
@@ -126,7 +126,7 @@ def ldlq_quantize(w: np.ndarray | torch.Tensor, h: np.ndarray | torch.Tensor, gt
     do_refit = refit and refit_mod.supported(gtype)
     w_np = wt.cpu().numpy() if scales != "static" or do_refit else None   # for ggml and refit
     base_t = None
-    if isinstance(grid, kfit.TorchQ4KGrid):  # stays on the device
+    if not isinstance(grid, GgmlGrid):  # a torch grid: stays on the device
         base_t = grid.baseline_values()
     elif scales == "static":   # the fitted grid *is* ggml's imatrix quantization with importance diag(H)
         base_t = torch.from_numpy(grid.decode(grid.raw.reshape(-1)))

@@ -3,9 +3,9 @@
 CI has no GPU, so ``make test`` does not collect this directory; on a machine without CUDA every
 test here is skipped, which is not a pass.  What they check:
 
-* LDLQ on CUDA (Triton column loop; Q4_K's grid fitted and packed in torch, other types fitted
-  by ggml on the CPU): the bytes it writes decode through ggml to exactly the values the error
-  feedback used, so the proxy loss it reports is that of the file.
+* LDLQ on CUDA (Triton column loop; Q3_K, Q4_K, Q5_K and Q6_K grids fitted and packed in torch,
+  other types fitted by ggml on the CPU): the bytes it writes decode through ggml to exactly the
+  values the error feedback used, so the proxy loss it reports is that of the file.
 * The Triton column loop and the torch loop agree on CUDA (codes equal but for rare ties).
 * ``repq hessian``'s accumulation on CUDA equals the CPU's and Xᵀ X of the captured inputs,
   bf16 inputs included (fp32 sums of exact 16-bit products).

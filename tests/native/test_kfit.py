@@ -100,5 +100,5 @@ def test_ldlq_on_the_torch_grid(name):
     np.testing.assert_array_equal(t.values, quants.dequantize(k, t.raw, n))
     assert abs(t.baseline_loss / g.baseline_loss - 1) < 1e-2
     assert t.proxy_loss < 0.9 * t.baseline_loss and abs(t.proxy_loss / g.proxy_loss - 1) < 0.05
-    with pytest.raises(ValueError, match="Q4_K and Q5_K with static scales"):
+    with pytest.raises(ValueError, match="Q3_K, Q4_K, Q5_K and Q6_K with static scales"):
         ldlq_quantize(w, h, mix.type_id("Q4_0"), fit="torch")

@@ -211,6 +211,27 @@ def test_banded_accumulator_equals_xtx_and_round_trips(dim, shapes):
     assert H.band_rows(1536) == 512 and H.band_rows(1000) == 1000 and H.band_rows(11008) == 512
 
 
+def test_checkpoint_resumes_under_another_band_layout():
+    """A checkpoint holds symmetric sums, so resuming with other band heights (a new repq
+    version) still gives Xᵀ X."""
+    from repq.calib.hooks import InputGroup
+
+    g = InputGroup(key="k", consumers=("k",), dim=48, module=None)
+    xs = [torch.randn(20, 48, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    a = H.HessianAccumulator([g], band=lambda d: 8, flush_every=1)
+    for x in xs[:2]:
+        a.add(g, x), a.end_batch()
+    t, md = a.state()
+    b = H.HessianAccumulator([g], band=lambda d: 16, flush_every=1)
+    b.load_state(t, md)
+    for x in xs[2:]:
+        b.add(g, x), b.end_batch()
+    b.finalize()
+    x = torch.cat(xs).double()
+    torch.testing.assert_close(b.sums["k"], x.T @ x, rtol=1e-6, atol=1e-5)
+    assert torch.equal(b.sums["k"], b.sums["k"].T)
+
+
 def test_hessian_equals_xtx_and_imatrix(tmp_path, banding):
     model = random_model(CFG, seed=2)
     chunks = random_chunks(5)

@@ -1,0 +1,232 @@
+"""Q3_K and Q6_K grid fitting and packing in torch, for LDLQ on a GPU (see :mod:`repq.quant.kfit`
+for Q4_K and Q5_K).
+
+Both types store symmetric 16-element sub-blocks, value = d · sc · level with an fp16 super-scale
+``d`` and signed integer sub-scales ``sc``; llama.cpp's imatrix search for both is built on
+``make_qx_quants`` (the scale for which rounding x/scale minimises Σ w (x − scale·l)², tried at
+19 inverse scales ``−(nmax + 0.1·k) / max``, max the element of largest magnitude):
+
+* Q6_K (levels −32..31): per sub-block that search with the importance as the weights; then
+  ``d = −max_scale / 128`` (max_scale the sub-scale of largest magnitude) and
+  ``sc = min(127, round(scale / d))`` in int8.
+* Q3_K (levels −4..3): per sub-block the search with weights ``imp · sqrt(2Σx²/256 + x²)``; then the
+  16 sub-scales themselves go through the same search with 32 levels, weighted by each sub-block's
+  total weight, giving ``d`` and 6-bit ``sc`` (stored + 32).
+
+Every weight is then rounded to ``clamp(round(x / (d·sc)))``; sub-blocks whose d·sc is 0 keep the
+search's codes (they decode to 0 whatever the code).  The arithmetic follows
+``quantize_row_q6_K_impl`` / ``quantize_row_q3_K_impl`` step for step in float32 (candidate
+order, strict improvements, round-half-to-even), so the bytes are llama-quantize's up to float
+summation order: tests compare them with ggml's.  The code bits are placed with the type's
+:class:`repq.quant.grids.Layout` fields, on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .. import mix
+from . import grids
+
+QK_K = 256
+SUB = 16
+EPS = 1e-15               # GROUP_MAX_EPS
+NAMES = ("Q3_K", "Q6_K")
+
+
+@dataclass
+class QxGrid:
+    """Fitted Q3_K / Q6_K grid of a (rows, n) weight: fp16 ``d`` (rows, nb), signed sub-scales
+    ``sc`` (rows, nb, 16, int32), and the search's codes ``l0`` (rows, n) for sub-blocks whose
+    scale is 0."""
+
+    name: str
+    d: torch.Tensor
+    sc: torch.Tensor
+    l0: torch.Tensor
+
+    def ab(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) per 16-sub-block, float32 (rows, n / 16): values decode to fl32(A · level)."""
+        a = self.d.float()[..., None] * self.sc.float()
+        a = a.reshape(a.shape[0], -1)
+        return a, torch.zeros_like(a)
+
+
+def _seqsum(t: torch.Tensor) -> torch.Tensor:
+    """Σ over the last axis, added left to right as C's loop does (a pairwise sum rounds
+    differently, and the search's strict comparisons then break ties another way)."""
+    acc = t[..., 0]
+    for i in range(1, t.shape[-1]):
+        acc = acc + t[..., i]
+    return acc
+
+
+def _qx(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``make_qx_quants(n, nmax, x, L, rmse_type=1, w)`` for every row of x (S, n): the scale
+    (S,) and the codes l + nmax (S, n) of the last accepted candidate."""
+    amax, idx = x.abs().max(-1)
+    mx = x.gather(-1, idx[:, None])[:, 0]
+    zero = amax < EPS
+    mx = torch.where(zero, torch.ones_like(mx), mx)
+
+    def codes(num: float) -> torch.Tensor:
+        iscale = -num / mx
+        return torch.round(iscale[:, None] * x).clamp_(-nmax, nmax - 1)
+
+    def sums(lv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _seqsum((w * x) * lv), _seqsum((w * lv) * lv)
+
+    lv = codes(float(nmax))
+    sumlx, suml2 = sums(lv)
+    scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)),
+                        torch.zeros_like(suml2))
+    best = scale * sumlx
+    best_l = lv
+    for k in range(-9, 10):
+        if k == 0:
+            continue
+        num = float(np.float32(nmax) + np.float32(0.1) * np.float32(k))   # float32, as in C
+        lk = codes(num)
+        slx, sl2 = sums(lk)
+        acc = (sl2 > 0) & (slx * slx > best * sl2)
+        sc_k = slx / torch.where(sl2 > 0, sl2, torch.ones_like(sl2))
+        scale = torch.where(acc, sc_k, scale)
+        best = torch.where(acc, sc_k * slx, best)
+        best_l = torch.where(acc[:, None], lk, best_l)
+    scale = torch.where(zero, torch.zeros_like(scale), scale)
+    best_l = torch.where(zero[:, None], torch.full_like(best_l, -nmax), best_l)
+    return scale, (best_l + nmax).to(torch.int32)
+
+
+@torch.inference_mode()
+def fit_qx(name: str, w: torch.Tensor, importance: torch.Tensor, *, chunk_rows: int = 4096) -> QxGrid:
+    """Fit the Q3_K or Q6_K grid of W (rows, n; n a multiple of 256) on W's device: llama.cpp's
+    search with an importance vector."""
+    if name not in NAMES:
+        raise ValueError(f"fit_qx is for {', '.join(NAMES)}, not {name}")
+    rows, n = w.shape
+    if n % QK_K:
+        raise ValueError(f"{n} columns is not a multiple of {QK_K}")
+    nb = n // QK_K
+    imp = importance.to(w.device, torch.float32).reshape(1, nb, 16, SUB)
+    out: dict[str, list] = {"d": [], "sc": [], "l0": []}
+    for r0 in range(0, rows, chunk_rows):
+        x = w[r0:r0 + chunk_rows].to(torch.float32).reshape(-1, nb, 16, SUB)
+        r = x.shape[0]
+        if name == "Q6_K":
+            wt = imp.expand_as(x)
+            scales, l0 = _qx(x.reshape(-1, SUB), wt.reshape(-1, SUB), 32)
+            scales = scales.reshape(r, nb, 16)
+            amax, idx = scales.abs().max(-1)
+            max_scale = scales.gather(-1, idx[..., None])[..., 0]
+            dead = amax < EPS
+            iscale = -128.0 / torch.where(dead, torch.ones_like(max_scale), max_scale)
+            d = (1.0 / iscale).to(torch.float16)
+            sc = torch.round(iscale[..., None] * scales).clamp_(max=127).to(torch.int32)
+            d = torch.where(dead, torch.zeros_like(d), d)
+            sc = torch.where(dead[..., None], torch.zeros_like(sc), sc)
+            l0 = torch.where(dead[..., None, None], torch.zeros_like(l0.reshape(r, nb, 16, SUB)),
+                             l0.reshape(r, nb, 16, SUB))
+        else:  # Q3_K
+            sigma2 = 2.0 * (x * x).sum((-1, -2)) / QK_K                             # (r, nb)
+            wt = imp * torch.sqrt(sigma2[..., None, None] + x * x)
+            scales, l0 = _qx(x.reshape(-1, SUB), wt.reshape(-1, SUB), 4)
+            sw = wt.sum(-1).reshape(-1, 16)
+            d, ls = _qx(scales.reshape(-1, 16), sw, 32)
+            d = d.to(torch.float16).reshape(r, nb)
+            sc = ls.reshape(r, nb, 16) - 32
+            l0 = l0.reshape(r, nb, 16, SUB)
+        out["d"].append(d.reshape(r, nb))
+        out["sc"].append(sc)
+        out["l0"].append(l0.reshape(r, n))
+    return QxGrid(name, **{k: torch.cat(v) for k, v in out.items()})
+
+
+def codes_qx(w: torch.Tensor, grid: QxGrid) -> torch.Tensor:
+    """Nearest codes on the grid (int64 (rows, n)): ``clamp(round(x / (d·sc))) + offset``, and the
+    search's codes where d·sc = 0."""
+    lo, hi = (-4, 3) if grid.name == "Q3_K" else (-32, 31)
+    rows, n = w.shape
+    a = grid.d.float()[..., None] * grid.sc.float()                               # (rows, nb, 16)
+    x = w.to(torch.float32).reshape(rows, -1, 16, SUB)
+    safe = torch.where(a == 0, torch.ones_like(a), a)
+    q = torch.round(x / safe[..., None]).clamp_(lo, hi) - lo
+    q = torch.where((a == 0)[..., None], grid.l0.reshape(q.shape).to(q.dtype), q)
+    return q.reshape(rows, n).long()
+
+
+def _place_codes(blk: torch.Tensor, codes: torch.Tensor, lay: grids.Layout) -> torch.Tensor:
+    """blk (rows, nb, size) uint8 with the code bits of ``codes`` (rows, nb, 256) ORed in: the
+    layout's field matrices applied on the device (a sum of disjoint bits, exact in float32)."""
+    _, mats = grids._scatter(mix.type_id(lay.name))
+    acc = torch.zeros(blk.shape, dtype=torch.float32, device=blk.device)
+    c = codes.to(torch.int64)
+    for f, m in zip(lay.fields, mats, strict=True):
+        bits = ((c >> f.code_pos) & ((1 << f.width) - 1)).to(torch.float32)
+        acc += bits @ torch.from_numpy(m).to(blk.device)
+    return blk | acc.to(torch.uint8)
+
+
+def pack_qx(grid: QxGrid, codes: torch.Tensor) -> torch.Tensor:
+    """ggml bytes, uint8 (rows, nb · size), of the grid with these codes (0..7 or 0..63)."""
+    lay = grids.layout(mix.type_id(grid.name))
+    rows, nb = grid.d.shape
+    dev = codes.device
+    blk = torch.zeros(rows, nb, lay.size, dtype=torch.uint8, device=dev)
+    d = grid.d.to(dev).contiguous().view(torch.uint8).reshape(rows, nb, 2)
+    if grid.name == "Q6_K":                          # ql[128] qh[64] scales[16] (int8) d
+        blk[..., 192:208] = grid.sc.to(dev).to(torch.int8).view(torch.uint8)
+        blk[..., 208:210] = d
+    else:                                            # hmask[32] qs[64] scales[12] (6 bits, + 32) d
+        ls = (grid.sc.to(dev) + 32).to(torch.int32)
+        s = torch.zeros(rows, nb, 12, dtype=torch.int32, device=dev)
+        s[..., 0:8] = (ls[..., 0:8] & 0xF) | ((ls[..., 8:16] & 0xF) << 4)
+        hi = ls >> 4                                                              # (rows, nb, 16)
+        j = torch.arange(16, device=dev)
+        s[..., 8:12] = (hi.reshape(rows, nb, 4, 4) << (2 * (j // 4)).reshape(4, 4)).sum(-2)
+        blk[..., 96:108] = s.to(torch.uint8)
+        blk[..., 108:110] = d
+    blk = _place_codes(blk, codes.to(dev).reshape(rows, nb, QK_K), lay)
+    return blk.reshape(rows, nb * lay.size)
+
+
+class TorchQxGrid:
+    """:class:`repq.quant.kquant.GgmlGrid`'s static-grid interface for Q3_K and Q6_K, fitted and
+    packed on the weight's device by :func:`fit_qx` / :func:`pack_qx` (decoding stays ggml's)."""
+
+    def __init__(self, gtype: int, rows: int, n_per_row: int, importance: np.ndarray):
+        self.name = mix.type_name(gtype)
+        if self.name not in NAMES:
+            raise ValueError(f"TorchQxGrid is for {', '.join(NAMES)}, not {self.name}")
+        self.gtype, self.rows, self.n = gtype, rows, n_per_row
+        self.importance = np.ascontiguousarray(importance, np.float32)
+        self.grid: QxGrid | None = None
+        self._w: torch.Tensor | None = None
+
+    def fit_all(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._w = w
+        self.grid = fit_qx(self.name, w, torch.from_numpy(self.importance))
+        return self.grid.ab()
+
+    @property
+    def raw(self) -> np.ndarray:
+        """W rounded to nearest on the fitted grid: llama.cpp's imatrix quantization (the baseline)."""
+        return self.pack(codes_qx(self._w, self.grid))
+
+    def baseline_values(self) -> torch.Tensor:
+        """The decoded values of :attr:`raw` on the device: fl32(A · level)."""
+        a, _ = self.grid.ab()
+        lay = grids.layout(self.gtype)
+        lv = torch.from_numpy(lay.levels).to(a.device)[codes_qx(self._w, self.grid)]
+        return a.repeat_interleave(SUB, 1) * lv
+
+    def pack(self, codes: torch.Tensor) -> np.ndarray:
+        return pack_qx(self.grid, codes.to(self.grid.d.device)).cpu().numpy()
+
+    def decode(self, raw: np.ndarray) -> np.ndarray:
+        from ..ggml import quants
+
+        return quants.dequantize(self.gtype, raw, self.n)
