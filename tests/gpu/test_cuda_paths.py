@@ -46,7 +46,7 @@ def test_cuda_ldlq_values_are_what_ggml_decodes(layer, name):
     t = mix.type_id(name)
     wt, ht = torch.from_numpy(w).cuda(), torch.from_numpy(h).cuda()
     imp = importance(ht)
-    grid = (kfit.TorchQ4KGrid(t, *w.shape, imp) if kfit.supported(t) else GgmlGrid(t, *w.shape, imp))
+    grid = kfit.torch_grid(t, *w.shape, imp) if kfit.supported(t) else GgmlGrid(t, *w.shape, imp)
     lay = grids.layout(t)
     res = ldlq_static(wt, ht, grid.fit_all, sub=lay.sub, levels=torch.from_numpy(lay.levels), loss=False)
     assert res.q.is_cuda
