@@ -239,51 +239,56 @@ def supported(gtype: int) -> bool:
     return mix.type_name(gtype) in NMAX or mix.type_name(gtype) in NAMES
 
 
-def torch_grid(gtype: int, rows: int, n_per_row: int, importance: np.ndarray):
-    """The torch-fitted grid object for a :func:`supported` type (TorchQ4KGrid or TorchQxGrid)."""
-    from .. import mix
-    from .kfit_qx import TorchQxGrid
-
-    cls = TorchQ4KGrid if mix.type_name(gtype) in NMAX else TorchQxGrid
-    return cls(gtype, rows, n_per_row, importance)
+def torch_grid(gtype: int, rows: int, n_per_row: int, importance: np.ndarray) -> TorchGrid:
+    """The torch-fitted grid of a :func:`supported` type."""
+    return TorchGrid(gtype, rows, n_per_row, importance)
 
 
-class TorchQ4KGrid:
-    """:class:`repq.quant.kquant.GgmlGrid`'s static-grid interface for Q4_K and Q5_K, fitted and
-    packed on the weight's device by :func:`fit_q4_k` / :func:`pack_q4_k` / :func:`pack_q5_k`
-    (decoding stays ggml's)."""
+class TorchGrid:
+    """:class:`repq.quant.kquant.GgmlGrid`'s static-grid interface for Q3_K, Q4_K, Q5_K and Q6_K,
+    fitted and packed on the weight's device (:func:`fit_q4_k` and :func:`pack_q4_k` /
+    :func:`pack_q5_k` here, :mod:`repq.quant.kfit_qx` for Q3_K and Q6_K); decoding stays ggml's."""
 
     def __init__(self, gtype: int, rows: int, n_per_row: int, importance: np.ndarray):
         from .. import mix
+        from . import kfit_qx
 
         self.name = mix.type_name(gtype)
-        if self.name not in NMAX:
-            raise ValueError(f"TorchQ4KGrid is for {', '.join(NMAX)}, not {self.name}")
+        if self.name in NMAX:
+            self._fit = lambda w, imp: fit_q4_k(w, imp, nmax=NMAX[self.name])
+            self._codes, self._pack = codes_q4_k, (pack_q5_k if self.name == "Q5_K" else pack_q4_k)
+        elif self.name in kfit_qx.NAMES:
+            self._fit = lambda w, imp: kfit_qx.fit_qx(self.name, w, imp)
+            self._codes, self._pack = kfit_qx.codes_qx, kfit_qx.pack_qx
+        else:
+            raise ValueError(f"no torch grid fit for {self.name} (only Q3_K, Q4_K, Q5_K, Q6_K)")
         self.gtype, self.rows, self.n = gtype, rows, n_per_row
         self.importance = np.ascontiguousarray(importance, np.float32)
-        self.grid: Q4KGrid | None = None
+        self.grid = None
         self._w: torch.Tensor | None = None
 
     def fit_all(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._w = w
-        self.grid = fit_q4_k(w, torch.from_numpy(self.importance), nmax=NMAX[self.name])
+        self.grid = self._fit(w, torch.from_numpy(self.importance))
         return self.grid.ab()
 
     @property
     def raw(self) -> np.ndarray:
         """W rounded to nearest on the fitted grid: llama.cpp's imatrix quantization (the baseline)."""
-        return self.pack(codes_q4_k(self._w, self.grid))
+        return self.pack(self._codes(self._w, self.grid))
 
     def baseline_values(self) -> torch.Tensor:
-        """The decoded values of :attr:`raw`, computed on the device (fl32(A·code + B), which is
-        what ggml's decoder computes: ``tests/native/test_kfit.py``)."""
+        """The decoded values of :attr:`raw`, computed on the device: fl32(A·level + B), which is
+        what ggml's decoders compute (``tests/native/test_kfit*.py``)."""
+        from . import grids
+
         a, b = self.grid.ab()
-        codes = codes_q4_k(self._w, self.grid).to(torch.float32)
-        return a.repeat_interleave(SUB, 1) * codes + b.repeat_interleave(SUB, 1)
+        levels = torch.from_numpy(grids.layout(self.gtype).levels).to(a.device)
+        sub = self.n // a.shape[1]
+        return a.repeat_interleave(sub, 1) * levels[self._codes(self._w, self.grid)] + b.repeat_interleave(sub, 1)
 
     def pack(self, codes: torch.Tensor) -> np.ndarray:
-        pack = pack_q5_k if self.name == "Q5_K" else pack_q4_k
-        return pack(self.grid, codes.to(self.grid.d.device)).cpu().numpy()
+        return self._pack(self.grid, codes.to(self.grid.d.device)).cpu().numpy()
 
     def decode(self, raw: np.ndarray) -> np.ndarray:
         from ..ggml import quants

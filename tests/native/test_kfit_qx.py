@@ -70,27 +70,6 @@ def test_packed_bytes_decode_to_the_grid(name):
     np.testing.assert_array_equal(grids.scales(raw2.reshape(-1), t, 512)[0], ga)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_ldlq_on_the_torch_grid(name):
-    """The CUDA path forced on the CPU: bytes decode to LDLQ's values; baseline and LDLQ losses as
-    with ggml's grid."""
-    from repq.quant.kquant import ldlq_quantize
-
-    rng = np.random.default_rng(3)
-    n = 512
-    z = rng.standard_normal((4096, n)) @ (np.eye(n) + 0.4 * rng.standard_normal((n, n)) / np.sqrt(n))
-    z[:, :4] *= 8
-    h = z.T @ z / len(z)
-    w = weight(rows=64, n=n, seed=4)
-    k = mix.type_id(name)
-    t = ldlq_quantize(w, h, k, fit="torch")
-    g = ldlq_quantize(w, h, k, fit="ggml")
-    assert t.raw.shape == g.raw.shape
-    np.testing.assert_array_equal(t.values, quants.dequantize(k, t.raw, n))
-    assert abs(t.baseline_loss / g.baseline_loss - 1) < 1e-2
-    assert t.proxy_loss < 0.9 * t.baseline_loss and abs(t.proxy_loss / g.proxy_loss - 1) < 0.05
-
-
 def test_rejects_other_types_and_partial_blocks():
     with pytest.raises(ValueError, match="not Q4_K"):
         kfit_qx.fit_qx("Q4_K", torch.zeros(2, 256), torch.ones(256))
