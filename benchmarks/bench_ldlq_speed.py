@@ -28,9 +28,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from repq import mix  # noqa: E402
 from repq.calib.hooks import capture_inputs, input_groups  # noqa: E402
 from repq.ggml import quants  # noqa: E402
+from repq.ggml.types import type_id  # noqa: E402
 from repq.model.llama import ModelConfig, random_model  # noqa: E402
 from repq.quant.kquant import ldlq_quantize  # noqa: E402
 from repq.quant.ldlq import PhaseTimes  # noqa: E402
@@ -58,7 +58,7 @@ def main() -> None:
     tokens = torch.randint(0, cfg.n_vocab, (args.tokens // 512, 512), device=dev)
     groups = [g for g in input_groups(model, head=False) if g.key in ("blk.0.attn_output.weight", "blk.0.ffn_down.weight")]
     xs = capture_inputs(model, tokens, groups)
-    gtype = mix.type_id(args.type)
+    gtype = type_id(args.type)
     rows = []
     for key, cols in (("blk.0.attn_output.weight", 4096), ("blk.0.ffn_down.weight", 14336)):
         x = xs[key].to(dev)

@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from repq import mix  # noqa: E402
 from repq.ggml import quants  # noqa: E402
+from repq.ggml.types import type_id  # noqa: E402
 from repq.quant import grids, kfit  # noqa: E402
 
 
@@ -32,7 +32,7 @@ def main() -> None:
     w = (rng.standard_t(4, size=(a.rows, a.cols)) * 0.02).astype(np.float32)
     imp = rng.gamma(2.0, 1.0, size=a.cols).astype(np.float32)
     for name in ("Q3_K", "Q4_K", "Q5_K", "Q6_K"):
-        t = mix.type_id(name)
+        t = type_id(name)
         g = kfit.torch_grid(t, a.rows, a.cols, imp)
         g.fit_all(torch.from_numpy(w))
         ours = g.raw.reshape(a.rows, -1)

@@ -25,108 +25,11 @@ from dataclasses import dataclass, field
 from enum import Enum, auto
 
 from repq.errors import InputFileError, UnsupportedError, UsageError
+from repq.ggml.types import GGML_TYPES, block_size, is_quantized, type_id, type_name  # noqa: F401 (the one type table)
 
 # --------------------------------------------------------------------------------------------------
-# ggml types
+# ggml types (from repq.ggml.types, the one table)
 # --------------------------------------------------------------------------------------------------
-
-#: ggml type ids (``enum ggml_type`` in ggml.h), keyed by the upper-cased ``ggml_type_name``.
-#: Removed ids (4, 5, 31-33, 36-38) are left out.
-GGML_TYPES: dict[str, int] = {
-    "F32": 0,
-    "F16": 1,
-    "Q4_0": 2,
-    "Q4_1": 3,
-    "Q5_0": 6,
-    "Q5_1": 7,
-    "Q8_0": 8,
-    "Q8_1": 9,
-    "Q2_K": 10,
-    "Q3_K": 11,
-    "Q4_K": 12,
-    "Q5_K": 13,
-    "Q6_K": 14,
-    "Q8_K": 15,
-    "IQ2_XXS": 16,
-    "IQ2_XS": 17,
-    "IQ3_XXS": 18,
-    "IQ1_S": 19,
-    "IQ4_NL": 20,
-    "IQ3_S": 21,
-    "IQ2_S": 22,
-    "IQ4_XS": 23,
-    "I8": 24,
-    "I16": 25,
-    "I32": 26,
-    "I64": 27,
-    "F64": 28,
-    "IQ1_M": 29,
-    "BF16": 30,
-    "TQ1_0": 34,
-    "TQ2_0": 35,
-    "MXFP4": 39,
-    "NVFP4": 40,
-    "Q1_0": 41,
-    "Q2_0": 42,
-}
-
-GGML_TYPE_COUNT = 43
-
-_TYPE_NAMES: dict[int, str] = {v: k for k, v in GGML_TYPES.items()}
-
-# ``blck_size`` from ggml/src/ggml.c ``type_traits`` (QK_K = 256, QK4_0 = QK8_0 = QK4_NL = 32, ...).
-_QK_K = 256
-_BLOCK_SIZES: dict[int, int] = {
-    **{GGML_TYPES[n]: 1 for n in ("F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64")},
-    **{GGML_TYPES[n]: 32 for n in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "IQ4_NL", "MXFP4")},
-    GGML_TYPES["NVFP4"]: 64,
-    GGML_TYPES["Q1_0"]: 128,
-    GGML_TYPES["Q2_0"]: 64,
-    **{
-        GGML_TYPES[n]: _QK_K
-        for n in (
-            "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K",
-            "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "IQ4_XS",
-            "TQ1_0", "TQ2_0",
-        )
-    },
-}
-
-# ``is_quantized`` from ggml's type_traits: every type with a block size above 1.
-_QUANTIZED: frozenset[int] = frozenset(t for t, b in _BLOCK_SIZES.items() if b > 1)
-
-
-def type_id(name: str) -> int:
-    """ggml type id for a type name, case-insensitively ("q4_k", "Q4_K" -> 12)."""
-    tid = GGML_TYPES.get(name.strip().upper())
-    if tid is None:
-        raise UnsupportedError(
-            f"unknown ggml type {name!r}",
-            hint="valid types: " + ", ".join(GGML_TYPES),
-        )
-    return tid
-
-
-def type_name(tid: int) -> str:
-    """Upper-case name of a ggml type id (12 -> "Q4_K")."""
-    try:
-        return _TYPE_NAMES[int(tid)]
-    except KeyError:
-        raise UnsupportedError(f"unknown ggml type id {tid}") from None
-
-
-def block_size(tid: int) -> int:
-    """Elements per block of a ggml type (``ggml_blck_size``); a row must be a multiple of it."""
-    try:
-        return _BLOCK_SIZES[int(tid)]
-    except KeyError:
-        raise UnsupportedError(f"unknown ggml type id {tid}") from None
-
-
-def is_quantized(tid: int) -> bool:
-    """``ggml_is_quantized``: block-quantized types (not F32/F16/BF16/F64/I*)."""
-    return int(tid) in _QUANTIZED
-
 
 # Short aliases used by the selection logic below.
 _F32, _F16, _BF16 = GGML_TYPES["F32"], GGML_TYPES["F16"], GGML_TYPES["BF16"]

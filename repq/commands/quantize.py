@@ -49,12 +49,13 @@ def quantize(
 
     def body():
         from .. import mix
+        from ..ggml.types import type_id
         from ..quant import pipeline
 
         opts = mix.MixOptions(
             pure=pure, leave_output_tensor=leave_output_tensor,
-            output_tensor_type=mix.type_id(output_tensor_type) if output_tensor_type else None,
-            token_embedding_type=mix.type_id(token_embedding_type) if token_embedding_type else None,
+            output_tensor_type=type_id(output_tensor_type) if output_tensor_type else None,
+            token_embedding_type=type_id(token_embedding_type) if token_embedding_type else None,
             tensor_types=tuple(_parse_tensor_type(s) for s in (tensor_type or [])))
         m = method or ("ldlq" if hessian else "imatrix" if imatrix else "rtn")
         if m == "rtn" and imatrix:
@@ -150,11 +151,11 @@ def _check_device(device: str) -> None:
 
 
 def _parse_tensor_type(spec: str) -> tuple[str, int]:
-    from .. import mix
+    from ..ggml.types import type_id
 
     name, sep, tname = spec.partition("=")
     if not sep or not name or not tname:
         raise UsageError(f"--tensor-type {spec!r}: expected REGEX=TYPE, e.g. attn_v=q8_0")
-    return name.lower(), mix.type_id(tname)  # llama-quantize lower-cases the pattern too
+    return name.lower(), type_id(tname)  # llama-quantize lower-cases the pattern too
 
 

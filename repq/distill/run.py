@@ -65,6 +65,7 @@ from ..calib.hessian import HessianAccumulator, all_reduce_sums
 from ..calib.hooks import forward_with_hooks, input_groups
 from ..errors import InputFileError, MismatchError, UsageError
 from ..ggml import quants
+from ..ggml.types import F32, block_size, is_quantized, type_name
 from ..io import gguf_file
 from ..model.llama import LoadedModel, Transformer, load_model
 from ..quant import grids, pipeline
@@ -209,11 +210,11 @@ def _plans(src: str, cfg: DistillConfig) -> dict[str, mix.TensorPlan]:
         for p in plans:
             t = g.tensors[p.name]
             if p.allows_quantization and p.dst_type != p.src_type:
-                if quants.is_quantized(p.src_type):
-                    raise UsageError(f"{p.name} is already quantized ({mix.type_name(p.src_type)}): "
+                if is_quantized(p.src_type):
+                    raise UsageError(f"{p.name} is already quantized ({type_name(p.src_type)}): "
                                      "distill needs an F32/F16/BF16 model")
-                if p.dst_type != quants.F32 and t.n_per_row % mix.block_size(p.dst_type):
-                    raise UsageError(f"{p.name}: row length not divisible by the {mix.type_name(p.dst_type)} block")
+                if p.dst_type != F32 and t.n_per_row % block_size(p.dst_type):
+                    raise UsageError(f"{p.name}: row length not divisible by the {type_name(p.dst_type)} block")
     return {p.name: p for p in plans}
 
 
@@ -470,9 +471,9 @@ class Distiller:
                 d = torch.diagonal(h).clamp_min(0).float().numpy()
                 imp = d / max(float(d.mean()), 1e-30)
             raw = quants.quantize(p.dst_type, np.ascontiguousarray(w, np.float32), imp, threads=self.rt.threads)
-            why = "no Hessian" if h is None else f"no LDLQ grid for {mix.type_name(p.dst_type)}"
+            why = "no Hessian" if h is None else f"no LDLQ grid for {type_name(p.dst_type)}"
             info = {"method": f"{'imatrix' if imp is not None else 'rtn'} ({why})"}
-        info |= {"name": name, "type": mix.type_name(p.dst_type), "seconds": round(time.perf_counter() - t0, 3)}
+        info |= {"name": name, "type": type_name(p.dst_type), "seconds": round(time.perf_counter() - t0, 3)}
         return np.ascontiguousarray(raw).reshape(-1).view(np.uint8), info
 
     def _freeze(self, name: str, raw: np.ndarray) -> None:
@@ -486,7 +487,7 @@ class Distiller:
 
     def _quantize_group(self, gi: int, g: Group) -> None:
         members = [n for n in g.members(self.names)
-                   if self.plans[n].allows_quantization and quants.is_quantized(self.plans[n].dst_type)]
+                   if self.plans[n].allows_quantization and is_quantized(self.plans[n].dst_type)]
         members = [n for n in members if n in self.params]
         hs = self._hessians(gi, members)
         results: dict[str, tuple[np.ndarray, dict]] = {}
@@ -655,7 +656,7 @@ class Distiller:
             if p.name in self.frozen:
                 return self.frozen[p.name], {"method": "distill"}
             return pipeline._quantize_tensor(p.dst_type, x, t, None, self.rt.threads), {
-                "method": "float" if not quants.is_quantized(p.dst_type) else "rtn (in no group)"}
+                "method": "float" if not is_quantized(p.dst_type) else "rtn (in no group)"}
 
         qcfg = pipeline.QuantizeConfig(ftype=self.cfg.ftype, method="distill", threads=self.rt.threads or 0,
                                        mix=self.cfg.mix)

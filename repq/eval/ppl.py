@@ -42,13 +42,14 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputFileError, MismatchError, OperationError, UsageError
+from ..ggml.types import GGML_TYPES
 
 F32 = np.float32
 F64 = np.float64
 
 # llama.cpp's accepted KV cache types (common/arg.cpp kv_cache_types) -> ggml type ids.
-KV_CACHE_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "iq4_nl": 20,
-                  "q5_0": 6, "q5_1": 7}
+KV_CACHE_TYPES = {n.lower(): GGML_TYPES[n] for n in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "IQ4_NL",
+                                                      "Q5_0", "Q5_1")}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -98,21 +98,24 @@ def get_lib() -> ctypes.CDLL:
 
 
 # void dequantize_row_<type>(const block_<type> * x, float * y, int64_t k);
-_dequant_fns: dict[str, ctypes._CFuncPtr] = {}
+_dequant_fns: dict[int, ctypes._CFuncPtr] = {}
 
 
-def dequantize_fn(type_name: str):
-    """``dequantize_row_<type_name>`` from libggml-base (e.g. ``q4_K``), bound on first use."""
-    fn = _dequant_fns.get(type_name)
+def dequantize_fn(gtype: int):
+    """``dequantize_row_<name>`` of ggml type ``gtype`` from libggml-base (its C name: ``q4_K``, ...),
+    bound on first use."""
+    fn = _dequant_fns.get(gtype)
     if fn is None:
         lib = get_lib()
+        raw = lib.ggml_type_name(gtype)
+        name = raw.decode() if raw else str(gtype)
         try:
-            fn = getattr(lib, f"dequantize_row_{type_name}")
+            fn = getattr(lib, f"dequantize_row_{name}")
         except AttributeError as e:
-            raise NativeLibraryError(f"libggml-base has no dequantize_row_{type_name}") from e
+            raise NativeLibraryError(f"libggml-base has no dequantize_row_{name}") from e
         fn.argtypes = [ctypes.c_void_p, c_float_p, ctypes.c_int64]
         fn.restype = None
-        _dequant_fns[type_name] = fn
+        _dequant_fns[gtype] = fn
     return fn
 
 

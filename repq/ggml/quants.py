@@ -16,32 +16,7 @@ import numpy as np
 
 from ..errors import UnsupportedError, UsageError
 from . import _lib
-
-# ggml_type ids of the unquantized float types repq handles itself.
-F32, F16, BF16 = 0, 1, 30
-
-
-def block_size(gtype: int) -> int:
-    return int(_lib.get_lib().ggml_blck_size(gtype))
-
-
-def type_size(gtype: int) -> int:
-    return int(_lib.get_lib().ggml_type_size(gtype))
-
-
-def row_size(gtype: int, n_per_row: int) -> int:
-    return int(_lib.get_lib().ggml_row_size(gtype, n_per_row))
-
-
-def type_name(gtype: int) -> str:
-    name = _lib.get_lib().ggml_type_name(gtype)
-    if name is None:
-        raise UnsupportedError(f"unknown ggml type id {gtype}")
-    return name.decode()
-
-
-def is_quantized(gtype: int) -> bool:
-    return bool(_lib.get_lib().ggml_is_quantized(gtype))
+from .types import BF16, F16, F32, block_size, row_size, type_name
 
 
 def requires_imatrix(gtype: int) -> bool:
@@ -163,5 +138,5 @@ def dequantize(gtype: int, data: bytes | np.ndarray, n_per_row: int) -> np.ndarr
     elif gtype == BF16:
         lib.ggml_bf16_to_fp32_row(buf.ctypes.data_as(ctypes.c_void_p), _ptr(out), out.size)
     else:
-        _lib.dequantize_fn(type_name(gtype))(buf.ctypes.data_as(ctypes.c_void_p), _ptr(out), out.size)
+        _lib.dequantize_fn(gtype)(buf.ctypes.data_as(ctypes.c_void_p), _ptr(out), out.size)
     return out

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputFileError
+from ..ggml.types import TYPES, block_size, row_size, type_name
 
 ALIGNMENT = 32
 GGUF_MAGIC = b"GGUF"
@@ -42,8 +43,6 @@ _SCALAR_FMT = {UINT8: "<B", INT8: "<b", UINT16: "<H", INT16: "<h", UINT32: "<I",
 
 _U64 = struct.Struct("<Q")
 
-# ggml_type ids present in ggml.h at the pinned commit (removed ids 4, 5, 31-33, 36-38 excluded).
-_KNOWN_TYPES = frozenset([*range(0, 4), *range(6, 31), 34, 35, 39, 40, 41, 42])
 
 
 def pad(n: int, align: int = ALIGNMENT) -> int:
@@ -147,16 +146,14 @@ class GGUFModel:
             infos.append((name, tuple(int(d) for d in shape), int(gtype), int(offset)))
         align = int(self.get("general.alignment", ALIGNMENT))
         data_start = pad(pos, align)
-        from ..ggml import quants
-
         for name, shape, gtype, offset in infos:
             # Check before asking ggml: an unknown type or a ragged row would trip a GGML_ASSERT.
-            if gtype not in _KNOWN_TYPES:
+            if gtype not in TYPES:
                 raise InputFileError(f"{self.path}: tensor {name} has unknown ggml type {gtype}")
-            if any(d < 0 for d in shape) or shape[0] % quants.block_size(gtype):
+            if any(d < 0 for d in shape) or shape[0] % block_size(gtype):
                 raise InputFileError(f"{self.path}: tensor {name} has shape {shape}, not whole "
-                                     f"{quants.type_name(gtype)} blocks")
-            nbytes = quants.row_size(gtype, shape[0]) * int(np.prod(shape[1:], dtype=np.int64))
+                                     f"{type_name(gtype)} blocks")
+            nbytes = row_size(gtype, shape[0]) * int(np.prod(shape[1:], dtype=np.int64))
             start = data_start + offset
             if start + nbytes > self.file_size:
                 raise InputFileError(f"{self.path}: truncated: tensor {name} ends at byte {start + nbytes}, "

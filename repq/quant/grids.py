@@ -30,8 +30,8 @@ from functools import cache
 
 import numpy as np
 
-from .. import mix
 from ..errors import UnsupportedError
+from ..ggml.types import type_name
 
 KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)
 
@@ -71,7 +71,7 @@ def _bitplane(offset: int, bit_of_e: np.ndarray, code_pos: int) -> Field:
 @cache
 def layout(gtype: int) -> Layout:
     """The layout of a ggml type (raises UnsupportedError for types without one here)."""
-    name = mix.type_name(gtype)
+    name = type_name(gtype)
     e32, e256 = np.arange(32), np.arange(256)
     ar = lambda n, lo=0: np.arange(lo, lo + n, dtype=np.float32)  # noqa: E731
     if name == "Q4_0":

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..ggml.types import type_name
+
 QK_K = 256
 SUB = 32
 NMAX = {"Q4_K": 15, "Q5_K": 31}            #: highest code of each supported type
@@ -233,10 +235,9 @@ def pack_q5_k(grid: Q4KGrid, codes: torch.Tensor) -> torch.Tensor:
 def supported(gtype: int) -> bool:
     """Whether ``gtype``'s grid can be fitted in torch (here: Q4_K, Q5_K; :mod:`repq.quant.kfit_qx`:
     Q3_K, Q6_K).  LDLQ on a GPU then fits it on the device rather than in ggml on the CPU."""
-    from .. import mix
     from .kfit_qx import NAMES
 
-    return mix.type_name(gtype) in NMAX or mix.type_name(gtype) in NAMES
+    return type_name(gtype) in NMAX or type_name(gtype) in NAMES
 
 
 def torch_grid(gtype: int, rows: int, n_per_row: int, importance: np.ndarray) -> TorchGrid:
@@ -250,10 +251,9 @@ class TorchGrid:
     :func:`pack_q5_k` here, :mod:`repq.quant.kfit_qx` for Q3_K and Q6_K); decoding stays ggml's."""
 
     def __init__(self, gtype: int, rows: int, n_per_row: int, importance: np.ndarray):
-        from .. import mix
         from . import kfit_qx
 
-        self.name = mix.type_name(gtype)
+        self.name = type_name(gtype)
         if self.name in NMAX:
             self._fit = lambda w, imp: fit_q4_k(w, imp, nmax=NMAX[self.name])
             self._codes, self._pack = codes_q4_k, (pack_q5_k if self.name == "Q5_K" else pack_q4_k)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import mix
+from ..ggml.types import type_id
 from . import grids
 
 QK_K = 256
@@ -161,7 +161,7 @@ def codes_qx(w: torch.Tensor, grid: QxGrid) -> torch.Tensor:
 def _place_codes(blk: torch.Tensor, codes: torch.Tensor, lay: grids.Layout) -> torch.Tensor:
     """blk (rows, nb, size) uint8 with the code bits of ``codes`` (rows, nb, 256) ORed in: the
     layout's field matrices applied on the device (a sum of disjoint bits, exact in float32)."""
-    _, mats = grids._scatter(mix.type_id(lay.name))
+    _, mats = grids._scatter(type_id(lay.name))
     acc = torch.zeros(blk.shape, dtype=torch.float32, device=blk.device)
     c = codes.to(torch.int64)
     for f, m in zip(lay.fields, mats, strict=True):
@@ -172,7 +172,7 @@ def _place_codes(blk: torch.Tensor, codes: torch.Tensor, lay: grids.Layout) -> t
 
 def pack_qx(grid: QxGrid, codes: torch.Tensor) -> torch.Tensor:
     """ggml bytes, uint8 (rows, nb · size), of the grid with these codes (0..7 or 0..63)."""
-    lay = grids.layout(mix.type_id(grid.name))
+    lay = grids.layout(type_id(grid.name))
     rows, nb = grid.d.shape
     dev = codes.device
     blk = torch.zeros(rows, nb, lay.size, dtype=torch.uint8, device=dev)

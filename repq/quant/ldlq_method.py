@@ -20,6 +20,7 @@ import torch
 
 from .. import mix
 from ..errors import InputFileError, MismatchError, UsageError
+from ..ggml.types import type_name
 from . import grids, pipeline
 from .kquant import importance, ldlq_quantize
 
@@ -42,7 +43,7 @@ def ldlq_tensor_quantizer(hessian_for: HessianLookup, *, damp: float = 0.01, act
         elif len(t.shape) > 2:
             reason = "3-D expert tensor"
         elif not grids.supported(p.dst_type):
-            reason = f"no LDLQ grid for {mix.type_name(p.dst_type)}"
+            reason = f"no LDLQ grid for {type_name(p.dst_type)}"
         if reason is not None:
             raw = pipeline._quantize_tensor(p.dst_type, x, t, imp, threads)
             return raw, {"method": f"{'imatrix' if imp is not None else 'rtn'} ({reason})"}

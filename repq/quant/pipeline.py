@@ -30,6 +30,7 @@ import numpy as np
 from .. import mix
 from ..errors import InputFileError, MismatchError, UsageError
 from ..ggml import quants
+from ..ggml.types import F32, block_size, is_quantized, row_size, type_name
 from ..io import gguf_file
 from ..io.imatrix import Imatrix, load_imatrix
 
@@ -147,7 +148,7 @@ def model_info(model: gguf_file.GGUFModel) -> mix.ModelInfo:
 
 def tensor_f32(t: gguf_file.TensorRef) -> np.ndarray:
     """The tensor as float32 (n_rows × n_per_row), dequantized through ggml when needed."""
-    if t.type == quants.F32:
+    if t.type == F32:
         return np.frombuffer(t.data, dtype="<f4").reshape(t.n_rows, t.n_per_row)
     return quants.dequantize(t.type, t.data, t.n_per_row)
 
@@ -222,13 +223,13 @@ def quantize_model(src: str | os.PathLike, out: str | os.PathLike, cfg: Quantize
         for p in plans:
             if p.allows_quantization and p.dst_type != p.src_type:
                 if p.requires_imatrix and p.name not in importance:
-                    raise UsageError(f"{p.name} → {mix.type_name(p.dst_type)} requires an importance matrix; "
+                    raise UsageError(f"{p.name} → {type_name(p.dst_type)} requires an importance matrix; "
                                      "pass --imatrix FILE (make one with `repq imatrix` or llama-imatrix)")
-                if quants.is_quantized(p.src_type) and not cfg.allow_requantize:
-                    raise UsageError(f"{p.name} is already quantized ({mix.type_name(p.src_type)}); "
+                if is_quantized(p.src_type) and not cfg.allow_requantize:
+                    raise UsageError(f"{p.name} is already quantized ({type_name(p.src_type)}); "
                                      "pass --allow-requantize to requantize it")
-                if p.dst_type != quants.F32 and model.tensors[p.name].n_per_row % mix.block_size(p.dst_type):
-                    raise UsageError(f"{p.name}: row length not divisible by the {mix.type_name(p.dst_type)} block")
+                if p.dst_type != F32 and model.tensors[p.name].n_per_row % block_size(p.dst_type):
+                    raise UsageError(f"{p.name}: row length not divisible by the {type_name(p.dst_type)} block")
 
         writer = gguf_file.GGUFWriter(out)
         for key, raw in model.kv_items():
@@ -249,7 +250,7 @@ def quantize_model(src: str | os.PathLike, out: str | os.PathLike, cfg: Quantize
 
         for p in plans:
             t = model.tensors[p.name]
-            nbytes = t.n_bytes if p.dst_type == t.type else t.n_rows * quants.row_size(p.dst_type, t.n_per_row)
+            nbytes = t.n_bytes if p.dst_type == t.type else t.n_rows * row_size(p.dst_type, t.n_per_row)
             writer.add_tensor_info(p.name, t.shape, p.dst_type, nbytes)
 
         reports: list[TensorReport] = []
@@ -274,7 +275,7 @@ def quantize_model(src: str | os.PathLike, out: str | os.PathLike, cfg: Quantize
                         imp = None  # token_embd with a foreign size: llama-quantize ignores it too
                     data, info = tq(p, x, t, imp)
                 writer.write_tensor_data(p.name, data)
-                rep = TensorReport(p.name, t.shape, mix.type_name(t.type), mix.type_name(p.dst_type),
+                rep = TensorReport(p.name, t.shape, type_name(t.type), type_name(p.dst_type),
                                    t.n_bytes, int(data.nbytes), p.fallback, imp is not None,
                                    time.perf_counter() - t0, **info)
                 reports.append(rep)

@@ -15,14 +15,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import mix
+from ..ggml.types import type_name
 from . import grids
 
 REFIT_TYPES = {"Q4_0", "Q5_0", "Q8_0", "IQ4_NL", "Q4_1", "Q5_1"}
 
 
 def supported(gtype: int) -> bool:
-    return mix.type_name(gtype) in REFIT_TYPES
+    return type_name(gtype) in REFIT_TYPES
 
 
 @torch.inference_mode()
@@ -36,7 +36,7 @@ def refit_scales(raw: np.ndarray, w: np.ndarray, h: torch.Tensor, gtype: int, *,
         h: (n, n) Hessian (float64); the O(n²)-per-row work runs on its device.
         gtype: one of :data:`REFIT_TYPES`.
     """
-    name = mix.type_name(gtype)
+    name = type_name(gtype)
     lay = grids.layout(gtype)
     rows, n = w.shape
     nb = n // lay.qk

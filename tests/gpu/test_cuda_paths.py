@@ -18,9 +18,9 @@ import pytest
 import torch
 from helpers import correlated_layer
 
-from repq import mix
 from repq.calib.hessian import HessianAccumulator
 from repq.calib.hooks import capture_inputs, forward_with_hooks, input_groups
+from repq.ggml.types import type_id
 from repq.model import ModelConfig, random_model
 from repq.quant import grids, kfit
 from repq.quant.kquant import GgmlGrid, importance, ldlq_quantize
@@ -43,7 +43,7 @@ def layer():
 @pytest.mark.parametrize("name", ["Q4_K", "Q5_K", "Q4_0", "Q3_K", "Q6_K", "IQ4_XS"])
 def test_cuda_ldlq_values_are_what_ggml_decodes(layer, name):
     w, h = layer
-    t = mix.type_id(name)
+    t = type_id(name)
     wt, ht = torch.from_numpy(w).cuda(), torch.from_numpy(h).cuda()
     imp = importance(ht)
     grid = kfit.torch_grid(t, *w.shape, imp) if kfit.supported(t) else GgmlGrid(t, *w.shape, imp)
@@ -61,7 +61,7 @@ def test_cuda_ldlq_values_are_what_ggml_decodes(layer, name):
 
 def test_triton_loop_agrees_with_torch_loop(layer, monkeypatch):
     w, h = layer
-    t = mix.type_id("Q4_0")
+    t = type_id("Q4_0")
     a = ldlq_quantize(w, h, t, device="cuda", refit=False)
     monkeypatch.setenv("REPQ_LDLQ_TRITON", "0")
     b = ldlq_quantize(w, h, t, device="cuda", refit=False)

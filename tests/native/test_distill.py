@@ -20,6 +20,7 @@ from repq.distill.kl import fused_kl, reference_kl
 from repq.distill.run import DistillConfig, Distiller, Runtime
 from repq.errors import UsageError
 from repq.ggml import quants
+from repq.ggml.types import is_quantized
 from repq.io.gguf_file import GGUFModel
 from repq.model.llama import ModelConfig, random_model, save_gguf
 
@@ -116,7 +117,7 @@ def test_gguf_holds_the_frozen_student_exactly_and_llama_quantize_layout(tiny, t
         for n, t in g.tensors.items():
             v = quants.dequantize(t.type, t.data, t.n_per_row)
             np.testing.assert_array_equal(v, sd[n].numpy().reshape(v.shape), err_msg=n)
-            if quants.is_quantized(t.type):
+            if is_quantized(t.type):
                 assert not sd[n].requires_grad
     # the same type mix and tensor sizes as llama-quantize --imatrix (here via repq's byte-identical path)
     from helpers import write_legacy_imatrix
@@ -234,7 +235,7 @@ def test_two_gloo_processes_match_one_exactly_within_a_group(tiny, tmp_path):
     for n in a:
         if "ffn_up" in n:
             np.testing.assert_array_equal(a[n], b[n], err_msg=n)       # same LDLQ decisions
-        elif not quants.is_quantized(types[n]):
+        elif not is_quantized(types[n]):
             np.testing.assert_allclose(a[n], b[n], rtol=1e-4, atol=1e-6, err_msg=n)   # trained in fp32
         else:   # trained, then rounded (no group): a value at a rounding boundary may go either way
             assert np.mean(a[n] == b[n]) > 0.99, n
@@ -251,7 +252,7 @@ def test_two_gloo_processes_match_one_over_all_groups(tiny, tmp_path):
     with GGUFModel(tmp_path / "one.gguf") as g:
         types = {n: t.type for n, t in g.tensors.items()}
     for n in a:
-        if quants.is_quantized(types[n]):
+        if is_quantized(types[n]):
             # LDLQ's error feedback carries one changed rounding decision into every later column:
             # the two tensors are two quantizations of nearly the same weight, no further apart
             # than each is from the original

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from repq import mix
 from repq.ggml import quants
+from repq.ggml.types import type_id
 from repq.quant import grids
 
 TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"]
@@ -19,7 +19,7 @@ def _lib(native):
 
 @pytest.mark.parametrize("name", TYPES)
 def test_decode_and_codes_match_ggml(name):
-    t = mix.type_id(name)
+    t = type_id(name)
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((37, 512)) * rng.random((37, 1)) * 3).astype(np.float32)
     x[5] = 0.0  # an all-zero row
@@ -40,4 +40,4 @@ def test_unsupported_type():
     from repq.errors import UnsupportedError
 
     with pytest.raises(UnsupportedError, match="IQ2_XS"):
-        grids.layout(mix.type_id("IQ2_XS"))
+        grids.layout(type_id("IQ2_XS"))

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from repq import mix
 from repq.ggml import quants
+from repq.ggml.types import type_id
 from repq.quant import grids, kfit, kfit_qx
 
 KTYPES = ["Q3_K", "Q4_K", "Q5_K", "Q6_K"]
@@ -46,7 +46,7 @@ def fit_bytes(w: np.ndarray, imp: np.ndarray, name: str = "Q4_K"):
 @pytest.mark.parametrize("name", KTYPES)
 @pytest.mark.parametrize("importance", ["gamma", "uniform"])
 def test_fit_matches_ggml_search(importance, name):
-    t = mix.type_id(name)
+    t = type_id(name)
     size = grids.layout(t).size
     w = weight()
     imp = (np.random.default_rng(1).gamma(2.0, 1.0, size=w.shape[1]).astype(np.float32) if importance == "gamma"
@@ -72,7 +72,7 @@ def test_fit_matches_ggml_search(importance, name):
 
 @pytest.mark.parametrize("name", KTYPES)
 def test_packed_bytes_decode_to_the_grid(name):
-    t = mix.type_id(name)
+    t = type_id(name)
     lay = grids.layout(t)
     w = weight(rows=40, n=512, seed=2)
     raw, grid, codes, pack = fit_bytes(w, np.ones(512, np.float32), name)
@@ -99,7 +99,7 @@ def test_rejects_partial_super_blocks_and_other_types():
     with pytest.raises(ValueError, match="not Q4_K"):
         kfit_qx.fit_qx("Q4_K", torch.zeros(2, 256), torch.ones(256))
     with pytest.raises(ValueError, match="no torch grid fit for Q4_0"):
-        kfit.torch_grid(mix.type_id("Q4_0"), 2, 256, np.ones(256, np.float32))
+        kfit.torch_grid(type_id("Q4_0"), 2, 256, np.ones(256, np.float32))
 
 
 @pytest.mark.parametrize("name", KTYPES)
@@ -115,7 +115,7 @@ def test_ldlq_on_the_torch_grid(name):
     z[:, :4] *= 8                                             # outlier input channels
     h = z.T @ z / len(z)
     w = weight(rows=64, n=n, seed=4)
-    k = mix.type_id(name)
+    k = type_id(name)
     t = ldlq_quantize(w, h, k, fit="torch")
     g = ldlq_quantize(w, h, k, fit="ggml")
     assert t.raw.shape == g.raw.shape
@@ -123,4 +123,4 @@ def test_ldlq_on_the_torch_grid(name):
     assert abs(t.baseline_loss / g.baseline_loss - 1) < 1e-2
     assert t.proxy_loss < 0.9 * t.baseline_loss and abs(t.proxy_loss / g.proxy_loss - 1) < 0.05
     with pytest.raises(ValueError, match="Q3_K, Q4_K, Q5_K and Q6_K with static scales"):
-        ldlq_quantize(w, h, mix.type_id("Q4_0"), fit="torch")
+        ldlq_quantize(w, h, type_id("Q4_0"), fit="torch")

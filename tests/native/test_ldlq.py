@@ -8,8 +8,8 @@ import pytest
 import torch
 from helpers import correlated_layer
 
-from repq import mix
 from repq.ggml import quants
+from repq.ggml.types import row_size, type_id
 from repq.quant import grids
 from repq.quant.kquant import GgmlGrid, ldlq_quantize
 from repq.quant.ldlq import ldlq, proxy_loss
@@ -31,9 +31,9 @@ def layer():
 @pytest.mark.parametrize("name", TYPES)
 def test_exact_decode_and_lower_loss_than_ggml(layer, name):
     w, h = layer
-    t = mix.type_id(name)
+    t = type_id(name)
     r = ldlq_quantize(w, h, t)
-    assert r.raw.nbytes == w.shape[0] * quants.row_size(t, w.shape[1])
+    assert r.raw.nbytes == w.shape[0] * row_size(t, w.shape[1])
     # what torch sees is what llama.cpp runs: ggml's dequantization of the packed bytes
     np.testing.assert_array_equal(quants.dequantize(t, r.raw, w.shape[1]), r.values)
     assert r.proxy_loss < 0.95 * r.baseline_loss
@@ -44,7 +44,7 @@ def test_exact_decode_and_lower_loss_than_ggml(layer, name):
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "IQ4_NL", "Q6_K"])
 def test_identity_hessian_is_nearest_rounding_on_the_fitted_grid(layer, name):
     w, _ = layer
-    t = mix.type_id(name)
+    t = type_id(name)
     lay = grids.layout(t)
     grid = GgmlGrid(t, w.shape[0], w.shape[1], np.ones(w.shape[1], np.float32))
     res = ldlq(torch.from_numpy(w), torch.eye(w.shape[1], dtype=torch.float64), grid.fit, qk=lay.qk,
@@ -78,5 +78,5 @@ def test_worked_example_from_docstring():
 def test_w_is_not_modified(layer):
     w, h = layer
     before = w.copy()
-    ldlq_quantize(w, h, mix.type_id("Q4_0"))
+    ldlq_quantize(w, h, type_id("Q4_0"))
     np.testing.assert_array_equal(w, before)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from repq import mix
 from repq.errors import UnsupportedError, UsageError
 from repq.ggml import quants
+from repq.ggml.types import GGML_TYPES, block_size, row_size, type_id, type_name
 
-Q4_0, Q8_0, Q4_K, IQ2_XS, F16, BF16 = (mix.type_id(n) for n in ("Q4_0", "Q8_0", "Q4_K", "IQ2_XS", "F16", "BF16"))
+Q4_0, Q8_0, Q4_K, IQ2_XS, F16, BF16 = (type_id(n) for n in ("Q4_0", "Q8_0", "Q4_K", "IQ2_XS", "F16", "BF16"))
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +61,7 @@ def test_thread_count_does_not_change_bytes():
     x = _rows(n=300, k=512, seed=2)
     a = bytes(quants.quantize(Q4_K, x, threads=1))
     b = bytes(quants.quantize(Q4_K, x, threads=3))
-    assert a == b and len(a) == 300 * quants.row_size(Q4_K, 512)
+    assert a == b and len(a) == 300 * row_size(Q4_K, 512)
 
 
 def test_imatrix_changes_result_and_roundtrip_is_stable():
@@ -100,6 +100,6 @@ def test_guards_raise_instead_of_aborting():
 
 
 def test_type_tables_agree_with_ggml():
-    for name, tid in mix.GGML_TYPES.items():
-        assert mix.block_size(tid) == quants.block_size(tid), name
-        assert quants.type_name(tid).upper() == name.upper(), name
+    for name, tid in GGML_TYPES.items():
+        assert block_size(tid) == block_size(tid), name
+        assert type_name(tid).upper() == name.upper(), name
