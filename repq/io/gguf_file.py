@@ -1,4 +1,4 @@
-"""GGUF reading (via gguf-py) and writing laid out exactly as llama-quantize writes.
+"""GGUF reading (checked as gguf.cpp checks) and writing laid out exactly as llama-quantize writes.
 
 File layout (GGUF v3, little endian), as written by ggml's gguf.cpp:
 
@@ -19,6 +19,7 @@ memory at a time) into a temporary file and renames it into place only when comp
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -41,7 +42,10 @@ _SCALAR_FMT = {UINT8: "<B", INT8: "<b", UINT16: "<H", INT16: "<h", UINT32: "<I",
                FLOAT32: "<f", BOOL: "<?", UINT64: "<Q", INT64: "<q", FLOAT64: "<d"}
 
 
+_INT_TYPES = frozenset({UINT8, INT8, UINT16, INT16, UINT32, INT32, UINT64, INT64})
 _U64 = struct.Struct("<Q")
+GGML_MAX_NAME = 64   # ggml.h: tensor names are shorter than this, in bytes
+INT64_MAX = (1 << 63) - 1
 
 
 
@@ -84,7 +88,7 @@ class TensorRef:
 
     @property
     def n_rows(self) -> int:
-        return int(np.prod(self.shape[1:])) if len(self.shape) > 1 else 1
+        return math.prod(self.shape[1:])
 
 
 class GGUFModel:
@@ -110,56 +114,100 @@ class GGUFModel:
         self._buf = memoryview(self._mm)
         self._kv: dict[str, tuple[int, int, int]] = {}  # key -> (start, value_start, end)
         self.tensors: dict[str, TensorRef] = {}
+        self.alignment = ALIGNMENT
         try:
             self._parse()
-        except (struct.error, ValueError, UnicodeDecodeError, OverflowError) as e:
+        except struct.error:
             self.close()
-            raise InputFileError(f"{self.path}: corrupt or truncated GGUF ({e})") from e
+            raise InputFileError(f"{self.path}: truncated GGUF (the header or metadata runs past the end "
+                                 f"of the file's {self.file_size} bytes)") from None
+        except (ValueError, UnicodeDecodeError, OverflowError) as e:
+            self.close()
+            raise InputFileError(f"{self.path}: corrupt GGUF ({e})") from None
+        except InputFileError:
+            self.close()
+            raise
+
+    def _fail(self, what: str) -> InputFileError:
+        return InputFileError(f"{self.path}: {what}")
 
     def _parse(self) -> None:
+        """Read and check the header, metadata and tensor infos as gguf.cpp's ``gguf_init_from_file``
+        does (same rules, so repq accepts nothing llama.cpp rejects), without reading tensor data.
+
+        Every count is bounded by the bytes the file has left before anything is allocated.
+        """
         buf, pos = self._buf, 4
         version, n_tensors, n_kv = struct.unpack_from("<Iqq", buf, pos)
         pos += 20
         if version not in (2, 3):
-            raise InputFileError(f"{self.path}: unsupported GGUF version {version} (expected 3)")
-        if not (0 <= n_tensors < 1 << 24 and 0 <= n_kv < 1 << 24):
-            raise InputFileError(f"{self.path}: corrupt GGUF header ({n_tensors} tensors, {n_kv} keys)")
-        for _ in range(n_kv):
+            raise self._fail(f"unsupported GGUF version {version} (expected 3)")
+        # a key/value pair takes at least 8 + 1 + 4 + 1 bytes, a tensor info 8 + 1 + 4 + 8 + 4 + 8
+        if not (0 <= n_kv <= (self.file_size - pos) // 14 and 0 <= n_tensors <= (self.file_size - pos) // 33):
+            raise self._fail(f"truncated or corrupt GGUF header: {n_tensors} tensors and {n_kv} keys "
+                             f"cannot fit in a file of {self.file_size} bytes")
+        for i in range(n_kv):
             start = pos
             key, pos = self._str(pos)
+            if not key:
+                raise self._fail(f"metadata key {i} is empty")
+            if key in self._kv:
+                raise self._fail(f"duplicate metadata key {key!r}")
             (vtype,) = struct.unpack_from("<I", buf, pos)
             pos += 4
             vstart = pos
-            pos = self._skip_value(vtype, pos)
+            pos = self._skip_value(vtype, pos, key)
             self._kv[key] = (start, vstart, pos)
+        if "general.alignment" in self._kv:
+            if self.value_type("general.alignment") != UINT32:
+                raise self._fail("metadata key 'general.alignment' must be a uint32")
+            self.alignment = int(self.get("general.alignment"))
+            if self.alignment == 0 or self.alignment & (self.alignment - 1):
+                raise self._fail(f"general.alignment {self.alignment} is not a power of 2")
         infos = []
-        for _ in range(n_tensors):
+        for i in range(n_tensors):
             name, pos = self._str(pos)
+            if len(name.encode()) >= GGML_MAX_NAME:
+                raise self._fail(f"tensor name {i} is {len(name.encode())} bytes long (at most {GGML_MAX_NAME - 1})")
+            if any(name == n for n, *_ in infos):
+                raise self._fail(f"duplicate tensor name {name!r}")
             (n_dims,) = struct.unpack_from("<I", buf, pos)
             pos += 4
             if not 1 <= n_dims <= 4:
-                raise InputFileError(f"{self.path}: tensor {name} has {n_dims} dimensions")
-            shape = struct.unpack_from(f"<{n_dims}q", buf, pos)
+                raise self._fail(f"tensor {name} has {n_dims} dimensions (1 to 4)")
+            shape = tuple(int(d) for d in struct.unpack_from(f"<{n_dims}q", buf, pos))
             pos += 8 * n_dims
             gtype, offset = struct.unpack_from("<IQ", buf, pos)
             pos += 12
-            infos.append((name, tuple(int(d) for d in shape), int(gtype), int(offset)))
-        align = int(self.get("general.alignment", ALIGNMENT))
-        data_start = pad(pos, align)
+            infos.append((name, shape, int(gtype), int(offset)))
+        data_start = pad(pos, self.alignment)
+        expect = 0   # gguf.cpp: every tensor starts where the previous one ends, padded to the alignment
         for name, shape, gtype, offset in infos:
-            # Check before asking ggml: an unknown type or a ragged row would trip a GGML_ASSERT.
-            if gtype not in TYPES:
-                raise InputFileError(f"{self.path}: tensor {name} has unknown ggml type {gtype}")
-            if any(d < 0 for d in shape) or shape[0] % block_size(gtype):
-                raise InputFileError(f"{self.path}: tensor {name} has shape {shape}, not whole "
-                                     f"{type_name(gtype)} blocks")
-            nbytes = row_size(gtype, shape[0]) * int(np.prod(shape[1:], dtype=np.int64))
+            nbytes = self._tensor_bytes(name, shape, gtype)
+            if offset != expect:
+                raise self._fail(f"tensor {name} has data offset {offset}, expected {expect} "
+                                 "(tensor data must follow in order, padded to the alignment)")
             start = data_start + offset
             if start + nbytes > self.file_size:
-                raise InputFileError(f"{self.path}: truncated: tensor {name} ends at byte {start + nbytes}, "
-                                     f"file has {self.file_size}")
+                raise self._fail(f"truncated: tensor {name} ends at byte {start + nbytes}, "
+                                 f"file has {self.file_size}")
+            expect += pad(nbytes, self.alignment)
             data = np.frombuffer(self._mm, dtype=np.uint8, count=nbytes, offset=start)
             self.tensors[name] = TensorRef(name, gtype, shape, nbytes, data)
+
+    def _tensor_bytes(self, name: str, shape: tuple[int, ...], gtype: int) -> int:
+        """Bytes of a tensor's data, after gguf.cpp's checks (checked before ggml ever sees the shape:
+        an unknown type or a ragged row would trip a GGML_ASSERT)."""
+        if gtype not in TYPES:
+            raise self._fail(f"tensor {name} has unknown ggml type {gtype}")
+        if any(d < 0 for d in shape):
+            raise self._fail(f"tensor {name} has a negative dimension {shape}")
+        if math.prod(shape) >= INT64_MAX:
+            raise self._fail(f"tensor {name} has shape {shape}: {math.prod(shape)} elements overflow int64")
+        if shape[0] % block_size(gtype):
+            raise self._fail(f"tensor {name} has rows of {shape[0]}, not whole {type_name(gtype)} blocks "
+                             f"of {block_size(gtype)}")
+        return row_size(gtype, shape[0]) * math.prod(shape[1:])
 
     def _str(self, pos: int) -> tuple[str, int]:
         (n,) = struct.unpack_from("<Q", self._buf, pos)
@@ -168,24 +216,34 @@ class GGUFModel:
             raise ValueError(f"string of {n} bytes runs past the end of the file")
         return bytes(self._buf[pos:pos + n]).decode("utf-8"), pos + n
 
-    def _skip_value(self, vtype: int, pos: int) -> int:
+    def _skip_value(self, vtype: int, pos: int, key: str) -> int:
+        left = len(self._buf) - pos
         if vtype in _SCALAR_FMT:
             return pos + struct.calcsize(_SCALAR_FMT[vtype])
         if vtype == STRING:
             (n,) = struct.unpack_from("<Q", self._buf, pos)
+            if n > left - 8:
+                raise ValueError(f"string value of {key!r} ({n} bytes) runs past the end of the file")
             return pos + 8 + n
         if vtype == ARRAY:
             sub, n = struct.unpack_from("<IQ", self._buf, pos)
             pos += 12
             if sub in _SCALAR_FMT:
-                return pos + n * struct.calcsize(_SCALAR_FMT[sub])
+                size = n * struct.calcsize(_SCALAR_FMT[sub])
+                if size > left - 12:
+                    raise ValueError(f"array {key!r} of {n} values runs past the end of the file")
+                return pos + size
             if sub == STRING:   # a tokenizer's 50k-150k strings: keep this loop tight
+                if 8 * n > left - 12:
+                    raise ValueError(f"array {key!r} of {n} strings runs past the end of the file")
                 unpack, buf = _U64.unpack_from, self._buf
                 for _ in range(n):
                     pos += 8 + unpack(buf, pos)[0]
+                if pos > len(buf):
+                    raise ValueError(f"array {key!r} of {n} strings runs past the end of the file")
                 return pos
-            raise ValueError(f"array of type {sub} is not supported")
-        raise ValueError(f"unknown value type {vtype}")
+            raise ValueError(f"array {key!r} has element type {sub} (arrays hold scalars or strings)")
+        raise ValueError(f"metadata key {key!r} has unknown value type {vtype}")
 
     def _value(self, vtype: int, pos: int):
         if vtype in _SCALAR_FMT:
@@ -217,7 +275,15 @@ class GGUFModel:
         if span is None:
             return default
         (vtype,) = struct.unpack_from("<I", self._buf, span[1] - 4)
-        return self._value(vtype, span[1])
+        try:
+            return self._value(vtype, span[1])
+        except UnicodeDecodeError:
+            raise self._fail(f"metadata key {key!r} holds a string that is not UTF-8") from None
+
+    def value_type(self, key: str) -> int | None:
+        """GGUF value type of a key (``ARRAY`` for arrays), or None when the key is absent."""
+        span = self._kv.get(key)
+        return None if span is None else struct.unpack_from("<I", self._buf, span[1] - 4)[0]
 
     def require(self, key: str):
         v = self.get(key)
@@ -225,9 +291,54 @@ class GGUFModel:
             raise InputFileError(f"{self.path}: metadata key {key!r} is missing")
         return v
 
+    def get_int(self, key: str, default: int | None = None, *, per_layer: bool = False) -> int | list[int] | None:
+        """An integer key (any GGUF integer type), checked.  ``per_layer``: an array of integers is
+        accepted too (llama.cpp's per-layer head counts).
+
+        Raises:
+            InputFileError: the key holds a value of another type.
+        """
+        v = self.get(key)
+        if v is None:
+            return default
+        vt = self.value_type(key)
+        if vt in _INT_TYPES:
+            return int(v)
+        if per_layer and vt == ARRAY and v and all(type(x) is int for x in v):
+            return [int(x) for x in v]
+        raise self._fail(f"metadata key {key!r} must be an integer{' or a list of them' if per_layer else ''}, "
+                         f"not {v!r:.40}")
+
+    def require_int(self, key: str, *, per_layer: bool = False) -> int | list[int]:
+        v = self.get_int(key, per_layer=per_layer)
+        if v is None:
+            raise InputFileError(f"{self.path}: metadata key {key!r} is missing")
+        return v
+
+    def get_float(self, key: str, default: float | None = None) -> float | None:
+        """A numeric key (float or integer GGUF type), checked."""
+        v = self.get(key)
+        if v is None:
+            return default
+        if self.value_type(key) not in _INT_TYPES | {FLOAT32, FLOAT64}:
+            raise self._fail(f"metadata key {key!r} must be a number, not {v!r:.40}")
+        return float(v)
+
+    def get_str(self, key: str, default: str | None = None) -> str | None:
+        """A string key, checked."""
+        v = self.get(key)
+        if v is None:
+            return default
+        if self.value_type(key) != STRING:
+            raise self._fail(f"metadata key {key!r} must be a string, not {v!r:.40}")
+        return v
+
     @property
     def arch(self) -> str:
-        return str(self.require("general.architecture"))
+        v = self.get_str("general.architecture")
+        if v is None:
+            raise InputFileError(f"{self.path}: metadata key 'general.architecture' is missing")
+        return v
 
     def close(self) -> None:
         """Release the mapping (tensor arrays handed out must no longer be used)."""

@@ -6,6 +6,7 @@ import struct
 
 import numpy as np
 import pytest
+from gguf_craft import craft
 
 from repq.errors import InputFileError
 from repq.io import gguf_file as gf
@@ -14,20 +15,6 @@ from repq.io import gguf_file as gf
 @pytest.fixture(autouse=True)
 def _lib(native):
     pass
-
-
-def craft(tensors: list[tuple[str, tuple[int, ...], int, bytes]], kv: list[bytes], *, version=3,
-          magic=b"GGUF") -> bytes:
-    """A GGUF file by hand: header, KV, tensor infos, padding, data."""
-    out = [magic, struct.pack("<Iqq", version, len(tensors), len(kv)), *kv]
-    off = 0
-    for name, shape, gtype, data in tensors:
-        out += [gf.encode_str(name), struct.pack("<I", len(shape)), struct.pack(f"<{len(shape)}q", *shape),
-                struct.pack("<IQ", gtype, off)]
-        off += gf.pad(len(data))
-    meta = b"".join(out)
-    meta += b"\0" * (gf.pad(len(meta)) - len(meta))
-    return meta + b"".join(d + b"\0" * (gf.pad(len(d)) - len(d)) for *_, d in tensors)
 
 
 def test_reads_crafted_file(tmp_path):
@@ -45,7 +32,8 @@ def test_reads_crafted_file(tmp_path):
 
 @pytest.mark.parametrize("mutate,match", [
     (lambda b: b[:-10], "truncated"),
-    (lambda b: b[:40], "corrupt or truncated"),
+    (lambda b: b[:40], "truncated"),
+    (lambda b: b[:70], "truncated"),
     (lambda b: b"GGML" + b[4:], "not a GGUF file"),
     (lambda b: b[:4] + struct.pack("<I", 7) + b[8:], "unsupported GGUF version"),
     (lambda b: b"", "not a GGUF file"),
