@@ -127,12 +127,23 @@ def _load_gguf(path: Path) -> Imatrix:
         for base in sorted(set(sums) | set(counts)):
             if base not in sums or base not in counts:
                 raise InputFileError(f"{path}: mismatched sums and counts for {base}")
-            entries[base] = ImatrixEntry(sums[base], np.rint(counts[base]).astype(np.int64))
+            s_, c_ = sums[base], counts[base]
+            if c_.size == 0 or s_.size % c_.size:
+                raise InputFileError(f"{path}: imatrix entry {base} has {s_.size} sums for {c_.size} counts "
+                                     "(expected a whole number of sums per count)")
+            if not (np.isfinite(c_).all() and (c_ >= 0).all()):
+                raise InputFileError(f"{path}: imatrix entry {base} has negative or non-finite counts")
+            entries[base] = ImatrixEntry(s_, np.rint(c_).astype(np.int64))
+        for key in ("imatrix.chunk_count", "imatrix.chunk_size"):
+            if model.value_type(key) not in (None, gguf_file.UINT32):
+                raise InputFileError(f"{path}: metadata key {key!r} must be a uint32")
         ds = model.get("imatrix.datasets")
+        if ds is not None and model.value_type("imatrix.datasets") != gguf_file.ARRAY \
+                or ds is not None and not all(isinstance(x, str) for x in ds):
+            raise InputFileError(f"{path}: metadata key 'imatrix.datasets' must be an array of strings")
         cc = model.get("imatrix.chunk_count")
         cs = model.get("imatrix.chunk_size")
-        return Imatrix(entries,
-                       datasets=list(ds) if isinstance(ds, list) else ([] if ds is None else [str(ds)]),
+        return Imatrix(entries, datasets=list(ds or []),
                        chunk_count=int(cc or 0), chunk_size=int(cs or 0), is_legacy=False,
                        has_metadata=ds is not None and cc is not None and cs is not None)
     finally:
