@@ -28,6 +28,7 @@ import numpy as np
 
 from ..errors import InputFileError
 from . import gguf_file
+from .atomic import atomic_write_bytes
 
 
 @dataclass
@@ -231,15 +232,4 @@ def save_imatrix_dat(path: str | os.PathLike, im: Imatrix) -> None:
                 vals.astype("<f4").tobytes()]
     ds = (im.datasets[-1] if im.datasets else "").encode()
     out += [struct.pack("<i", int(im.chunk_count)), struct.pack("<i", len(ds)), ds]
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(b"".join(out))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write_bytes(path, b"".join(out))
