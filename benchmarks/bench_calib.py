@@ -8,7 +8,7 @@ compute-only rate is reported too.  llama-imatrix runs with --no-ppl (repq compu
     python benchmarks/bench_calib.py [--threads 2] [--chunks 16]
     → benchmarks/results/calib_cpu.json
 
-GPU (--gpu): `repq hessian`'s collection path (``repq.calib.hessian.step``: forward hooks, Xᵀ X
+GPU (--gpu): `repq hessian`'s collection path (``repq.calib.hessian.accumulator.step``: forward hooks, Xᵀ X
 accumulated in fp32 and flushed into float64 every 8 batches; everything but the file I/O) as a fraction of the plain bf16 forward pass of the same model on
 the same batches, on a random-initialised Llama with n_embd 4096 (Llama-3-8B-like blocks).
 
@@ -42,6 +42,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))   # support.models: random-weight models
 
 from repq.paths import cache_dir, tool_path  # noqa: E402
 
@@ -78,10 +79,12 @@ def bench_cpu(args) -> dict:
 
 def bench_gpu(args) -> dict:
     import torch
+    from support.models import random_model
 
-    from repq.calib.hessian import HessianAccumulator, all_reduce_sums, init_distributed, step
+    from repq.calib.hessian.accumulator import HessianAccumulator, all_reduce_sums, step
     from repq.calib.hooks import input_groups
-    from repq.model import ModelConfig, random_model
+    from repq.model.config import ModelConfig
+    from repq.runtime import init_distributed
 
     rank, world, dev_name = init_distributed("cuda") if "WORLD_SIZE" in os.environ else (0, 1, "cuda")
     dev = torch.device(dev_name)
@@ -122,7 +125,7 @@ def bench_gpu(args) -> dict:
         return t, acc
 
     with torch.no_grad():
-        from repq.calib.hessian import band_rows
+        from repq.calib.hessian.accumulator import band_rows
 
         band = (lambda d: args.band if d >= 1024 else band_rows(d)) if args.band else None   # ragged last band
         # The GPU at its power cap clocks lower than an idle one: heat it before timing anything,

@@ -48,7 +48,8 @@ def main() -> None:
     import torch.distributed as dist
 
     from repq.distill.run import GradAverager, average_gradients, distill_loss
-    from repq.model.llama import ModelConfig, Transformer
+    from repq.model.config import ModelConfig
+    from repq.model.transformer import Transformer
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

@@ -22,11 +22,14 @@ import argparse
 import gc
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))   # support.models: random-weight models
 
 SMOLLM2 = dict(arch="llama", n_layer=30, n_embd=576, n_ff=1536, n_head=9, n_head_kv=3, n_vocab=49152, tied=True,
                rope_base=100000.0, rms_eps=1e-5)
@@ -59,8 +62,10 @@ def _hf_models(device):
 
 
 def _repq_models(device, compile_: bool, whole: bool = False):
+    from support.models import random_model
+
     from repq.distill.run import distill_loss
-    from repq.model.llama import ModelConfig, random_model
+    from repq.model.config import ModelConfig
 
     cfg = ModelConfig(**SMOLLM2)
     student = random_model(cfg, seed=0, device=device, dtype=torch.float32).requires_grad_(True)

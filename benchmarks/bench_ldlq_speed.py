@@ -27,11 +27,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))   # support.models: random-weight models
+
+from support.models import random_model  # noqa: E402
 
 from repq.calib.hooks import capture_inputs, input_groups  # noqa: E402
 from repq.ggml import quants  # noqa: E402
 from repq.ggml.types import type_id  # noqa: E402
-from repq.model.llama import ModelConfig, random_model  # noqa: E402
+from repq.model.config import ModelConfig  # noqa: E402
 from repq.quant.kquant import ldlq_quantize  # noqa: E402
 from repq.quant.ldlq import PhaseTimes  # noqa: E402
 

@@ -126,7 +126,7 @@ def make_tiny_hf_llama(out_dir: Path, *, hidden: int = 256, inter: int = 512, la
 def llama_cpp_logits(gguf_path: Path, text: str) -> tuple[list[int], np.ndarray]:
     """(token ids of ``text``, llama.cpp's logits for every position), through llama-cpp-python
     on the native build (F16 KV cache, 2 threads)."""
-    from repq.data import Tokenizer
+    from repq.data.tokenizer import Tokenizer
     from repq.llama import llama_cpp
 
     with Tokenizer(gguf_path) as tok:

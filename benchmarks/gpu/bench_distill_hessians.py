@@ -6,7 +6,7 @@ of the number of processes):
 
 * ``before``: one fp32 GEMM per input on the full n × n matrix, the whole fp32 sum copied to the
   host as float64 after every batch (repq before commit 35230e9);
-* ``now``: :class:`repq.calib.hessian.HessianAccumulator` (upper-triangle bands, 16-bit GEMMs with
+* ``now``: :class:`repq.calib.hessian.accumulator.HessianAccumulator` (upper-triangle bands, 16-bit GEMMs with
   fp32 sums on a side stream, upper bands staged through pinned memory after every batch).
 
     PYTHONPATH=$PWD python benchmarks/gpu/bench_distill_hessians.py [--layers 4] [--batches 8]
@@ -15,13 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from repq.calib.hessian import HessianAccumulator
-from repq.calib.hooks import forward_with_hooks, input_groups
-from repq.model import ModelConfig, random_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))   # support.models: random-weight models
+
+from support.models import random_model  # noqa: E402
+
+from repq.calib.hessian.accumulator import HessianAccumulator  # noqa: E402
+from repq.calib.hooks import forward_with_hooks, input_groups  # noqa: E402
+from repq.model.config import ModelConfig  # noqa: E402
 
 
 def before(model, groups, batches) -> dict[str, torch.Tensor]:

@@ -2,13 +2,14 @@
 # GPU lease: a small `repq distill --device cuda` on a random tiny model (catches CUDA-path bugs in
 # seconds before the long runs).  Needs the native build (setup.sh) only.
 set -euo pipefail
-export PYTHONPATH=/tmp/site:$PWD LLAMA_CPP_LIB_PATH=$PWD/native/build/bin PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:$PWD:$PWD/tests LLAMA_CPP_LIB_PATH=$PWD/native/build/bin PYTHONUNBUFFERED=1
 S=/tmp/smoke; mkdir -p $S
 python3 - <<'PY'
 import numpy as np, torch
 from pathlib import Path
-from repq.data import byte_vocab_kv
-from repq.model.llama import ModelConfig, random_model, save_gguf
+from repq.model.config import ModelConfig
+from support.models import random_model, save_gguf
+from support.vocab import byte_vocab_kv
 cfg = ModelConfig(arch="llama", n_layer=2, n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_vocab=262, tied=True)
 m = random_model(cfg, seed=1)
 with torch.no_grad():

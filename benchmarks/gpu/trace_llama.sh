@@ -2,12 +2,13 @@
 # GPU lease (after setup.sh): where llama-cpp-python crashes on these machines.  Loads a tiny random
 # model through llama_cpp with a SIGSEGV backtrace preloaded (segv_trace.c) and symbolises the
 # libllama / libggml frames with addr2line.
-export PYTHONPATH=/tmp/site:$PWD LLAMA_CPP_LIB_PATH=$PWD/native/build/bin PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:$PWD:$PWD/tests LLAMA_CPP_LIB_PATH=$PWD/native/build/bin PYTHONUNBUFFERED=1
 M=/tmp/trace/m.gguf; mkdir -p /tmp/trace
 python3 - <<'PY'
 import torch
-from repq.data import byte_vocab_kv
-from repq.model.llama import ModelConfig, random_model, save_gguf
+from repq.model.config import ModelConfig
+from support.models import random_model, save_gguf
+from support.vocab import byte_vocab_kv
 cfg = ModelConfig(arch="llama", n_layer=1, n_embd=64, n_ff=128, n_head=4, n_head_kv=2, n_vocab=262, tied=True)
 save_gguf(random_model(cfg, seed=1), "/tmp/trace/m.gguf", kv=byte_vocab_kv())
 PY

@@ -2,5 +2,6 @@
 
 * :mod:`repq.calib.hooks`: which inputs exist (q/k/v share one, gate/up share one) and hooks on them.
 * :mod:`repq.calib.imatrix`: llama-imatrix's Σx² per column, for ``repq imatrix``.
-* :mod:`repq.calib.hessian`: Σxxᵀ in float64, checkpointed, distributed, stored as safetensors.
+* :mod:`repq.calib.hessian`: Σxxᵀ in float64 (accumulator, checkpointed and distributed run,
+  safetensors storage, merge).
 """

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model.llama import Linear, Transformer
+from ..model.transformer import Linear, Transformer
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import OperationError
 from ..io.imatrix import Imatrix, ImatrixEntry
-from ..model.llama import Transformer
+from ..model.transformer import Transformer
 from .hooks import InputGroup, forward_with_hooks, input_groups
 
 

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from .. import runtime
 from .._output import Output
 from ..cli import JsonOpt, QuietOpt, ThreadsOpt, app, meta, run_command
 from ..errors import UsageError
@@ -20,41 +21,10 @@ BatchOpt = Annotated[int, typer.Option("--batch", help="Chunks per forward pass.
 VocabOpt = Annotated[Path | None, typer.Option("--vocab", help="A GGUF of the same model to tokenize with (needed for an HF directory).")]
 
 
-def _spin_less() -> None:
-    """Let torch's OpenMP threads sleep soon instead of spinning (only before torch is imported).
-
-    libgomp's default spins 300,000 times at each barrier; on a CPU shared with other processes a
-    spinning thread steals the core its partner needs, and 2-thread runs became 4× slower than
-    1-thread runs.  A short spin costs nothing measurable on an idle machine.  Results are unchanged.
-    """
-    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
-
-
-def _setup(device: str, dtype: str, threads: int):
-    """Resolve --device / --dtype and apply --threads."""
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA device is available", hint="use --device cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise UsageError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
-    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    if dtype not in names:
-        raise UsageError(f"--dtype {dtype}: expected auto, float32, bfloat16 or float16")
-    return device, names[dtype]
-
-
 def _load(model: Path, data: Path, vocab: Path | None, device: str, dtype, ctx: int, chunks: int, out: Output):
     """Model on device + calibration chunks tokenized by llama.cpp."""
-    from ..data import load_calibration_with
-    from ..model import load_model
-    from ..model.llama import load_config
+    from ..data.calibration import load_calibration_with
+    from ..model.loader import load_config, load_model
 
     vocab_path = vocab or load_config(model)[1]
     if vocab_path is None:
@@ -109,14 +79,14 @@ def imatrix(
     out = Output(json_out, quiet)
 
     def body():
-        _spin_less()
+        runtime.spin_less()
         from ..calib.imatrix import collect_imatrix
         from ..io.imatrix import save_imatrix_dat, save_imatrix_gguf
 
         f = fmt or ("dat" if out_path.suffix.lower() == ".dat" else "gguf")
         if f not in ("gguf", "dat"):
             raise UsageError(f"--format {fmt}: expected gguf or dat")
-        dev, dt = _setup(device, dtype, threads)
+        dev, dt = runtime.configure_torch(device, dtype, threads)
         lm, cal = _load(model, data, vocab, dev, dt, ctx, chunks, out)
         t0 = time.time()
         with out.progress("imatrix", total=len(cal.chunks)) as advance:
@@ -192,15 +162,16 @@ def hessian(
     out = Output(json_out, quiet or int(os.environ.get("RANK", "0")) > 0)  # torchrun: rank 0 reports
 
     def body():
-        _spin_less()
-        from ..calib import hessian as H
+        runtime.spin_less()
+        from ..calib.hessian.collect import HessianConfig, collect_hessians
+        from ..calib.hessian.merge import merge_hessians
 
         if out_dir is None:
             raise UsageError("missing -o/--output DIR")
         if merge:
             if model is not None or data is not None:
                 raise UsageError("--merge takes Hessian directories only: drop MODEL and --data")
-            m = H.merge_hessians(merge, out_dir, store_dtype=store_dtype if store_dtype != "float64" else None)
+            m = merge_hessians(merge, out_dir, store_dtype=store_dtype if store_dtype != "float64" else None)
             out.result({**meta(), "command": "hessian merge", "inputs": [str(p) for p in merge],
                         "output": str(out_dir), "keys": m["keys"], "tokens": m["tokens"],
                         "model_fingerprint": m["model_fingerprint"]},
@@ -208,12 +179,12 @@ def hessian(
             return
         if model is None or data is None:
             raise UsageError("give MODEL and --data (or --merge DIR ... to merge runs)")
-        dev, dt = _setup(device, dtype, threads)
-        rank, world, dev = H.init_distributed(dev)
-        cfg = H.HessianConfig(batch_size=batch, device=dev, acc_device=acc_device, flush_every=flush_every,
-                              store_dtype=store_dtype,
-                              checkpoint_every=checkpoint_every, resume=resume, head=head,
-                              layers=_parse_layers(layers))
+        dev, dt = runtime.configure_torch(device, dtype, threads)
+        rank, world, dev = runtime.init_distributed(dev)
+        cfg = HessianConfig(batch_size=batch, device=dev, acc_device=acc_device, flush_every=flush_every,
+                            store_dtype=store_dtype,
+                            checkpoint_every=checkpoint_every, resume=resume, head=head,
+                            layers=_parse_layers(layers))
         lm, cal = _load(model, data, vocab, dev, dt, ctx, chunks, out)
         if cfg.layers and max(cfg.layers) >= lm.config.n_layer:
             raise UsageError(f"--layers {layers}: the model has blocks 0-{lm.config.n_layer - 1}")
@@ -221,8 +192,8 @@ def hessian(
             out.log(f"{world} processes: this one takes chunks {rank}, {rank + world}, ...")
         try:
             with out.progress("hessian", total=0) as advance:
-                info = H.collect_hessians(lm, cal.chunks, out_dir, cfg, data_fingerprint=cal.fingerprint,
-                                          datasets=[cal.dataset], on_batch=_stepper(advance))
+                info = collect_hessians(lm, cal.chunks, out_dir, cfg, data_fingerprint=cal.fingerprint,
+                                        datasets=[cal.dataset], on_batch=_stepper(advance))
         except KeyboardInterrupt:
             if checkpoint_every:
                 out.log(f"run again with --resume to continue from the last checkpoint in {out_dir}/checkpoint")
@@ -264,7 +235,8 @@ def tokenize(
     out = Output(json_out, quiet)
 
     def body():
-        from ..data import Tokenizer, load_calibration, save_token_chunks
+        from ..data.calibration import load_calibration, save_token_chunks
+        from ..data.tokenizer import Tokenizer
 
         if out_path.suffix.lower() != ".npy":
             raise UsageError(f"-o {out_path}: the output must end in .npy")
@@ -307,16 +279,17 @@ def calib(
     out = Output(json_out, quiet)
 
     def body():
-        _spin_less()
-        from .. import data as D
+        runtime.spin_less()
+        from ..data.jsonl import write_jsonl
+        from ..data.selfgen import GenerateConfig, generate_conversations, read_prompts
 
-        cfg = D.GenerateConfig(n=n, max_tokens=max_tokens, seed=seed, temperature=temperature, n_ctx=ctx,
-                               threads=threads)
-        plist = D.read_prompts(prompts)
+        cfg = GenerateConfig(n=n, max_tokens=max_tokens, seed=seed, temperature=temperature, n_ctx=ctx,
+                             threads=threads)
+        plist = read_prompts(prompts)
         t0 = time.time()
         with out.progress("calib", total=cfg.n) as advance:
-            recs = D.generate_conversations(model, plist, cfg, on_item=lambda i, total: advance(1))
-        D.write_jsonl(out_path, recs)
+            recs = generate_conversations(model, plist, cfg, on_item=lambda i, total: advance(1))
+        write_jsonl(out_path, recs)
         out.result({**meta(), "command": "calib", "input": str(model), "output": str(out_path),
                     "config": cfg.to_dict() | {"prompts": prompts}, "conversations": len(recs),
                     "seconds": round(time.time() - t0, 3)},

@@ -62,14 +62,13 @@ def distill(
     out = Output(json_out, quiet or int(os.environ.get("RANK", "0")) > 0)
 
     def body():
-        from .calib import _setup, _spin_less
+        from .. import runtime
 
-        _spin_less()
-        from ..calib.hessian import init_distributed
-        from ..data import load_calibration_with, load_token_chunks
+        runtime.spin_less()
+        from ..data.calibration import load_calibration_with, load_token_chunks
         from ..distill.groups import parse_groups
         from ..distill.run import DistillConfig, Distiller, Runtime
-        from ..model.llama import load_config
+        from ..model.loader import load_config
         from ..quant.pipeline import check_output_path
 
         check_output_path(model, out_path)
@@ -91,8 +90,8 @@ def distill(
             if n_vocab != mcfg.n_vocab:
                 raise UsageError(f"{vocab or gguf_path}: vocabulary of {n_vocab} tokens, the model has {mcfg.n_vocab}")
         out.log(f"{data}: {cal.n_tokens_file:,} tokens → {len(cal.chunks)} sequences of {cal.n_ctx}")
-        dev, _ = _setup(device, "auto", threads)
-        rank, world, dev = init_distributed(dev)
+        dev, _ = runtime.configure_torch(device, "auto", threads)
+        rank, world, dev = runtime.init_distributed(dev)
         ckdir = checkpoint_dir or Path(str(out_path) + ".distill")
         total = cfg.total_steps()
         with out.progress("distill", total=total) as advance:

@@ -105,9 +105,9 @@ def _ldlq_quantizer(src: Path, cfg):
     semi-definite) are checked per tensor as LDLQ reads them; a failure there aborts the atomic
     write, so OUT is never partial.
     """
-    from ..calib.hessian import HessianSet
+    from ..calib.hessian.store import HessianSet
     from ..io.gguf_file import GGUFModel
-    from ..model.llama import config_from_gguf
+    from ..model.config import config_from_gguf
     from ..quant.ldlq_method import ldlq_tensor_quantizer
 
     _check_device(cfg.device)

@@ -61,13 +61,14 @@ import numpy as np
 import torch
 
 from .. import mix
-from ..calib.hessian import HessianAccumulator, all_reduce_sums
+from ..calib.hessian.accumulator import HessianAccumulator, all_reduce_sums
 from ..calib.hooks import forward_with_hooks, input_groups
 from ..errors import InputFileError, MismatchError, UsageError
 from ..ggml import quants
 from ..ggml.types import F32, block_size, is_quantized, type_name
 from ..io import gguf_file
-from ..model.llama import LoadedModel, Transformer, load_model
+from ..model.loader import LoadedModel, load_model
+from ..model.transformer import Transformer
 from ..quant import grids, pipeline
 from .groups import DEFAULT_ORDER, Group, format_groups
 from .kl import fused_kl

@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 import torch
 from helpers import correlated_layer
+from support.models import random_model
 
-from repq.calib.hessian import HessianAccumulator
+from repq.calib.hessian.accumulator import HessianAccumulator
 from repq.calib.hooks import capture_inputs, forward_with_hooks, input_groups
 from repq.ggml.types import type_id
-from repq.model import ModelConfig, random_model
+from repq.model.config import ModelConfig
 from repq.quant import grids, kfit
 from repq.quant.kquant import GgmlGrid, importance, ldlq_quantize
 from repq.quant.ldlq import ldlq_static, proxy_loss

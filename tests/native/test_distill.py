@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from support.models import random_model, save_gguf
+from support.vocab import byte_vocab_kv
 
-from repq.data import byte_vocab_kv
 from repq.distill.groups import parse_groups
 from repq.distill.kl import fused_kl, reference_kl
 from repq.distill.run import DistillConfig, Distiller, Runtime
@@ -22,7 +23,7 @@ from repq.errors import UsageError
 from repq.ggml import quants
 from repq.ggml.types import is_quantized
 from repq.io.gguf_file import GGUFModel
-from repq.model.llama import ModelConfig, random_model, save_gguf
+from repq.model.config import ModelConfig
 
 REPQ = [sys.executable, "-m", "repq"]
 SEQ = 64
@@ -47,7 +48,8 @@ def _text(path: Path, n_words: int = 3000) -> Path:
 
 
 def _chunks(src: Path, text: Path) -> np.ndarray:
-    from repq.data import Tokenizer, load_calibration
+    from repq.data.calibration import load_calibration
+    from repq.data.tokenizer import Tokenizer
 
     with Tokenizer(src) as tok:
         return load_calibration(text, tok, n_ctx=SEQ).chunks

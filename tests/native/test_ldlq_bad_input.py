@@ -28,12 +28,13 @@ import pytest
 import torch
 from helpers import make_tiny_llama
 from safetensors.torch import load_file, save_file
+from support.models import random_model, save_gguf
+from support.vocab import byte_vocab_kv
 from typer.testing import CliRunner
 
-from repq.calib.hessian import INDEX, HessianSet, save_hessians
+from repq.calib.hessian.store import INDEX, HessianSet, save_hessians
 from repq.cli import app
-from repq.data import byte_vocab_kv
-from repq.model import ModelConfig, random_model, save_gguf
+from repq.model.config import ModelConfig
 
 runner = CliRunner()
 

@@ -35,7 +35,7 @@ def calib_text(tmp_path_factory, library_text):
 @pytest.mark.parametrize("kv_f32", [True, False], ids=["kv-f32", "kv-f16"])
 def test_logits_match_llama_cpp(ref_f32, native, threads, kv_f32):
     from repq.llama import llama_cpp
-    from repq.model import load_model
+    from repq.model.loader import load_model
 
     kw = {"type_k": 0, "type_v": 0} if kv_f32 else {}
     llm = llama_cpp().Llama(str(ref_f32), n_ctx=256, logits_all=True, verbose=False, n_threads=threads, **kw)

@@ -16,17 +16,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from support.models import random_model, save_gguf
+from support.vocab import byte_vocab_kv
 from typer.testing import CliRunner
 
-from repq.calib import hessian as H
-from repq.calib.hessian import HessianConfig, HessianSet, collect_hessians, merge_hessians
+from repq.calib.hessian import accumulator as H
+from repq.calib.hessian.collect import HessianConfig, collect_hessians
+from repq.calib.hessian.merge import merge_hessians
+from repq.calib.hessian.store import HessianSet
 from repq.calib.hooks import capture_inputs, input_groups
 from repq.calib.imatrix import collect_imatrix
 from repq.cli import app
-from repq.data import Tokenizer, byte_vocab_kv, load_calibration, make_chunks, tokenize_file
+from repq.data.calibration import load_calibration, make_chunks, tokenize_file
+from repq.data.tokenizer import Tokenizer, read_text_file
 from repq.errors import InputFileError, MismatchError, UsageError
 from repq.io.imatrix import load_imatrix, save_imatrix_dat, save_imatrix_gguf
-from repq.model import LoadedModel, ModelConfig, random_model, save_gguf
+from repq.model.config import ModelConfig
+from repq.model.loader import LoadedModel
 from repq.paths import native_dir
 
 pytestmark = pytest.mark.skipif(not (native_dir() / "libllama.so").exists(),
@@ -90,6 +96,20 @@ def test_text_and_jsonl_tokens(files, tmp_path):
                             parse_special=True)
         assert (got == np.concatenate([tok.tokenize("the fox"), chat])).all()
         assert list(chat[:2]) == [tok.bos, 260]          # BOS once, then <|im_start|> as one token
+
+
+def test_text_file_read_as_llama_cpp_f(files, tmp_path):
+    """A text file's bytes unchanged (CRLF keeps its \\r), one trailing \\n dropped: what llama.cpp's
+    ``-f`` hands to the tokenizer, in calibration and evaluation alike."""
+    p = tmp_path / "crlf.txt"
+    p.write_bytes(b"the fox\r\nthe end\r\n")
+    assert read_text_file(p) == b"the fox\r\nthe end\r"
+    with Tokenizer(files / "tiny.gguf") as tok:
+        assert (tokenize_file(p, tok) == tok.tokenize("the fox\r\nthe end\r")).all()
+        assert (tok.tokenize(b"the fox") == tok.tokenize("the fox")).all()
+    p.write_bytes(b"the \xff fox")
+    with Tokenizer(files / "tiny.gguf") as tok, pytest.raises(InputFileError, match=r"not UTF-8 text \(byte 4\)"):
+        tokenize_file(p, tok)
 
 
 @pytest.mark.parametrize("content,message", [
@@ -176,6 +196,14 @@ def run_hessian(model, chunks, out, fp: str | None = None, **kw) -> None:
     collect_hessians(lm_of(model), chunks, out, HessianConfig(**kw), data_fingerprint=fp or f"d{len(chunks)}")
 
 
+def interrupt_at(n: int):
+    """An ``on_batch`` that interrupts the run (as Ctrl-C would) once ``n`` chunks are done."""
+    def on_batch(done: int, total: int) -> None:
+        if done >= n:
+            raise KeyboardInterrupt
+    return on_batch
+
+
 @pytest.fixture(params=["full", "banded"])
 def banding(request, monkeypatch):
     """Run a test with one GEMM per input and again with 24-row upper-triangle bands, the last one
@@ -259,9 +287,9 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, banding):
     model = random_model(CFG, seed=3)
     chunks = random_chunks(7)
     run_hessian(model, chunks, tmp_path / "full", flush_every=2)   # fp32 → float64 after batches 2, 4, 6
-    with pytest.raises(KeyboardInterrupt):                        # stopped between two flushes
-        collect_hessians(lm_of(model), chunks, tmp_path / "r", HessianConfig(checkpoint_every=2, flush_every=2),
-                         data_fingerprint="d7", _stop_after=3)
+    with pytest.raises(KeyboardInterrupt):   # checkpoint after chunk 3, between two flushes; chunk 4 is lost
+        collect_hessians(lm_of(model), chunks, tmp_path / "r", HessianConfig(checkpoint_every=3, flush_every=2),
+                         data_fingerprint="d7", on_batch=interrupt_at(4))
     assert (tmp_path / "r" / "checkpoint").is_dir()
     with pytest.raises(InputFileError, match="not a finished Hessian directory"):
         HessianSet(tmp_path / "r")
@@ -269,7 +297,7 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, banding):
         collect_hessians(lm_of(model), chunks, tmp_path / "r", HessianConfig(resume=True, flush_every=2),
                          data_fingerprint="other")
     info = collect_hessians(lm_of(model), chunks, tmp_path / "r",
-                            HessianConfig(resume=True, checkpoint_every=2, flush_every=2), data_fingerprint="d7")
+                            HessianConfig(resume=True, checkpoint_every=3, flush_every=2), data_fingerprint="d7")
     assert info.resumed_from == 3 and not (tmp_path / "r" / "checkpoint").exists()
     a, b = HessianSet(tmp_path / "full"), HessianSet(tmp_path / "r")
     for key in a.keys():
@@ -313,8 +341,8 @@ def test_hessian_cli_layers_and_resume_of_other_model(files, tmp_path):
     # a checkpoint of another model is refused on --resume
     model = random_model(ModelConfig(**(CFG.to_dict() | {"n_ff": 96})), seed=0)
     with pytest.raises(KeyboardInterrupt):
-        collect_hessians(lm_of(model), random_chunks(3, 64), tmp_path / "h2", HessianConfig(), data_fingerprint="x",
-                         _stop_after=1)
+        collect_hessians(lm_of(model), random_chunks(3, 64), tmp_path / "h2", HessianConfig(checkpoint_every=1),
+                         data_fingerprint="x", on_batch=interrupt_at(2))
     r, _ = invoke("hessian", files / "tiny.gguf", *args[:2], "-o", tmp_path / "h2", "-c", 64, "--resume")
     assert r.exit_code == 2 and "checkpoint is from another model" in r.output
 

@@ -13,13 +13,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from support.models import random_model, save_gguf
+from support.vocab import byte_vocab_kv
 from typer.testing import CliRunner
 
-from repq.data import byte_vocab_kv
 from repq.errors import InputFileError, UnsupportedError
 from repq.io import gguf_file as G
-from repq.model import ModelConfig, load_config, load_model, random_model, save_gguf
-from repq.model.llama import apply_rope, config_from_hf, permute_qk
+from repq.model.config import ModelConfig, config_from_hf
+from repq.model.loader import load_config, load_model
+from repq.model.tensors import permute_qk
+from repq.model.transformer import apply_rope
 from repq.paths import native_dir
 
 
@@ -84,7 +87,7 @@ def test_gguf_round_trip(tmp_path, arch):
 
 def test_rope_norm_on_permuted_equals_neox():
     """llama.cpp's NORM rope on convert_hf_to_gguf-permuted rows == HF's rotate_half on the original."""
-    from repq.model.llama import rope_cos_sin
+    from repq.model.transformer import rope_cos_sin
 
     cfg = tiny_config()
     hd, n_head = cfg.head_dim, cfg.n_head

@@ -1,0 +1,189 @@
+"""Stored Hessians: safetensors shards plus a ``hessians.json`` index, and a lazy reader.
+
+Stored layout (a directory)::
+
+    hessians.json                      index: format, version, fingerprints, counts, aliases, config
+    hessian-00001-of-00003.safetensors sums S (float64 by default), one tensor per key,
+    ...                                with the same provenance in the safetensors metadata
+    checkpoint/                        only while a run is unfinished (:mod:`repq.calib.hessian.collect`)
+
+    key:     the first consumer's GGUF name (blk.N.attn_q.weight, blk.N.attn_output.weight,
+             blk.N.ffn_gate.weight, blk.N.ffn_down.weight, output.weight | token_embd.weight)
+    aliases: blk.N.attn_k.weight, blk.N.attn_v.weight → blk.N.attn_q.weight;
+             blk.N.ffn_up.weight → blk.N.ffn_gate.weight
+    mean:    :meth:`HessianSet.mean` = S / n
+
+Provenance: ``model_fingerprint`` (:meth:`ModelConfig.fingerprint`: tensor names, shapes, key
+hyper-parameters), ``data_fingerprints`` (sha256 of the token chunks), token count, repq version.
+Using or merging Hessians of another model is refused (:class:`MismatchError`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ... import __version__
+from ...errors import InputFileError, MismatchError, UsageError
+from ..hooks import InputGroup
+
+FORMAT = "repq.hessian"
+FORMAT_VERSION = 1
+INDEX = "hessians.json"
+CHECKPOINT_DIR = "checkpoint"
+#: dtypes the sums may be stored in
+STORE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def save_hessians(out_dir: str | os.PathLike, sums: dict[str, torch.Tensor], counts: dict[str, int],
+                  groups: list[InputGroup] | dict[str, list[str]], meta: dict, *,
+                  store_dtype: str = "float64", shard_bytes: int = 2 << 30) -> None:
+    """Write sums and counts as safetensors shards plus ``hessians.json`` (written last, atomically).
+
+    ``groups`` gives each key's consumers (InputGroups, or {key: [consumer names]}).  Shards of a
+    previous result in ``out_dir`` that the new index does not name are removed afterwards.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    consumers = ({g.key: list(g.consumers) for g in groups} if isinstance(groups, list)
+                 else {k: list(v) for k, v in groups.items()})
+    dt = STORE_DTYPES[store_dtype]
+    keys = [k for k in consumers if k in sums]
+    shards: list[list[str]] = [[]]
+    size = 0
+    for k in keys:
+        nbytes = sums[k].numel() * dt.itemsize
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(k)
+        size += nbytes
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "repq_version": __version__, "dtype": store_dtype} | meta
+    md_common = {"format": FORMAT, "model_fingerprint": meta["model_fingerprint"],
+                 "data_fingerprints": json.dumps(meta.get("data_fingerprints", [])),
+                 "tokens": str(meta.get("tokens", 0)), "repq_version": __version__}
+    entries, tag = {}, f"{os.getpid()}-{time.time_ns()}"
+    for i, ks in enumerate(shards, 1):
+        name = f"hessian-{i:05d}-of-{len(shards):05d}.safetensors"
+        tmp = out / f".{name}.{tag}.tmp"
+        tensors = {k: sums[k].detach().to(device="cpu", dtype=dt).contiguous() for k in ks}
+        save_file(tensors, str(tmp), metadata=md_common | {"counts": json.dumps({k: int(counts[k]) for k in ks})})
+        os.replace(tmp, out / name)
+        del tensors
+        for k in ks:
+            entries[k] = {"shard": name, "n": int(counts[k]), "dim": int(sums[k].shape[0]), "consumers": consumers[k]}
+    aliases = {c: k for k in keys for c in consumers[k] if c != k}
+    index = meta | {"entries": entries, "aliases": aliases}
+    old = _read_index(out / INDEX) if (out / INDEX).is_file() else None
+    tmp = out / f".{INDEX}.{tag}.tmp"
+    tmp.write_text(json.dumps(index, indent=1, default=str))
+    os.replace(tmp, out / INDEX)
+    if old:
+        keep = {e["shard"] for e in entries.values()}
+        for e in old.get("entries", {}).values():
+            if e["shard"] not in keep and (out / e["shard"]).is_file():
+                (out / e["shard"]).unlink()
+
+
+def _read_index(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputFileError(f"{path}: unreadable Hessian index ({e})") from e
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        raise InputFileError(f"{path}: not a repq Hessian index (format {d.get('format') if isinstance(d, dict) else None!r})")
+    if int(d.get("version", 0)) > FORMAT_VERSION:
+        raise InputFileError(f"{path}: Hessian format version {d['version']} is newer than this repq reads")
+    return d
+
+
+class HessianSet:
+    """A stored Hessian directory, read lazily (one tensor at a time).
+
+    Raises:
+        InputFileError: not a Hessian directory (no ``hessians.json``), or an unreadable one.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        idx = self.path / INDEX
+        if not idx.is_file():
+            hint = ("an interrupted run: finish it with `repq hessian ... --resume`"
+                    if (self.path / CHECKPOINT_DIR).is_dir() else "run `repq hessian MODEL --data D -o DIR`")
+            raise InputFileError(f"{self.path}: no {INDEX}, not a finished Hessian directory", hint=hint)
+        self.index = _read_index(idx)
+        self.entries: dict[str, dict] = self.index["entries"]
+        self.aliases: dict[str, str] = self.index.get("aliases", {})
+
+    @property
+    def model_fingerprint(self) -> str:
+        return self.index["model_fingerprint"]
+
+    @property
+    def data_fingerprints(self) -> list[str]:
+        return list(self.index.get("data_fingerprints", []))
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def key_of(self, name: str) -> str:
+        """Storage key of a weight's input (``blk.3.attn_k.weight`` → ``blk.3.attn_q.weight``)."""
+        key = self.aliases.get(name, name)
+        if key not in self.entries:
+            short = name.removesuffix(".weight")
+            raise UsageError(f"{self.path}: no Hessian for {short}",
+                             hint="run `repq hessian` on all layers or pass another --hessian DIR")
+        return key
+
+    def has(self, name: str) -> bool:
+        """Whether the index names a Hessian for a weight's input (its key or an alias of it)."""
+        return self.aliases.get(name, name) in self.entries
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of the stored S for a weight's input, from its shard's header (no data read).
+
+        Raises:
+            InputFileError: the shard is missing, unreadable or does not hold the tensor.
+        """
+        from safetensors import SafetensorError, safe_open
+
+        key = self.key_of(name)
+        shard = self.path / self.entries[key]["shard"]
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                return tuple(int(d) for d in f.get_slice(key).get_shape())
+        except (OSError, KeyError, ValueError, SafetensorError) as e:
+            raise InputFileError(f"{shard}: cannot read {key} ({e})") from e
+
+    def check_model(self, fingerprint: str, what: str = "this model") -> None:
+        """Raise :class:`MismatchError` unless these Hessians were collected on ``fingerprint``'s model."""
+        if fingerprint != self.model_fingerprint:
+            raise MismatchError(f"{self.path}: Hessians of another model (fingerprint "
+                                f"{self.model_fingerprint[:12]}…, {what} {fingerprint[:12]}…)",
+                                hint="collect them on this model with `repq hessian`")
+
+    def count(self, name: str) -> int:
+        return int(self.entries[self.key_of(name)]["n"])
+
+    def sum(self, name: str) -> torch.Tensor:
+        """S = Σ x xᵀ for a weight's input, in the stored dtype."""
+        from safetensors import SafetensorError, safe_open
+
+        key = self.key_of(name)
+        shard = self.path / self.entries[key]["shard"]
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                return f.get_tensor(key)
+        except (OSError, KeyError, ValueError, SafetensorError) as e:
+            raise InputFileError(f"{shard}: cannot read {key} ({e})") from e
+
+    def mean(self, name: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """H = S / n (float64 unless asked otherwise)."""
+        n = self.count(name)
+        return (self.sum(name).to(torch.float64) / max(n, 1)).to(dtype)

@@ -1,0 +1,62 @@
+"""JSONL records of documents and conversations: ``{"text": ...}`` or ``{"messages": [{"role", "content"}, ...]}``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..errors import InputFileError
+
+
+def check_messages(msgs, where: str) -> list[dict]:
+    """``msgs`` if it is a non-empty list of {"role": str, "content": str}.
+
+    Raises:
+        InputFileError: it is not (``where`` names the file and line).
+    """
+    if not isinstance(msgs, list) or not msgs or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs):
+        raise InputFileError(f"{where}: 'messages' must be a non-empty list of {{\"role\": str, \"content\": str}}")
+    return msgs
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a JSONL file, each with a ``text`` string or a ``messages`` list.
+
+    Raises:
+        InputFileError: a line is not JSON, or has neither field.
+    """
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{i}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputFileError(f"{where}: not JSON ({e.msg})") from e
+            if not isinstance(rec, dict):
+                raise InputFileError(f"{where}: expected an object with 'text' or 'messages'")
+            if isinstance(rec.get("text"), str):
+                out.append({"text": rec["text"]})
+            elif "messages" in rec:
+                out.append({"messages": check_messages(rec["messages"], where)})
+            else:
+                raise InputFileError(f"{where}: expected a 'text' string or a 'messages' list")
+    return out
+
+def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
+    """Write records as JSONL atomically (temporary file, then rename)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(tmp, p)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
