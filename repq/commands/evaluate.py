@@ -25,10 +25,24 @@ CtvOpt = Annotated[str, typer.Option("--cache-type-v", "-ctv", help="KV cache ty
 
 
 def _cfg(n_ctx, chunks, threads, ngl, batch, ubatch, ctk="f16", ctv="f16"):
-    from ..eval.ppl import EvalConfig
+    from ..eval.config import EvalConfig
 
     return EvalConfig(n_ctx=n_ctx or 512, chunks=chunks, n_batch=batch, n_ubatch=ubatch, threads=threads,
                       n_gpu_layers=ngl, cache_type_k=ctk, cache_type_v=ctv)
+
+
+def _eval_process(*, scoring: bool = True):
+    """The process-wide settings of an evaluation command, made here at the entry point rather
+    than by the library: glibc keeps freed memory for the scoring temporaries (``scoring``), and the
+    returned context manager captures llama.cpp's log for the command (echoed with REPQ_DEBUG=1)."""
+    import os
+
+    from ..eval.pool import keep_freed_memory
+    from ..eval.session import capture_llama_log
+
+    if scoring:
+        keep_freed_memory()
+    return capture_llama_log(echo=bool(os.environ.get("REPQ_DEBUG")))
 
 
 def _need_data(data: Path | None, what: str) -> Path:
@@ -70,7 +84,7 @@ def ppl(
 
         cfg = _cfg(n_ctx, chunks, threads, ngl, batch, ubatch, cache_type_k, cache_type_v)
         text = _need_data(data, "repq ppl")
-        with out.progress(f"ppl {model.name}", total=0) as advance:
+        with _eval_process(), out.progress(f"ppl {model.name}", total=0) as advance:
             r = P.perplexity(model, text, cfg, save_base=save_base,
                              on_chunk=lambda d, n: advance(1, f"ppl {model.name} [{d}/{n}]", total=n))
         out.result({**meta(), "command": "ppl", "config": cfg.to_dict(), **r.to_dict()},
@@ -114,16 +128,18 @@ def kld(
 
     def body():
         from ..eval import kld as K
+        from ..eval.logits_file import BaseLogits, is_base_logits
+        from ..eval.scoring import format_statistics
 
         base, model = _kld_inputs(paths, base_logits)
         cfg = _cfg(n_ctx, chunks, threads, ngl, batch, ubatch, cache_type_k, cache_type_v)
-        with out.progress(f"kld {model.name}", total=0) as advance:
+        with _eval_process(), out.progress(f"kld {model.name}", total=0) as advance:
             def step(stage, d, n):
                 advance(1, f"{stage} [{d}/{n}]", total=n if stage == "kld" else None)
-            if K.is_base_logits(base):
+            if is_base_logits(base):
                 if save_base or chunks != -1:
                     raise UsageError("--save-base and --chunks apply only when BASE is a model")
-                bl = K.BaseLogits.open(base)
+                bl = BaseLogits.open(base)
                 if n_ctx is not None and n_ctx != bl.n_ctx:
                     raise MismatchError(f"{base} was computed with -c {bl.n_ctx}, not {n_ctx}",
                                         hint=f"drop -c or pass -c {bl.n_ctx}")
@@ -136,7 +152,7 @@ def kld(
                 r = K.kld_models(base, model, _need_data(data, "a BASE model"), cfg, save_base=save_base,
                                  on_chunk=step)
         out.result({**meta(), "command": "kld", "config": cfg.to_dict(), **r.to_dict()},
-                   human=K.format_statistics(r.stats))
+                   human=format_statistics(r.stats))
         if max_mean is not None and r.stats["kld"]["mean"] > max_mean:
             raise OperationError(f"mean KLD {r.stats['kld']['mean']:.6f} exceeds --max-mean {max_mean}")
 
@@ -145,7 +161,7 @@ def kld(
 
 def _kld_inputs(paths: list[Path], base_logits: Path | None) -> tuple[Path, Path]:
     """(base, model) from `repq kld BASE MODEL` or `repq kld --base-logits FILE MODEL`."""
-    from ..eval.kld import is_base_logits
+    from ..eval.logits_file import is_base_logits
 
     if base_logits is not None:
         if len(paths) != 1:
@@ -199,7 +215,7 @@ def bench(
     def body():
         from ..eval import bench as B
 
-        with out.progress(f"bench {model.name}", total=0) as advance:
+        with _eval_process(scoring=False), out.progress(f"bench {model.name}", total=0) as advance:
             res = B.bench(model, n_prompt=n_prompt, n_gen=n_gen, reps=reps, threads=threads, n_gpu_layers=ngl,
                           n_batch=batch, n_ubatch=ubatch, warmup=not no_warmup,
                           on_rep=lambda t, k, n: advance(1, f"{t} [{k}/{n}]"))
@@ -242,8 +258,9 @@ def report(
 
         cfg = _cfg(n_ctx, chunks, threads, ngl, batch, 512)
         text = _need_data(data, "repq report")
-        rows = R.build_report(models, base, text, cfg, speed=speed,
-                              bench_opts={"threads": threads, "n_gpu_layers": ngl}, log=out.log)
+        with _eval_process():
+            rows = R.build_report(models, base, text, cfg, speed=speed,
+                                  bench_opts={"threads": threads, "n_gpu_layers": ngl}, log=out.log)
         md = R.markdown(rows, speed=speed)
         if output:
             tmp = output.with_name(f".{output.name}.tmp")

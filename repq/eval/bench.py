@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..errors import UsageError
-from .ppl import Session
+from .session import Session
 
 
 @dataclass

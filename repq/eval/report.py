@@ -22,7 +22,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import OperationError
-from .ppl import EvalConfig, check_same_tokenizer, perplexity, read_text
+from .bench import bench
+from .chunks import read_text
+from .config import EvalConfig
+from .kld import check_same_tokenizer, kl_divergence
+from .logits_file import BaseLogits, temp_base_path
+from .ppl import perplexity
 
 CACHE_VERSION = 1
 
@@ -131,8 +136,6 @@ def build_report(models: list[str | os.PathLike], base: str | os.PathLike, data:
     Raises:
         MismatchError: a model's tokenizer differs from the base's.
     """
-    from .kld import BaseLogits, kl_divergence, temp_base_path
-
     say = log or (lambda _m: None)
     cache = cache or ResultCache()
     for m in models:
@@ -185,8 +188,6 @@ def build_report(models: list[str | os.PathLike], base: str | os.PathLike, data:
 
 def _speed(model, cache: ResultCache, opts: dict, say) -> tuple[float | None, float | None]:
     """pp/tg tokens/s, cached per file, settings and machine (speed is a property of the host)."""
-    from .bench import bench
-
     key = cache.key(kind="bench", model=cache.sha(model), host=platform.node(), cpu=platform.processor(),
                     **{k: v for k, v in sorted(opts.items())})
     hit = cache.get(key)

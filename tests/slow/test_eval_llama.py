@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from repq.cli import app
-from repq.eval.kld import format_statistics
+from repq.eval.scoring import format_statistics
 
 pytestmark = pytest.mark.slow
 

@@ -40,8 +40,10 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(c) for _, c in sorted(zip(bs, cs, strict=True))]
 
 
-def tiny_llama(path: Path, *, seed: int = 0, n_vocab: int = 300, n_embd: int = 128, extra_token: str = "<x>"):
-    """A one-layer random llama GGUF with a byte-level vocabulary of ``n_vocab`` tokens."""
+def tiny_llama(path: Path, *, seed: int = 0, n_vocab: int = 300, n_embd: int = 128, extra_token: str = "<x>",
+               drop: str | None = None):
+    """A one-layer random llama GGUF with a byte-level vocabulary of ``n_vocab`` tokens (without the
+    tensor named ``drop``: a file the GGUF reader accepts and llama.cpp cannot load)."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -69,7 +71,8 @@ def tiny_llama(path: Path, *, seed: int = 0, n_vocab: int = 300, n_embd: int = 1
 
     def add(name, shape, norm=False):
         a = 1 + 0.1 * rng.standard_normal(shape) if norm else 0.2 * rng.standard_normal(shape)
-        w.add_tensor(name, a.astype(np.float32))
+        if name != drop:
+            w.add_tensor(name, a.astype(np.float32))
 
     add("token_embd.weight", (n_vocab, n_embd))
     add("output_norm.weight", (n_embd,), True)
@@ -163,12 +166,12 @@ def test_kld_both_ways_with_llama_perplexity(files):
 def test_decode_ahead_gives_the_same_numbers(files, monkeypatch):
     """With the model on a GPU, kld decodes the next chunk on a thread while it scores this one;
     forced on here (CPU), the statistics must not change by a bit."""
-    from repq.eval import ppl as P
+    from repq.eval import kld as K
 
     args = ("--data", files["text"], "-c", 64, "-t", 2, "--chunks", 5)
     calls = []
     plain = ok_json("kld", files["a"], files["b"], *args)["stats"]
-    monkeypatch.setattr(P, "overlap_decode", lambda s: calls.append(s) or True)
+    monkeypatch.setattr(K, "overlap_decode", lambda s: calls.append(s) or True)
     ahead = ok_json("kld", files["a"], files["b"], *args)["stats"]
     assert calls and plain == ahead
 
@@ -176,7 +179,7 @@ def test_decode_ahead_gives_the_same_numbers(files, monkeypatch):
 def test_decode_ahead_copies_orders_raises_and_stops():
     import threading
 
-    from repq.eval.ppl import decode_ahead
+    from repq.eval.chunks import decode_ahead
 
     buf = np.zeros(3)
 
@@ -195,6 +198,46 @@ def test_decode_ahead_copies_orders_raises_and_stops():
     next(it)
     it.close()                          # the consumer stops early: the decoder thread ends too
     assert not any(t.name == "repq-decode" for t in threading.enumerate())
+
+
+def _log_callback() -> int:
+    """The address of llama.cpp's current log callback."""
+    import ctypes
+
+    from repq.llama import llama_cpp
+
+    L = llama_cpp()
+    cb, ud = L.llama_log_callback(), ctypes.c_void_p()
+    L.llama_log_get(ctypes.byref(cb), ctypes.byref(ud))
+    return ctypes.cast(cb, ctypes.c_void_p).value
+
+
+def test_session_names_llama_cpps_log_and_gives_the_callback_back(files, tmp_path):
+    """From library code (no command around it) a Session's errors still quote llama.cpp's log,
+    and llama.cpp's log callback is the one from before once the session has ended."""
+    from repq.errors import InputFileError
+    from repq.eval.session import Session
+
+    before = _log_callback()
+    bad = tiny_llama(tmp_path / "bad.gguf", drop="output_norm.weight")
+    with pytest.raises(InputFileError, match=r"cannot load this model \(.*output_norm\.weight"):
+        Session(bad, n_ctx=64, n_batch=64, threads=1)
+    assert _log_callback() == before
+    with Session(files["a"], n_ctx=64, n_batch=64, threads=1):
+        assert _log_callback() != before
+    assert _log_callback() == before
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_llama_cpp_log_shown_only_with_repq_debug(files, capfd, monkeypatch, debug):
+    """The command captures llama.cpp's log: silent, echoed to stderr with REPQ_DEBUG=1."""
+    if debug:
+        monkeypatch.setenv("REPQ_DEBUG", "1")
+    else:
+        monkeypatch.delenv("REPQ_DEBUG", raising=False)
+    capfd.readouterr()
+    ok_json("ppl", files["a"], "--data", files["text"], "-c", 64, "--chunks", 2, "-t", 2)
+    assert ("llama_model_loader" in capfd.readouterr().err) == debug
 
 
 def test_kld_quantized_kv_cache(files):

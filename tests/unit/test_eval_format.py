@@ -1,7 +1,7 @@
 """The --kl-divergence-base file format and the uint16 log-probability compression.
 
 Files are crafted with ``struct.pack`` (an independent writer) and read with
-:class:`repq.eval.kld.BaseLogits`; repq's writer output is parsed back by hand.  The compression
+:class:`repq.eval.logits_file.BaseLogits`; repq's writer output is parsed back by hand.  The compression
 is checked bit for bit against a scalar transcription of perplexity.cpp's
 ``log_softmax(n_vocab, logits, uint16_t * log_prob, tok)`` in numpy float32 scalars.
 """
@@ -15,15 +15,16 @@ import numpy as np
 import pytest
 
 from repq.errors import InputFileError
-from repq.eval.kld import (
+from repq.eval.logits_file import (
     BaseLogits,
     BaseLogitsWriter,
+    compress_rows,
+    decode_rows,
     is_base_logits,
-    kld_rows,
     row_width,
     rows_per_chunk,
 )
-from repq.eval.ppl import compress_rows, nll_rows
+from repq.eval.scoring import kld_rows, nll_rows
 
 F32 = np.float32
 
@@ -181,9 +182,13 @@ def test_kld_rows_against_float64():
     q_logits = base_logits + (0.3 * rng.standard_normal((6, V))).astype(F32)
     t = rng.integers(0, V, 6)
     rows, _ = compress_rows(base_logits, t)
-    nll, nll_b, kld, p_diff, same = kld_rows(q_logits, rows, t)
+    nll, nll_b, kld, p_diff, same = kld_rows(q_logits, *decode_rows(rows, V), t)
 
     hdr = rows[:, :4].copy().view(F32)
+    scale, min_log_prob, q = decode_rows(rows, V)
+    np.testing.assert_array_equal(scale, hdr[:, 0])
+    np.testing.assert_array_equal(min_log_prob, hdr[:, 1])
+    np.testing.assert_array_equal(q, rows[:, 4:4 + V])
     lpb = (hdr[:, :1] * rows[:, 4:4 + V].astype(F32) + hdr[:, 1:2]).astype(np.float64)
     x = q_logits.astype(np.float64)
     lq = x - x.max(1, keepdims=True)
@@ -198,5 +203,5 @@ def test_kld_rows_against_float64():
     np.testing.assert_array_equal(same, q_logits.argmax(1) == lpb.argmax(1))
 
     # A model against its own base: KLD is only the compression error, tops agree.
-    _, _, k0, _, s0 = kld_rows(base_logits, rows, t)
+    _, _, k0, _, s0 = kld_rows(base_logits, *decode_rows(rows, V), t)
     assert np.all(np.abs(k0) < 1e-4) and s0.all()

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from repq.eval.bench import BenchResult, markdown, stdev
-from repq.eval.kld import (
+from repq.eval.config import EvalConfig
+from repq.eval.ppl import PplResult
+from repq.eval.scoring import (
     KldSums,
     chunk_row,
     covariance,
@@ -18,8 +20,8 @@ from repq.eval.kld import (
     mean_and_uncertainty,
     median,
     percentile,
+    ppl_with_error,
 )
-from repq.eval.ppl import EvalConfig, PplResult, ppl_with_error
 
 F32 = np.float32
 

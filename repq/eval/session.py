@@ -1,0 +1,265 @@
+"""One model and one llama.cpp context, driven through llama-cpp-python's low-level API.
+
+:class:`Session` sets the model and context up with the parameters ``llama-perplexity`` and
+``llama-bench`` give them, and exposes just what evaluation needs: tokenize, decode a batch, read
+the logits, clear the KV cache.  The batch arrays are numpy arrays reused across calls, so a decode
+costs one ``llama_decode`` and no Python-side allocation.
+
+llama.cpp's log.  llama.cpp has one log callback per process.  :func:`capture_llama_log` routes it
+into repq while a block runs: the recent lines are kept so that a failure can name what llama.cpp
+said (a model it cannot load, a context too large for memory), and nothing is printed unless asked
+(``echo``).  Every Session holds a capture for its lifetime, so library code and tests get those
+messages too; `repq`'s commands enter one around the whole command (echoing with REPQ_DEBUG=1).
+Captures nest, and the outermost restores the callback that was there before (llama-cpp-python's
+own, once it is imported) when it ends.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections import deque
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from ..data.tokenizer import tokenize_bytes
+from ..errors import InputFileError, OperationError
+from ..llama import llama_cpp
+from .config import KV_CACHE_TYPES
+
+
+def default_threads() -> int:
+    """llama.cpp's default thread count on Linux: one per physical core (thread-sibling set).
+
+    Mirrors ``common_cpu_get_num_physical_cores`` (hybrid-CPU efficiency-core detection aside).
+    """
+    siblings = set()
+    cpu = 0
+    while True:
+        p = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings")
+        try:
+            siblings.add(p.read_text().strip())
+        except OSError:
+            break
+        cpu += 1
+    if siblings:
+        return len(siblings)
+    n = os.cpu_count() or 4
+    return n if n <= 4 else n // 2
+
+
+# ---------------------------------------------------------------------------------------------
+# llama.cpp's log
+# ---------------------------------------------------------------------------------------------
+
+_log_lock = threading.Lock()
+_log_lines: deque[str] = deque(maxlen=64)   # the most recent log text, while captured
+_log_depth = 0                              # nesting depth of capture_llama_log blocks
+_log_echo = False                           # the outermost block's echo
+_log_saved = None                           # (callback, user_data) installed before the outermost
+_log_thunk = None                           # the ctypes callback: made once, alive for the process,
+                                            # since llama.cpp may hold it after a block ends
+
+
+def _on_log(level: int, text: bytes | None, user_data) -> None:
+    s = text.decode("utf-8", "replace") if text else ""
+    _log_lines.append(s)
+    if _log_echo:
+        os.write(2, s.encode())
+
+
+@contextmanager
+def capture_llama_log(*, echo: bool = False) -> Iterator[None]:
+    """Route llama.cpp's log into repq while the block runs (see the module docstring).
+
+    Args:
+        echo: also write the log to stderr (fd 2).  Only the outermost block's value counts.
+    Raises:
+        NativeLibraryError: libllama or llama-cpp-python cannot be loaded.
+    """
+    global _log_depth, _log_echo, _log_saved, _log_thunk
+    L = llama_cpp()
+    with _log_lock:
+        if _log_depth == 0:
+            if _log_thunk is None:
+                _log_thunk = L.llama_log_callback(_on_log)
+            cb, ud = L.llama_log_callback(), ctypes.c_void_p()
+            L.llama_log_get(ctypes.byref(cb), ctypes.byref(ud))
+            _log_saved, _log_echo = (cb, ud), echo
+            L.llama_log_set(_log_thunk, ctypes.c_void_p(0))
+        _log_depth += 1
+    try:
+        yield
+    finally:
+        with _log_lock:
+            _log_depth -= 1
+            if _log_depth == 0:
+                L.llama_log_set(*_log_saved)
+                _log_saved, _log_echo = None, False
+
+
+def _last_log(n: int = 3) -> str:
+    """The last ``n`` non-empty lines llama.cpp logged, for an error message."""
+    lines = [s.strip() for s in "".join(_log_lines).splitlines() if s.strip()]
+    return " | ".join(lines[-n:]) or "no message from llama.cpp"
+
+
+# ---------------------------------------------------------------------------------------------
+# The session
+# ---------------------------------------------------------------------------------------------
+
+class Session:
+    """One model and one llama.cpp context, with the parameters llama-perplexity gives them.
+
+    ``common_init_from_params`` / ``common_context_params_to_llama`` set, beyond
+    ``llama_context_default_params()``: ``n_ctx``, ``n_batch``, ``n_ubatch``, ``n_seq_max``
+    (= ``n_parallel``), ``n_threads`` (= ``n_threads_batch``), ``type_k/v``, ``swa_full = false``
+    and ``no_perf = false``; flash attention stays ``auto`` and the KV cache is not unified.
+
+    Raises:
+        InputFileError: the model is missing, not a GGUF file, or llama.cpp cannot load it.
+        OperationError: the context cannot be created.
+        NativeLibraryError: libllama or llama-cpp-python cannot be loaded.
+    """
+
+    def __init__(self, model_path: str | os.PathLike, *, n_ctx: int, n_batch: int, n_ubatch: int = 512,
+                 n_seq_max: int = 1, threads: int = 0, n_gpu_layers: int = -1,
+                 cache_type_k: str = "f16", cache_type_v: str = "f16"):
+        from ..io.gguf_file import GGUFModel
+
+        self.path = Path(model_path)
+        with GGUFModel(self.path) as g:  # a clear message for a missing or corrupt file
+            g.arch  # noqa: B018  (raises when general.architecture is missing)
+        self.model = self.ctx = None
+        self._resources = ExitStack()
+        self._resources.enter_context(capture_llama_log())
+        try:
+            self._open(n_ctx, n_batch, n_ubatch, n_seq_max, threads, n_gpu_layers, cache_type_k, cache_type_v)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, n_ctx, n_batch, n_ubatch, n_seq_max, threads, n_gpu_layers, cache_type_k, cache_type_v):
+        L = self._L = llama_cpp()
+        L.llama_backend_init()   # idempotent (llama.cpp's tools call it once per process)
+        self.threads = threads or default_threads()
+        mp = L.llama_model_default_params()
+        mp.n_gpu_layers = n_gpu_layers
+        self.model = L.llama_model_load_from_file(os.fsencode(self.path), mp)
+        if not self.model:
+            raise InputFileError(f"{self.path}: llama.cpp cannot load this model ({_last_log()})")
+        self._kv_types = (KV_CACHE_TYPES[cache_type_k.lower()], KV_CACHE_TYPES[cache_type_v.lower()])
+        self.new_context(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_seq_max=n_seq_max)
+        self.vocab = L.llama_model_get_vocab(self.model)
+        #: the model's layers run on a GPU: decoding leaves the CPU free for scoring
+        self.offloaded = bool(n_gpu_layers != 0 and L.llama_supports_gpu_offload())
+        self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))
+        self.add_bos = bool(L.llama_vocab_get_add_bos(self.vocab))
+        self.bos = int(L.llama_vocab_bos(self.vocab))
+        if L.llama_vocab_get_add_eos(self.vocab):  # GGML_ASSERT(!add_eos) in llama-perplexity
+            raise InputFileError(f"{self.path}: the vocabulary adds EOS to every text; "
+                                 "llama-perplexity's method does not apply")
+
+    def new_context(self, *, n_ctx: int, n_batch: int, n_ubatch: int = 512, n_seq_max: int = 1) -> None:
+        """(Re)create the context on the loaded model (llama-bench makes one per test)."""
+        L = self._L
+        if self.ctx:
+            L.llama_free(self.ctx)
+            self.ctx = None
+        cp = L.llama_context_default_params()
+        cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, n_batch, n_ubatch, n_seq_max
+        cp.n_threads = cp.n_threads_batch = self.threads
+        cp.type_k, cp.type_v = self._kv_types
+        cp.swa_full = False
+        cp.no_perf = False
+        self.ctx = L.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            raise OperationError(f"{self.path}: cannot create a llama.cpp context of {n_ctx} tokens "
+                                 f"({_last_log()})")
+        self.n_batch = n_batch
+        # Reusable batch buffers (a llama_batch whose arrays are numpy arrays).
+        self._tok = np.zeros(n_batch, np.int32)
+        self._pos = np.zeros(n_batch, np.int32)
+        self._nsq = np.ones(n_batch, np.int32)
+        self._sid = np.zeros(n_batch, np.int32)
+        self._sidp = (self._sid.ctypes.data + 4 * np.arange(n_batch, dtype=np.uint64)).astype(np.uint64)
+        self._out = np.zeros(n_batch, np.int8)
+
+    # -- model facts --------------------------------------------------------------------------------
+    def desc(self) -> str:
+        buf = ctypes.create_string_buffer(256)
+        self._L.llama_model_desc(self.model, buf, 256)
+        return buf.value.decode("utf-8", "replace")
+
+    def model_size(self) -> int:
+        return int(self._L.llama_model_size(self.model))
+
+    def n_params(self) -> int:
+        return int(self._L.llama_model_n_params(self.model))
+
+    # -- tokens and decoding ------------------------------------------------------------------------
+    def tokenize(self, text: bytes) -> np.ndarray:
+        """``common_tokenize(ctx, text, add_special=true, parse_special=false)``, on this model's vocabulary."""
+        return tokenize_bytes(self._L, self.vocab, text)
+
+    def clear(self, data: bool = True) -> None:
+        """Clear the KV cache (``data``: buffers too), as between llama-perplexity's batches of chunks."""
+        self._L.llama_memory_clear(self._L.llama_get_memory(self.ctx), data)
+
+    def seq_pos_max(self, seq: int = 0) -> int:
+        return int(self._L.llama_memory_seq_pos_max(self._L.llama_get_memory(self.ctx), seq))
+
+    def decode(self, tokens: np.ndarray, pos: np.ndarray, seq: np.ndarray, output: np.ndarray) -> int:
+        """One ``llama_decode`` of ``len(tokens)`` entries; returns the number of outputs."""
+        L = self._L
+        n = len(tokens)
+        if n > self.n_batch:
+            raise OperationError(f"internal: batch of {n} tokens exceeds n_batch {self.n_batch}")
+        self._tok[:n], self._pos[:n], self._sid[:n], self._out[:n] = tokens, pos, seq, output
+        b = L.llama_batch()
+        b.n_tokens = n
+        b.token = self._tok.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        b.embd = None
+        b.pos = self._pos.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        b.n_seq_id = self._nsq.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        b.seq_id = ctypes.cast(self._sidp.ctypes.data, ctypes.POINTER(ctypes.POINTER(ctypes.c_int32)))
+        b.logits = self._out.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        ret = L.llama_decode(self.ctx, b)
+        if ret != 0:
+            raise OperationError(f"{self.path.name}: llama_decode failed with code {ret} ({_last_log()})")
+        return int(np.count_nonzero(output))
+
+    def logits_ith(self, i: int, n_rows: int) -> np.ndarray:
+        """(n_rows, n_vocab) float32 view of the logits from batch entry ``i`` on (no copy)."""
+        p = self._L.llama_get_logits_ith(self.ctx, i)
+        if not p:
+            raise OperationError(f"no logits for batch entry {i} ({_last_log()})")
+        return np.ctypeslib.as_array(p, shape=(n_rows, self.n_vocab))
+
+    def logits(self, n_rows: int) -> np.ndarray:
+        """(n_rows, n_vocab) float32 view of all outputs of the last decode, in batch order."""
+        p = self._L.llama_get_logits(self.ctx)
+        return np.ctypeslib.as_array(p, shape=(n_rows, self.n_vocab))
+
+    def synchronize(self) -> None:
+        self._L.llama_synchronize(self.ctx)
+
+    def close(self) -> None:
+        """Free the context and the model, and end this session's log capture (idempotent)."""
+        if self.ctx:
+            self._L.llama_free(self.ctx)
+            self.ctx = None
+        if self.model:
+            self._L.llama_model_free(self.model)
+            self.model = None
+        self._resources.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
