@@ -37,8 +37,7 @@ def tokenize_bytes(lc: ModuleType, vocab, raw: bytes, *, add_special: bool = Tru
     """``common_tokenize(vocab, text, add_special, parse_special)``: int32 token ids of ``raw``.
 
     Args:
-        lc: llama-cpp-python's bindings (:func:`repq.llama.llama_cpp` or
-            :func:`repq.llama.llama_cpp_bindings`).
+        lc: llama-cpp-python's bindings (:func:`repq.llama.llama_cpp`).
         vocab: ``llama_model_get_vocab`` of a loaded model.
         raw: UTF-8 text.
         add_special: BOS (and EOS) where the vocabulary adds them.
