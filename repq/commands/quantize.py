@@ -67,11 +67,12 @@ def quantize(
 
         pipeline.check_output_path(model, out_path)
         src = ensure_gguf(model)
-        tq = _ldlq_quantizer(src, cfg) if m == "ldlq" else None
+        hessian_for, extra_kv = _ldlq_inputs(src, cfg) if m == "ldlq" else (None, None)
         with out.progress(f"quantize {model.name} → {fmt}", total=0) as advance:
             def on_tensor(rep, i, n):
                 advance(1, f"{rep.name} → {rep.dst_type}", total=n)
-            rep = pipeline.quantize_model(src, out_path, cfg, on_tensor=on_tensor, tensor_quantizer=tq)
+            rep = pipeline.quantize_model(src, out_path, cfg, on_tensor=on_tensor, hessian_for=hessian_for,
+                                          extra_kv=extra_kv)
         cols = ["tensor", "shape", "from", "to", "MiB", "method"]
         rows = [[t.name, "×".join(map(str, t.shape)), t.src_type, t.dst_type + ("*" if t.fallback else ""),
                  f"{t.dst_bytes / 2**20:.2f}", t.method] for t in rep.tensors]
@@ -96,8 +97,9 @@ def _fmt(v: float | None) -> str:
     return "" if v is None else f"{v:.2e}"
 
 
-def _ldlq_quantizer(src: Path, cfg):
-    """LDLQ per-tensor quantizer over a Hessian directory, checked against the model first.
+def _ldlq_inputs(src: Path, cfg):
+    """For --method ldlq: the Hessian lookup over the --hessian directory, checked against the
+    model first, and the output's ``repq.*`` provenance keys (the Hessians' data fingerprints).
 
     Everything that can be checked without reading the Hessians' values is checked here, before
     the output is opened: the device, the model fingerprint, and the stored shape of every Hessian
@@ -106,9 +108,9 @@ def _ldlq_quantizer(src: Path, cfg):
     write, so OUT is never partial.
     """
     from ..calib.hessian.store import HessianSet
+    from ..io import keys
     from ..io.gguf_file import GGUFModel
     from ..model.config import config_from_gguf
-    from ..quant.ldlq_method import ldlq_tensor_quantizer
 
     _check_device(cfg.device)
     hs = HessianSet(cfg.hessian)
@@ -129,8 +131,7 @@ def _ldlq_quantizer(src: Path, cfg):
         # an entry that cannot be read is an error, not a silent fallback
         return hs.mean(name) if hs.has(name) else None
 
-    return ldlq_tensor_quantizer(lookup, damp=cfg.damp, act_order=cfg.act_order, device=cfg.device,
-                                 threads=cfg.threads or None, scales=cfg.scales, refit=cfg.refit)
+    return lookup, keys.provenance("ldlq", cfg.ldlq_options().to_dict(), hs.data_fingerprints)
 
 
 def _check_device(device: str) -> None:

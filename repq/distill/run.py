@@ -64,12 +64,12 @@ from .. import mix
 from ..calib.hessian.accumulator import HessianAccumulator, all_reduce_sums
 from ..calib.hooks import forward_with_hooks, input_groups
 from ..errors import InputFileError, MismatchError, UsageError
-from ..ggml import quants
-from ..ggml.types import F32, block_size, is_quantized, type_name
-from ..io import gguf_file
+from ..ggml.types import is_quantized, type_name
+from ..io import gguf_file, keys
 from ..model.loader import LoadedModel, load_model
 from ..model.transformer import Transformer
-from ..quant import grids, pipeline
+from ..quant import pipeline
+from ..quant.tensor import LdlqOptions, TensorResult, check_plans, quantize_tensor
 from .groups import DEFAULT_ORDER, Group, format_groups
 from .kl import fused_kl
 
@@ -205,17 +205,9 @@ def _autocast(device: str):
 def _plans(src: str, cfg: DistillConfig) -> dict[str, mix.TensorPlan]:
     """The per-tensor types llama-quantize picks for this ftype *with* an imatrix (repq has H)."""
     with gguf_file.GGUFModel(src) as g:
-        info = pipeline.model_info(g)
-        tinfos = [mix.TensorInfo(name=t.name, shape=t.shape, type=t.type) for t in g.tensors.values()]
-        plans = mix.plan_types(info, tinfos, mix.ftype_from_name(cfg.ftype), replace(cfg.mix, has_imatrix=True))
-        for p in plans:
-            t = g.tensors[p.name]
-            if p.allows_quantization and p.dst_type != p.src_type:
-                if is_quantized(p.src_type):
-                    raise UsageError(f"{p.name} is already quantized ({type_name(p.src_type)}): "
-                                     "distill needs an F32/F16/BF16 model")
-                if p.dst_type != F32 and t.n_per_row % block_size(p.dst_type):
-                    raise UsageError(f"{p.name}: row length not divisible by the {type_name(p.dst_type)} block")
+        plans = pipeline.plan_model(g, mix.ftype_from_name(cfg.ftype), replace(cfg.mix, has_imatrix=True))
+        check_plans(plans, {n: t.n_per_row for n, t in g.tensors.items()},
+                    requantize_refusal=": distill needs an F32/F16/BF16 model")
     return {p.name: p for p in plans}
 
 
@@ -452,58 +444,47 @@ class Distiller:
                 out[c] = h
         return out
 
-    def _quantize_one(self, name: str, h: torch.Tensor | None) -> tuple[np.ndarray, dict]:
-        from ..quant.kquant import ldlq_quantize
-
+    def _quantize_one(self, name: str, h: torch.Tensor | None) -> tuple[TensorResult, dict]:
+        """The student's current weight through the one per-tensor path `repq quantize --method ldlq`
+        takes (:func:`repq.quant.tensor.quantize_tensor`): LDLQ with the online H, or ggml's
+        quantizer with importance diag(H) where the type has no LDLQ grid; and its report."""
         p = self.plans[name]
         w = self.params[name].detach().float().cpu().numpy()
         t0 = time.perf_counter()
-        if h is not None and grids.supported(p.dst_type):
-            r = ldlq_quantize(w, h, p.dst_type, damp=self.cfg.damp, act_order=self.cfg.act_order,
-                              device=self.rt.device, threads=self.rt.threads, scales=self.cfg.scales,
-                              refit=self.cfg.refit)
-            scale = max(r.weight_energy, 1e-300)
-            info = {"method": "ldlq", "proxy_rel_err": r.proxy_loss / scale,
-                    "baseline_rel_err": r.baseline_loss / scale}
-            raw = r.raw
-        else:
-            imp = None
-            if h is not None:
-                d = torch.diagonal(h).clamp_min(0).float().numpy()
-                imp = d / max(float(d.mean()), 1e-30)
-            raw = quants.quantize(p.dst_type, np.ascontiguousarray(w, np.float32), imp, threads=self.rt.threads)
-            why = "no Hessian" if h is None else f"no LDLQ grid for {type_name(p.dst_type)}"
-            info = {"method": f"{'imatrix' if imp is not None else 'rtn'} ({why})"}
-        info |= {"name": name, "type": type_name(p.dst_type), "seconds": round(time.perf_counter() - t0, 3)}
-        return np.ascontiguousarray(raw).reshape(-1).view(np.uint8), info
+        opts = LdlqOptions(damp=self.cfg.damp, act_order=self.cfg.act_order, scales=self.cfg.scales,
+                           refit=self.cfg.refit)
+        r = quantize_tensor(p, w, hessian=h, ldlq=opts, device=self.rt.device, threads=self.rt.threads)
+        info = r.report() | {"name": name, "type": type_name(p.dst_type),
+                             "seconds": round(time.perf_counter() - t0, 3)}
+        return r, info
 
-    def _freeze(self, name: str, raw: np.ndarray) -> None:
-        p = self.plans[name]
+    def _freeze(self, name: str, r: TensorResult) -> None:
+        """The student's weight ← the values ggml decodes from the tensor's bytes, frozen."""
         prm = self.params[name]
-        vals = quants.dequantize(p.dst_type, raw, prm.shape[-1])
         with torch.no_grad():
-            prm.copy_(torch.from_numpy(np.ascontiguousarray(vals)).reshape(prm.shape).to(prm.device, prm.dtype))
+            prm.copy_(torch.from_numpy(np.ascontiguousarray(r.values)).reshape(prm.shape).to(prm.device, prm.dtype))
         prm.requires_grad_(False)
-        self.frozen[name] = raw
+        self.frozen[name] = r.raw
 
     def _quantize_group(self, gi: int, g: Group) -> None:
         members = [n for n in g.members(self.names)
                    if self.plans[n].allows_quantization and is_quantized(self.plans[n].dst_type)]
         members = [n for n in members if n in self.params]
         hs = self._hessians(gi, members)
-        results: dict[str, tuple[np.ndarray, dict]] = {}
+        results: dict[str, tuple[TensorResult, dict]] = {}
         for i, name in enumerate(members):
             if i % self.world == self.rank:
                 results[name] = self._quantize_one(name, hs.get(name))
         if self.dist is not None:          # every rank gets every tensor's bytes from its owner
             for i, name in enumerate(members):
-                obj = [results.get(name)]
+                mine = results.get(name)   # the bytes travel, not the decoded values (each rank decodes)
+                obj = [None if mine is None else (replace(mine[0], decoded=None), mine[1])]
                 self.dist.broadcast_object_list(obj, src=i % self.world,
                                                 device=self.device if self.dist.get_backend() == "nccl" else None)
-                results[name] = obj[0]
+                results[name] = mine or obj[0]
         for name in members:
-            raw, info = results[name]
-            self._freeze(name, raw)
+            r, info = results[name]
+            self._freeze(name, r)
             self.tensor_reports.append(info | {"group": g.name})
         self._event({"event": "quantized", "group": g.name, "tensors": len(members)})
 
@@ -646,20 +627,18 @@ class Distiller:
 
     # ---------------------------------------------------------------- output
     def _write(self) -> int:
-        """The GGUF: llama-quantize's layout; frozen bytes for quantized tensors, trained floats elsewhere."""
+        """The GGUF: llama-quantize's layout; frozen bytes for quantized tensors, trained floats
+        elsewhere (ggml's rtn for a quantized type in no group); ``repq.*`` keys with the config
+        and the data fingerprint."""
         values = {n: p.detach().float().cpu().numpy() for n, p in self.params.items()}
 
         def tensor_values(name: str) -> np.ndarray | None:
             v = values.get(name)
             return None if v is None else v.reshape(-1, v.shape[-1]) if v.ndim > 1 else v.reshape(1, -1)
 
-        def tq(p, x, t, imp):
-            if p.name in self.frozen:
-                return self.frozen[p.name], {"method": "distill"}
-            return pipeline._quantize_tensor(p.dst_type, x, t, None, self.rt.threads), {
-                "method": "float" if not is_quantized(p.dst_type) else "rtn (in no group)"}
-
         qcfg = pipeline.QuantizeConfig(ftype=self.cfg.ftype, method="distill", threads=self.rt.threads or 0,
                                        mix=self.cfg.mix)
-        rep = pipeline.quantize_model(self.src, self.out, qcfg, tensor_quantizer=tq, tensor_values=tensor_values)
+        fingerprints = [self.data_fingerprint] if self.data_fingerprint else []
+        rep = pipeline.quantize_model(self.src, self.out, qcfg, tensor_values=tensor_values, tensor_bytes=self.frozen,
+                                      extra_kv=keys.provenance("distill", self.cfg.to_dict(), fingerprints))
         return rep.file_bytes

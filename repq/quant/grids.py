@@ -201,8 +201,11 @@ def get_codes(raw: np.ndarray, gtype: int, n_per_row: int) -> np.ndarray:
 
 
 @cache
-def _scatter(gtype: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Byte mask of code bits, and per field a (QK, size) matrix placing field bits into bytes."""
+def code_scatter(gtype: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """How codes are placed into a block: the byte mask that keeps every bit but the code bits
+    (uint8 (size,)), and per field of the layout a float32 (QK, size) matrix that moves each
+    element's field bits to their byte (``bits @ matrix``; :func:`set_codes` on the host,
+    :mod:`repq.quant.kfit_qx` on the device)."""
     lay = layout(gtype)
     keep = np.full(lay.size, 0xFF, np.int64)
     mats = []
@@ -223,7 +226,7 @@ def set_codes(raw: np.ndarray, gtype: int, n_per_row: int, codes: np.ndarray) ->
     """
     lay = layout(gtype)
     b = _blocks(raw, lay, n_per_row)
-    keep, mats = _scatter(gtype)
+    keep, mats = code_scatter(gtype)
     c = np.asarray(codes, np.int64).reshape(b.shape[0], b.shape[1], lay.qk)
     if c.min() < 0 or c.max() >= lay.n_codes:
         raise ValueError(f"codes out of range for {lay.name}: [{c.min()}, {c.max()}]")

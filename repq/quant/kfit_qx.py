@@ -161,7 +161,7 @@ def codes_qx(w: torch.Tensor, grid: QxGrid) -> torch.Tensor:
 def _place_codes(blk: torch.Tensor, codes: torch.Tensor, lay: grids.Layout) -> torch.Tensor:
     """blk (rows, nb, size) uint8 with the code bits of ``codes`` (rows, nb, 256) ORed in: the
     layout's field matrices applied on the device (a sum of disjoint bits, exact in float32)."""
-    _, mats = grids._scatter(type_id(lay.name))
+    _, mats = grids.code_scatter(type_id(lay.name))
     acc = torch.zeros(blk.shape, dtype=torch.float32, device=blk.device)
     c = codes.to(torch.int64)
     for f, m in zip(lay.fields, mats, strict=True):

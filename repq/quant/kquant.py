@@ -18,6 +18,7 @@ import torch
 from ..ggml import quants
 from . import grids, kfit
 from . import refit as refit_mod
+from .importance import from_hessian
 from .ldlq import LdlqResult, Timer, ldlq, ldlq_static, proxy_loss_on
 
 
@@ -71,27 +72,14 @@ class QuantizedTensor:
     weight_energy: float = float("nan")  # tr(W H Wᵀ): the losses' scale, for relative errors
 
 
-def importance(h: torch.Tensor) -> np.ndarray:
-    """ggml importance from diag(H), normalised to mean 1.
-
-    An all-zero H (an input that never carried signal) says nothing about which columns matter:
-    uniform importance then, as :func:`repq.quant.ldlq.damp_hessian` gives dead inputs a unit
-    diagonal (all-zero importance would make ggml's scale search return zero blocks).
-    """
-    diag = torch.diagonal(h).clamp_min(0).to("cpu", torch.float32).numpy()
-    mean = float(diag.mean())
-    if not mean > 0:
-        return np.ones_like(diag)
-    return diag / mean
-
-
 def ldlq_quantize(w: np.ndarray | torch.Tensor, h: np.ndarray | torch.Tensor, gtype: int, *,
                   damp: float = 0.01, act_order: bool = True, device: str | torch.device = "cpu",
                   threads: int | None = None, scales: str = "static", refit: bool = True,
                   timer: Timer | None = None, fit: str = "auto") -> QuantizedTensor:
     """LDLQ-quantize one weight (rows × n_per_row, ggml row order) to ggml type ``gtype``.
 
-    Importance for ggml's per-block scale search is diag(H), the imatrix llama.cpp would use.
+    Importance for ggml's per-block scale search is diag(H), the imatrix llama.cpp would use
+    (:func:`repq.quant.importance.from_hessian`: uniform when diag H is all zero).
     Also measures ggml's own imatrix quantization with that importance, for diagnostics.
     Everything of O(n³) (Cholesky, losses, refit) runs on ``device``; ggml's grid fit, packing
     and decoding run on the CPU, except for Q3_K, Q4_K, Q5_K and Q6_K on CUDA, whose grids are
@@ -105,7 +93,7 @@ def ldlq_quantize(w: np.ndarray | torch.Tensor, h: np.ndarray | torch.Tensor, gt
     ht = (h.detach().to(device, torch.float64) if isinstance(h, torch.Tensor)
           else torch.as_tensor(np.asarray(h, np.float64)).to(device))
     tick = timer if timer is not None else (lambda phase: None)
-    imp = importance(ht)
+    imp = from_hessian(ht)
     if fit not in ("auto", "ggml", "torch"):
         raise ValueError(f"fit={fit!r}: expected auto, ggml or torch")
     if fit == "torch" or (fit == "auto" and scales == "static" and wt.is_cuda and kfit.supported(gtype)):

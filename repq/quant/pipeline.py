@@ -1,20 +1,22 @@
-"""`repq quantize`: llama-quantize's file layout and type mix, with a pluggable per-tensor quantizer.
+"""`repq quantize`'s file workflow: llama-quantize's file layout and type mix around the per-tensor API.
 
-With ``rtn`` and ``imatrix`` the per-tensor quantizer is ggml's own and the file is byte-identical to
-llama-quantize's; ``ldlq`` (repq.quant.ldlq_method) replaces the per-tensor quantizer only.
-
-The pipeline mirrors llama_model_quantize_impl (src/llama-quant.cpp at the pinned commit):
+This module only reads, plans and writes; what happens to each tensor's values is
+:func:`repq.quant.tensor.quantize_tensor`'s (ggml's own quantizer for ``rtn`` and ``imatrix``, LDLQ
+for ``ldlq``).  It mirrors llama_model_quantize_impl (src/llama-quant.cpp at the pinned commit):
 
 1. read the input GGUF (F32/F16/BF16, or a quantized one with ``allow_requantize``);
-2. order tensors as llama's model loader does and pick each tensor's type (repq.mix);
+2. order tensors as llama's model loader does and pick each tensor's type (repq.mix), then check
+   the plans (:func:`repq.quant.tensor.check_plans`);
 3. copy the input's key/value pairs, then set ``general.quantization_version`` and
    ``general.file_type`` (remove + append, as gguf_set_val_u32 does) and the
-   ``quantize.imatrix.*`` keys llama-quantize adds when given an imatrix;
-4. stream each tensor: copy it if its type is unchanged, else convert to float32 and quantize
-   with ggml (per expert slice of the importance vector for 3-D tensors);
+   ``quantize.imatrix.*`` keys llama-quantize adds when given an imatrix (key names:
+   :mod:`repq.io.keys`), then the caller's own keys (``repq.*`` provenance for ldlq and distill);
+4. stream each tensor: copy it if its type is unchanged, else convert to float32 and quantize it;
 5. write to a temporary file and rename it into place.
 
-The result is byte-identical to llama-quantize's file for the same input, ftype and imatrix.
+With ``rtn`` and ``imatrix`` the result is byte-identical to llama-quantize's file for the same
+input, ftype and imatrix.  With ``ldlq`` the type mix is the one llama-quantize picks *with* an
+imatrix, so files compare with ``llama-quantize --imatrix`` at equal tensor bytes.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,17 +32,11 @@ import numpy as np
 from .. import mix
 from ..errors import InputFileError, MismatchError, UsageError
 from ..ggml import quants
-from ..ggml.types import F32, block_size, is_quantized, row_size, type_name
-from ..io import gguf_file
+from ..ggml.types import F32, row_size, type_name
+from ..io import gguf_file, keys
 from ..io.imatrix import Imatrix, load_imatrix
-
-GGML_QNT_VERSION = 2
-KV_QNT_VERSION = "general.quantization_version"
-KV_FILE_TYPE = "general.file_type"
-KV_IMATRIX_FILE = "quantize.imatrix.file"
-KV_IMATRIX_DATASET = "quantize.imatrix.dataset"
-KV_IMATRIX_N_ENTRIES = "quantize.imatrix.entries_count"
-KV_IMATRIX_N_CHUNKS = "quantize.imatrix.chunks_count"
+from . import importance as importance_rules
+from .tensor import LdlqOptions, check_plans, quantize_tensor
 
 
 @dataclass(frozen=True)
@@ -84,10 +80,7 @@ class QuantizeConfig:
             raise UsageError("--method ldlq needs --hessian DIR (make one with `repq hessian`)")
         if self.method != "ldlq" and self.hessian:
             raise UsageError("--hessian is only used by --method ldlq")
-        if self.scales not in ("static", "dynamic"):
-            raise UsageError(f"--scales must be static or dynamic, not {self.scales!r}")
-        if not 0 <= self.damp < 10:
-            raise UsageError("--damp must be in [0, 10)")
+        self.ldlq_options()   # checks scales and damp
         if self.threads < 0:
             raise UsageError("--threads must be ≥ 0")
 
@@ -95,6 +88,9 @@ class QuantizeConfig:
         d = asdict(self)
         d["mix"] = {k: v for k, v in asdict(self.mix).items()}
         return d
+
+    def ldlq_options(self) -> LdlqOptions:
+        return LdlqOptions(damp=self.damp, act_order=self.act_order, scales=self.scales, refit=self.refit)
 
 
 @dataclass
@@ -146,6 +142,13 @@ def model_info(model: gguf_file.GGUFModel) -> mix.ModelInfo:
                          n_head_kv=int(n_head_kv), n_expert=int(n_expert))
 
 
+def plan_model(model: gguf_file.GGUFModel, ftype: mix.FType, opts: mix.MixOptions) -> list[mix.TensorPlan]:
+    """Every tensor's type for ``ftype``, in llama's tensor order (not yet checked: see
+    :func:`repq.quant.tensor.check_plans`)."""
+    tinfos = [mix.TensorInfo(name=t.name, shape=t.shape, type=t.type) for t in model.tensors.values()]
+    return mix.plan_types(model_info(model), tinfos, ftype, opts)
+
+
 def tensor_f32(t: gguf_file.TensorRef) -> np.ndarray:
     """The tensor as float32 (n_rows × n_per_row), dequantized through ggml when needed."""
     if t.type == F32:
@@ -173,23 +176,12 @@ def check_imatrix(im: dict[str, np.ndarray], model: gguf_file.GGUFModel, plans: 
             raise MismatchError(f"{path}: imatrix entry {p.name} contains non-finite values")
 
 
-TensorQuantizer = Callable[[mix.TensorPlan, np.ndarray, gguf_file.TensorRef, "np.ndarray | None"],
-                           tuple[np.ndarray, dict]]
-"""(plan, float32 rows × n_per_row, source tensor, importance or None) -> (ggml bytes, report fields)."""
-
-
-def ggml_tensor_quantizer(threads: int | None) -> TensorQuantizer:
-    """ggml's own quantizer: what llama-quantize does for every tensor."""
-    def run(p, x, t, imp):
-        return _quantize_tensor(p.dst_type, x, t, imp, threads), {"method": "imatrix" if imp is not None else "rtn"}
-    return run
-
-
 def quantize_model(src: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeConfig, *,
                    on_tensor: Callable[[TensorReport, int, int], None] | None = None,
-                   tensor_quantizer: TensorQuantizer | None = None,
-                   extra_kv: list[tuple[str, int, object]] | None = None,
-                   tensor_values: Callable[[str], np.ndarray | None] | None = None) -> QuantizeReport:
+                   hessian_for: Callable[[str], object] | None = None,
+                   extra_kv: list[keys.KeyValue] | None = None,
+                   tensor_values: Callable[[str], np.ndarray | None] | None = None,
+                   tensor_bytes: dict[str, np.ndarray] | None = None) -> QuantizeReport:
     """Quantize a GGUF model; see the module docstring.
 
     Args:
@@ -197,56 +189,50 @@ def quantize_model(src: str | os.PathLike, out: str | os.PathLike, cfg: Quantize
         out: output path (written atomically).
         cfg: what to produce.
         on_tensor: called after each tensor with (report, index, total), for progress display.
-        tensor_quantizer: the per-tensor quantizer (default: ggml's, as llama-quantize).
-        extra_kv: key/value pairs to add after the ftype keys.
+        hessian_for: tensor name -> its input's proxy Hessian (n_per_row × n_per_row) or None
+            (method ldlq; called once per quantized tensor, so only one Hessian is in memory).
+        extra_kv: key/value pairs to add after the ftype and imatrix keys (``repq.*`` provenance).
         tensor_values: name -> float32 (n_rows × n_per_row) values that replace the input's for that
-            tensor (None keeps the input's); a replaced tensor always goes through
-            ``tensor_quantizer``, also when its type does not change (`repq distill`'s trained norms).
+            tensor (None keeps the input's); a replaced tensor is always quantized, also when its
+            type does not change (`repq distill`'s trained norms).
+        tensor_bytes: name -> the finished ggml bytes of that tensor (`repq distill`'s frozen
+            tensors), written as they are.
 
     Raises:
         InputFileError, MismatchError, UnsupportedError, UsageError: bad input (nothing written).
     """
     t_start = time.perf_counter()
     ftype = mix.ftype_from_name(cfg.ftype)
-    tq = tensor_quantizer or ggml_tensor_quantizer(cfg.threads or None)
+    ldlq = cfg.ldlq_options() if cfg.method == "ldlq" else None
     model = gguf_file.GGUFModel(src)
     try:
-        info = model_info(model)
-        tinfos = [mix.TensorInfo(name=t.name, shape=t.shape, type=t.type) for t in model.tensors.values()]
+        # ldlq and distill have importance data (diag H): the mix llama-quantize picks with an imatrix
+        with_importance = bool(cfg.imatrix) or cfg.method in ("ldlq", "distill")
+        plans = plan_model(model, ftype, replace(cfg.mix, has_imatrix=True) if with_importance else cfg.mix)
         imx: Imatrix | None = load_imatrix(cfg.imatrix) if cfg.imatrix else None
-        # ldlq has importance data (diag H): pick the mix llama-quantize picks with an imatrix
-        mix_opts = cfg.mix if imx is None and cfg.method not in ("ldlq", "distill") else _with_imatrix(cfg.mix)
-        plans = mix.plan_types(info, tinfos, ftype, mix_opts)
         importance = imx.importance() if imx is not None else {}
         if imx is not None:
             check_imatrix(importance, model, plans, cfg.imatrix)
-        for p in plans:
-            if p.allows_quantization and p.dst_type != p.src_type:
-                if p.requires_imatrix and p.name not in importance:
-                    raise UsageError(f"{p.name} → {type_name(p.dst_type)} requires an importance matrix; "
-                                     "pass --imatrix FILE (make one with `repq imatrix` or llama-imatrix)")
-                if is_quantized(p.src_type) and not cfg.allow_requantize:
-                    raise UsageError(f"{p.name} is already quantized ({type_name(p.src_type)}); "
-                                     "pass --allow-requantize to requantize it")
-                if p.dst_type != F32 and model.tensors[p.name].n_per_row % block_size(p.dst_type):
-                    raise UsageError(f"{p.name}: row length not divisible by the {type_name(p.dst_type)} block")
+        refusal = None if cfg.allow_requantize else "; pass --allow-requantize to requantize it"
+        check_plans(plans, {n: t.n_per_row for n, t in model.tensors.items()}, importance=importance,
+                    requantize_refusal=refusal)
 
         writer = gguf_file.GGUFWriter(out)
         for key, raw in model.kv_items():
             writer.add_raw_kv(key, raw)
-        writer.set_kv(KV_QNT_VERSION, gguf_file.UINT32, GGML_QNT_VERSION)
-        writer.set_kv(KV_FILE_TYPE, gguf_file.UINT32, ftype.id)
-        for key in ("split.no", "split.count", "split.tensors.count"):
+        writer.set_kv(keys.QUANTIZATION_VERSION, gguf_file.UINT32, keys.GGML_QNT_VERSION)
+        writer.set_kv(keys.FILE_TYPE, gguf_file.UINT32, ftype.id)
+        for key in keys.SPLIT_KEYS:
             writer.remove_kv(key)
         if imx is not None:
-            writer.set_kv(KV_IMATRIX_FILE, gguf_file.STRING, _c_trunc(cfg.imatrix, 127))
+            writer.set_kv(keys.IMATRIX_FILE, gguf_file.STRING, _c_trunc(cfg.imatrix, 127))
             if imx.datasets:
-                writer.set_kv(KV_IMATRIX_DATASET, gguf_file.STRING, _c_trunc(imx.datasets[0], 127))
-            writer.set_kv(KV_IMATRIX_N_ENTRIES, gguf_file.UINT32, len(importance))
+                writer.set_kv(keys.IMATRIX_DATASET, gguf_file.STRING, _c_trunc(imx.datasets[0], 127))
+            writer.set_kv(keys.IMATRIX_N_ENTRIES, gguf_file.UINT32, len(importance))
             if imx.chunk_count > 0:
-                writer.set_kv(KV_IMATRIX_N_CHUNKS, gguf_file.UINT32, imx.chunk_count)
-        for key, vtype, value in extra_kv or []:
-            writer.set_kv(key, vtype, value)
+                writer.set_kv(keys.IMATRIX_N_CHUNKS, gguf_file.UINT32, imx.chunk_count)
+        for key, vtype, value, sub_type in extra_kv or []:
+            writer.set_kv(key, vtype, value, sub_type)
 
         for p in plans:
             t = model.tensors[p.name]
@@ -262,7 +248,9 @@ def quantize_model(src: str | os.PathLike, out: str | os.PathLike, cfg: Quantize
                 info: dict = {"method": "copy"}
                 imp = None
                 x = tensor_values(p.name) if tensor_values is not None else None
-                if x is None and p.dst_type == t.type:
+                if tensor_bytes is not None and p.name in tensor_bytes:
+                    data, info = tensor_bytes[p.name], {"method": cfg.method}
+                elif x is None and p.dst_type == t.type:
                     data = t.data
                 else:
                     if x is None:
@@ -270,10 +258,12 @@ def quantize_model(src: str | os.PathLike, out: str | os.PathLike, cfg: Quantize
                     elif x.shape != (t.n_rows, t.n_per_row):
                         raise MismatchError(f"{p.name}: replacement values have shape {x.shape}, "
                                             f"the tensor is {t.n_rows} × {t.n_per_row}")
-                    imp = importance.get(p.name)
-                    if imp is not None and imp.size != t.n_per_row * (t.shape[2] if len(t.shape) > 2 else 1):
-                        imp = None  # token_embd with a foreign size: llama-quantize ignores it too
-                    data, info = tq(p, x, t, imp)
+                    experts = t.shape[2] if len(t.shape) > 2 else 1
+                    imp = importance_rules.from_imatrix(importance.get(p.name), t.n_per_row, experts)
+                    res = quantize_tensor(p, x, hessian=hessian_for(p.name) if hessian_for is not None else None,
+                                          importance=imp, ldlq=ldlq, experts=experts, device=cfg.device,
+                                          threads=cfg.threads or None)
+                    data, info = res.raw, res.report()
                 writer.write_tensor_data(p.name, data)
                 rep = TensorReport(p.name, t.shape, type_name(t.type), type_name(p.dst_type),
                                    t.n_bytes, int(data.nbytes), p.fallback, imp is not None,
@@ -289,30 +279,10 @@ def quantize_model(src: str | os.PathLike, out: str | os.PathLike, cfg: Quantize
         model.close()
 
 
-def _with_imatrix(opts: mix.MixOptions) -> mix.MixOptions:
-    from dataclasses import replace
-
-    return replace(opts, has_imatrix=True)
-
-
 def _c_trunc(s: str, n: int) -> str:
     """What strncpy(dst, s, n) into a char[n+1] keeps: the first n bytes."""
     b = s.encode()[:n]
     return b.decode("utf-8", errors="ignore")
-
-
-def _quantize_tensor(dst_type: int, x: np.ndarray, t: gguf_file.TensorRef, imp: np.ndarray | None,
-                     threads: int | None) -> np.ndarray:
-    if len(t.shape) <= 2 or imp is None:
-        return quants.quantize(dst_type, x, imp, threads=threads)
-    # 3-D expert tensors: each expert's rows use its own slice of the importance vector.
-    rows_per_expert = t.shape[1]
-    parts = []
-    for e in range(t.shape[2]):
-        sl = imp[e * t.n_per_row:(e + 1) * t.n_per_row]
-        parts.append(quants.quantize(dst_type, x[e * rows_per_expert:(e + 1) * rows_per_expert], sl,
-                                     threads=threads))
-    return np.concatenate(parts)
 
 
 def check_output_path(src: str | os.PathLike, out: str | os.PathLike) -> None:

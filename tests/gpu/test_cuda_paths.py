@@ -24,7 +24,8 @@ from repq.calib.hooks import capture_inputs, forward_with_hooks, input_groups
 from repq.ggml.types import type_id
 from repq.model.config import ModelConfig
 from repq.quant import grids, kfit
-from repq.quant.kquant import GgmlGrid, importance, ldlq_quantize
+from repq.quant.importance import from_hessian
+from repq.quant.kquant import GgmlGrid, ldlq_quantize
 from repq.quant.ldlq import ldlq_static, proxy_loss
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -46,7 +47,7 @@ def test_cuda_ldlq_values_are_what_ggml_decodes(layer, name):
     w, h = layer
     t = type_id(name)
     wt, ht = torch.from_numpy(w).cuda(), torch.from_numpy(h).cuda()
-    imp = importance(ht)
+    imp = from_hessian(ht)
     grid = kfit.torch_grid(t, *w.shape, imp) if kfit.supported(t) else GgmlGrid(t, *w.shape, imp)
     lay = grids.layout(t)
     res = ldlq_static(wt, ht, grid.fit_all, sub=lay.sub, levels=torch.from_numpy(lay.levels), loss=False)

@@ -33,6 +33,10 @@ def test_json_output(tiny, tmp_path):
     assert obj["file_bytes"] == out.stat().st_size and obj["ftype"] == "Q4_K_M"
     assert obj["tensor_types"]["Q4_K"] > 0 and obj["repq_version"]
     assert {t["name"] for t in obj["tensors"]} >= {"token_embd.weight", "blk.1.ffn_down.weight"}
+    from repq.io.gguf_file import GGUFModel
+
+    with GGUFModel(out) as g:   # llama-quantize's keys only: no repq.* provenance on the byte-identical path
+        assert not [k for k in g.keys() if k.startswith("repq.")]
 
 
 def _imatrix_for(tiny_path, tmp_path):

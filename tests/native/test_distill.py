@@ -133,6 +133,12 @@ def test_gguf_holds_the_frozen_student_exactly_and_llama_quantize_layout(tiny, t
         assert [(n, t.type, t.n_bytes) for n, t in g.tensors.items()] == layout
     assert {t["method"] for t in res.tensors} == {"ldlq"}
     assert len(res.metrics) == 14 and all(np.isfinite(m["loss"]) for m in res.metrics)
+    # provenance: how the file was made (this run was given no data fingerprint)
+    from repq.io import keys
+
+    with GGUFModel(out) as g:
+        assert g.get(keys.REPQ_METHOD) == "distill" and g.get(keys.REPQ_DATA_FINGERPRINTS) == []
+        assert json.loads(g.get(keys.REPQ_CONFIG)) == json.loads(json.dumps(_cfg(ftype="Q3_K_S").to_dict(), default=str))
 
 
 def test_llama_cpp_logits_equal_the_torch_student(tiny, tmp_path):
@@ -200,6 +206,10 @@ def test_cli_kill_and_resume(tiny, tmp_path):
     again = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     assert a.read_bytes() == b.read_bytes()
+    from repq.io import keys
+
+    with GGUFModel(a) as g:   # the training data's fingerprint (sha256 hex)
+        assert [len(f) for f in g.get(keys.REPQ_DATA_FINGERPRINTS)] == [64]
 
 
 # ------------------------------------------------------------------------------------------------ processes

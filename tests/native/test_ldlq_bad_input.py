@@ -139,10 +139,28 @@ def fingerprint(files, model: str) -> str:
 # --------------------------------------------------------------------------------------------------
 
 def test_good_hessians_work(files, tmp_path):
-    """The baseline the refusals below are measured against: the same command with matching input."""
-    r = run_ldlq(files / "a.gguf", tmp_path / "q.gguf", files / "h-a", "--json")
+    """The baseline the refusals below are measured against: the same command with matching input.
+    The file records how it was made (``repq.*`` keys) and llama.cpp loads and runs it."""
+    from helpers import llama_cpp_logits
+
+    from repq import __version__
+    from repq.ggml import _lib
+    from repq.io import keys
+    from repq.io.gguf_file import GGUFModel
+
+    out = tmp_path / "q.gguf"
+    r = run_ldlq(files / "a.gguf", out, files / "h-a", "--json", "--damp", "0.02", "--no-act-order")
     assert r.exit_code == 0, r.output
     assert {t["method"] for t in json.loads(r.stdout)["tensors"]} >= {"ldlq"}
+    with GGUFModel(out) as g:
+        assert g.get(keys.REPQ_METHOD) == "ldlq" and g.get(keys.REPQ_VERSION) == __version__
+        assert g.get(keys.REPQ_GGML_COMMIT) == _lib.commit()
+        fps = g.get(keys.REPQ_DATA_FINGERPRINTS)
+        assert fps == HessianSet(files / "h-a").data_fingerprints and len(fps) == 1 and len(fps[0]) == 64
+        assert json.loads(g.get(keys.REPQ_CONFIG)) == {"damp": 0.02, "act_order": False, "scales": "static",
+                                                       "refit": True}
+    ids, logits = llama_cpp_logits(out, "the quick brown fox jumps over the lazy dog")
+    assert len(ids) > 4 and logits.shape == (len(ids), CFG.n_vocab) and np.isfinite(logits).all()
 
 
 @pytest.mark.parametrize("model,hess", [("b.gguf", "h-a"), ("a.gguf", "h-b"), ("wide.gguf", "h-a")])
