@@ -48,7 +48,7 @@ class QuantizeConfig:
     method: str = "rtn"
     """``rtn`` (no importance), ``imatrix`` (ggml's importance-weighted search; needs an imatrix) or
     ``ldlq`` (error feedback through Hessians; needs ``hessian``).  ``distill`` is internal to
-    `repq distill`, which supplies the bytes of every tensor itself."""
+    `repq distill`, which supplies the bytes of the tensors it quantized (``tensor_bytes``)."""
     hessian: str | None = None
     """Directory of proxy Hessians written by `repq hessian` (method ldlq)."""
     damp: float = 0.01
