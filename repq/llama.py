@@ -5,10 +5,11 @@ llama-cpp-python is installed without building its own llama.cpp; it loads ``lib
 user set it) *before* the first import, so evaluation runs on exactly the libraries whose ggml
 repq quantizes with.
 
-The package is imported as a whole, high-level layer (``Llama``, chat formats, jinja2) included,
-although evaluation uses only its ctypes bindings: that costs about 75 ms once per process
-(measured on the eval path, ``python -X importtime``), against seconds for loading a model and
-evaluating even a few chunks, and it needs no reach into the import system.
+The package is imported as a whole, the ordinary way, high-level layer (``Llama``, chat formats,
+jinja2) included, although evaluation uses only its ctypes bindings.  That layer costs 50-100 ms
+once per process (2-core CPU: the import takes 79-154 ms against 22-40 ms for the bindings alone),
+while `repq ppl --chunks 4` on the 135M reference model takes 25-45 s; importing the bindings
+alone would need an empty ``llama_cpp`` package planted in ``sys.modules``, which is not worth it.
 
 C++ runtime.  A libggml built by newer GCCs (13 on the GPU machines) exports thousands of weak
 ``std::`` template instantiations.  ctypes loads libllama with RTLD_LOCAL, so libllama's own
