@@ -11,22 +11,16 @@ once per process (2-core CPU: the import takes 79-154 ms against 22-40 ms for th
 while `repq ppl --chunks 4` on the 135M reference model takes 25-45 s; importing the bindings
 alone would need an empty ``llama_cpp`` package planted in ``sys.modules``, which is not worth it.
 
-C++ runtime.  A libggml built by newer GCCs (13 on the GPU machines) exports thousands of weak
-``std::`` template instantiations.  ctypes loads libllama with RTLD_LOCAL, so libllama's own
-references can bind to libggml's copies rather than libstdc++'s, and the std::regex that the
-tokenizer compiles while loading the vocabulary then crashed with a segmentation fault (located
-with ``benchmarks/gpu/trace_llama.sh``; llama.cpp's executables, which link libstdc++ first, never
-do).  :func:`llama_cpp` therefore loads libstdc++ with RTLD_GLOBAL first, so every library binds
-to the one runtime.
+C++ runtime: libstdc++ is loaded into the global symbol scope first (see :mod:`repq.ggml.cxx`).
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 from types import ModuleType
 
 from .errors import NativeLibraryError
+from .ggml.cxx import load_global_libstdcxx
 from .paths import native_dir
 
 _mod: ModuleType | None = None
@@ -48,7 +42,7 @@ def llama_cpp() -> ModuleType:
     if not os.path.exists(os.path.join(lib_dir, "libllama.so")):
         raise NativeLibraryError(f"libllama.so not found in {lib_dir}",
                                  hint="build it with `make native` (or set LLAMA_CPP_LIB_PATH)")
-    _global_libstdcxx()
+    load_global_libstdcxx()   # one C++ runtime for every library (repq.ggml.cxx)
     try:
         import llama_cpp
     except (ImportError, OSError, RuntimeError) as e:
@@ -56,12 +50,4 @@ def llama_cpp() -> ModuleType:
                                  hint="`make setup` installs it without its own llama.cpp build") from e
     _mod = llama_cpp
     return _mod
-
-
-def _global_libstdcxx() -> None:
-    """Load the C++ runtime into the global symbol scope (see the module docstring)."""
-    try:
-        ctypes.CDLL("libstdc++.so.6", mode=ctypes.RTLD_GLOBAL)
-    except OSError:  # no GNU C++ runtime by that name (another platform): nothing to unify
-        pass
 

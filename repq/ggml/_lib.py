@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..errors import NativeLibraryError
 from ..paths import native_dir
+from .cxx import load_global_libstdcxx
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -86,9 +87,7 @@ def get_lib() -> ctypes.CDLL:
                     f"native library not found: {path}",
                     hint="build it with `make native` (or set REPQ_GGML_LIB / REPQ_NATIVE_DIR)")
             try:
-                from ..llama import _global_libstdcxx
-
-                _global_libstdcxx()   # one C++ runtime for every native library (see repq.llama)
+                load_global_libstdcxx()   # one C++ runtime for every native library (repq.ggml.cxx)
                 lib = ctypes.CDLL(str(path))
                 _declare(lib)
             except (OSError, AttributeError) as e:
