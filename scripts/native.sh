@@ -2,7 +2,10 @@
 # Build vendor/llama.cpp into native/build (a link to a cached build directory).
 #
 # The cache key covers the pinned commit, native/CMakeLists.txt and the CMake options, so a
-# rebuild happens only when one of them changes.  REPQ_CUDA=1 adds the CUDA backend
+# rebuild happens only when one of them changes.  With GGML_NATIVE=ON (the default) the build uses
+# every instruction set of this CPU (-march=native), so the key also covers the CPU's feature flags
+# (/proc/cpuinfo, hashed): a cache shared between machines never hands an AVX-512 build to an
+# AVX2-only CPU.  REPQ_CUDA=1 adds the CUDA backend
 # (GGML_CUDA=ON, CMAKE_CUDA_ARCHITECTURES=${REPQ_CUDA_ARCH:-90}).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -15,7 +18,13 @@ if [ "${REPQ_CUDA:-0}" = 1 ]; then
 fi
 TARGETS=(ggml-base ggml-cpu ggml llama llama-quantize llama-imatrix llama-perplexity llama-bench)
 [ "${REPQ_CUDA:-0}" = 1 ] && TARGETS+=(ggml-cuda)
-key=$( { cat "$ROOT/vendor/llama.cpp/.repq-commit"; cat "$ROOT/native/CMakeLists.txt"; echo "${OPTS[*]}"; echo "${TARGETS[*]}"; uname -m; } | sha256sum | cut -c1-16)
+cpu=
+case "${REPQ_GGML_NATIVE:-ON}" in   # CMake's true values: -march=native
+  [Oo][Nn]|1|[Yy]|[Yy][Ee][Ss]|[Tt][Rr][Uu][Ee])
+    cpu=$(grep -m1 -E '^(flags|Features)[[:space:]]*:' /proc/cpuinfo 2>/dev/null || true) ;;
+esac
+key=$( { cat "$ROOT/vendor/llama.cpp/.repq-commit"; cat "$ROOT/native/CMakeLists.txt"; echo "${OPTS[*]}"; echo "${TARGETS[*]}"; uname -m
+         [ -z "$cpu" ] || echo "cpu $(echo "$cpu" | sha256sum | cut -c1-16)"; } | sha256sum | cut -c1-16)
 BUILD=$CACHE/build/$key
 mkdir -p "$BUILD"
 if [ ! -f "$BUILD/.complete" ]; then
