@@ -2,7 +2,7 @@
 """Multi-GPU scaling and memory of repq's distillation step (random weights; speed and memory only).
 
 Scaling: the data-parallel step `repq distill` runs under torchrun (per rank: bf16 teacher, fp32
-master student under bf16 autocast, fused KL, gradients averaged by :class:`repq.distill.run.GradAverager`
+master student under bf16 autocast, fused KL, gradients averaged by :class:`repq.distill.parallel.GradAverager`
 (``--flat``: one all-reduce after backward, :func:`average_gradients`) and
 AdamW), at a fixed batch per GPU.  Run it with 1 and with N processes and compare total tokens/s::
 
@@ -47,7 +47,8 @@ def main() -> None:
 
     import torch.distributed as dist
 
-    from repq.distill.run import GradAverager, average_gradients, distill_loss
+    from repq.distill.kl import distill_loss
+    from repq.distill.parallel import GradAverager, average_gradients
     from repq.model.config import ModelConfig
     from repq.model.transformer import Transformer
 

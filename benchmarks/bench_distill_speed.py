@@ -6,7 +6,7 @@ Both train a student of the reference model's shape (SmolLM2-135M: 30 blocks, n_
 
 * ``hf``: transformers ``LlamaForCausalLM`` (sdpa attention), bf16 autocast, teacher forward,
   student forward/backward, full-vocabulary fp32 KL on materialised logits, AdamW (fp32 master).
-* ``repq``: :func:`repq.distill.run.distill_loss` — fp32 master student under bf16 autocast,
+* ``repq``: :func:`repq.distill.kl.distill_loss` — fp32 master student under bf16 autocast,
   bf16 teacher, fused chunked KL over the vocabulary, blocks under ``torch.compile`` (one graph per
   block; ``repq-whole``: all blocks as one graph; ``repq-eager``: no compile), AdamW (fp32).
 
@@ -64,7 +64,7 @@ def _hf_models(device):
 def _repq_models(device, compile_: bool, whole: bool = False):
     from support.models import random_model
 
-    from repq.distill.run import distill_loss
+    from repq.distill.kl import distill_loss
     from repq.model.config import ModelConfig
 
     cfg = ModelConfig(**SMOLLM2)

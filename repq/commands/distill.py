@@ -66,8 +66,9 @@ def distill(
 
         runtime.spin_less()
         from ..data.calibration import load_calibration_with, load_token_chunks
+        from ..distill.config import DistillConfig, RunOptions
         from ..distill.groups import parse_groups
-        from ..distill.run import DistillConfig, Distiller, Runtime
+        from ..distill.recipe import Distiller
         from ..model.loader import load_config
         from ..quant.pipeline import check_output_path
 
@@ -107,7 +108,7 @@ def distill(
                     out.log(f"resumed at {ev['group']} ({ev['phase']}, step {ev['step']}), "
                             f"{ev['global_step']} steps done")
 
-            rt = Runtime(device=dev, threads=threads or None, checkpoint_dir=str(ckdir),
+            rt = RunOptions(device=dev, threads=threads or None, checkpoint_dir=str(ckdir),
                          checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes, resume=resume, compile=compile_,
                          log_path=str(ckdir / "metrics.jsonl"), keep_checkpoint=keep_checkpoint, on_event=on_event)
             try:

@@ -13,12 +13,17 @@ time, in the forward pass::
 
 so peak extra memory is a few (chunk × V) buffers and the gradients are handed to autograd as
 precomputed tensors.  The loss is the mean over tokens of the per-token KL (nats).
+
+:func:`distill_loss` is the whole distillation loss: teacher and student bodies (bf16 autocast on
+CUDA, fp32 on CPU), then the fused heads and KL.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..model.transformer import Transformer
 
 
 class _FusedKL(torch.autograd.Function):
@@ -86,3 +91,28 @@ def reference_kl(h: torch.Tensor, w: torch.Tensor, h_t: torch.Tensor, w_t: torch
     ls = F.log_softmax((h @ w.t()).to(acc), dim=-1)
     lt = F.log_softmax((h_t @ w_t.t()).to(acc), dim=-1)
     return (lt.exp() * (lt - ls)).sum(-1).mean()
+
+
+def autocast(device: str):
+    """bf16 autocast on CUDA; a disabled autocast elsewhere (CPU runs in fp32)."""
+    if device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def distill_loss(student: Transformer, teacher: Transformer, tokens: torch.Tensor, *, kl_chunk: int = 1024,
+                 n_total: int | None = None) -> torch.Tensor:
+    """KL(teacher ‖ student) per token over the full vocabulary, for tokens (B, T).
+
+    On CUDA: teacher and student bodies under bf16 autocast (student master weights stay fp32), the
+    heads and softmax fused and chunked (:func:`repq.distill.kl.fused_kl`), bf16 matmuls with fp32
+    softmax.  On CPU everything is fp32.  No (tokens × vocab) tensor outlives one chunk.
+    """
+    dev = tokens.device.type
+    with torch.no_grad(), autocast(dev):
+        h_t = teacher(tokens, head=False).reshape(-1, teacher.cfg.n_embd)
+    with autocast(dev):
+        h = student(tokens, head=False).reshape(-1, student.cfg.n_embd)
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    return fused_kl(h, student.output.weight, h_t, teacher.output.weight, chunk=kl_chunk, n_total=n_total,
+                    compute_dtype=dt)

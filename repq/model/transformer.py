@@ -22,6 +22,8 @@ RoPE, for a pair (a, b) of one head at position p and pair index i (i < n_rot/2)
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -158,6 +160,16 @@ class Transformer(nn.Module):
             self._compiled = torch.compile(self._blocks, dynamic=False)
         else:
             self._compiled = [torch.compile(b, dynamic=False) for b in self.blk]
+
+    @contextmanager
+    def eager(self) -> Iterator[None]:
+        """Run the blocks eagerly inside the block (forward hooks see every block's inputs), then
+        restore the compiled blocks, if any."""
+        compiled, self._compiled = self._compiled, None
+        try:
+            yield
+        finally:
+            self._compiled = compiled
 
     def _blocks(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         for blk in self.blk:

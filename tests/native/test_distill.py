@@ -13,12 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from support.interrupt import interrupt_before_step
 from support.models import random_model, save_gguf
 from support.vocab import byte_vocab_kv
 
+from repq.distill.config import DistillConfig, RunOptions
 from repq.distill.groups import parse_groups
 from repq.distill.kl import fused_kl, reference_kl
-from repq.distill.run import DistillConfig, Distiller, Runtime
+from repq.distill.recipe import Distiller
 from repq.errors import UsageError
 from repq.ggml import quants
 from repq.ggml.types import is_quantized
@@ -26,6 +28,7 @@ from repq.io.gguf_file import GGUFModel
 from repq.model.config import ModelConfig
 
 REPQ = [sys.executable, "-m", "repq"]
+SUPPORT = Path(__file__).resolve().parents[1] / "support"
 SEQ = 64
 
 
@@ -70,7 +73,7 @@ def _cfg(**kw) -> DistillConfig:
 
 def _run(src, out, chunks, cfg, **rt) -> object:
     torch.set_num_threads(2)
-    return Distiller(src, out, chunks, cfg, Runtime(**rt)).run()
+    return Distiller(src, out, chunks, cfg, RunOptions(**rt)).run()
 
 
 # ------------------------------------------------------------------------------------------------ KL
@@ -233,9 +236,11 @@ def test_interrupted_run_resumes_to_identical_bytes(tiny, tmp_path, stop):
     cfg = _cfg(ftype="Q4_0")
     _run(src, tmp_path / "a.gguf", chunks, cfg)
     ck = tmp_path / "ck"
-    with pytest.raises(KeyboardInterrupt):
-        _run(src, tmp_path / "b.gguf", chunks, cfg, checkpoint_dir=str(ck), checkpoint_every=1, _stop_at_step=stop)
+    with pytest.raises(KeyboardInterrupt), interrupt_before_step(stop):
+        _run(src, tmp_path / "b.gguf", chunks, cfg, checkpoint_dir=str(ck), checkpoint_every=1)
     assert not (tmp_path / "b.gguf").exists()
+    state = torch.load(ck / "state.pt", weights_only=True)   # frozen tensors are kept as their bytes only
+    assert state["frozen"] and not set(state["frozen"]) & set(state["trainable"])
     with pytest.raises(UsageError):   # a leftover checkpoint is never silently overwritten
         _run(src, tmp_path / "b.gguf", chunks, cfg, checkpoint_dir=str(ck))
     res = _run(src, tmp_path / "b.gguf", chunks, cfg, checkpoint_dir=str(ck), checkpoint_every=1, resume=True,
@@ -260,8 +265,8 @@ def test_cli_kill_and_resume(tiny, tmp_path):
     cmd = REPQ + [str(x) if x else str(b) for x in args]
     # the process sends itself SIGINT before step 15 (mid-group 3): a real Ctrl-C at a known point
     # (SIGINT back to its default first: a shell's background job, as CI may be, starts with it ignored)
-    p = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"REPQ_TEST_SIGINT_AT_STEP": "14"},
-                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    p = subprocess.run([sys.executable, str(SUPPORT / "interrupt.py"), "14", *cmd[3:]], capture_output=True,
+                       text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert p.returncode == 130, p.stderr
     assert "--resume" in p.stderr and not b.exists()
     log = Path(str(b) + ".distill") / "metrics.jsonl"
@@ -365,9 +370,9 @@ def test_bad_inputs_exit_2_and_keep_files(tiny, tmp_path):
 
     # a checkpoint of another ftype, and of another model
     shutil.rmtree(ck)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt), interrupt_before_step(1):
         _run(src, out, _chunks(src, text), _cfg(ftype="Q4_0", steps_per_group=1, hessian_chunks=4),
-             checkpoint_dir=str(ck), _stop_at_step=1)
+             checkpoint_dir=str(ck))
     saved = (ck / "state.pt").read_bytes()
     r = _cli(*[x if x != "Q4_0" else "Q5_0" for x in base], "--resume")
     assert r.returncode == 2 and "another ftype" in r.stderr, r.stderr

@@ -12,7 +12,8 @@ from support.models import random_model, save_gguf
 from support.vocab import byte_vocab_kv
 
 from repq import mix
-from repq.distill.run import DistillConfig, Distiller, Runtime
+from repq.distill.config import DistillConfig, RunOptions
+from repq.distill.recipe import Distiller
 from repq.errors import UsageError
 from repq.ggml import quants
 from repq.ggml.types import F32, type_id
@@ -55,7 +56,7 @@ def test_distill_and_quantize_give_the_same_bytes(model, tmp_path, ftype, method
 
     chunks = np.random.default_rng(0).integers(0, 262, (2, 16))
     d = Distiller(model, tmp_path / "d.gguf", chunks, DistillConfig(ftype=ftype, batch=1, seq_len=16),
-                  Runtime(threads=2))
+                  RunOptions(threads=2))
     r, info = d._quantize_one(NAME, h)
     assert r.raw.tobytes() == want
     expect = method if kind != "none" else "rtn (no Hessian)"

@@ -22,7 +22,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     from support.models import random_model
 
-    from repq.distill.run import GradAverager, average_gradients
+    from repq.distill.parallel import GradAverager, average_gradients
     from repq.model.config import ModelConfig
 
     cfg = ModelConfig(arch="llama", n_layer=2, n_embd=32, n_ff=64, n_head=4, n_head_kv=2, n_vocab=50, tied=True)

@@ -1,0 +1,68 @@
+"""Distillation checkpoints: one ``state.pt`` per run directory, written atomically by rank 0.
+
+What a checkpoint holds, and what it leaves out::
+
+    format, identity        model fingerprint, ftype, config hash, data fingerprint, world size
+    position                group index, phase ("quantize" | "train"), step in group, global step
+    trainable               the student's parameters that are not frozen (fp32)
+    frozen                  the ggml bytes of every frozen tensor (their float values are not stored:
+                            on resume they are decoded from these bytes through ggml, exactly as
+                            they were when the tensor was frozen)
+    optimizer               AdamW state of the trainable parameters (None between groups)
+    tensor_reports, metrics JSON strings
+
+Leaving the frozen tensors' float copies out makes a checkpoint shrink as the run goes: each
+quantized tensor is kept as its ggml bytes (≈ 3-5 bits per weight) instead of fp32 values plus
+bytes.  The data position is a pure function of the global step (repq.distill.config), so no data
+state is stored.  Loading uses ``torch.load(weights_only=True)``: a checkpoint never runs code.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import torch
+
+from ..errors import InputFileError, MismatchError
+from ..io.atomic import atomic_output
+
+STATE_FILE = "state.pt"
+FORMAT_VERSION = 2   #: 2: frozen tensors as bytes only (1 also stored their float values)
+
+
+def save_state(path: Path, state: dict) -> None:
+    """Write ``state`` (tensors, numbers, strings) to ``path`` atomically."""
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT_VERSION, **state}, buf)
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        f.write(buf.getbuffer())
+
+
+def load_state(path: Path, expect: dict) -> dict:
+    """Read a checkpoint and check that it belongs to this run.
+
+    Args:
+        expect: identity fields (fingerprint, ftype, config, data, world) that must match.
+
+    Raises:
+        InputFileError: unreadable, foreign or of another format version.
+        MismatchError: written by a run of another model, ftype or settings.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (torch raises many kinds for a damaged file)
+        raise InputFileError(f"{path}: not a readable repq distill checkpoint ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:120] if str(e) else 'corrupt'})",
+                             hint="delete the checkpoint directory to start over") from None
+    fmt = state.get("format") if isinstance(state, dict) else None
+    if fmt != FORMAT_VERSION:
+        raise InputFileError(f"{path}: not a repq distill checkpoint of format {FORMAT_VERSION} (format {fmt})",
+                             hint="a checkpoint of another repq version cannot be resumed; delete it to start over")
+    for k, v in expect.items():
+        if state.get(k) != v:
+            what = {"fingerprint": "another model", "ftype": "another ftype"}.get(k, f"a run with other {k}")
+            raise MismatchError(f"{path}: checkpoint is from {what} ({k} {str(state.get(k))[:16]!r}, "
+                                f"this run {str(v)[:16]!r})",
+                                hint="drop --resume and use another --checkpoint-dir, or delete it to start over")
+    return state

@@ -1,0 +1,94 @@
+"""Data-parallel gradient averaging across torchrun ranks (gloo on CPU, NCCL on GPUs).
+
+Every rank holds the whole student and computes gradients on its share of each step's batch;
+these helpers make every rank's gradients the mean over ranks.  (Sharding student, gradients and
+optimiser state over ranks with FSDP2 is the route for models that do not fit one GPU.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def process_group():
+    """``(torch.distributed, rank, world)`` inside an initialised process group, else ``(None, 0, 1)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist, dist.get_rank(), dist.get_world_size()
+    return None, 0, 1
+
+
+def average_gradients(params: list[torch.nn.Parameter], dist, world: int) -> None:
+    """Data parallel: every rank's gradients ← their mean over ranks (one flat all-reduce)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([x.reshape(-1) for x in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    off = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[off:off + n].view_as(p).clone()
+        off += n
+
+
+class GradAverager:
+    """Data-parallel gradient averaging overlapped with backward (what DDP's buckets do).
+
+    Parameters are split into buckets of about ``bucket_bytes`` in reverse order (the order backward
+    produces their gradients).  A post-accumulate-grad hook counts each bucket's finished gradients;
+    when a bucket is complete its flat copy is all-reduced asynchronously while backward goes on.
+    :meth:`finish` launches what is left (gradients that never came are zeros), waits, and writes
+    the means back.  The sums are the same as :func:`average_gradients`'s, element by element.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], dist, world: int, bucket_bytes: int = 25 << 20):
+        self.dist, self.world = dist, world
+        self.buckets: list[list[torch.nn.Parameter]] = []
+        cur: list[torch.nn.Parameter] = []
+        size = 0
+        for p in reversed(params):
+            cur.append(p)
+            size += p.numel() * p.element_size()
+            if size >= bucket_bytes:
+                self.buckets.append(cur)
+                cur, size = [], 0
+        if cur:
+            self.buckets.append(cur)
+        self.where = {id(p): i for i, b in enumerate(self.buckets) for p in b}
+        self.hooks = [p.register_post_accumulate_grad_hook(self._ready) for p in params]
+        self._reset()
+
+    def _reset(self) -> None:
+        self.done = [0] * len(self.buckets)
+        self.pending: dict[int, tuple[torch.Tensor, object]] = {}
+
+    def _launch(self, i: int) -> None:
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                          for p in self.buckets[i]])
+        self.pending[i] = (flat, self.dist.all_reduce(flat, async_op=True))
+
+    def _ready(self, p: torch.nn.Parameter) -> None:
+        i = self.where[id(p)]
+        self.done[i] += 1
+        if self.done[i] == len(self.buckets[i]):
+            self._launch(i)
+
+    def finish(self) -> None:
+        for i in range(len(self.buckets)):
+            if i not in self.pending:
+                self._launch(i)
+        for i, (flat, work) in sorted(self.pending.items()):
+            work.wait()
+            flat /= self.world
+            off = 0
+            for p in self.buckets[i]:
+                n = p.numel()
+                p.grad = flat[off:off + n].view_as(p).clone()
+                off += n
+        self._reset()
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []

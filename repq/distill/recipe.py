@@ -1,0 +1,380 @@
+"""`repq distill`: progressive LDLQ quantization with self-distillation between groups.
+
+The loop (one process, or one of several under torchrun)::
+
+    teacher = original model (inference only; bf16 on GPUs)      student = trainable fp32 copy
+    for each group (ffn_up, ffn_gate, ffn_down, attn_v, attn_output, attn_qk, embd):
+        1. H ← Σ x xᵀ / n of the group's inputs, on the *current* student     (online Hessians)
+        2. each tensor of the group: LDLQ on its ftype's ggml type → exact block bytes
+           (repq.quant.tensor, the path `repq quantize --method ldlq` takes); the student's
+           weight ← ggml's dequantization of those bytes, frozen
+        3. train every parameter not yet frozen (norms included) for N steps on
+           KL(teacher ‖ student) over the full vocabulary (repq.distill.kl)
+    GGUF ← llama-quantize's layout and type mix; quantized tensors carry the recorded bytes,
+           float tensors (norms) the trained values, plus repq.* provenance keys
+
+Precision: master weights and AdamW state are fp32; on CUDA the forward/backward runs under bf16
+autocast (an update of 1e-5 on a bf16 weight would round away, on an fp32 master it does not).
+
+Settings, schedules and data order: :mod:`repq.distill.config`.  Checkpoints (after each group is
+quantized, every ``checkpoint_every`` steps and every ``checkpoint_minutes``): :mod:`repq.distill.checkpoint`;
+on CPU a resumed run's GGUF is byte-identical to an uninterrupted run's.
+
+Several processes (torchrun; gloo on CPU, NCCL on GPUs): each rank takes ``batch / world`` of
+every step's chunks and gradients are averaged over ranks (:mod:`repq.distill.parallel`); each
+group's Hessians are summed over ranks; the group's tensors are LDLQ-quantized in parallel (tensor
+i on rank i mod world) and their bytes broadcast; rank 0 writes checkpoints and the GGUF.
+
+Memory plan for a 7-8B Llama (n_embd 4096, n_ff 14336, vocab 128k), measured on an H200 (139.8 GiB)
+with benchmarks/bench_distill_scaling.py (random weights, batch 1 × 2048, fused KL, compiled blocks):
+    teacher bf16 16 GB + student fp32 32 GB, plus fp32 gradients and two AdamW moments (12 bytes) for
+    every parameter not yet frozen.  Frozen tensors have no gradient and no optimiser state, so
+    memory falls group by group: with ffn_up frozen (the first group, the peak) the step ran out of
+    memory on one H200; with ffn_up + ffn_gate frozen it peaked at 121.7 GiB, with the whole FFN
+    frozen at 99.0 GiB.  So one 80 GB GPU does not hold an 8B run with this data-parallel scheme, and
+    one H200 holds it from the third group on (FSDP2 sharding is the route past this).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import mix
+from ..calib.hessian.accumulator import HessianAccumulator, all_reduce_sums
+from ..calib.hooks import forward_with_hooks, input_groups
+from ..errors import InputFileError, UsageError
+from ..ggml.quants import dequantize
+from ..ggml.types import is_quantized, type_name
+from ..io import gguf_file, keys
+from ..model.loader import LoadedModel, load_model
+from ..quant import pipeline
+from ..quant.tensor import LdlqOptions, TensorResult, check_plans, quantize_tensor
+from .checkpoint import STATE_FILE, load_state, save_state
+from .config import DistillConfig, DistillResult, RunOptions, batch_indices, hessian_indices, lr_at
+from .groups import Group
+from .kl import autocast, distill_loss
+from .parallel import GradAverager, process_group
+
+LOG_EVERY = 10   #: steps between metric logs (each costs one device sync)
+METRICS_FILE = "metrics.jsonl"
+
+
+def plan_tensors(src: str, cfg: DistillConfig) -> dict[str, mix.TensorPlan]:
+    """The per-tensor types llama-quantize picks for this ftype *with* an imatrix (repq has H)."""
+    with gguf_file.GGUFModel(src) as g:
+        plans = pipeline.plan_model(g, mix.ftype_from_name(cfg.ftype), replace(cfg.mix, has_imatrix=True))
+        check_plans(plans, {n: t.n_per_row for n, t in g.tensors.items()},
+                    requantize_refusal=": distill needs an F32/F16/BF16 model")
+    return {p.name: p for p in plans}
+
+
+class Distiller:
+    """One distillation run; see the module docstring.  ``run()`` does everything."""
+
+    def __init__(self, src: str | os.PathLike, out: str | os.PathLike, chunks: np.ndarray, cfg: DistillConfig,
+                 rt: RunOptions | None = None, *, teacher: LoadedModel | None = None, data_fingerprint: str = ""):
+        self.src, self.out, self.cfg, self.rt = str(src), str(out), cfg, rt or RunOptions()
+        self.chunks = torch.as_tensor(np.asarray(chunks, np.int64))
+        self.data_fingerprint = data_fingerprint
+        self.dist, self.rank, self.world = process_group()
+        if cfg.batch % self.world:
+            raise UsageError(f"--batch {cfg.batch} must be a multiple of the number of processes ({self.world})")
+        if self.chunks.ndim != 2 or self.chunks.shape[1] != cfg.seq_len:
+            raise UsageError(f"data chunks have shape {tuple(self.chunks.shape)}, expected (n, {cfg.seq_len})")
+        if len(self.chunks) < cfg.batch:
+            raise UsageError(f"the data holds {len(self.chunks)} sequences of {cfg.seq_len} tokens, fewer than one "
+                             f"batch ({cfg.batch})", hint="give more text, or a smaller --batch / --seq-len")
+        dev = self.rt.device
+        self.device = torch.device(dev)
+        self.plans = plan_tensors(self.src, cfg)
+        self.teacher = (teacher or load_model(self.src, device=dev, dtype=torch.bfloat16 if dev.startswith("cuda")
+                                              else torch.float32)).model
+        st = load_model(self.src, device=dev, dtype=torch.float32)
+        self.student, self.fingerprint = st.model, st.fingerprint
+        self.names = list(self.plans)
+        self.params = dict(self.student.named_parameters())       # GGUF name → Parameter (tied: token_embd)
+        self.frozen: dict[str, np.ndarray] = {}                   # GGUF name → ggml bytes
+        self.tensor_reports: list[dict] = []
+        self._averager: GradAverager | None = None
+        self.metrics: list[dict] = []
+        if self.rt.compile and dev.startswith("cuda"):
+            self.student.compile_blocks()
+            self.teacher.compile_blocks()
+        for m in self.cfg.groups:
+            if not m.members(self.names):
+                raise UsageError(f"--groups: group {m.name} has no tensor in {self.src}")
+
+    # ---------------------------------------------------------------- state
+    def _identity(self) -> dict:
+        return {"fingerprint": self.fingerprint, "ftype": self.cfg.ftype, "config": self.cfg.identity(),
+                "data": self.data_fingerprint, "world": self.world}
+
+    def _state_path(self) -> Path | None:
+        return Path(self.rt.checkpoint_dir) / STATE_FILE if self.rt.checkpoint_dir else None
+
+    def _checkpoint(self, group: int, phase: str, step: int, gstep: int, opt) -> None:
+        path = self._state_path()
+        if path is None or self.rank != 0:
+            return
+        frozen_ids = {id(self.params[n]) for n in self.frozen}    # their values are their bytes, decoded
+        trainable = {k: v.detach().cpu().clone() for k, v in self.student.state_dict(keep_vars=True).items()
+                     if id(v) not in frozen_ids}
+        save_state(path, {**self._identity(), "group": group, "phase": phase, "step": step, "global_step": gstep,
+                          "trainable": trainable,
+                          "frozen": {k: torch.from_numpy(v.copy()) for k, v in self.frozen.items()},
+                          "optimizer": opt.state_dict() if opt is not None else None,
+                          "tensor_reports": json.dumps(self.tensor_reports), "metrics": json.dumps(self.metrics)})
+
+    def _restore(self, state: dict) -> None:
+        """Student and frozen bytes from a checkpoint; frozen values decoded from their bytes."""
+        try:
+            self.student.load_state_dict({k: v.to(self.device) for k, v in state["trainable"].items()}, strict=False)
+            self.frozen = {k: v.numpy().copy() for k, v in state["frozen"].items()}
+            for n, raw in self.frozen.items():
+                prm = self.params[n]
+                vals = dequantize(self.plans[n].dst_type, raw, prm.shape[-1])
+                with torch.no_grad():
+                    prm.copy_(torch.from_numpy(vals).reshape(prm.shape).to(prm.device, prm.dtype))
+                prm.requires_grad_(False)
+            self.tensor_reports = json.loads(state["tensor_reports"])
+            self.metrics = json.loads(state["metrics"])
+        except (KeyError, RuntimeError, TypeError, ValueError, UsageError) as e:
+            raise InputFileError(f"{self._state_path()}: checkpoint does not fit this model ({e})",
+                                 hint="delete the checkpoint directory to start over") from None
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return [p for n, p in self.params.items() if n not in self.frozen]
+
+    def _optimizer(self):
+        ps = self._trainable()
+        for p in self.student.parameters():
+            p.requires_grad_(False)
+        for p in ps:
+            p.requires_grad_(True)
+        if not ps:
+            return None
+        return torch.optim.AdamW(ps, lr=self.cfg.lr, betas=(0.9, 0.95), eps=1e-8,
+                                 weight_decay=self.cfg.weight_decay, foreach=True)
+
+    # ---------------------------------------------------------------- quantization of one group
+    def _hessians(self, gi: int, members: list[str]) -> dict[str, torch.Tensor]:
+        """H = Σ x xᵀ / n for every input feeding ``members``, on the current student (float64, CPU)."""
+        groups = [g for g in input_groups(self.student, head=True) if set(g.consumers) & set(members)]
+        if not groups:
+            return {}
+        idx = hessian_indices(self.cfg, len(self.chunks), gi)
+        # Forward batches of 8 chunks; rank r takes batches r, r+world, ...  Each batch's fp32 sum is
+        # the same whatever the number of processes, so H differs between world sizes only by the
+        # order of float64 additions (LDLQ then makes the same rounding decisions).
+        batches = [idx[s:s + 8] for s in range(0, len(idx), 8)][self.rank::self.world]
+        # upper-triangle bands, 16-bit GEMMs with fp32 sums on the device, folded into float64 on
+        # the host after every batch (flush_every=1), all-reduced as upper bands
+        acc = HessianAccumulator(groups, "cpu", device=self.device, flush_every=1)
+        with torch.no_grad(), autocast(self.rt.device), self.student.eager():   # hooks need eager blocks
+            for b in batches:
+                forward_with_hooks(self.student, self.chunks[b].to(self.device), groups, acc.add)
+                acc.end_batch()
+        if self.dist is not None:
+            all_reduce_sums(acc, torch.device(self.device))
+        acc.mirror()
+        out = {}
+        for g in groups:
+            h = acc.sums[g.key] / max(1, acc.counts[g.key])
+            for c in g.consumers:
+                out[c] = h
+        return out
+
+    def _quantize_one(self, name: str, h: torch.Tensor | None) -> tuple[TensorResult, dict]:
+        """The student's current weight through the one per-tensor path `repq quantize --method ldlq`
+        takes (:func:`repq.quant.tensor.quantize_tensor`): LDLQ with the online H, or ggml's
+        quantizer with importance diag(H) where the type has no LDLQ grid; and its report."""
+        p = self.plans[name]
+        w = self.params[name].detach().float().cpu().numpy()
+        t0 = time.perf_counter()
+        opts = LdlqOptions(damp=self.cfg.damp, act_order=self.cfg.act_order, scales=self.cfg.scales,
+                           refit=self.cfg.refit)
+        r = quantize_tensor(p, w, hessian=h, ldlq=opts, device=self.rt.device, threads=self.rt.threads)
+        info = r.report() | {"name": name, "type": type_name(p.dst_type),
+                             "seconds": round(time.perf_counter() - t0, 3)}
+        return r, info
+
+    def _freeze(self, name: str, r: TensorResult) -> None:
+        """The student's weight ← the values ggml decodes from the tensor's bytes, frozen."""
+        prm = self.params[name]
+        with torch.no_grad():
+            prm.copy_(torch.from_numpy(np.ascontiguousarray(r.values)).reshape(prm.shape).to(prm.device, prm.dtype))
+        prm.requires_grad_(False)
+        self.frozen[name] = r.raw
+
+    def _quantize_group(self, gi: int, g: Group) -> None:
+        members = [n for n in g.members(self.names)
+                   if self.plans[n].allows_quantization and is_quantized(self.plans[n].dst_type)]
+        members = [n for n in members if n in self.params]
+        hs = self._hessians(gi, members)
+        results: dict[str, tuple[TensorResult, dict]] = {}
+        for i, name in enumerate(members):
+            if i % self.world == self.rank:
+                results[name] = self._quantize_one(name, hs.get(name))
+        if self.dist is not None:          # every rank gets every tensor's bytes from its owner
+            for i, name in enumerate(members):
+                mine = results.get(name)   # the bytes travel, not the decoded values (each rank decodes)
+                obj = [None if mine is None else (replace(mine[0], decoded=None), mine[1])]
+                self.dist.broadcast_object_list(obj, src=i % self.world,
+                                                device=self.device if self.dist.get_backend() == "nccl" else None)
+                results[name] = mine or obj[0]
+        for name in members:
+            r, info = results[name]
+            self._freeze(name, r)
+            self.tensor_reports.append(info | {"group": g.name})
+        self._event({"event": "quantized", "group": g.name, "tensors": len(members)})
+
+    # ---------------------------------------------------------------- training
+    def _loss(self, tokens: torch.Tensor, n_total: int) -> torch.Tensor:
+        return distill_loss(self.student, self.teacher, tokens, kl_chunk=self.cfg.kl_chunk, n_total=n_total)
+
+    def _train_step(self, opt, step: int, n_steps: int, gstep: int) -> torch.Tensor:
+        lr = lr_at(self.cfg, step, n_steps)
+        for pg in opt.param_groups:
+            pg["lr"] = lr
+        idx = batch_indices(self.cfg, len(self.chunks), gstep)
+        per = self.cfg.batch // self.world
+        mine = idx[self.rank * per:(self.rank + 1) * per]
+        tokens = self.chunks[torch.from_numpy(mine)]
+        if self.device.type == "cuda":   # pinned + non_blocking: no host-device sync in the step
+            tokens = tokens.pin_memory().to(self.device, non_blocking=True)
+        n_total = self.cfg.batch * self.cfg.seq_len // self.world   # per-rank mean; ranks average below
+        loss = self._loss(tokens, n_total)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for pg in opt.param_groups for p in pg["params"]]
+        if self.dist is not None:
+            self._averager.finish()
+            lt = loss.detach().clone()
+            self.dist.all_reduce(lt)
+            loss = lt / self.world
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip, foreach=True)
+        opt.step()
+        return loss.detach()
+
+    def _log_steps(self, pending: list, group: str, n_steps: int, tok_s: float, log) -> None:
+        """Record pending (step, global step, loss tensor) entries: one device sync per call."""
+        if not pending:
+            return
+        tokens_per_step = self.cfg.batch * self.cfg.seq_len
+        losses = torch.stack([x[2] for x in pending]).float().cpu().tolist()
+        for (st, gs, _), loss in zip(pending, losses, strict=True):
+            m = {"group": group, "step": st + 1, "steps": n_steps, "global_step": gs, "tokens": gs * tokens_per_step,
+                 "loss": loss, "lr": lr_at(self.cfg, st, n_steps), "tok_s": tok_s}
+            self.metrics.append(m)
+            if log is not None:
+                log.write(json.dumps(m) + "\n")
+            self._event({"event": "step", **m})
+        if log is not None:
+            log.flush()
+        pending.clear()
+
+    def _event(self, ev: dict) -> None:
+        if self.rt.on_event and self.rank == 0:
+            self.rt.on_event(ev)
+
+    # ---------------------------------------------------------------- everything
+    def run(self) -> DistillResult:
+        t_start = time.perf_counter()
+        cfg = self.cfg
+        gi0, phase, step0, gstep, resumed = 0, "quantize", 0, 0, None
+        opt_state = None
+        path = self._state_path()
+        if self.rt.resume and path is not None and path.exists():
+            state = load_state(path, self._identity())
+            self._restore(state)
+            gi0, phase, step0, gstep = state["group"], state["phase"], state["step"], state["global_step"]
+            opt_state = state["optimizer"]
+            resumed = gstep
+            self._event({"event": "resumed", "group": cfg.groups[gi0].name if gi0 < len(cfg.groups) else "-",
+                         "phase": phase, "step": step0, "global_step": gstep})
+        elif path is not None and path.exists() and not self.rt.resume:
+            raise UsageError(f"{path} exists (an earlier run's checkpoint)",
+                             hint="pass --resume to continue it, or delete it / choose another --checkpoint-dir")
+        tokens_per_step = cfg.batch * cfg.seq_len
+        log = None
+        if self.rt.log_path and self.rank == 0:
+            Path(self.rt.log_path).parent.mkdir(parents=True, exist_ok=True)
+            log = open(self.rt.log_path, "w")  # noqa: SIM115 (closed below)
+            log.writelines(json.dumps(m) + "\n" for m in self.metrics)
+            log.flush()
+        try:
+            gstep = self._groups(gi0, phase, step0, gstep, opt_state, log)
+        finally:
+            if log is not None:
+                log.close()
+        file_bytes = self._write() if self.rank == 0 else 0
+        if path is not None and self.rank == 0 and not self.rt.keep_checkpoint:
+            path.unlink(missing_ok=True)
+        return DistillResult(self.out, file_bytes, self.tensor_reports, self.metrics,
+                             time.perf_counter() - t_start, gstep * tokens_per_step, resumed, self.student)
+
+    def _groups(self, gi0: int, phase: str, step0: int, gstep: int, opt_state, log) -> int:
+        cfg = self.cfg
+        tokens_per_step = cfg.batch * cfg.seq_len
+        for gi in range(gi0, len(cfg.groups)):
+            g = cfg.groups[gi]
+            n_steps = cfg.steps_of(g)
+            if gi > gi0 or phase == "quantize":
+                self._quantize_group(gi, g)
+                step0, opt_state = 0, None
+                self._checkpoint(gi, "train", 0, gstep, None)
+            opt = self._optimizer()
+            if self._averager is not None:
+                self._averager.remove()
+            self._averager = (GradAverager([p for pg in opt.param_groups for p in pg["params"]], self.dist, self.world)
+                              if self.dist is not None and opt is not None else None)
+            if opt is not None and opt_state is not None:
+                opt.load_state_dict(opt_state)
+            opt_state = None
+            t0, done_here = time.perf_counter(), 0
+            pending: list[tuple[int, int, torch.Tensor]] = []   # (step, global step, loss) not yet logged
+
+            last_ck = time.monotonic()
+            for step in range(step0, n_steps if opt is not None else 0):
+                pending.append((step, gstep + 1, self._train_step(opt, step, n_steps, gstep)))
+                gstep += 1
+                done_here += 1
+                if len(pending) >= LOG_EVERY:
+                    self._log_steps(pending, g.name, n_steps, done_here * tokens_per_step / (time.perf_counter() - t0), log)
+                due = (self.rt.checkpoint_every and gstep % self.rt.checkpoint_every == 0) or (
+                    self.rt.checkpoint_minutes and time.monotonic() - last_ck >= 60 * self.rt.checkpoint_minutes)
+                if due and step + 1 < n_steps:
+                    self._log_steps(pending, g.name, n_steps, done_here * tokens_per_step / (time.perf_counter() - t0), log)
+                    self._checkpoint(gi, "train", step + 1, gstep, opt)
+                    last_ck = time.monotonic()
+            self._log_steps(pending, g.name, n_steps, done_here * tokens_per_step / max(time.perf_counter() - t0, 1e-9), log)
+            phase = "quantize"
+            self._checkpoint(gi + 1, "quantize", 0, gstep, None)
+            self._event({"event": "group_done", "group": g.name, "global_step": gstep})
+        return gstep
+
+    # ---------------------------------------------------------------- output
+    def _write(self) -> int:
+        """The GGUF: llama-quantize's layout; frozen bytes for quantized tensors, trained floats
+        elsewhere (ggml's rtn for a quantized type in no group); ``repq.*`` keys with the config
+        and the data fingerprint."""
+        values = {n: p.detach().float().cpu().numpy() for n, p in self.params.items()}
+
+        def tensor_values(name: str) -> np.ndarray | None:
+            v = values.get(name)
+            return None if v is None else v.reshape(-1, v.shape[-1]) if v.ndim > 1 else v.reshape(1, -1)
+
+        qcfg = pipeline.QuantizeConfig(ftype=self.cfg.ftype, method="distill", threads=self.rt.threads or 0,
+                                       mix=self.cfg.mix)
+        fingerprints = [self.data_fingerprint] if self.data_fingerprint else []
+        rep = pipeline.quantize_model(self.src, self.out, qcfg, tensor_values=tensor_values, tensor_bytes=self.frozen,
+                                      extra_kv=keys.provenance("distill", self.cfg.to_dict(), fingerprints))
+        return rep.file_bytes
