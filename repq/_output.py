@@ -69,8 +69,9 @@ class Output:
 
             sys.stdout.write(json.dumps(obj, indent=None, default=str) + "\n")
             sys.stdout.flush()
-        elif human and not self.quiet:
-            self.out.print(human)
+        elif human:   # --quiet hides progress, tables and logs, never the result; plain text, no markup
+            sys.stdout.write(human + "\n")
+            sys.stdout.flush()
 
     @contextmanager
     def progress(self, description: str, total: int):

@@ -1,6 +1,5 @@
 """`repq imatrix`, `repq hessian`, `repq calib`: activation statistics on the torch side, and data."""
 
-import os
 import time
 from pathlib import Path
 from typing import Annotated
@@ -9,8 +8,8 @@ import typer
 
 from .. import runtime
 from .._output import Output
-from ..cli import JsonOpt, QuietOpt, ThreadsOpt, app, meta, run_command
 from ..errors import UsageError
+from .common import JsonOpt, QuietOpt, ThreadsOpt, meta, rank_is_zero, run_command, stepper
 
 DataOpt = Annotated[Path, typer.Option("--data", "-d", help="Calibration data: text file, or JSONL with 'text' or chat 'messages'.")]
 ChunksOpt = Annotated[int, typer.Option("--chunks", help="Use at most N chunks (-1 = all the data holds).")]
@@ -38,18 +37,6 @@ def _load(model: Path, data: Path, vocab: Path | None, device: str, dtype, ctx: 
     return lm, cal
 
 
-def _stepper(advance):
-    """on_batch(done, total) → progress-bar advances."""
-    last = [0]
-
-    def on_batch(done: int, total: int) -> None:
-        advance(done - last[0], total=total)
-        last[0] = done
-
-    return on_batch
-
-
-@app.command()
 def imatrix(
     model: Annotated[Path, typer.Argument(help="Model: F32/F16/BF16 GGUF or HF directory.")],
     data: DataOpt,
@@ -91,7 +78,7 @@ def imatrix(
         t0 = time.time()
         with out.progress("imatrix", total=len(cal.chunks)) as advance:
             res = collect_imatrix(lm.model, cal.chunks, process_output=process_output, batch_size=batch,
-                                  device=dev, on_batch=_stepper(advance))
+                                  device=dev, on_batch=stepper(advance))
         secs = time.time() - t0
         im = res.to_imatrix([cal.dataset])
         (save_imatrix_dat if f == "dat" else save_imatrix_gguf)(out_path, im)
@@ -121,7 +108,6 @@ def _parse_layers(spec: str | None) -> tuple[int, ...] | None:
     return tuple(sorted(set(out)))
 
 
-@app.command()
 def hessian(
     model: Annotated[Path | None, typer.Argument(help="Model: F32/F16/BF16 GGUF or HF directory (not with --merge).")] = None,
     data: Annotated[Path | None, typer.Option("--data", "-d", help="Calibration data: text file, or JSONL with 'text' or chat 'messages'.")] = None,
@@ -159,7 +145,7 @@ def hessian(
 
         repq hessian --merge hess-a/ --merge hess-b/ -o hess-ab/
     """
-    out = Output(json_out, quiet or int(os.environ.get("RANK", "0")) > 0)  # torchrun: rank 0 reports
+    out = Output(json_out, quiet or not rank_is_zero())  # torchrun: rank 0 reports
 
     def body():
         runtime.spin_less()
@@ -193,7 +179,7 @@ def hessian(
         try:
             with out.progress("hessian", total=0) as advance:
                 info = collect_hessians(lm, cal.chunks, out_dir, cfg, data_fingerprint=cal.fingerprint,
-                                        datasets=[cal.dataset], on_batch=_stepper(advance))
+                                        datasets=[cal.dataset], on_batch=stepper(advance))
         except KeyboardInterrupt:
             if checkpoint_every:
                 out.log(f"run again with --resume to continue from the last checkpoint in {out_dir}/checkpoint")
@@ -213,7 +199,6 @@ def hessian(
     run_command(out, body)
 
 
-@app.command()
 def tokenize(
     model: Annotated[Path, typer.Argument(help="GGUF whose tokenizer to use.")],
     data: DataOpt,
@@ -252,7 +237,6 @@ def tokenize(
     run_command(out, body)
 
 
-@app.command()
 def calib(
     model: Annotated[Path, typer.Argument(help="Model GGUF (with a chat template).")],
     out_path: Annotated[Path, typer.Option("--output", "-o", help="Output JSONL (one {'messages': [...]} per line).")],

@@ -1,17 +1,15 @@
 """`repq distill`: progressive LDLQ quantization with self-distillation (repq.distill)."""
 
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from .._output import Output
-from ..cli import JsonOpt, QuietOpt, ThreadsOpt, app, meta, run_command
 from ..errors import UsageError
+from .common import JsonOpt, QuietOpt, ThreadsOpt, meta, rank_is_zero, run_command
 
 
-@app.command()
 def distill(
     model: Annotated[Path, typer.Argument(help="Original model: F32/F16/BF16 GGUF (teacher and starting student).")],
     out_path: Annotated[Path, typer.Argument(metavar="OUT", help="Output GGUF path.")],
@@ -59,7 +57,7 @@ def distill(
 
         torchrun --nproc-per-node 2 --no-python repq distill m.gguf q.gguf --fmt Q3_K_S --data d.txt --device cuda
     """
-    out = Output(json_out, quiet or int(os.environ.get("RANK", "0")) > 0)
+    out = Output(json_out, quiet or not rank_is_zero())  # torchrun: rank 0 reports
 
     def body():
         from .. import runtime

@@ -11,8 +11,8 @@ from typing import Annotated
 import typer
 
 from .._output import Output
-from ..cli import JsonOpt, QuietOpt, ThreadsOpt, app, meta, run_command
 from ..errors import InputFileError, MismatchError, OperationError, UsageError
+from .common import JsonOpt, QuietOpt, ThreadsOpt, meta, run_command
 
 DataOpt = Annotated[Path | None, typer.Option("--data", "-f", help="Evaluation text file (as llama-perplexity -f).")]
 CtxOpt = Annotated[int | None, typer.Option("--ctx-size", "-c", help="Tokens per chunk [default: 512, or the base-logits file's].")]
@@ -51,7 +51,6 @@ def _need_data(data: Path | None, what: str) -> Path:
     return data
 
 
-@app.command()
 def ppl(
     model: Annotated[Path, typer.Argument(help="GGUF model.")],
     data: DataOpt = None,
@@ -93,7 +92,6 @@ def ppl(
     run_command(out, body)
 
 
-@app.command()
 def kld(
     paths: Annotated[list[Path], typer.Argument(metavar="[BASE] MODEL", help="BASE (GGUF or base-logits file) and the GGUF to compare; only MODEL with --base-logits.")],
     data: DataOpt = None,
@@ -183,7 +181,6 @@ def _kld_inputs(paths: list[Path], base_logits: Path | None) -> tuple[Path, Path
     return base, model
 
 
-@app.command()
 def bench(
     model: Annotated[Path, typer.Argument(help="GGUF model.")],
     n_prompt: Annotated[int, typer.Option("--n-prompt", "-p", help="Prompt tokens for the pp test (0 = skip).")] = 512,
@@ -225,7 +222,6 @@ def bench(
     run_command(out, body)
 
 
-@app.command()
 def report(
     models: Annotated[list[Path], typer.Argument(help="Quantized GGUFs to compare.")],
     base: Annotated[Path, typer.Option("--base", help="Reference model (F32/F16/BF16 GGUF).")],
@@ -255,6 +251,7 @@ def report(
 
     def body():
         from ..eval import report as R
+        from ..io.atomic import atomic_write_bytes
 
         cfg = _cfg(n_ctx, chunks, threads, ngl, batch, 512)
         text = _need_data(data, "repq report")
@@ -263,9 +260,7 @@ def report(
                                   bench_opts={"threads": threads, "n_gpu_layers": ngl}, log=out.log)
         md = R.markdown(rows, speed=speed)
         if output:
-            tmp = output.with_name(f".{output.name}.tmp")
-            tmp.write_text(md)
-            tmp.replace(output)
+            atomic_write_bytes(output, md.encode())
         if plot:
             R.plot(rows, plot, title=f"{Path(base).name} on {text.name}")
         out.result({**meta(), "command": "report", "config": cfg.to_dict(), "base": str(base),

@@ -6,11 +6,10 @@ from typing import Annotated
 import typer
 
 from .._output import Output
-from ..cli import JsonOpt, QuietOpt, ThreadsOpt, app, meta, run_command
-from ..errors import MismatchError, UnsupportedError, UsageError
+from ..errors import MismatchError, UsageError
+from .common import JsonOpt, QuietOpt, ThreadsOpt, meta, run_command
 
 
-@app.command()
 def quantize(
     model: Annotated[Path, typer.Argument(help="Input model: F32/F16/BF16 GGUF, or a Hugging Face model directory.")],
     out_path: Annotated[Path, typer.Argument(metavar="OUT", help="Output GGUF path.")],
@@ -30,6 +29,7 @@ def quantize(
     token_embedding_type: Annotated[str | None, typer.Option(help="ggml type for token_embd.weight.")] = None,
     tensor_type: Annotated[list[str] | None, typer.Option(help="REGEX=TYPE override; repeatable (e.g. attn_v=q8_0).")] = None,
     allow_requantize: Annotated[bool, typer.Option("--allow-requantize", help="Accept already-quantized input tensors.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Convert a Hugging Face folder whose JSON names custom code (auto_map), which runs that code.")] = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -60,13 +60,19 @@ def quantize(
         m = method or ("ldlq" if hessian else "imatrix" if imatrix else "rtn")
         if m == "rtn" and imatrix:
             raise UsageError("--method rtn ignores importance; drop --imatrix or use --method imatrix")
+        ldlq_only = [o for o, used in (("--damp", damp != 0.01), ("--no-act-order", not act_order),
+                                       ("--device", device != "cpu"), ("--no-refit", not refit),
+                                       ("--scales", scales != "static")) if used]
+        if m != "ldlq" and ldlq_only:
+            raise UsageError(f"{', '.join(ldlq_only)} only apply to --method ldlq (this run is {m})",
+                             hint="pass --hessian DIR for LDLQ, or drop the option")
         cfg = pipeline.QuantizeConfig(ftype=fmt, method=m, imatrix=str(imatrix) if imatrix else None,
                                       hessian=str(hessian) if hessian else None, damp=damp, act_order=act_order,
                                       device=device, scales=scales, refit=refit, threads=threads, allow_requantize=allow_requantize, mix=opts)
         from ..io.convert import ensure_gguf
 
         pipeline.check_output_path(model, out_path)
-        src = ensure_gguf(model)
+        src = ensure_gguf(model, trust_remote_code=trust_remote_code)
         hessian_for, extra_kv = _ldlq_inputs(src, cfg) if m == "ldlq" else (None, None)
         with out.progress(f"quantize {model.name} → {fmt}", total=0) as advance:
             def on_tensor(rep, i, n):
@@ -111,8 +117,9 @@ def _ldlq_inputs(src: Path, cfg):
     from ..io import keys
     from ..io.gguf_file import GGUFModel
     from ..model.config import config_from_gguf
+    from ..runtime import check_device
 
-    _check_device(cfg.device)
+    check_device(cfg.device)
     hs = HessianSet(cfg.hessian)
     with GGUFModel(src) as g:
         hs.check_model(config_from_gguf(g).fingerprint(), f"{Path(src).name} is")
@@ -132,23 +139,6 @@ def _ldlq_inputs(src: Path, cfg):
         return hs.mean(name) if hs.has(name) else None
 
     return lookup, keys.provenance("ldlq", cfg.ldlq_options().to_dict(), hs.data_fingerprints)
-
-
-def _check_device(device: str) -> None:
-    """A usable torch device for LDLQ, or a one-line UsageError (not torch's traceback)."""
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device {device!r}: not a torch device (expected cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda":
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (dev.index or 0) >= n:
-            raise UnsupportedError(f"--device {device}: {'no CUDA device' if n == 0 else f'only {n} CUDA devices'} "
-                                   "visible to torch", hint="use --device cpu")
-    elif dev.type != "cpu":
-        raise UnsupportedError(f"--device {device}: LDLQ runs on cpu or cuda only")
 
 
 def _parse_tensor_type(spec: str) -> tuple[str, int]:

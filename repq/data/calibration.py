@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputFileError, MismatchError, UsageError
+from ..io.atomic import atomic_output
 from .chat import chat_tokens
 from .jsonl import read_jsonl
 from .tokenizer import Tokenizer, read_text_file
@@ -122,11 +123,8 @@ def load_calibration(path: str | os.PathLike, tok: Tokenizer, *, n_ctx: int = 51
 
 def save_token_chunks(path: str | os.PathLike, cal: Calibration) -> None:
     """Write ``cal.chunks`` as a 2-D int32 ``.npy`` (atomically)."""
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
         np.save(f, cal.chunks.astype(np.int32), allow_pickle=False)
-    os.replace(tmp, p)
 
 
 def load_token_chunks(path: str | os.PathLike, *, n_ctx: int, n_vocab: int, n_chunks: int | None = None) -> Calibration:

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from ..errors import InputFileError
+from ..io.atomic import atomic_output
 
 
 def check_messages(msgs, where: str) -> list[dict]:
@@ -49,14 +50,6 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
     """Write records as JSONL atomically (temporary file, then rename)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")

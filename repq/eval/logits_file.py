@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputFileError
+from ..io.atomic import commit, discard, temp_path
 from .scoring import F32, F64, expf
 
 MAGIC = b"_logits_"
@@ -184,7 +185,7 @@ class BaseLogitsWriter:
             raise ValueError("tokens must be whole chunks")
         self.n_ctx, self.n_vocab, self.n_chunk = n_ctx, n_vocab, len(tokens) // n_ctx
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self._tmp = temp_path(self.path)
         self._f = open(self._tmp, "wb")
         self._f.write(_HEADER.pack(MAGIC, n_ctx, n_vocab, self.n_chunk))
         self._f.write(np.ascontiguousarray(tokens, dtype="<i4").tobytes())
@@ -201,14 +202,14 @@ class BaseLogitsWriter:
         if self._written != self.n_chunk:
             raise RuntimeError(f"only {self._written} of {self.n_chunk} chunks written")
         self._f.close()
-        os.replace(self._tmp, self.path)
+        commit(self._tmp, self.path)
         self._tmp = None
 
     def abort(self) -> None:
         if not self._f.closed:
             self._f.close()
-        if self._tmp is not None and self._tmp.exists():
-            self._tmp.unlink()
+        if self._tmp is not None:
+            discard(self._tmp)
         self._tmp = None
 
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from ..errors import InputFileError
 from ..ggml.types import TYPES, block_size, row_size, type_name
+from .atomic import commit, discard, temp_path
 
 ALIGNMENT = 32
 GGUF_MAGIC = b"GGUF"
@@ -415,7 +416,7 @@ class GGUFWriter:
 
     def begin(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self._tmp = temp_path(self.path)
         self._f = open(self._tmp, "wb")
         self._f.write(self.meta_bytes())
 
@@ -433,19 +434,17 @@ class GGUFWriter:
     def finish(self) -> None:
         if self._next != len(self._tensors):
             raise RuntimeError(f"only {self._next} of {len(self._tensors)} tensors written")
-        self._f.flush()
-        os.fsync(self._f.fileno())
         self._f.close()
         self._f = None
-        os.replace(self._tmp, self.path)
+        commit(self._tmp, self.path)
         self._tmp = None
 
     def abort(self) -> None:
         if self._f is not None:
             self._f.close()
             self._f = None
-        if self._tmp is not None and self._tmp.exists():
-            self._tmp.unlink()
+        if self._tmp is not None:
+            discard(self._tmp)
         self._tmp = None
 
     def __enter__(self) -> GGUFWriter:

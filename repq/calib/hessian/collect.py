@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from ...errors import MismatchError, OperationError, UsageError
+from ...io.atomic import atomic_output
 from ...model.loader import LoadedModel
 from ...runtime import dist_info
 from ..hooks import input_groups
@@ -107,11 +108,9 @@ def _checkpoint_path(out_dir: Path, rank: int, world: int) -> Path:
 def _save_checkpoint(path: Path, acc: HessianAccumulator, meta: dict) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tensors, md = acc.state()
-    save_file(tensors, str(tmp), metadata={k: str(v) for k, v in meta.items()} | md)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in meta.items()} | md)
 
 
 def _load_checkpoint(path: Path, acc: HessianAccumulator, expect: dict) -> int:

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import json
 import os
-import time
+import re
 from pathlib import Path
 
 import torch
 
 from ... import __version__
 from ...errors import InputFileError, MismatchError, UsageError
+from ...io.atomic import atomic_output, atomic_write_bytes
 from ..hooks import InputGroup
 
 FORMAT = "repq.hessian"
@@ -68,39 +69,105 @@ def save_hessians(out_dir: str | os.PathLike, sums: dict[str, torch.Tensor], cou
     md_common = {"format": FORMAT, "model_fingerprint": meta["model_fingerprint"],
                  "data_fingerprints": json.dumps(meta.get("data_fingerprints", [])),
                  "tokens": str(meta.get("tokens", 0)), "repq_version": __version__}
-    entries, tag = {}, f"{os.getpid()}-{time.time_ns()}"
+    # the previous result's index goes first: until the new index is written the directory is not a
+    # finished Hessian set, never a mix of old index and new shards
+    old = _old_index(out / INDEX)
+    (out / INDEX).unlink(missing_ok=True)
+    entries = {}
     for i, ks in enumerate(shards, 1):
         name = f"hessian-{i:05d}-of-{len(shards):05d}.safetensors"
-        tmp = out / f".{name}.{tag}.tmp"
         tensors = {k: sums[k].detach().to(device="cpu", dtype=dt).contiguous() for k in ks}
-        save_file(tensors, str(tmp), metadata=md_common | {"counts": json.dumps({k: int(counts[k]) for k in ks})})
-        os.replace(tmp, out / name)
+        with atomic_output(out / name) as tmp:
+            save_file(tensors, str(tmp), metadata=md_common | {"counts": json.dumps({k: int(counts[k]) for k in ks})})
         del tensors
         for k in ks:
             entries[k] = {"shard": name, "n": int(counts[k]), "dim": int(sums[k].shape[0]), "consumers": consumers[k]}
     aliases = {c: k for k in keys for c in consumers[k] if c != k}
     index = meta | {"entries": entries, "aliases": aliases}
-    old = _read_index(out / INDEX) if (out / INDEX).is_file() else None
-    tmp = out / f".{INDEX}.{tag}.tmp"
-    tmp.write_text(json.dumps(index, indent=1, default=str))
-    os.replace(tmp, out / INDEX)
+    atomic_write_bytes(out / INDEX, json.dumps(index, indent=1, default=str).encode())
     if old:
+        # shards of the previous result that the new index does not name: only plain shard files
+        # (validated names, inside this directory, not links), never a path the old index invents
         keep = {e["shard"] for e in entries.values()}
         for e in old.get("entries", {}).values():
-            if e["shard"] not in keep and (out / e["shard"]).is_file():
-                (out / e["shard"]).unlink()
+            p = out / e["shard"]
+            if e["shard"] not in keep and SHARD_NAME.fullmatch(e["shard"]) and p.is_file() and not p.is_symlink():
+                p.unlink()
+
+
+SHARD_NAME = re.compile(r"hessian-\d{5}-of-\d{5}\.safetensors")
+"""The only file names a Hessian index may name (a plain name inside the directory, nothing else)."""
 
 
 def _read_index(path: Path) -> dict:
+    """Read and validate ``hessians.json``: every field the reader uses has the type it needs, every
+    shard is a plain shard name inside the directory, every alias names an entry.
+
+    Raises:
+        InputFileError: unreadable, foreign, newer or malformed (the message names the field).
+    """
     try:
-        d = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputFileError(f"{path}: unreadable Hessian index ({e})") from e
+        d = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:   # ValueError: invalid JSON or bytes that are not UTF-8
+        raise InputFileError(f"{path}: unreadable Hessian index ({e})") from None
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise InputFileError(f"{path}: not a repq Hessian index (format {d.get('format') if isinstance(d, dict) else None!r})")
-    if int(d.get("version", 0)) > FORMAT_VERSION:
-        raise InputFileError(f"{path}: Hessian format version {d['version']} is newer than this repq reads")
+
+    def bad(field: str, expected: str) -> InputFileError:
+        return InputFileError(f"{path}: field {field!r} must be {expected}",
+                              hint="the index was altered or damaged; collect the Hessians again with `repq hessian`")
+
+    def is_int(v) -> bool:
+        return type(v) is int
+
+    version = d.get("version")
+    if not is_int(version) or version < 1:
+        raise bad("version", "a positive integer")
+    if version > FORMAT_VERSION:
+        raise InputFileError(f"{path}: Hessian format version {version} is newer than this repq reads")
+    if not isinstance(d.get("model_fingerprint"), str) or not d["model_fingerprint"]:
+        raise bad("model_fingerprint", "a non-empty string")
+    fps = d.get("data_fingerprints", [])
+    if not isinstance(fps, list) or not all(isinstance(f, str) for f in fps):
+        raise bad("data_fingerprints", "a list of strings")
+    entries = d.get("entries")
+    if not isinstance(entries, dict) or not entries:
+        raise bad("entries", "a non-empty object of Hessian entries")
+    for key, e in entries.items():
+        if not isinstance(e, dict):
+            raise bad(f"entries.{key}", "an object")
+        if not isinstance(e.get("shard"), str) or not SHARD_NAME.fullmatch(e["shard"]):
+            raise bad(f"entries.{key}.shard", "a shard file name of this directory (hessian-NNNNN-of-NNNNN.safetensors)")
+        if not is_int(e.get("n")) or e["n"] < 0:
+            raise bad(f"entries.{key}.n", "a token count (an integer ≥ 0)")
+        if not is_int(e.get("dim")) or e["dim"] < 1:
+            raise bad(f"entries.{key}.dim", "a positive integer")
+        cons = e.get("consumers", [])
+        if not isinstance(cons, list) or not all(isinstance(c, str) for c in cons):
+            raise bad(f"entries.{key}.consumers", "a list of tensor names")
+    aliases = d.get("aliases", {})
+    if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+        raise bad("aliases", "an object of tensor name → entry name")
+    for name, key in aliases.items():
+        if key not in entries:
+            raise bad(f"aliases.{name}", f"an entry of the index ({key!r} is not one)")
     return d
+
+
+def _old_index(path: Path) -> dict | None:
+    """The index a previous result left in the output directory, if it is a valid one."""
+    try:
+        return _read_index(path) if path.is_file() else None
+    except InputFileError:
+        return None
+
+
+def _shard_path(directory: Path, name: str) -> Path:
+    """``directory / name`` for a validated shard name, refusing a symbolic link that leads out of it."""
+    p = directory / name
+    if p.is_symlink() and p.resolve().parent != directory.resolve():
+        raise InputFileError(f"{p}: a symbolic link out of the Hessian directory")
+    return p
 
 
 class HessianSet:
@@ -154,12 +221,18 @@ class HessianSet:
         from safetensors import SafetensorError, safe_open
 
         key = self.key_of(name)
-        shard = self.path / self.entries[key]["shard"]
+        shard = _shard_path(self.path, self.entries[key]["shard"])
         try:
             with safe_open(str(shard), framework="pt") as f:
-                return tuple(int(d) for d in f.get_slice(key).get_shape())
+                shape = tuple(int(d) for d in f.get_slice(key).get_shape())
         except (OSError, KeyError, ValueError, SafetensorError) as e:
-            raise InputFileError(f"{shard}: cannot read {key} ({e})") from e
+            raise InputFileError(f"{shard}: cannot read {key} ({e})") from None
+        dim = self.entries[key]["dim"]
+        if shape != (dim, dim):
+            raise InputFileError(f"{shard}: Hessian for {key.removesuffix('.weight')} is {'×'.join(map(str, shape))}, "
+                                 f"the index says {dim}×{dim}",
+                                 hint="the directory was altered or damaged; collect it again with `repq hessian`")
+        return shape
 
     def check_model(self, fingerprint: str, what: str = "this model") -> None:
         """Raise :class:`MismatchError` unless these Hessians were collected on ``fingerprint``'s model."""
@@ -176,12 +249,13 @@ class HessianSet:
         from safetensors import SafetensorError, safe_open
 
         key = self.key_of(name)
-        shard = self.path / self.entries[key]["shard"]
+        self.shape(name)   # the header first: a shard's data is never read at a size the index did not give
+        shard = _shard_path(self.path, self.entries[key]["shard"])
         try:
             with safe_open(str(shard), framework="pt") as f:
                 return f.get_tensor(key)
         except (OSError, KeyError, ValueError, SafetensorError) as e:
-            raise InputFileError(f"{shard}: cannot read {key} ({e})") from e
+            raise InputFileError(f"{shard}: cannot read {key} ({e})") from None
 
     def mean(self, name: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """H = S / n (float64 unless asked otherwise)."""
