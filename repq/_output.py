@@ -18,9 +18,12 @@ if TYPE_CHECKING:
 
 
 def _console(file) -> Console:
+    """A console for ``file``: the terminal's width, or 240 columns when output goes to a file or a
+    pipe (rich would assume 80 and fold wide tables)."""
     from rich.console import Console
 
-    return Console(file=file, highlight=False, soft_wrap=True)
+    tty = hasattr(file, "isatty") and file.isatty()
+    return Console(file=file, highlight=False, soft_wrap=True, width=None if tty else 240)
 
 
 def _no_advance(n: int = 1, desc: str | None = None, total: int | None = None) -> None:
@@ -56,10 +59,15 @@ class Output:
         from rich.table import Table
 
         t = Table(title=title, show_lines=False, header_style="bold")
-        for c in columns:
-            t.add_column(c, justify="left" if c in ("tensor", "name", "file") else "right")
-        for r in rows:
-            t.add_row(*[str(x) for x in r])
+        cells = [[str(x) for x in r] for r in rows]
+        for i, c in enumerate(columns):
+            if c in ("tensor", "name", "file"):   # names are never cut: other columns fold first
+                width = max([len(c), *(len(r[i]) for r in cells)])
+                t.add_column(c, justify="left", no_wrap=True, min_width=width)
+            else:
+                t.add_column(c, justify="right", overflow="fold")
+        for r in cells:
+            t.add_row(*r)
         self.out.print(t)
 
     def result(self, obj: dict[str, Any], human: str | None = None) -> None:

@@ -12,11 +12,24 @@ while `repq ppl --chunks 4` on the 135M reference model takes 25-45 s; importing
 alone would need an empty ``llama_cpp`` package planted in ``sys.modules``, which is not worth it.
 
 C++ runtime: libstdc++ is loaded into the global symbol scope first (see :mod:`repq.ggml.cxx`).
+
+llama.cpp's log.  llama.cpp has one log callback per process.  :func:`capture_llama_log` routes it
+into repq while a block runs: the recent lines are kept so that a failure can name what llama.cpp
+said (a model it cannot load, a context too large for memory), and nothing is printed unless asked
+(``echo``), so ``-q`` and ``--json`` stay quiet.  Evaluation sessions and the tokenizer hold a
+capture while they work; `repq`'s commands enter one around the whole command (echoing with
+REPQ_DEBUG=1).  Captures nest, and the outermost restores the callback that was there before
+(llama-cpp-python's own) when it ends.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import threading
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import ModuleType
 
 from .errors import NativeLibraryError
@@ -51,3 +64,54 @@ def llama_cpp() -> ModuleType:
     _mod = llama_cpp
     return _mod
 
+
+_log_lock = threading.Lock()
+_log_lines: deque[str] = deque(maxlen=64)   # the most recent log text, while captured
+_log_depth = 0                              # nesting depth of capture_llama_log blocks
+_log_echo = False                           # the outermost block's echo
+_log_saved = None                           # (callback, user_data) installed before the outermost
+_log_thunk = None                           # the ctypes callback: made once, alive for the process,
+                                            # since llama.cpp may hold it after a block ends
+
+
+def _on_log(level: int, text: bytes | None, user_data) -> None:
+    s = text.decode("utf-8", "replace") if text else ""
+    _log_lines.append(s)
+    if _log_echo:
+        os.write(2, s.encode())
+
+
+@contextmanager
+def capture_llama_log(*, echo: bool = False) -> Iterator[None]:
+    """Route llama.cpp's log into repq while the block runs (see the module docstring).
+
+    Args:
+        echo: also write the log to stderr (fd 2).  Only the outermost block's value counts.
+    Raises:
+        NativeLibraryError: libllama or llama-cpp-python cannot be loaded.
+    """
+    global _log_depth, _log_echo, _log_saved, _log_thunk
+    L = llama_cpp()
+    with _log_lock:
+        if _log_depth == 0:
+            if _log_thunk is None:
+                _log_thunk = L.llama_log_callback(_on_log)
+            cb, ud = L.llama_log_callback(), ctypes.c_void_p()
+            L.llama_log_get(ctypes.byref(cb), ctypes.byref(ud))
+            _log_saved, _log_echo = (cb, ud), echo
+            L.llama_log_set(_log_thunk, ctypes.c_void_p(0))
+        _log_depth += 1
+    try:
+        yield
+    finally:
+        with _log_lock:
+            _log_depth -= 1
+            if _log_depth == 0:
+                L.llama_log_set(*_log_saved)
+                _log_saved, _log_echo = None, False
+
+
+def last_llama_log(n: int = 3) -> str:
+    """The last ``n`` non-empty lines llama.cpp logged, for an error message."""
+    lines = [s.strip() for s in "".join(_log_lines).splitlines() if s.strip()]
+    return " | ".join(lines[-n:]) or "no message from llama.cpp"

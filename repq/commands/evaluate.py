@@ -4,6 +4,7 @@ ppl and kld print what llama-perplexity prints (same numbers, same formats); ben
 llama-bench's table; report puts several quantizations in one Markdown table and plot.
 """
 
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
@@ -17,7 +18,7 @@ from .common import JsonOpt, QuietOpt, ThreadsOpt, meta, run_command
 DataOpt = Annotated[Path | None, typer.Option("--data", "-f", help="Evaluation text file (as llama-perplexity -f).")]
 CtxOpt = Annotated[int | None, typer.Option("--ctx-size", "-c", help="Tokens per chunk [default: 512, or the base-logits file's].")]
 ChunksOpt = Annotated[int, typer.Option("--chunks", help="Maximum number of chunks (-1 = all).")]
-NglOpt = Annotated[int, typer.Option("--ngl", "--n-gpu-layers", help="Layers to offload to the GPU (-1 = llama.cpp's default).")]
+NglOpt = Annotated[int, typer.Option("--ngl", "-ngl", "--n-gpu-layers", help="Layers to offload to the GPU (-1 = llama.cpp's default).")]
 BatchOpt = Annotated[int, typer.Option("--batch", "-b", help="Logical batch: batch/ctx chunks are decoded per call.", min=1)]
 UbatchOpt = Annotated[int, typer.Option("--ubatch", "-ub", help="Physical batch.", min=1)]
 CtkOpt = Annotated[str, typer.Option("--cache-type-k", "-ctk", help="KV cache type for K: f16, q8_0, q4_0, ...")]
@@ -35,14 +36,23 @@ def _eval_process(*, scoring: bool = True):
     """The process-wide settings of an evaluation command, made here at the entry point rather
     than by the library: glibc keeps freed memory for the scoring temporaries (``scoring``), and the
     returned context manager captures llama.cpp's log for the command (echoed with REPQ_DEBUG=1)."""
-    import os
-
     from ..eval.pool import keep_freed_memory
-    from ..eval.session import capture_llama_log
+    from ..llama import capture_llama_log
 
     if scoring:
         keep_freed_memory()
     return capture_llama_log(echo=bool(os.environ.get("REPQ_DEBUG")))
+
+
+def _writable_dir(target: Path) -> None:
+    """Create ``target``'s directory if needed and check that a file can be written there."""
+    d = target.parent
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{target}: cannot create its directory ({e.strerror or e})") from None
+    if not os.access(d, os.W_OK):
+        raise UsageError(f"{target}: its directory {d} is not writable")
 
 
 def _need_data(data: Path | None, what: str) -> Path:
@@ -255,6 +265,10 @@ def report(
 
         cfg = _cfg(n_ctx, chunks, threads, ngl, batch, 512)
         text = _need_data(data, "repq report")
+        if plot:
+            R.check_plot_available()
+        for target in (p for p in (output, plot) if p):   # before minutes of evaluation, not after
+            _writable_dir(target)
         with _eval_process():
             rows = R.build_report(models, base, text, cfg, speed=speed,
                                   bench_opts={"threads": threads, "n_gpu_layers": ngl}, log=out.log)

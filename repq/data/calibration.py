@@ -54,11 +54,7 @@ def tokenize_file(path: str | os.PathLike, tok: Tokenizer) -> np.ndarray:
             else:
                 parts.append(chat_tokens(tok, rec["messages"], where=f"{p}:{i}"))
         return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
-    text = read_text_file(p)
-    try:
-        text.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise InputFileError(f"{p}: not UTF-8 text (byte {e.start})") from e
+    text = read_text_file(p)   # checks that it is UTF-8
     return tok.tokenize(text)
 
 

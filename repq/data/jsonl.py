@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import InputFileError
 from ..io.atomic import atomic_output
+from .tokenizer import read_utf8
 
 
 def check_messages(msgs, where: str) -> list[dict]:
@@ -26,26 +27,25 @@ def read_jsonl(path: Path) -> list[dict]:
     """Records of a JSONL file, each with a ``text`` string or a ``messages`` list.
 
     Raises:
-        InputFileError: a line is not JSON, or has neither field.
+        InputFileError: not UTF-8, a line is not JSON, or has neither field.
     """
     out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{i}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputFileError(f"{where}: not JSON ({e.msg})") from e
-            if not isinstance(rec, dict):
-                raise InputFileError(f"{where}: expected an object with 'text' or 'messages'")
-            if isinstance(rec.get("text"), str):
-                out.append({"text": rec["text"]})
-            elif "messages" in rec:
-                out.append({"messages": check_messages(rec["messages"], where)})
-            else:
-                raise InputFileError(f"{where}: expected a 'text' string or a 'messages' list")
+    for i, line in enumerate(read_utf8(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{i}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputFileError(f"{where}: not JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise InputFileError(f"{where}: expected an object with 'text' or 'messages'")
+        if isinstance(rec.get("text"), str):
+            out.append({"text": rec["text"]})
+        elif "messages" in rec:
+            out.append({"messages": check_messages(rec["messages"], where)})
+        else:
+            raise InputFileError(f"{where}: expected a 'text' string or a 'messages' list")
     return out
 
 def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:

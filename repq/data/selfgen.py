@@ -11,7 +11,7 @@ from pathlib import Path
 from ..errors import InputFileError, UsageError
 from .chat import chat_tokens
 from .jsonl import check_messages
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, read_utf8
 
 #: A small, varied prompt set: explanation, reasoning, code, writing, facts, instructions.
 BUILTIN_PROMPTS: tuple[str, ...] = (
@@ -64,7 +64,7 @@ def read_prompts(spec: str) -> list[list[dict]]:
         raise InputFileError(f"{p}: no such prompts file (or use --prompts builtin)")
     out: list[list[dict]] = []
     if p.suffix.lower() in (".jsonl", ".ndjson"):
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        for i, line in enumerate(read_utf8(p).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -83,7 +83,7 @@ def read_prompts(spec: str) -> list[list[dict]]:
             else:
                 raise InputFileError(f"{p}:{i}: expected a 'prompt' string or a 'messages' list")
     else:
-        out = [[{"role": "user", "content": s.strip()}] for s in p.read_text(encoding="utf-8").splitlines()
+        out = [[{"role": "user", "content": s.strip()}] for s in read_utf8(p).splitlines()
                if s.strip()]
     if not out:
         raise InputFileError(f"{p}: no prompts")

@@ -11,7 +11,6 @@ in llama-perplexity.
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 from pathlib import Path
 from types import ModuleType
@@ -25,11 +24,34 @@ def read_text_file(path: str | os.PathLike) -> bytes:
     """A text file's bytes as llama.cpp's ``-f FILE`` hands them to the tokenizer.
 
     ``read_file`` in common/arg.cpp reads the bytes unchanged (no newline translation: a CRLF
-    file keeps its ``\\r``), and ``-f`` then drops one trailing ``\\n``.  The caller checks that
-    the file exists and what an empty or non-UTF-8 text means for it.
+    file keeps its ``\\r``), and ``-f`` then drops one trailing ``\\n``.  The bytes must be UTF-8:
+    llama.cpp would tokenize anything (a binary file gives a perplexity too), repq refuses it.  The
+    caller checks that the file exists and what an empty text means for it.
+
+    Raises:
+        InputFileError: the file is not UTF-8 text.
     """
     data = Path(path).read_bytes()
+    check_utf8(data, path)
     return data[:-1] if data.endswith(b"\n") else data
+
+
+def check_utf8(data: bytes, path: str | os.PathLike) -> str:
+    """``data`` decoded as UTF-8, or an InputFileError naming the file and the first bad byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputFileError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})",
+                             hint="pass a text file (UTF-8)") from None
+
+
+def read_utf8(path: str | os.PathLike) -> str:
+    """A text file's contents as a string (JSONL, prompt lists).
+
+    Raises:
+        InputFileError: the file is not UTF-8 text.
+    """
+    return check_utf8(Path(path).read_bytes(), path)
 
 
 def tokenize_bytes(lc: ModuleType, vocab, raw: bytes, *, add_special: bool = True,
@@ -62,7 +84,7 @@ class Tokenizer:
 
     def __init__(self, gguf_path: str | os.PathLike):
         from ..io.gguf_file import GGUFModel
-        from ..llama import llama_cpp
+        from ..llama import capture_llama_log, last_llama_log, llama_cpp
 
         self.path = Path(gguf_path)
         with GGUFModel(self.path) as g:  # also validates the file before libllama sees it
@@ -70,13 +92,15 @@ class Tokenizer:
             if g.get("tokenizer.ggml.model") is None:
                 raise InputFileError(f"{self.path}: no tokenizer in this GGUF (tokenizer.ggml.model missing)")
         self._lc = lc = llama_cpp()
-        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
         # Through the high-level class: building llama_model_params by hand from
-        # llama_model_default_params() segfaults with the CUDA build (seen on an H100).
+        # llama_model_default_params() segfaults with the CUDA build (seen on an H100).  llama.cpp's
+        # log (its context warns that a vocab-only model has no training context) is captured.
         try:
-            self._llm = lc.Llama(model_path=str(self.path), vocab_only=True, verbose=False)
+            with capture_llama_log():
+                self._llm = lc.Llama(model_path=str(self.path), vocab_only=True, verbose=False)
         except (ValueError, RuntimeError) as e:
-            raise InputFileError(f"{self.path}: llama.cpp could not load this model's vocabulary ({e})") from e
+            raise InputFileError(f"{self.path}: llama.cpp could not load this model's vocabulary "
+                                 f"({e}; {last_llama_log()})") from None
         self._vocab = lc.llama_model_get_vocab(self._llm.model)
         self.n_vocab = int(lc.llama_vocab_n_tokens(self._vocab))
         self.add_bos = bool(lc.llama_vocab_get_add_bos(self._vocab))

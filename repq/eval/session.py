@@ -5,30 +5,22 @@
 the logits, clear the KV cache.  The batch arrays are numpy arrays reused across calls, so a decode
 costs one ``llama_decode`` and no Python-side allocation.
 
-llama.cpp's log.  llama.cpp has one log callback per process.  :func:`capture_llama_log` routes it
-into repq while a block runs: the recent lines are kept so that a failure can name what llama.cpp
-said (a model it cannot load, a context too large for memory), and nothing is printed unless asked
-(``echo``).  Every Session holds a capture for its lifetime, so library code and tests get those
-messages too; `repq`'s commands enter one around the whole command (echoing with REPQ_DEBUG=1).
-Captures nest, and the outermost restores the callback that was there before (llama-cpp-python's
-own, once it is imported) when it ends.
+llama.cpp's log: every Session holds a :func:`repq.llama.capture_llama_log` for its lifetime, so a
+failure names what llama.cpp said (a model it cannot load, a context too large for memory).
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-import threading
-from collections import deque
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 
 from ..data.tokenizer import tokenize_bytes
 from ..errors import InputFileError, OperationError
-from ..llama import llama_cpp
+from ..llama import capture_llama_log, last_llama_log, llama_cpp
 from .config import KV_CACHE_TYPES
 
 
@@ -50,62 +42,6 @@ def default_threads() -> int:
         return len(siblings)
     n = os.cpu_count() or 4
     return n if n <= 4 else n // 2
-
-
-# ---------------------------------------------------------------------------------------------
-# llama.cpp's log
-# ---------------------------------------------------------------------------------------------
-
-_log_lock = threading.Lock()
-_log_lines: deque[str] = deque(maxlen=64)   # the most recent log text, while captured
-_log_depth = 0                              # nesting depth of capture_llama_log blocks
-_log_echo = False                           # the outermost block's echo
-_log_saved = None                           # (callback, user_data) installed before the outermost
-_log_thunk = None                           # the ctypes callback: made once, alive for the process,
-                                            # since llama.cpp may hold it after a block ends
-
-
-def _on_log(level: int, text: bytes | None, user_data) -> None:
-    s = text.decode("utf-8", "replace") if text else ""
-    _log_lines.append(s)
-    if _log_echo:
-        os.write(2, s.encode())
-
-
-@contextmanager
-def capture_llama_log(*, echo: bool = False) -> Iterator[None]:
-    """Route llama.cpp's log into repq while the block runs (see the module docstring).
-
-    Args:
-        echo: also write the log to stderr (fd 2).  Only the outermost block's value counts.
-    Raises:
-        NativeLibraryError: libllama or llama-cpp-python cannot be loaded.
-    """
-    global _log_depth, _log_echo, _log_saved, _log_thunk
-    L = llama_cpp()
-    with _log_lock:
-        if _log_depth == 0:
-            if _log_thunk is None:
-                _log_thunk = L.llama_log_callback(_on_log)
-            cb, ud = L.llama_log_callback(), ctypes.c_void_p()
-            L.llama_log_get(ctypes.byref(cb), ctypes.byref(ud))
-            _log_saved, _log_echo = (cb, ud), echo
-            L.llama_log_set(_log_thunk, ctypes.c_void_p(0))
-        _log_depth += 1
-    try:
-        yield
-    finally:
-        with _log_lock:
-            _log_depth -= 1
-            if _log_depth == 0:
-                L.llama_log_set(*_log_saved)
-                _log_saved, _log_echo = None, False
-
-
-def _last_log(n: int = 3) -> str:
-    """The last ``n`` non-empty lines llama.cpp logged, for an error message."""
-    lines = [s.strip() for s in "".join(_log_lines).splitlines() if s.strip()]
-    return " | ".join(lines[-n:]) or "no message from llama.cpp"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,7 +87,7 @@ class Session:
         mp.n_gpu_layers = n_gpu_layers
         self.model = L.llama_model_load_from_file(os.fsencode(self.path), mp)
         if not self.model:
-            raise InputFileError(f"{self.path}: llama.cpp cannot load this model ({_last_log()})")
+            raise InputFileError(f"{self.path}: llama.cpp cannot load this model ({last_llama_log()})")
         self._kv_types = (KV_CACHE_TYPES[cache_type_k.lower()], KV_CACHE_TYPES[cache_type_v.lower()])
         self.new_context(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_seq_max=n_seq_max)
         self.vocab = L.llama_model_get_vocab(self.model)
@@ -179,7 +115,7 @@ class Session:
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
             raise OperationError(f"{self.path}: cannot create a llama.cpp context of {n_ctx} tokens "
-                                 f"({_last_log()})")
+                                 f"({last_llama_log()})")
         self.n_batch = n_batch
         # Reusable batch buffers (a llama_batch whose arrays are numpy arrays).
         self._tok = np.zeros(n_batch, np.int32)
@@ -230,14 +166,14 @@ class Session:
         b.logits = self._out.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
         ret = L.llama_decode(self.ctx, b)
         if ret != 0:
-            raise OperationError(f"{self.path.name}: llama_decode failed with code {ret} ({_last_log()})")
+            raise OperationError(f"{self.path.name}: llama_decode failed with code {ret} ({last_llama_log()})")
         return int(np.count_nonzero(output))
 
     def logits_ith(self, i: int, n_rows: int) -> np.ndarray:
         """(n_rows, n_vocab) float32 view of the logits from batch entry ``i`` on (no copy)."""
         p = self._L.llama_get_logits_ith(self.ctx, i)
         if not p:
-            raise OperationError(f"no logits for batch entry {i} ({_last_log()})")
+            raise OperationError(f"no logits for batch entry {i} ({last_llama_log()})")
         return np.ctypeslib.as_array(p, shape=(n_rows, self.n_vocab))
 
     def logits(self, n_rows: int) -> np.ndarray:

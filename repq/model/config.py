@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from ..errors import UnsupportedError
+from ..errors import InputFileError, UnsupportedError
 from .tensors import gguf_tensor
 
 #: GGUF ``general.architecture`` values this module implements → RoPE mode (True = NEOX).
@@ -115,39 +115,54 @@ def config_from_gguf(g) -> ModelConfig:
         raise UnsupportedError(f"{g.path}: architecture {arch!r} is not supported "
                                f"(supported: {', '.join(ARCH_ROPE_NEOX)})")
     a = arch + "."
-    n_embd, n_head = int(g.require(a + "embedding_length")), int(g.require(a + "attention.head_count"))
-    n_head_kv = g.get(a + "attention.head_count_kv", n_head)
-    if isinstance(n_head_kv, list) or isinstance(g.get(a + "feed_forward_length"), list):
-        raise UnsupportedError(f"{g.path}: per-layer head counts / FFN widths are not supported")
-    head_dim = int(g.get(a + "attention.key_length", n_embd // n_head))
-    if int(g.get(a + "attention.value_length", head_dim)) != head_dim:
+
+    def positive(key: str, default: int | None = None) -> int:
+        v = g.require_int(key) if default is None else g.get_int(key, default)
+        if v <= 0:   # a per-layer list is refused by get_int itself
+            raise InputFileError(f"{g.path}: metadata key {key!r} is {v} (expected a positive integer)")
+        return v
+
+    n_embd, n_head = positive(a + "embedding_length"), positive(a + "attention.head_count")
+    n_head_kv = positive(a + "attention.head_count_kv", n_head)
+    head_dim = positive(a + "attention.key_length", max(1, n_embd // n_head))
+    if positive(a + "attention.value_length", head_dim) != head_dim:
         raise UnsupportedError(f"{g.path}: key and value head widths differ")
-    scaling = str(g.get(a + "rope.scaling.type", "none"))
+    scaling = g.get_str(a + "rope.scaling.type", "none")
     freq_scale = 1.0
     if scaling == "linear":
-        freq_scale = 1.0 / float(g.get(a + "rope.scaling.factor", 1.0))
+        factor = g.get_float(a + "rope.scaling.factor", 1.0)
+        if not factor > 0:
+            raise InputFileError(f"{g.path}: rope.scaling.factor {factor} is not positive")
+        freq_scale = 1.0 / factor
     elif scaling not in ("none", ""):
         raise UnsupportedError(f"{g.path}: RoPE scaling {scaling!r} is not supported (none or linear)")
-    if g.get(a + "expert_count", 0):
+    if g.get_int(a + "expert_count", 0, per_layer=True):
         raise UnsupportedError(f"{g.path}: mixture-of-experts models are not supported")
     for extra in ("blk.0.attn_qkv.weight", "blk.0.attn_output.bias", "blk.0.ffn_down.bias", "blk.0.ffn_up.bias"):
         if extra in g.tensors:
             raise UnsupportedError(f"{g.path}: tensor {extra} (fused QKV / output or FFN biases) is not supported")
-    n_vocab = g.get(a + "vocab_size")
+    n_vocab = g.get_int(a + "vocab_size")
     if n_vocab is None:
         n_vocab = g.tensors["token_embd.weight"].shape[1] if "token_embd.weight" in g.tensors else 0
     factors = None
     if "rope_freqs.weight" in g.tensors:
         factors = tuple(float(v) for v in gguf_tensor(g, "rope_freqs.weight", torch.float32).tolist())
     return ModelConfig(
-        arch=arch, n_layer=int(g.require(a + "block_count")), n_embd=n_embd,
-        n_ff=int(g.require(a + "feed_forward_length")), n_head=n_head, n_head_kv=int(n_head_kv),
-        n_vocab=int(n_vocab), head_dim=head_dim, n_rot=int(g.get(a + "rope.dimension_count", head_dim)),
-        rms_eps=float(g.require(a + "attention.layer_norm_rms_epsilon")),
-        rope_base=float(g.get(a + "rope.freq_base", 10000.0)), rope_freq_scale=freq_scale,
+        arch=arch, n_layer=positive(a + "block_count"), n_embd=n_embd,
+        n_ff=positive(a + "feed_forward_length"), n_head=n_head, n_head_kv=n_head_kv,
+        n_vocab=int(n_vocab), head_dim=head_dim, n_rot=positive(a + "rope.dimension_count", head_dim),
+        rms_eps=_require_float(g, a + "attention.layer_norm_rms_epsilon"),
+        rope_base=g.get_float(a + "rope.freq_base", 10000.0), rope_freq_scale=freq_scale,
         tied="output.weight" not in g.tensors, attn_bias="blk.0.attn_q.bias" in g.tensors,
-        qk_norm="blk.0.attn_q_norm.weight" in g.tensors, attn_scale=float(g.get(a + "attention.scale", 0.0)),
-        context_length=int(g.get(a + "context_length", 4096)), rope_freq_factors=factors)
+        qk_norm="blk.0.attn_q_norm.weight" in g.tensors, attn_scale=g.get_float(a + "attention.scale", 0.0),
+        context_length=g.get_int(a + "context_length", 4096), rope_freq_factors=factors)
+
+
+def _require_float(g, key: str) -> float:
+    v = g.get_float(key)
+    if v is None:
+        raise InputFileError(f"{g.path}: metadata key {key!r} is missing")
+    return v
 
 
 def config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:

@@ -131,13 +131,13 @@ def model_info(model: gguf_file.GGUFModel) -> mix.ModelInfo:
     """Hyper-parameters the type mix depends on, from the GGUF metadata."""
     arch = model.arch
 
-    def first(v):
+    def first(v):   # per-layer arrays: the largest value, as llama.cpp's loader keeps it
         return (max(v) if v else 0) if isinstance(v, list) else v
 
-    n_layer = model.require(f"{arch}.block_count")
-    n_head = first(model.get(f"{arch}.attention.head_count", 0)) or 0
-    n_head_kv = first(model.get(f"{arch}.attention.head_count_kv", n_head)) or n_head
-    n_expert = model.get(f"{arch}.expert_count", 0) or 0
+    n_layer = model.require_int(f"{arch}.block_count")
+    n_head = first(model.get_int(f"{arch}.attention.head_count", 0, per_layer=True)) or 0
+    n_head_kv = first(model.get_int(f"{arch}.attention.head_count_kv", n_head, per_layer=True)) or n_head
+    n_expert = model.get_int(f"{arch}.expert_count", 0) or 0
     return mix.ModelInfo(arch=arch, n_layer=int(n_layer), n_head=int(n_head),
                          n_head_kv=int(n_head_kv), n_expert=int(n_expert))
 
@@ -260,9 +260,12 @@ def quantize_model(src: str | os.PathLike, out: str | os.PathLike, cfg: Quantize
                                             f"the tensor is {t.n_rows} × {t.n_per_row}")
                     experts = t.shape[2] if len(t.shape) > 2 else 1
                     imp = importance_rules.from_imatrix(importance.get(p.name), t.n_per_row, experts)
-                    res = quantize_tensor(p, x, hessian=hessian_for(p.name) if hessian_for is not None else None,
-                                          importance=imp, ldlq=ldlq, experts=experts, device=cfg.device,
-                                          threads=cfg.threads or None)
+                    try:
+                        res = quantize_tensor(p, x, hessian=hessian_for(p.name) if hessian_for is not None
+                                              else None, importance=imp, ldlq=ldlq, experts=experts,
+                                              device=cfg.device, threads=cfg.threads or None)
+                    except UsageError as e:   # name the file: the message names the tensor
+                        raise type(e)(f"{Path(src).name}: {e}", e.hint) from None
                     data, info = res.raw, res.report()
                 writer.write_tensor_data(p.name, data)
                 rep = TensorReport(p.name, t.shape, type_name(t.type), type_name(p.dst_type),

@@ -170,6 +170,10 @@ def quantize_tensor(plan: mix.TensorPlan, weight: np.ndarray, *, hessian=None,
             bad weights (non-finite values) or importance.
     """
     n = weight.shape[1]
+    bad = ~np.isfinite(weight)
+    if bad.any():   # before ggml or LDLQ: a NaN would poison the whole block (or LDLQ's feedback)
+        r, c = (int(v[0]) for v in np.nonzero(bad))
+        raise UsageError(f"{plan.name}: non-finite value (NaN or Inf) at row {r}, column {c}")
     if hessian is not None:
         import torch
 

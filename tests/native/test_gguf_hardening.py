@@ -160,3 +160,41 @@ def test_fuzzed_files(tmp_path, llama_reads, data):
     assert peak < 1_000_000 + 64 * len(data), f"reader allocated {peak} bytes for a {len(data)}-byte file"
     if ok:
         assert llama_reads(p), "repq accepted a file llama.cpp rejects"
+
+
+CLI_FUZZ_CASES = 40   #: `repq quantize` runs per CI run (each reads, quantizes and writes a small model)
+
+
+def test_fuzzed_models_through_quantize(tmp_path_factory, llama_reads):
+    """`repq quantize` on mutated model files: exit 0 with an output both readers accept, or exit 2
+    with no output; never a traceback or an internal error."""
+    from helpers import make_tiny_llama
+    from typer.testing import CliRunner
+
+    from repq.cli import app
+
+    d = tmp_path_factory.mktemp("cli-fuzz")
+    seed = make_tiny_llama(d / "seed.gguf", n_embd=64, n_ff=128, n_vocab=64, n_head=2, n_head_kv=1).read_bytes()
+    runner = CliRunner()
+
+    @settings(max_examples=CLI_FUZZ_CASES, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(st.tuples(st.integers(0, 1500), st.integers(0, 255)), min_size=1, max_size=3),
+           st.sampled_from([None, 900, 1400, 3000]))
+    def run(flips, cut):
+        b = bytearray(seed)
+        for pos, val in flips:
+            b[pos] = val
+        if cut is not None:
+            del b[cut:]
+        src, out = d / "m.gguf", d / "o.gguf"
+        src.write_bytes(bytes(b))
+        out.unlink(missing_ok=True)
+        r = runner.invoke(app, ["quantize", str(src), str(out), "--fmt", "Q4_0", "-q", "-t", "1"])
+        assert r.exit_code in (0, 2), r.output
+        assert "internal error" not in r.output and "Traceback" not in r.output, r.output
+        if r.exit_code == 0:
+            assert repq_reads(out) and llama_reads(out), "exit 0 with an output a reader refuses"
+        else:
+            assert not out.exists() and not list(d.glob(".*.tmp"))
+
+    run()
