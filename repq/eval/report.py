@@ -14,6 +14,7 @@ numbers, so re-running a report over unchanged files is instant.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import OperationError
+from ..errors import UsageError
 from .bench import bench
 from .chunks import read_text
 from .config import EvalConfig
@@ -30,6 +31,7 @@ from .logits_file import BaseLogits, temp_base_path
 from .ppl import perplexity
 
 CACHE_VERSION = 1
+PLOT_NEEDS_MATPLOTLIB = "--plot needs matplotlib: pip install 'repq[plot]'"
 
 
 @dataclass
@@ -217,11 +219,21 @@ def markdown(rows: list[ReportRow], *, speed: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_plot_available() -> None:
+    """Fail before any evaluation runs when :func:`plot` could not draw (matplotlib is optional).
+
+    Raises:
+        UsageError: matplotlib (the ``repq[plot]`` extra) is not installed.
+    """
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError(PLOT_NEEDS_MATPLOTLIB)
+
+
 def plot(rows: list[ReportRow], path: str | os.PathLike, title: str | None = None) -> None:
     """PNG of mean KLD (log scale) against bits per weight, one labelled point per model.
 
     Raises:
-        OperationError: matplotlib is not installed.
+        UsageError: matplotlib is not installed.
     """
     try:
         import matplotlib
@@ -229,7 +241,7 @@ def plot(rows: list[ReportRow], path: str | os.PathLike, title: str | None = Non
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise OperationError("--plot needs matplotlib", hint="pip install matplotlib") from e
+        raise UsageError(PLOT_NEEDS_MATPLOTLIB) from e
     pts = [r for r in rows if r.kld_mean is not None and r.kld_mean > 0]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     ax.plot([r.bpw for r in pts], [r.kld_mean for r in pts], "o")
