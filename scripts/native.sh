@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Build vendor/llama.cpp into native/build (a link to a cached build directory).
+# Build vendor/llama.cpp into native/build (a link to a cached build directory).  The one native
+# build: `make native` runs it, and so does the package build (`pip install`, through
+# native/wheel/CMakeLists.txt).
 #
 # The cache key covers the pinned commit, native/CMakeLists.txt and the CMake options, so a
 # rebuild happens only when one of them changes.  With GGML_NATIVE=ON (the default) the build uses
@@ -27,7 +29,14 @@ key=$( { cat "$ROOT/vendor/llama.cpp/.repq-commit"; cat "$ROOT/native/CMakeLists
          [ -z "$cpu" ] || echo "cpu $(echo "$cpu" | sha256sum | cut -c1-16)"; } | sha256sum | cut -c1-16)
 BUILD=$CACHE/build/$key
 mkdir -p "$BUILD"
+exec 9>"$BUILD.lock"   # one build per key at a time (`make` and `pip install` may run side by side)
+flock 9
 if [ ! -f "$BUILD/.complete" ]; then
+  # A build left half-done from another source tree (a deleted clone, pip's temporary sdist
+  # directory) cannot be reconfigured from this one: start it over.
+  if [ -f "$BUILD/CMakeCache.txt" ] && ! grep -qxF "CMAKE_HOME_DIRECTORY:INTERNAL=$ROOT/native" "$BUILD/CMakeCache.txt"; then
+    find "$BUILD" -mindepth 1 -delete
+  fi
   echo "native: building llama.cpp into $BUILD (${OPTS[*]})" >&2
   cmake -S "$ROOT/native" -B "$BUILD" -G Ninja "${OPTS[@]}" > "$BUILD.configure.log" 2>&1 || {
     tail -30 "$BUILD.configure.log" >&2; exit 1; }
