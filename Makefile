@@ -28,11 +28,13 @@ help:
 	@echo "make native     (re)build vendor/llama.cpp into native/build; REPQ_CUDA=1 for CUDA"
 	@echo "make lint | fmt | clean"
 
-$(VENV)/.stamp: pyproject.toml
+# The package build, editable: the same path as `pip install .` (native/wheel/CMakeLists.txt runs
+# scripts/native.sh, native/bindings.py makes llama-cpp-python's bindings without a llama.cpp of
+# their own), so there is one way to build.  `native` runs first so that its progress shows; pip
+# then finds the build cached.
+$(VENV)/.stamp: pyproject.toml native/wheel/CMakeLists.txt native/bindings.py repq/_pins.py | native
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# llama-cpp-python without its own llama.cpp build: it loads native/build's libraries.
-	CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(PY) -m pip install -q llama-cpp-python==0.3.36
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
@@ -42,7 +44,7 @@ vendor:
 native: vendor
 	JOBS=$(JOBS) bash scripts/native.sh
 
-setup: $(VENV)/.stamp native
+setup: native $(VENV)/.stamp
 
 model: setup
 	bash scripts/fetch_model.sh
@@ -97,10 +99,10 @@ bench-distill-cpu: setup model data
 	  --data $(CACHE)/data/tutorial.txt --chunks 40 -t 2 --json > $(CACHE)/bench-distill/q4_0.kld.json
 
 lint: setup
-	$(VENV)/bin/ruff check repq tests benchmarks
+	$(VENV)/bin/ruff check repq tests benchmarks native
 
 fmt: setup
-	$(VENV)/bin/ruff check --fix repq tests benchmarks
+	$(VENV)/bin/ruff check --fix repq tests benchmarks native
 
 
 clean:

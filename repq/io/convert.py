@@ -24,10 +24,10 @@ import sys
 from pathlib import Path
 
 from ..errors import InputFileError, UsageError
-from ..paths import REPO_ROOT, cache_dir
+from ..paths import cache_dir, convert_script
 from .atomic import atomic_output, atomic_write_bytes
 
-CONVERT_SCRIPT = REPO_ROOT / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
+CONVERT_SCRIPT = convert_script()
 
 
 def is_hf_dir(path: str | os.PathLike) -> bool:
