@@ -132,8 +132,8 @@ def load_token_chunks(path: str | os.PathLike, *, n_ctx: int, n_vocab: int, n_ch
         MismatchError: token ids outside the model's vocabulary (tokens of another model).
     """
     p = Path(path)
-    try:
-        a = np.load(p, allow_pickle=False)
+    try:   # memory-mapped: a header that claims more than the file holds fails here, allocating nothing
+        a = np.load(p, allow_pickle=False, mmap_mode="r")
     except (ValueError, OSError, EOFError) as e:
         raise InputFileError(f"{p}: not a readable .npy of token chunks ({e})") from None
     if a.ndim != 2 or not np.issubdtype(a.dtype, np.integer):
@@ -146,6 +146,7 @@ def load_token_chunks(path: str | os.PathLike, *, n_ctx: int, n_vocab: int, n_ch
         a = a[:n_chunks]
     if len(a) == 0:
         raise UsageError(f"{p}: no token chunks")
+    a = np.array(a)   # the chunks used, read into memory
     if a.min() < 0 or a.max() >= n_vocab:
         raise MismatchError(f"{p}: token ids up to {int(a.max())} for a vocabulary of {n_vocab} "
                             "(tokens of another model?)")

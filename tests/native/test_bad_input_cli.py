@@ -119,3 +119,18 @@ def test_report_output_dir_checked_before_evaluating(tiny, tmp_path):
     text.write_text("the cat sat on the mat " * 300)
     refused(["report", tiny, "--base", tiny, "--data", text, "-o", blocker / "sub" / "r.md"],
             "cannot create its directory")
+
+
+def test_npy_header_claiming_more_than_the_file_holds(tmp_path):
+    """A 200-byte .npy whose header claims 10¹² tokens: refused without allocating them."""
+    import struct
+
+    from repq.data.calibration import load_token_chunks
+    from repq.errors import InputFileError
+
+    hdr = "{'descr': '<i4', 'fortran_order': False, 'shape': (1000000, 1000000), }"
+    hdr += " " * (118 - len(hdr)) + "\n"
+    p = tmp_path / "big.npy"
+    p.write_bytes(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(hdr)) + hdr.encode() + b"\0" * 64)
+    with pytest.raises(InputFileError, match="big.npy: not a readable .npy"):
+        load_token_chunks(p, n_ctx=1000000, n_vocab=100)

@@ -9,6 +9,7 @@ file does not warrant) comes out of the reader.
 from __future__ import annotations
 
 import ctypes
+import os
 import struct
 import tracemalloc
 from pathlib import Path
@@ -23,7 +24,7 @@ from repq.errors import InputFileError
 from repq.io import gguf_file as gf
 
 #: fuzz cases per run in CI (benchmarks/fuzz_readers.py runs many more)
-FUZZ_CASES = 300
+FUZZ_CASES = int(os.environ.get("REPQ_FUZZ_CASES", "300"))   #: per CI run; benchmarks/fuzz_readers.py runs more
 
 
 class _InitParams(ctypes.Structure):
@@ -162,7 +163,7 @@ def test_fuzzed_files(tmp_path, llama_reads, data):
         assert llama_reads(p), "repq accepted a file llama.cpp rejects"
 
 
-CLI_FUZZ_CASES = 40   #: `repq quantize` runs per CI run (each reads, quantizes and writes a small model)
+CLI_FUZZ_CASES = int(os.environ.get("REPQ_CLI_FUZZ_CASES", "40"))   #: `repq quantize` runs per CI run (each reads, quantizes and writes a small model)
 
 
 def test_fuzzed_models_through_quantize(tmp_path_factory, llama_reads):

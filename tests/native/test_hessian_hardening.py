@@ -9,6 +9,7 @@ exception, never exit 0 with a tensor silently quantized without its Hessian.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -24,7 +25,7 @@ from repq.cli import app
 from repq.errors import InputFileError
 from repq.model.config import ModelConfig
 
-FUZZ_CASES = 200   #: per CI run
+FUZZ_CASES = int(os.environ.get("REPQ_FUZZ_CASES", "200"))   #: per CI run; benchmarks/fuzz_readers.py runs more
 KEY = "blk.0.ffn_gate.weight"
 
 

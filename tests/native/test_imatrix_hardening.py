@@ -8,6 +8,7 @@ with no counts crashes llama-quantize; repq refuses it.)
 
 from __future__ import annotations
 
+import os
 import struct
 import tracemalloc
 from pathlib import Path
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 from repq.errors import InputFileError
 from repq.io.imatrix import Imatrix, ImatrixEntry, load_imatrix, save_imatrix_dat, save_imatrix_gguf
 
-FUZZ_CASES = 200   #: per format, per CI run
+FUZZ_CASES = int(os.environ.get("REPQ_FUZZ_CASES", "200"))   #: per CI run; benchmarks/fuzz_readers.py runs more
 
 
 def _im() -> Imatrix:
