@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -52,7 +53,8 @@ def installed(tmp_path_factory):
     t0 = time.perf_counter()
     _run([venv / "bin" / "pip", "install", "-q", clone], tmp)
     elsewhere.mkdir()
-    return venv, clone, elsewhere, time.perf_counter() - t0
+    yield venv, clone, elsewhere, time.perf_counter() - t0
+    shutil.rmtree(venv)   # 5 GB with torch's CUDA libraries: not for pytest's kept temp dirs
 
 
 def test_installed_package_has_the_native_build_and_the_pinned_commit(installed):
