@@ -45,7 +45,7 @@ def _run(cmd, cwd, timeout=1800) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
-    """(venv, work dir, seconds) after `pip install` of a fresh clone into a new venv."""
+    """(venv, clone, a directory outside both, seconds of `pip install`) for a fresh clone in a new venv."""
     tmp = tmp_path_factory.mktemp("pkg")
     clone, venv, elsewhere = tmp / "clone", tmp / "venv", tmp / "elsewhere"
     _run(["git", "clone", "-q", ROOT, clone], tmp)
