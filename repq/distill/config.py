@@ -20,6 +20,7 @@ import numpy as np
 from .. import mix
 from ..errors import UsageError
 from ..model.transformer import Transformer
+from ..quant.tensor import LdlqOptions
 from .groups import DEFAULT_ORDER, Group, format_groups
 
 
@@ -55,6 +56,11 @@ class DistillConfig:
         if not self.groups:
             raise UsageError("--groups: at least one group")
         mix.ftype_from_name(self.ftype)  # raises for an unknown ftype
+        self.ldlq_options()              # raises for a bad damp or scales, before any model is loaded
+
+    def ldlq_options(self) -> LdlqOptions:
+        """The LDLQ settings of every group's quantization."""
+        return LdlqOptions(damp=self.damp, act_order=self.act_order, scales=self.scales, refit=self.refit)
 
     def steps_of(self, g: Group) -> int:
         return self.steps_per_group if g.steps is None else g.steps

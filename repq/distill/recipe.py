@@ -55,7 +55,7 @@ from ..ggml.types import is_quantized, type_name
 from ..io import gguf_file, keys
 from ..model.loader import LoadedModel, load_model
 from ..quant import pipeline
-from ..quant.tensor import LdlqOptions, TensorResult, check_plans, quantize_tensor
+from ..quant.tensor import TensorResult, check_plans, quantize_tensor
 from .checkpoint import STATE_FILE, load_state, save_state
 from .config import DistillConfig, DistillResult, RunOptions, batch_indices, hessian_indices, lr_at
 from .groups import Group
@@ -198,8 +198,7 @@ class Distiller:
         p = self.plans[name]
         w = self.params[name].detach().float().cpu().numpy()
         t0 = time.perf_counter()
-        opts = LdlqOptions(damp=self.cfg.damp, act_order=self.cfg.act_order, scales=self.cfg.scales,
-                           refit=self.cfg.refit)
+        opts = self.cfg.ldlq_options()
         r = quantize_tensor(p, w, hessian=h, ldlq=opts, device=self.rt.device, threads=self.rt.threads)
         info = r.report() | {"name": name, "type": type_name(p.dst_type),
                              "seconds": round(time.perf_counter() - t0, 3)}

@@ -57,8 +57,11 @@ def repq_reads(path: Path) -> bool:
         with gf.GGUFModel(path) as m:
             for t in m.tensors.values():   # every view it hands out lies inside the file
                 assert t.data.nbytes == t.n_bytes
-            for k in m.keys():
-                m.get(k)
+            for k in m.keys():   # values decode lazily: one that does not (a string that is not
+                try:                 # UTF-8; llama.cpp keeps bytes) is an InputFileError when used
+                    m.get(k)
+                except InputFileError as e:
+                    assert str(path) in str(e) and repr(k) in str(e)
         return True
     except InputFileError as e:
         assert str(path) in str(e)
