@@ -49,9 +49,11 @@ class Output:
             self.err.print(msg)
 
     def error(self, msg: str, hint: str | None = None) -> None:
-        self.err.print(f"[bold red]error:[/] {msg}", markup=True, highlight=False)
+        from rich.markup import escape  # text, not markup: "pip install 'repq[plot]'" keeps its [plot]
+
+        self.err.print(f"[bold red]error:[/] {escape(msg)}", markup=True, highlight=False)
         if hint:
-            self.err.print(f"[dim]hint:[/] {hint}")
+            self.err.print(f"[dim]hint:[/] {escape(hint)}")
 
     def table(self, title: str, columns: list[str], rows: list[list[Any]]) -> None:
         if self.json_mode or self.quiet:

@@ -8,6 +8,7 @@ The README's install path, end to end: a clone of this checkout, a new virtual e
 * llama-cpp-python came as the bindings-only wheel (no ``llama_cpp/lib``: no second llama.cpp);
 * ``repq quantize`` writes a Q4_0 file byte-identical to the checkout's ``llama-quantize``, and
   ``repq kld`` scores it against the base;
+* without the ``repq[plot]`` extra, ``repq report --plot`` stops at once with a one-line error;
 * repq's sdist builds and installs too.
 
 It relies on the native build being cached for this commit (``make setup`` did it; the clone's
@@ -35,11 +36,12 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(cmd, cwd, timeout=1800) -> subprocess.CompletedProcess:
+def _run(cmd, cwd, timeout=1800, rc=0) -> subprocess.CompletedProcess:
+    """Run cmd outside this checkout's settings (no variable pointing at its native build)."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("REPQ_NATIVE_DIR", "LLAMA_CPP_LIB_PATH", "REPQ_GGML_LIB", "PYTHONPATH", "VIRTUAL_ENV")}
     p = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, f"{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    assert p.returncode == rc, f"{cmd}: exit {p.returncode}, not {rc}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p
 
 
@@ -79,6 +81,17 @@ def test_quantize_and_kld_from_another_directory(installed, ref_f32, tutorial_te
     k = json.loads(_run([venv / "bin" / "repq", "kld", ref_f32, "q4_0.gguf", "--data", tutorial_text,
                          "--chunks", "2", "-c", "256", "-t", threads, "--json"], elsewhere).stdout)
     assert 0 < k["stats"]["kld"]["mean"] < 1, k["stats"]["kld"]
+
+
+def test_report_plot_without_the_plot_extra_fails_before_evaluating(installed, ref_f32, tutorial_text):
+    venv, _, elsewhere, _ = installed
+    _run([venv / "bin" / "python", "-c", "import importlib.util as u, sys; sys.exit(u.find_spec('matplotlib') is not None)"],
+         elsewhere)
+    t0 = time.perf_counter()
+    p = _run([venv / "bin" / "repq", "report", ref_f32, "--base", ref_f32, "--data", tutorial_text,
+              "--plot", "report.png"], elsewhere, rc=2)
+    assert p.stderr.strip().splitlines() == ["error: --plot needs matplotlib: pip install 'repq[plot]'"], p.stderr
+    assert time.perf_counter() - t0 < 30 and not (elsewhere / "report.png").exists()
 
 
 def test_sdist_builds_and_installs(installed, tmp_path):
