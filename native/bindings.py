@@ -1,7 +1,7 @@
 """llama-cpp-python's bindings without a llama.cpp of their own, built by repq's package build.
 
 Why this exists: llama-cpp-python 0.3.36 is on PyPI as an sdist only, and building it compiles its
-own copy of llama.cpp (about 8 minutes on 2 cores, and a second set of libraries that repq would not
+own copy of llama.cpp (minutes on 2 cores, and a second set of libraries that repq would not
 use) unless its CMake gets ``-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF`` — through ``CMAKE_ARGS`` or pip's
 ``--config-settings``, neither of which a plain ``pip install .`` can hand to a dependency's build.
 

@@ -14,7 +14,7 @@ The README's install path, end to end: a clone of this checkout, a new virtual e
 It relies on the native build being cached for this commit (``make setup`` did it; the clone's
 cache key is the same), so the install compiles nothing and takes minutes (dependencies from pip's
 cache, the bindings wheel and the native build from REPQ_CACHE); with a cold cache it would compile
-llama.cpp first (about 8 minutes on 2 cores).
+llama.cpp first (3-4 minutes on 2 idle cores).
 """
 
 from __future__ import annotations
