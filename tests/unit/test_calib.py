@@ -296,6 +296,14 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, banding):
     with pytest.raises(MismatchError, match="data_fingerprint"):
         collect_hessians(lm_of(model), chunks, tmp_path / "r", HessianConfig(resume=True, flush_every=2),
                          data_fingerprint="other")
+    (ck,) = (tmp_path / "r" / "checkpoint").glob("*.safetensors")
+    good = ck.read_bytes()
+    ck.write_bytes(good[: len(good) // 2])   # a damaged checkpoint: a clear error, the file kept as it is
+    with pytest.raises(InputFileError, match="damaged Hessian checkpoint"):
+        collect_hessians(lm_of(model), chunks, tmp_path / "r", HessianConfig(resume=True, flush_every=2),
+                         data_fingerprint="d7")
+    assert ck.read_bytes() == good[: len(good) // 2]
+    ck.write_bytes(good)
     info = collect_hessians(lm_of(model), chunks, tmp_path / "r",
                             HessianConfig(resume=True, checkpoint_every=3, flush_every=2), data_fingerprint="d7")
     assert info.resumed_from == 3 and not (tmp_path / "r" / "checkpoint").exists()

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...errors import MismatchError, OperationError, UsageError
+from ...errors import InputFileError, MismatchError, OperationError, UsageError
 from ...io.atomic import atomic_output
 from ...model.loader import LoadedModel
 from ...runtime import dist_info
@@ -115,18 +115,22 @@ def _save_checkpoint(path: Path, acc: HessianAccumulator, meta: dict) -> None:
 
 def _load_checkpoint(path: Path, acc: HessianAccumulator, expect: dict) -> int:
     """Load sums/counts into ``acc``; returns how many of this rank's chunks were done."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        md = f.metadata() or {}
-        for k, v in expect.items():
-            if md.get(k) != str(v):
-                what = ("another model" if k == "model_fingerprint" else
-                        "an older repq (sums in another layout)" if k == "sums" else f"a run with another {k}")
-                raise MismatchError(f"{path}: checkpoint is from {what} ({k} {md.get(k)!r}, this run {v!r})",
-                                    hint="drop --resume to start over, or delete the checkpoint directory")
-        acc.load_state({k: f.get_tensor(k) for k in f.keys()}, md)  # noqa: SIM118
-        return int(md["next"])
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            md = f.metadata() or {}
+            for k, v in expect.items():
+                if md.get(k) != str(v):
+                    what = ("another model" if k == "model_fingerprint" else
+                            "an older repq (sums in another layout)" if k == "sums" else f"a run with another {k}")
+                    raise MismatchError(f"{path}: checkpoint is from {what} ({k} {md.get(k)!r}, this run {v!r})",
+                                        hint="drop --resume to start over, or delete the checkpoint directory")
+            acc.load_state({k: f.get_tensor(k) for k in f.keys()}, md)  # noqa: SIM118
+            return int(md["next"])
+    except (OSError, SafetensorError, KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise InputFileError(f"{path}: damaged Hessian checkpoint ({type(e).__name__}: {str(e)[:120]})",
+                             hint="drop --resume to start over, or delete the checkpoint directory") from None
 
 
 def collect_hessians(lm: LoadedModel, chunks: np.ndarray | torch.Tensor, out_dir: str | os.PathLike,
