@@ -127,6 +127,7 @@ def tiny(tmp_path_factory, native):
     r = CliRunner().invoke(app, ["hessian", str(model), "--data", str(text), "-c", "64", "--chunks", "4",
                                  "-o", str(d / "h"), "-q", "-t", "2", "--device", "cpu"])
     assert r.exit_code == 0, r.output
+    assert r.stderr == "", r.stderr   # -q: not even llama.cpp's log (its vocab-only context warns)
     return model, d / "h"
 
 
