@@ -1,0 +1,375 @@
+"""ggml's scale / codebook / sign search for the lattice i-quants (IQ3_S, IQ2_XS), vectorised in torch.
+
+This is ``quantize_row_iq3_s_impl`` and ``quantize_row_iq2_xs_impl`` (ggml-quants.c) computed for
+every sub-block at once, with the same float32 operations in the same order, so that on the same
+importance it picks the same scales, codebook points and signs as ``ggml_quantize_chunk`` (the
+baseline that repq's block LDLQ starts from and must beat).  Per sub-block of ``sub`` values:
+
+    weight  w_i = imp_i · sqrt(σ² + x_i²)   (σ² = c · mean x² of the 256-block; IQ3_S without
+                                              importance: w_i = x_i²)
+    signs   taken from x, the search runs on |x| (IQ2_XS: an odd group flips its cheapest value)
+    for 19 trial inverse scales id = (2·kmax − 1 + t·step) / max|x|, t = −9..9:
+        l_i = clamp(round((id·|x_i| − 1) / 2), 0, kmax − 1)  per value: lattice coordinates
+        group on the codebook?  else the best of its neighbour list at scale 1/id, under √w
+        keep the trial with the largest (Σ w|x|q)² / Σ w q²       q = 2l + 1, the modelled point
+    refit the groups that were off the codebook at the chosen scale; scale = Σ w|x|q / Σ w q²
+    then d = max scale / 31 (fp16; IQ3_S stores d · 1.033), scale code = round((scale/d − 1) / 2)
+
+The neighbour lists are ggml's ``iq2xs_init_impl`` / ``iq3xs_init_impl`` data rebuilt from the
+codebook (:func:`neighbours`): for every lattice point off the codebook, the codebook entries in its
+``nwant`` nearest distance shells, ordered by (distance, index), so that the first strict minimum
+is ggml's choice.
+
+Where ggml is not followed: an all-zero IQ3_S sub-block inside a non-zero block.  ggml skips it
+without advancing its ``qs`` / ``signs`` pointers, so the *next* sub-block's indices land in its
+slot and the rest shift (the zero sub-block then decodes to ±d·grid, the last one to index 0);
+here every sub-block keeps its own slot and a zero sub-block gets index 0 and no signs — the
+smallest representable magnitude, never a larger error than ggml's.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+import torch
+
+from ..errors import UnsupportedError, UsageError
+from . import iq_grids
+from .iq_grids import QK, IqBlocks
+
+
+@dataclass(frozen=True)
+class SearchConstants:
+    """The constants of ggml's search for one type (ggml-quants.c, named as there)."""
+
+    step: float          # spacing of the 19 trial inverse scales (``is*0.2f`` / ``is*0.1f``)
+    nwant: int           # neighbour shells per off-codebook point (``nwant``)
+    sigma2_mul: float    # σ² = sigma2_mul · Σx² / 256
+    d_stretch: float     # stored d = fp16(d · d_stretch) (IQ3_S's 1.033f)
+    eps: float           # a sub-block with max|x| ≤ eps is zero (``!max`` / ``GROUP_MAX_EPS``)
+    eps_strict: bool     # zero when max|x| < eps (IQ2_XS) rather than max|x| == 0 (IQ3_S)
+    start_on_grid: bool  # ``is_on_grid`` before any trial is kept (IQ2_XS: true)
+    refit_all: bool      # refit every group (IQ3_S) or only the off-codebook ones (IQ2_XS)
+
+
+_CONSTANTS = {
+    "IQ3_S": SearchConstants(0.2, 3, 2.0, 1.033, 0.0, False, False, True),
+    "IQ2_XS": SearchConstants(0.1, 2, 1.0, 1.0, 1e-15, True, True, False),
+}
+
+N_TRIALS = 19
+ELEMENT_BUDGET = 1 << 21
+"""(sub-blocks × trials × values) per chunk: bounds the memory of the trial tensors (~100 MB)."""
+CANDIDATE_BUDGET = 1 << 22
+"""Neighbour-list entries scored at once (~250 MB of temporaries)."""
+
+
+@dataclass
+class Tables:
+    """Search tables of one type on one device."""
+
+    kmax: int                 # lattice levels per coordinate
+    radix: torch.Tensor       # int64 (group,): kmax**i, point id = Σ l_i · kmax**i
+    on_grid: torch.Tensor     # int64 (kmax**group,): codebook index of each lattice point, −1 if none
+    start: torch.Tensor       # int64 (kmax**group,): offset of the point's list in ``flat``
+    count: torch.Tensor       # int64 (kmax**group,): length of that list (0 on the codebook)
+    flat: torch.Tensor        # int64 (total,): neighbour lists, each in (distance, index) order
+    q: torch.Tensor           # float32 (n_grid, group): ggml's modelled points 2l + 1
+    lat_t: torch.Tensor       # int64 (group, n_grid): lattice coordinates, one row per coordinate
+
+
+@cache
+def neighbours(gtype: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """ggml's neighbour data, rebuilt from the codebook: (kmax, on_grid, start, count, flat) as in
+    :class:`Tables` (numpy)."""
+    c = constants(gtype)
+    lat = iq_grids.lattice(gtype)
+    kmax, group = int(lat.max()) + 1, lat.shape[1]
+    pts = np.array(list(itertools.product(range(kmax), repeat=group)), np.int64)[:, ::-1]  # id order
+    radix = kmax ** np.arange(group)
+    on_grid = np.full(kmax ** group, -1, np.int64)
+    on_grid[lat @ radix] = np.arange(len(lat))
+    d2 = ((pts[:, None, :] - lat[None, :, :]) ** 2).sum(-1)                  # (points, n_grid)
+    order = np.argsort(d2, axis=1, kind="stable")                             # ties: lower index first
+    count = np.zeros(len(pts), np.int64)
+    lists = []
+    for p in np.flatnonzero(on_grid < 0):
+        shells = np.unique(d2[p])[:c.nwant]
+        count[p] = int((d2[p] <= shells[-1]).sum())
+        lists.append(order[p, :count[p]])
+    start = np.concatenate([[0], np.cumsum(count)[:-1]])
+    flat = np.concatenate(lists) if lists else np.zeros(0, np.int64)
+    return kmax, on_grid, start, count, flat
+
+
+def constants(gtype: int) -> SearchConstants:
+    name = iq_grids.spec(gtype).name
+    if name not in _CONSTANTS:  # pragma: no cover - spec() already rejected it
+        raise UnsupportedError(f"no i-quant search for {name}")
+    return _CONSTANTS[name]
+
+
+_tables: dict[tuple[int, str], Tables] = {}
+
+
+def tables(gtype: int, device: torch.device | str = "cpu") -> Tables:
+    """The search tables of ``gtype`` on ``device`` (built once per device)."""
+    key = (gtype, str(torch.device(device)))
+    t = _tables.get(key)
+    if t is None:
+        kmax, on_grid, start, count, flat = neighbours(gtype)
+        lat = iq_grids.lattice(gtype)
+        dev = lambda a: torch.from_numpy(np.array(a)).to(device)  # noqa: E731
+        t = _tables[key] = Tables(kmax, dev(kmax ** np.arange(lat.shape[1])), dev(on_grid), dev(start),
+                                  dev(count), dev(flat), dev((2 * lat + 1).astype(np.float32)), dev(lat.T))
+    return t
+
+
+def _sqrt(x: torch.Tensor) -> torch.Tensor:
+    """``sqrtf``, correctly rounded: torch's float32 sqrt on CPU is not (about 1 value in 6 is one
+    ulp off); the float64 root of a float32 rounds to the correctly rounded float32 root."""
+    return torch.sqrt(x.double()).float()
+
+
+def _seq_sum(terms) -> torch.Tensor:
+    """Σ in the order given, one float32 rounding per addition (C's ``s += t`` loop)."""
+    acc = None
+    for t in terms:
+        acc = t if acc is None else acc + t
+    return acc
+
+
+def _best_neighbour(t: Tables, point: torch.Tensor, xv: torch.Tensor, wa: torch.Tensor,
+                    scale: torch.Tensor) -> torch.Tensor:
+    """``iq*_find_best_neighbour`` for M off-codebook groups at once: the codebook index minimising
+    Σ_i wa_i (scale·q_i − xv_i)² over the point's neighbour list, first strict minimum.
+
+    Each term depends on one coordinate's level only, so the kmax possible terms per coordinate are
+    computed once per group (the same float32 operations as ggml's loop) and each candidate sums
+    its terms in coordinate order.
+
+    Args: point (M,) lattice point ids; xv, wa (M, group); scale (M,).  Returns int64 (M,).
+    """
+    m, group = xv.shape
+    dev = point.device
+    levels = t.q[:, 0].new_tensor(2 * np.arange(t.kmax) + 1)                               # (kmax,)
+    diff = scale[:, None, None] * levels - xv[:, :, None]                                  # (M, group, kmax)
+    terms = ((wa[:, :, None] * diff) * diff).reshape(-1)
+    count = t.count.index_select(0, point)
+    seg = torch.repeat_interleave(torch.arange(m, device=dev), count)                      # (T,)
+    first = torch.cumsum(count, 0) - count
+    pos = torch.arange(seg.numel(), device=dev) - first.index_select(0, seg)
+    cand = t.flat.index_select(0, t.start.index_select(0, point).index_select(0, seg) + pos)
+    base = seg * (group * t.kmax)
+    d2 = None
+    for i in range(group):
+        term = terms.index_select(0, base + (i * t.kmax) + t.lat_t[i].index_select(0, cand))
+        d2 = term if d2 is None else d2 + term
+    best = torch.full((m,), float("inf"), device=dev).scatter_reduce(0, seg, d2, "amin")
+    at_min = (d2 == best.index_select(0, seg)).nonzero()[:, 0]
+    pick = torch.full((m,), seg.numel(), device=dev, dtype=torch.int64)
+    pick = pick.scatter_reduce(0, seg.index_select(0, at_min), at_min, "amin")
+    return cand.index_select(0, pick)
+
+
+def _snap(t: Tables, lv: torch.Tensor, xg: torch.Tensor, wg: torch.Tensor, scale: torch.Tensor
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codebook index of each group of rounded coordinates: the entry itself if the point is on the
+    codebook, else its best neighbour at the trial's scale.
+
+    Args: lv (N, trials, values) rounded coordinates; xg, wg (N, n_groups, group) the groups' |x|
+    and √w; scale (N, trials).  Returns (index (N, trials, n_groups), on-codebook flags).
+    """
+    n, trials, _ = lv.shape
+    ng, group = xg.shape[1:]
+    point = (lv.reshape(n, trials, ng, group).long() * t.radix).sum(-1)                   # (N, trials, ng)
+    gi = t.on_grid.index_select(0, point.reshape(-1)).reshape(point.shape)
+    off = gi < 0
+    f_all = off.reshape(-1).nonzero()[:, 0]
+    if f_all.numel():
+        # slices of at most CANDIDATE_BUDGET list entries
+        ends = torch.cumsum(t.count.index_select(0, point.reshape(-1).index_select(0, f_all)), 0)
+        marks = torch.tensor(range(CANDIDATE_BUDGET, int(ends[-1]), CANDIDATE_BUDGET), device=ends.device)
+        cuts = torch.searchsorted(ends, marks).tolist()
+        for a, b in zip([0, *cuts], [*cuts, f_all.numel()], strict=True):
+            f = f_all[a:b]
+            xrow = (f // (trials * ng)) * ng + f % ng
+            gi.view(-1)[f] = _best_neighbour(t, point.reshape(-1).index_select(0, f),
+                                             xg.reshape(-1, group).index_select(0, xrow),
+                                             wg.reshape(-1, group).index_select(0, xrow),
+                                             scale.reshape(-1).index_select(0, f // ng))
+    return gi, ~off
+
+
+def _round(idv: torch.Tensor, xv: torch.Tensor, kmax: int) -> torch.Tensor:
+    """``MAX(0, MIN(kmax − 1, nearest_int(0.5f*(id*x − 1))))`` (round half to even, as ggml's)."""
+    return torch.round((idv * xv - 1) * 0.5).clamp_(0, kmax - 1)
+
+
+def _sums(w: torch.Tensor, xv: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ w·x·q and Σ w·q·q over the values, in C's order: w, xv (N, sub), q (N, trials, sub)."""
+    wx = (w * xv).T.contiguous()[:, :, None]                                           # (sub, N, 1)
+    wt = w.T.contiguous()[:, :, None]
+    qt = q.permute(2, 0, 1).contiguous()                                               # (sub, N, trials)
+    sqx = _seq_sum(wx[i] * qt[i] for i in range(len(qt)))
+    sq2 = _seq_sum((wt[i] * qt[i]) * qt[i] for i in range(len(qt)))
+    return sqx, sq2
+
+
+def _search_chunk(t: Tables, c: SearchConstants, group: int, xv: torch.Tensor, w: torch.Tensor,
+                  mx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and codebook indices of N non-zero sub-blocks: xv, w (N, sub), mx (N,) max of xv.
+    Returns (scale (N,), index (N, sub / group))."""
+    n, sub = xv.shape
+    wa = _sqrt(w)
+    ks = torch.arange(-9, 10, device=xv.device, dtype=torch.float32)
+    trial = (2 * t.kmax - 1) + ks * torch.tensor(c.step, dtype=torch.float32)          # (19,)
+    idv = trial[None, :] / mx[:, None]                                                  # (N, 19)
+    this_scale = 1 / idv
+    xg, wg = xv.reshape(n, -1, group), wa.reshape(n, -1, group)
+    lv = _round(idv[..., None], xv[:, None, :], t.kmax)                                 # (N, 19, sub)
+    gi, on = _snap(t, lv, xg, wg, this_scale)                                           # (N, 19, ng)
+    q = t.q.index_select(0, gi.reshape(-1)).reshape(n, N_TRIALS, sub)
+    sqx, sq2 = _sums(w, xv, q)                                  # (N, 19)
+    # keep a trial when (Σwxq)² / Σwq² beats the best so far, strictly and in trial order
+    scale = mx / (2 * t.kmax - 1)
+    best = torch.zeros_like(mx)
+    chosen = torch.full((n,), -1, dtype=torch.int64, device=xv.device)
+    for k in range(N_TRIALS):
+        ok = (sq2[:, k] > 0) & (sqx[:, k] * sqx[:, k] > best * sq2[:, k])
+        scale = torch.where(ok, sqx[:, k] / sq2[:, k], scale)
+        best = torch.where(ok, scale * sqx[:, k], best)
+        chosen = torch.where(ok, k, chosen)
+    kept = chosen >= 0
+    rows = torch.arange(n, device=xv.device)
+    gbest = torch.where(kept[:, None], gi[rows, chosen.clamp(min=0)], t.on_grid[0])
+    on_best = torch.where(kept[:, None], on[rows, chosen.clamp(min=0)], c.start_on_grid)
+    # refit: groups off the codebook are rounded again at the chosen scale, then the scale is refit
+    redo = (~on_best).any(1) & (scale > 0)
+    if redo.any():
+        r = redo.nonzero()[:, 0]
+        lr = _round((1 / scale[r])[:, None, None], xv[r, None, :], t.kmax)
+        gr, _ = _snap(t, lr, xg[r], wg[r], scale[r, None])
+        gr = gr[:, 0]
+        if not c.refit_all:
+            gr = torch.where(on_best[r], gbest[r], gr)
+        gbest[r] = gr
+        sqx, sq2 = _sums(w[r], xv[r], t.q.index_select(0, gr.reshape(-1)).reshape(len(r), 1, sub))
+        sqx, sq2 = sqx[:, 0], sq2[:, 0]
+        scale[r] = torch.where(sq2 > 0, sqx / sq2, scale[r])
+    return scale, gbest
+
+
+def _check(gtype: int, x, importance) -> tuple[torch.Tensor, torch.Tensor | None]:
+    sp = iq_grids.spec(gtype)
+    x = torch.as_tensor(x)
+    if x.ndim != 2:
+        raise UsageError(f"{sp.name} search expects a 2-D array, got shape {tuple(x.shape)}")
+    x = x.to(torch.float32).contiguous()
+    if x.shape[1] % QK:
+        raise UnsupportedError(f"row length {x.shape[1]} is not a multiple of the {sp.name} block size {QK}")
+    if not torch.isfinite(x).all():
+        raise UsageError("non-finite value (NaN or Inf) in the weights")
+    if importance is None:
+        if sp.parity:   # ggml_quantize_requires_imatrix
+            raise UsageError(f"type {sp.name} requires an importance matrix (--imatrix)")
+        return x, None
+    imp = torch.as_tensor(importance).to(x.device, torch.float32).reshape(-1)
+    if imp.numel() != x.shape[1]:
+        raise UsageError(f"importance matrix has {imp.numel()} values, expected {x.shape[1]}")
+    if not torch.isfinite(imp).all():
+        raise UsageError("importance matrix contains non-finite values")
+    return x, imp
+
+
+def search(gtype: int, x, importance=None) -> IqBlocks:
+    """ggml's quantization of ``x`` (rows, n_per_row) to ``gtype``, as unpacked blocks.
+
+    Args:
+        gtype: IQ3_S or IQ2_XS.
+        x: float32 weights (torch tensor on any device, or array); n_per_row a multiple of 256.
+        importance: per-column importance (n_per_row,), as ggml's ``quant_weights`` (an imatrix
+            entry, or diag H); IQ3_S may go without (ggml then weighs by x²).
+
+    Returns:
+        The blocks (numpy, row after row); :func:`repq.quant.iq_grids.pack` gives ggml's bytes.
+
+    Raises:
+        UnsupportedError: not an i-quant here, or n_per_row not a multiple of 256.
+        UsageError: not 2-D, non-finite values, importance missing (IQ2_XS) or of the wrong size.
+    """
+    sp, c = iq_grids.spec(gtype), constants(gtype)
+    x, imp = _check(gtype, x, importance)
+    t = tables(gtype, x.device)
+    rows, n = x.shape
+    xb = x.reshape(-1, QK)                                                          # (nb, 256)
+    nb = xb.shape[0]
+    if imp is None:
+        w = xb * xb
+    else:
+        sumx2 = _seq_sum(xb[:, i] * xb[:, i] for i in range(QK))                    # (nb,)
+        sigma2 = sumx2 * c.sigma2_mul / QK
+        w = imp.reshape(1, -1, QK).expand(rows, -1, -1).reshape(nb, QK) * _sqrt(sigma2[:, None] + xb * xb)
+    neg = xb < 0
+    xv = xb.abs()
+    if sp.parity:   # an even number of negatives per 8: flip the value where it costs least
+        g8 = (nb * QK // 8, 8)
+        odd = (neg.reshape(g8).sum(1) % 2) == 1
+        imin = ((w * xb) * xb).reshape(g8).argmin(1)
+        flip = torch.zeros(g8, dtype=torch.bool, device=x.device)
+        flip[odd, imin[odd]] = True
+        flip = flip.reshape(nb, QK)
+        neg ^= flip
+        xv = torch.where(flip, -xv, xv)
+    # per sub-block search, in chunks of bounded memory
+    xs, ws = xv.reshape(-1, sp.sub), w.reshape(-1, sp.sub)
+    mx = xs.amax(1)
+    zero = (mx < c.eps) if c.eps_strict else (mx == 0)
+    scale = torch.zeros_like(mx)
+    gidx = torch.zeros((xs.shape[0], sp.sub // sp.group), dtype=torch.int64, device=x.device)
+    live = (~zero).nonzero()[:, 0]
+    step = max(1, ELEMENT_BUDGET // (N_TRIALS * sp.sub))
+    for s0 in range(0, live.numel(), step):
+        r = live[s0:s0 + step]
+        scale[r], gidx[r] = _search_chunk(t, c, sp.group, xs[r], ws[r], mx[r])
+    negs = neg.reshape(-1, sp.sub)
+    negs[zero] = False
+    flipped = scale < 0   # ggml: "should never happen"; flip the sub-block's signs
+    negs[flipped] = ~negs[flipped]
+    scale = scale.abs()
+    return _finish(sp, c, scale.reshape(nb, sp.n_sub), gidx.reshape(nb, sp.n_groups), negs.reshape(nb, QK))
+
+
+def _finish(sp, c: SearchConstants, scale: torch.Tensor, gidx: torch.Tensor, neg: torch.Tensor) -> IqBlocks:
+    """Super-scale d = max scale / 31 and the 4-bit scale codes; blocks to numpy."""
+    max_scale = scale.amax(1)
+    d = max_scale / 31
+    empty = max_scale == 0
+    dd = torch.where(empty, 1.0, d)
+    code = torch.round(((1 / dd)[:, None] * scale - 1) * 0.5).clamp_(0, 15)
+    code[empty] = 0
+    d_store = torch.where(empty, 0.0, d * torch.tensor(c.d_stretch, dtype=torch.float32)).to(torch.float16)
+    if sp.parity:   # IQ2_XS clears the indices and signs of an all-zero block
+        gidx[empty] = 0
+        neg[empty] = False
+    masks = (neg.reshape(-1, QK // 8, 8).to(torch.uint8) << torch.arange(8, device=neg.device, dtype=torch.uint8)).sum(
+        -1, dtype=torch.uint8)
+    np_ = lambda a: a.cpu().numpy()  # noqa: E731
+    return IqBlocks(np_(d_store), np_(code.to(torch.uint8)), np_(gidx), np_(masks))
+
+
+@dataclass
+class IqResult:
+    raw: np.ndarray      # uint8: ggml's row-major bytes
+    values: np.ndarray   # float32 (rows, n_per_row): what ggml decodes them to
+    blocks: IqBlocks
+
+
+def quantize(gtype: int, x, importance=None) -> IqResult:
+    """:func:`search`, packed into ggml's bytes and decoded."""
+    blocks = search(gtype, x, importance)
+    n = torch.as_tensor(x).shape[1]
+    return IqResult(iq_grids.pack(blocks, gtype), iq_grids.decode(blocks, gtype).reshape(-1, n), blocks)
