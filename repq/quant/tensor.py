@@ -170,10 +170,6 @@ def quantize_tensor(plan: mix.TensorPlan, weight: np.ndarray, *, hessian=None,
             bad weights (non-finite values) or importance.
     """
     n = weight.shape[1]
-    bad = ~np.isfinite(weight)
-    if bad.any():   # before ggml or LDLQ: a NaN would poison the whole block (or LDLQ's feedback)
-        r, c = (int(v[0]) for v in np.nonzero(bad))
-        raise UsageError(f"{plan.name}: non-finite value (NaN or Inf) at row {r}, column {c}")
     if hessian is not None:
         import torch
 
@@ -189,9 +185,16 @@ def quantize_tensor(plan: mix.TensorPlan, weight: np.ndarray, *, hessian=None,
         elif not grids.supported(plan.dst_type):
             reason = f"no LDLQ grid for {type_name(plan.dst_type)}"
     if ldlq is None or reason is not None:
-        raw = _ggml_quantize(plan.dst_type, weight, importance, experts, threads)
+        try:   # ggml's path checks finiteness in its worker threads (no extra pass over the weight)
+            raw = _ggml_quantize(plan.dst_type, weight, importance, experts, threads)
+        except UsageError as e:
+            raise type(e)(f"{plan.name}: {e}", e.hint) from None
         method = "imatrix" if importance is not None else "rtn"
         return TensorResult(raw, plan.dst_type, n, method if reason is None else f"{method} ({reason})")
+    bad = ~np.isfinite(weight)
+    if bad.any():   # a NaN would poison LDLQ's error feedback across the whole row
+        r, c = (int(v[0]) for v in np.nonzero(bad))
+        raise UsageError(f"{plan.name}: non-finite value (NaN or Inf) at row {r}, column {c}")
     return _ldlq(plan, weight, hessian, ldlq, device, threads)
 
 
