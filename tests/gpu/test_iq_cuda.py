@@ -1,0 +1,58 @@
+"""The i-quant search and nearest point on CUDA against ggml (run on a GPU machine, ``make test-gpu``).
+
+* repq.quant.iq_search on CUDA writes exactly ggml_quantize_chunk's bytes for IQ3_S and IQ2_XS
+  (the same float32 operations in the same order; CUDA's division by a Python number, which
+  multiplies by the reciprocal, is avoided).
+* repq.quant.iq_nearest on CUDA returns values that ggml decodes from its codes, and the same
+  choice as on the CPU but for float ties.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from repq.ggml import quants
+from repq.ggml.types import type_id
+from repq.quant import iq_grids, iq_nearest, iq_search
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+TYPES = ["IQ3_S", "IQ2_XS"]
+
+
+@pytest.fixture(autouse=True)
+def _lib(native):
+    pass
+
+
+def _layer(rows: int, cols: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_t(4, size=(rows, cols)) * 0.02).astype(np.float32)
+    x[3] = 0.0
+    return x, rng.gamma(2.0, 1.0, size=cols).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_cuda_search_writes_ggmls_bytes(name):
+    t = type_id(name)
+    x, imp = _layer(512, 2048, 1)
+    blocks = iq_search.search(t, torch.from_numpy(x).cuda(), torch.from_numpy(imp).cuda())
+    np.testing.assert_array_equal(iq_grids.pack(blocks, t), quants.quantize(t, x, imp))
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_cuda_nearest_decodes_exactly(name):
+    t = type_id(name)
+    x, imp = _layer(64, 1024, 2)
+    blocks = iq_grids.unpack(quants.quantize(t, x, imp), t)
+    sp = iq_grids.spec(t)
+    db = np.repeat(iq_grids.subblock_scales(blocks, t), sp.sub // 8, axis=1).reshape(-1)
+    w8, m8 = x.reshape(-1, 8), np.tile(imp.reshape(-1, 8), (64, 1))
+    ch = iq_nearest.nearest(t, *(torch.from_numpy(a).cuda() for a in (w8, db, m8)))
+    blocks.grid = ch.grid.cpu().numpy().reshape(len(blocks.d), -1)
+    blocks.signs = ch.signs.cpu().numpy().astype(np.uint8).reshape(len(blocks.d), -1)
+    decoded = quants.dequantize(t, iq_grids.pack(blocks, t), 1024).reshape(-1, 8)
+    np.testing.assert_array_equal(decoded, ch.values.cpu().numpy())
+    cpu = iq_nearest.nearest(t, *(torch.from_numpy(a) for a in (w8, db, m8)))
+    assert (cpu.values.numpy() == decoded).all(1).mean() > 0.999
