@@ -1,6 +1,6 @@
 """The nearest i-quant codebook point to a group of 8 weights on a fixed scale: block LDLQ's rounding.
 
-Block LDLQ (QuIP#-style, ``ldlq(..., group=8)``) fits each block's scales first, then rounds the
+Block LDLQ (QuIP#-style; ``ldlq(..., group=8)``, issue 14's next step) fits each block's scales first, then rounds the
 columns 8 at a time with error feedback.  Rounding one group of 8 columns of every row on the
 block's fixed sub-block scale ``db`` means solving, per row,
 
