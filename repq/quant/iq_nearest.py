@@ -1,8 +1,8 @@
 """The nearest i-quant codebook point to a group of 8 weights on a fixed scale: block LDLQ's rounding.
 
-Block LDLQ (QuIP#-style; ``ldlq(..., group=8)``, issue 14's next step) fits each block's scales first, then rounds the
-columns 8 at a time with error feedback.  Rounding one group of 8 columns of every row on the
-block's fixed sub-block scale ``db`` means solving, per row,
+Block LDLQ (QuIP#-style; ``ldlq(..., group=8)``, issue 14's next step) fits each block's scales
+first, then rounds the columns 8 at a time with error feedback.  Rounding one group of 8 columns of
+every row on the block's fixed sub-block scale ``db`` means solving, per row,
 
     minimise  Σ_i m_i (w_i − v_i)²       v_i = ±fl32(db · grid[k][i])     (m: a diagonal metric)
 
