@@ -95,6 +95,11 @@ def spec(gtype: int) -> IqSpec:
     return IqSpec(name, gtype, **_SPECS[name])
 
 
+def supported(gtype: int) -> bool:
+    """Whether ``gtype`` has a codebook here (and so block LDLQ)."""
+    return type_name(gtype) in _SPECS
+
+
 @dataclass
 class IqBlocks:
     """The fields of ``nb`` blocks, unpacked (one row of blocks after another)."""

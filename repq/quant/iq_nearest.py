@@ -1,8 +1,8 @@
 """The nearest i-quant codebook point to a group of 8 weights on a fixed scale: block LDLQ's rounding.
 
-Block LDLQ (QuIP#-style; ``ldlq(..., group=8)``, issue 14's next step) fits each block's scales
-first, then rounds the columns 8 at a time with error feedback.  Rounding one group of 8 columns of
-every row on the block's fixed sub-block scale ``db`` means solving, per row,
+Block LDLQ (QuIP#-style; :mod:`repq.quant.ldlq_vector`, :mod:`repq.quant.iq_ldlq`) fits each
+block's scales first, then rounds the columns 8 at a time with error feedback.  Rounding one group
+of 8 columns of every row on the block's fixed sub-block scale ``db`` means solving, per row,
 
     minimise  Σ_i m_i (w_i − v_i)²       v_i = ±fl32(db · grid[k][i])     (m: a diagonal metric)
 
@@ -17,6 +17,13 @@ it) and exact up to float rounding:
   must be even.  When the weights' signs are odd, the cheapest fix for entry k is to flip the
   value with the smallest m_i·|w_i|·g_ki, which costs 4·db·m_i·|w_i|·g_ki more; that penalty is
   added per entry before choosing k, so the choice is optimal under the parity constraint.
+
+Block LDLQ's metric for a group is a full 8 × 8 matrix M (the Schur complement of H onto the
+group).  With ``full=M`` the search above runs on M's diagonal and keeps the ``top`` best entries
+(IQ3_S: per half, then every pair of them); each candidate, signs as chosen above, is scored by
+the exact (w − v) M (w − v)ᵀ and the best wins.  The diagonal search's own choice is always among
+the candidates, so the result is never worse under M; it is not exhaustive under M (the signs
+still follow the weights).
 
 Everything is torch, batched over rows, on the device of the weights.
 """
@@ -53,15 +60,22 @@ class GroupChoice:
     values: torch.Tensor   # float32 (rows, 8): the decoded values ±fl32(db · grid)
 
 
-def nearest(gtype: int, w: torch.Tensor, db: torch.Tensor, metric: torch.Tensor | None = None) -> GroupChoice:
-    """The codebook point and signs nearest to ``w`` under the diagonal ``metric``, on scale ``db``.
+def nearest(gtype: int, w: torch.Tensor, db: torch.Tensor, metric: torch.Tensor | None = None, *,
+            full: torch.Tensor | None = None, top: int = 8) -> GroupChoice:
+    """The codebook point and signs nearest to ``w`` under the diagonal ``metric``, on scale ``db``;
+    or, with ``full``, the best under that 8 × 8 metric among the best few under its diagonal.
 
     Args:
         gtype: IQ3_S or IQ2_XS.
         w: float32 (rows, 8): one aligned group of 8 columns of every row.
         db: float32 (rows,): the sub-block scale of that group in each row, as ggml decodes it
             (:func:`repq.quant.iq_grids.subblock_scales`); db ≥ 0.
-        metric: non-negative weights (8,) or (rows, 8); None = all ones.
+        metric: non-negative weights (8,) or (rows, 8); None = all ones.  Ignored with ``full``.
+        full: a symmetric positive semi-definite (8, 8) metric shared by the rows (block LDLQ's
+            M_B).  The exact search is over the ``top`` best entries under diag(full) (IQ3_S: per
+            half of 4 values, all top² pairs), signs following w as in the diagonal search; the
+            candidate with the least (w − v) full (w − v)ᵀ wins.
+        top: candidates per codebook entry position with ``full``.
 
     Returns:
         The chosen codebook indices, sign mask and decoded values.
@@ -69,6 +83,8 @@ def nearest(gtype: int, w: torch.Tensor, db: torch.Tensor, metric: torch.Tensor 
     sp = iq_grids.spec(gtype)
     rows = w.shape[0]
     cb = codebook(gtype, w.device)                                        # (n_grid, group)
+    if full is not None:
+        metric = torch.diagonal(full)
     m = torch.ones_like(w) if metric is None else metric.to(w).expand_as(w)
     neg = w < 0
     a = w.abs()
@@ -78,16 +94,30 @@ def nearest(gtype: int, w: torch.Tensor, db: torch.Tensor, metric: torch.Tensor 
     dbp = db.repeat_interleave(per)[:, None]
     # Σ m (|w| − db·g)² − Σ m w²  for every entry: (rows·per, n_grid)
     cost = dbp * (dbp * (mm @ (cb * cb).T) - 2 * (mw @ cb.T))
+    if sp.parity:   # per = 1: one entry per row
+        odd = ((neg.sum(1) % 2) == 1).nonzero()[:, 0]                      # rows with an odd sign count
+        fmin, fpos = (mw[odd][:, None, :] * cb[None, :, :]).min(2)          # (odd rows, n_grid)
+        cost[odd] = cost[odd] + 4 * dbp[odd] * fmin
+    k = cost.argmin(1, keepdim=True) if full is None else cost.topk(min(top, len(cb)), 1, largest=False)[1]
+    k = k.reshape(rows, per, -1)                                          # (rows, per, t)
+    if per == 2:   # every pair of the halves' candidates
+        t = k.shape[2]
+        k = torch.stack([k[:, 0, :, None].expand(-1, t, t), k[:, 1, None, :].expand(-1, t, t)], 1)
+    k = k.reshape(rows, per, -1).transpose(1, 2)                          # (rows, C, per)
+    negc = neg[:, None, :].expand(-1, k.shape[1], -1)
     if sp.parity:
-        odd = (neg.sum(1) % 2) == 1                                       # (rows,)
-        flip_cost = mw[:, None, :] * cb[None, :, :]                        # (rows, n_grid, 8)
-        fmin, fpos = flip_cost.min(2)
-        cost = cost + torch.where(odd[:, None], 4 * dbp * fmin, 0)
-    k = cost.argmin(1)                                                    # (rows·per,)
-    if sp.parity:
-        pos = fpos.gather(1, k[:, None])[:, 0]
-        neg = neg ^ (odd[:, None] & (torch.arange(GROUP, device=w.device) == pos[:, None]))
-    mag = (dbp * cb[k]).reshape(rows, GROUP)
-    values = torch.where(neg, -mag, mag)
-    signs = (neg.long() << torch.arange(GROUP, device=w.device)).sum(1)
-    return GroupChoice(k.reshape(rows, per), signs, values)
+        flip = torch.zeros(rows, k.shape[1], GROUP, dtype=torch.bool, device=w.device)
+        pos = fpos.gather(1, k[odd, :, 0])                                # (odd rows, C)
+        flip[odd] = torch.arange(GROUP, device=w.device) == pos[..., None]
+        negc = negc ^ flip
+    mag = db[:, None, None] * cb[k].reshape(rows, -1, GROUP)
+    vals = torch.where(negc, -mag, mag)                                   # (rows, C, 8)
+    if vals.shape[1] > 1:
+        d = w[:, None, :] - vals
+        best = ((d @ full.to(w)) * d).sum(-1).argmin(1)                   # (rows,)
+    else:
+        best = torch.zeros(rows, dtype=torch.int64, device=w.device)
+    r = torch.arange(rows, device=w.device)
+    negb = negc[r, best]
+    signs = (negb.long() << torch.arange(GROUP, device=w.device)).sum(1)
+    return GroupChoice(k[r, best], signs, vals[r, best])

@@ -32,6 +32,9 @@ H = [[1, 0.9], [0.9, 1]].  Rounding each to nearest gives Q = [1, 1], error [-0.
 0.16·(1 + 1 + 2·0.9) = 0.608.  LDLQ rounds column 0 to 1 (error −0.4), pushes −0.4·0.9 into column 1
 (0.6 → 0.24), which then rounds to 0: Q = [1, 0], error [−0.4, 0.6], loss 0.16 + 0.36 − 2·0.9·0.24
 = 0.088, seven times lower.
+
+The lattice i-quants (IQ3_S, IQ2_XS) round 8 columns jointly on a codebook: their block LDLQ is
+:mod:`repq.quant.ldlq_vector`.
 """
 
 from __future__ import annotations
@@ -113,7 +116,7 @@ def round_to_grid(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, inv_a: torc
     return idx.to(w.dtype), vals.gather(1, idx[:, None])[:, 0]
 
 
-def _inverse_cholesky(hp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def inverse_cholesky(hp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Upper Cholesky factor U of H⁻¹ (float32) and 1/diag(U), for H in processing order."""
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hp)), upper=True).to(torch.float32)
     if ldlq_triton.available(u.device):   # the kernel reads rows of U (torch returns it column-major)
@@ -204,7 +207,7 @@ def ldlq(w: torch.Tensor, h: torch.Tensor, fit: Fit, *, qk: int, sub: int, level
     # 1. damped H in processing order and the upper Cholesky factor U of its inverse
     hd = damp_hessian(h.to(dev, torch.float64), damp)
     perm = block_act_order(hd, qk) if act_order else torch.arange(n, device=dev)
-    u, inv_d = _inverse_cholesky(hd[perm][:, perm])
+    u, inv_d = inverse_cholesky(hd[perm][:, perm])
     wp = w[:, perm].to(torch.float32).clone()                      # (rows, n), error-corrected as we go
     order, lv, uniform = _sorted_levels(levels, dev)
     idx_p = torch.empty(rows, n, dtype=torch.float32, device=dev)  # index into sorted levels
@@ -255,7 +258,7 @@ def ldlq_static(w: torch.Tensor, h: torch.Tensor, fit_all: FitAll, *, sub: int, 
     hd = damp_hessian(h.to(dev, torch.float64), damp)
     perm = torch.argsort(torch.diagonal(hd), descending=True, stable=True) if act_order \
         else torch.arange(n, device=dev)
-    u, inv_d = _inverse_cholesky(hd[perm][:, perm])
+    u, inv_d = inverse_cholesky(hd[perm][:, perm])
     wp = w[:, perm].to(torch.float32).clone()
     order, lv, uniform = _sorted_levels(levels, dev)
     idx_p = torch.empty(rows, n, dtype=torch.float32, device=dev)

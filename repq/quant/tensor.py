@@ -14,11 +14,13 @@ and the rules live here once:
   diag(H) with uniform importance for an all-zero diagonal;
 * **Hessians** (:func:`check_hessian`): a Hessian that cannot be Σ x xᵀ / n of the tensor's input
   is refused with a one-line error, before anything is written;
-* **method**: LDLQ (:func:`repq.quant.kquant.ldlq_quantize`) where there is a Hessian and an LDLQ
-  grid for the type; otherwise ggml's own quantizer (llama-quantize's, byte for byte), with
-  importance when there is any, and the result says why (``"rtn (no Hessian)"``,
-  ``"imatrix (no LDLQ grid for IQ3_S)"``, ``"imatrix (3-D expert tensor)"``).  3-D expert tensors
-  are quantized per expert, each with its slice of the importance.
+* **method**: LDLQ where there is a Hessian and an LDLQ grid for the type (scalar grids:
+  :func:`repq.quant.kquant.ldlq_quantize`; the lattice codebooks of IQ3_S and IQ2_XS, static
+  scales only: block LDLQ, :func:`repq.quant.iq_ldlq.ldlq_quantize_iq`); otherwise ggml's own
+  quantizer (llama-quantize's, byte for byte), with importance when there is any, and the result
+  says why (``"rtn (no Hessian)"``, ``"imatrix (no LDLQ grid for IQ3_XXS)"``,
+  ``"imatrix (3-D expert tensor)"``).  3-D expert tensors are quantized per expert, each with its
+  slice of the importance.
 
 The result holds the ggml bytes and the float32 values ggml's dequantization gives for them (what
 llama.cpp computes with, and what distillation freezes).  torch is imported only for Hessians.
@@ -35,7 +37,7 @@ from .. import mix
 from ..errors import InputFileError, MismatchError, UsageError
 from ..ggml import quants
 from ..ggml.types import F32, block_size, is_quantized, type_name
-from . import grids
+from . import grids, iq_grids
 from . import importance as importance_rules
 
 
@@ -53,7 +55,8 @@ class LdlqOptions:
     in global activation order; ``dynamic``: each block fitted on the error-corrected weights when
     the pass reaches it."""
     refit: bool = True
-    """Re-fit fp16 block scales against H once the codes are fixed (legacy types, IQ4_NL)."""
+    """Re-fit fp16 block scales against H once the codes are fixed (legacy types, IQ4_NL; the
+    super-scales of IQ3_S and IQ2_XS)."""
 
     def __post_init__(self) -> None:
         if self.scales not in ("static", "dynamic"):
@@ -182,8 +185,10 @@ def quantize_tensor(plan: mix.TensorPlan, weight: np.ndarray, *, hessian=None,
             reason = "no Hessian"
         elif experts > 1:
             reason = "3-D expert tensor"
-        elif not grids.supported(plan.dst_type):
+        elif not (grids.supported(plan.dst_type) or iq_grids.supported(plan.dst_type)):
             reason = f"no LDLQ grid for {type_name(plan.dst_type)}"
+        elif iq_grids.supported(plan.dst_type) and ldlq.scales != "static":
+            reason = f"no dynamic-scale LDLQ for {type_name(plan.dst_type)}"
     if ldlq is None or reason is not None:
         try:   # ggml's path checks finiteness in its worker threads (no extra pass over the weight)
             raw = _ggml_quantize(plan.dst_type, weight, importance, experts, threads)
@@ -215,11 +220,16 @@ def _ldlq(plan: mix.TensorPlan, weight: np.ndarray, h, opts: LdlqOptions, device
           threads: int | None) -> TensorResult:
     import torch
 
+    from .iq_ldlq import ldlq_quantize_iq
     from .kquant import ldlq_quantize
 
     try:
-        r = ldlq_quantize(weight, h, plan.dst_type, damp=opts.damp, act_order=opts.act_order, device=device,
-                          threads=threads, scales=opts.scales, refit=opts.refit)
+        if iq_grids.supported(plan.dst_type):   # lattice codebook: block LDLQ, 8 columns at a time
+            r = ldlq_quantize_iq(weight, h, plan.dst_type, damp=opts.damp, act_order=opts.act_order, device=device,
+                                 threads=threads, refit=opts.refit)
+        else:
+            r = ldlq_quantize(weight, h, plan.dst_type, damp=opts.damp, act_order=opts.act_order, device=device,
+                              threads=threads, scales=opts.scales, refit=opts.refit)
     except torch.linalg.LinAlgError as e:
         raise _not_factorable(plan.name, h, opts.damp) from e
     scale = max(r.weight_energy, 1e-300)

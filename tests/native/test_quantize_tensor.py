@@ -42,12 +42,13 @@ def _hessian(kind: str) -> torch.Tensor | None:
     return torch.from_numpy(correlated_layer(256, 1, 2048, seed=3)[1])
 
 
-@pytest.mark.parametrize("ftype,method", [("Q4_0", "ldlq"), ("IQ3_S", "imatrix (no LDLQ grid for IQ3_S)")])
+@pytest.mark.parametrize("ftype,scales,method", [("Q4_0", "static", "ldlq"), ("IQ3_S", "static", "ldlq"),
+                                                 ("IQ3_S", "dynamic", "imatrix (no dynamic-scale LDLQ for IQ3_S)")])
 @pytest.mark.parametrize("kind", ["correlated", "zero", "none"])
-def test_distill_and_quantize_give_the_same_bytes(model, tmp_path, ftype, method, kind):
+def test_distill_and_quantize_give_the_same_bytes(model, tmp_path, ftype, scales, method, kind):
     h = _hessian(kind)
     out = tmp_path / "q.gguf"
-    cfg = pipeline.QuantizeConfig(ftype=ftype, method="ldlq", hessian="(in memory)")
+    cfg = pipeline.QuantizeConfig(ftype=ftype, method="ldlq", hessian="(in memory)", scales=scales)
     rep = pipeline.quantize_model(model, out, cfg, hessian_for=lambda n: h if n == NAME else None)
     with GGUFModel(out) as g:
         t = g.tensors[NAME]
@@ -55,7 +56,7 @@ def test_distill_and_quantize_give_the_same_bytes(model, tmp_path, ftype, method
     assert gtype == type_id(ftype)
 
     chunks = np.random.default_rng(0).integers(0, 262, (2, 16))
-    d = Distiller(model, tmp_path / "d.gguf", chunks, DistillConfig(ftype=ftype, batch=1, seq_len=16),
+    d = Distiller(model, tmp_path / "d.gguf", chunks, DistillConfig(ftype=ftype, batch=1, seq_len=16, scales=scales),
                   RunOptions(threads=2))
     r, info = d._quantize_one(NAME, h)
     assert r.raw.tobytes() == want

@@ -1,0 +1,155 @@
+"""Block LDLQ on the i-quant codebooks (repq.quant.ldlq_vector, repq.quant.iq_ldlq): bytes that decode
+through ggml to exactly LDLQ's values, H = I as rounding on ggml's scales, lower proxy loss than
+ggml's imatrix quantization on correlated H, quantize_tensor's method, the docstring's example."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import correlated_layer
+
+from repq import mix
+from repq.ggml import quants
+from repq.ggml.types import row_size, type_id
+from repq.quant import importance, iq_grids, iq_nearest
+from repq.quant.iq_grids import IQ2_XS, IQ3_S
+from repq.quant.iq_ldlq import IqGrid, ldlq_quantize_iq, refit_superscales
+from repq.quant.ldlq import proxy_loss
+from repq.quant.ldlq_vector import group_act_order, ldlq_groups
+from repq.quant.tensor import LdlqOptions, quantize_tensor
+
+TYPES = [pytest.param(IQ3_S, id="IQ3_S"), pytest.param(IQ2_XS, id="IQ2_XS")]
+
+
+@pytest.fixture(autouse=True)
+def _lib(native):
+    pass
+
+
+@pytest.fixture(scope="module")
+def layer():
+    """A weight and a correlated Hessian with a few outlier input channels (like real LLM inputs)."""
+    return correlated_layer(512, 48, 2048, seed=0)
+
+
+@pytest.mark.parametrize("metric", ["full", "diag"])
+@pytest.mark.parametrize("gtype", TYPES)
+def test_exact_decode_and_lower_loss_than_ggml(layer, gtype, metric):
+    """Proxy loss against ggml's imatrix quantization (importance diag H) on this layer, measured:
+    IQ3_S 0.661× (full 8 × 8 metric) / 0.665× (its diagonal), with the super-scale refit 0.641× /
+    0.643×; IQ2_XS 0.729× / 0.733×, refit 0.700× / 0.705×.  On the reference model's ffn_down weights and their real Hessians the ratio
+    is 0.12–0.47× (benchmarks/results/iq_ldlq_cpu.json)."""
+    w, h = layer
+    r = ldlq_quantize_iq(w, h, gtype, metric=metric, refit=False)
+    assert r.raw.nbytes == w.shape[0] * row_size(gtype, w.shape[1])
+    # what torch sees is what llama.cpp runs: ggml's dequantization of the packed bytes
+    np.testing.assert_array_equal(quants.dequantize(gtype, r.raw, w.shape[1]), r.values)
+    assert r.proxy_loss == pytest.approx(proxy_loss(w, r.values, h), rel=1e-9)
+    assert r.proxy_loss < 0.8 * r.baseline_loss
+    refit = ldlq_quantize_iq(w, h, gtype, metric=metric)
+    np.testing.assert_array_equal(quants.dequantize(gtype, refit.raw, w.shape[1]), refit.values)
+    assert refit.proxy_loss == pytest.approx(proxy_loss(w, refit.values, h), rel=1e-9)
+    assert refit.proxy_loss < 0.99 * r.proxy_loss
+
+
+@pytest.mark.parametrize("gtype", TYPES)
+def test_identity_hessian_rounds_on_ggmls_scales(gtype):
+    """With H = I there is no feedback: every group is the nearest point at ggml's stored scales.
+
+    ggml's own quantizer picks each group at its *search* scale, before that scale is refitted and
+    stored in 4 bits (IQ3_S also stretches d by 1.033), so at the stored scale its point is the
+    nearest one on only part of the groups.  Measured here: the same point as ggml on 74.8 % of IQ3_S
+    groups and 91.3 % of IQ2_XS groups (plain MSE 0.948× and 0.989× ggml's); every other group has
+    a strictly lower error than ggml's point.
+    """
+    rng = np.random.default_rng(1)
+    x = (rng.standard_t(4, size=(64, 1024)) * 0.02).astype(np.float32)
+    eye = torch.eye(1024, dtype=torch.float64)
+    grid = IqGrid(gtype, torch.from_numpy(x), np.ones(1024, np.float32))
+    res = ldlq_groups(torch.from_numpy(x), eye, grid.round_group, damp=0.0)
+    sp = iq_grids.spec(gtype)
+    db = np.repeat(iq_grids.subblock_scales(grid.blocks, gtype), sp.sub // 8, axis=1).reshape(-1)
+    w8 = x.reshape(-1, 8)
+    nearest = iq_nearest.nearest(gtype, torch.from_numpy(w8), torch.from_numpy(db)).values.numpy()
+    ours = res.q.numpy().reshape(-1, 8)
+    err = lambda v: ((w8 - v).astype(np.float64) ** 2).sum(1)  # noqa: E731
+    assert (ours == nearest).all(1).mean() > 0.999              # only float near-ties may differ
+    assert (err(ours) <= err(nearest) * (1 + 1e-6) + 1e-15).all()
+    ggml = quants.dequantize(gtype, grid.raw, 1024).reshape(-1, 8)
+    same = (ours == ggml).all(1)
+    assert same.mean() >= {IQ3_S: 0.70, IQ2_XS: 0.90}[gtype]
+    assert (err(ours)[~same] < err(ggml)[~same]).all()
+    assert err(ours).sum() < err(ggml).sum()
+
+
+@pytest.mark.parametrize("gtype", TYPES)
+def test_full_metric_is_never_worse_than_its_diagonal(gtype):
+    """With a full 8 × 8 metric the choice scores at most what the diagonal search's choice scores
+    under that metric (that choice is one of the candidates); a diagonal metric gives the diagonal
+    search's choice."""
+    rng = np.random.default_rng(2)
+    w = torch.from_numpy((rng.standard_normal((2000, 8)) * 0.05).astype(np.float32))
+    db = torch.full((2000,), 0.01)
+    a = torch.from_numpy(rng.standard_normal((8, 8))) * 0.4 + torch.eye(8, dtype=torch.float64)
+    m = (a @ a.T).float()
+    full = iq_nearest.nearest(gtype, w, db, full=m)
+    diag = iq_nearest.nearest(gtype, w, db, torch.diagonal(m))
+    score = lambda v: (((w - v) @ m) * (w - v)).sum(1)  # noqa: E731
+    assert (score(full.values) <= score(diag.values) + 1e-7).all()
+    assert score(full.values).sum() < score(diag.values).sum()
+    dm = torch.diag(torch.diagonal(m))
+    assert (iq_nearest.nearest(gtype, w, db, full=dm).values == diag.values).all(1).float().mean() > 0.999
+
+
+def test_worked_example_from_docstring():
+    """repq.quant.ldlq_vector's example: codebook {(0, 0), (1, 1)}, two groups of 2."""
+    cb = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+
+    def round_group(wg, k, metric):
+        d = wg[:, None, :] - cb                                    # (rows, 2 points, 2)
+        i = ((d @ metric) * d).sum(-1).argmin(1)
+        return i[:, None], cb[i]
+
+    w = torch.full((1, 4), 0.6)
+    h = torch.eye(4, dtype=torch.float64)
+    h[0, 2] = h[2, 0] = h[1, 3] = h[3, 1] = 0.9
+    r = ldlq_groups(w, h, round_group, group=2, damp=0.0, act_order=False, lazy=2)
+    assert r.q.tolist() == [[1.0, 1.0, 0.0, 0.0]]
+    assert r.codes[0, :, 0].tolist() == [1, 0]
+    assert r.proxy_loss == pytest.approx(0.176)
+    assert proxy_loss(w, torch.ones(1, 4), h) == pytest.approx(1.216)
+
+
+def test_act_order_moves_whole_groups():
+    h = torch.diag(torch.tensor([1.0] * 8 + [5.0] * 8 + [3.0] * 8, dtype=torch.float64))
+    assert group_act_order(h, 8).tolist() == list(range(8, 16)) + list(range(16, 24)) + list(range(8))
+
+
+def test_refit_never_makes_a_row_worse(layer):
+    w, h = layer
+    r = ldlq_quantize_iq(w, h, IQ3_S, refit=False)
+    wt, ht = torch.from_numpy(w), torch.from_numpy(h)
+    new = refit_superscales(r.raw, wt, ht, IQ3_S)
+    before, after = (quants.dequantize(IQ3_S, raw, w.shape[1]).astype(np.float64) for raw in (r.raw, new))
+    row = lambda q: (((w - q) @ h) * (w - q)).sum(1)  # noqa: E731
+    assert (row(after) <= row(before)).all() and row(after).sum() < row(before).sum()
+    old_blocks, new_blocks = iq_grids.unpack(r.raw, IQ3_S), iq_grids.unpack(new, IQ3_S)
+    np.testing.assert_array_equal(old_blocks.grid, new_blocks.grid)      # only d changes
+    np.testing.assert_array_equal(old_blocks.scales, new_blocks.scales)
+
+
+@pytest.mark.parametrize("name", ["IQ3_S", "IQ2_XS"])
+def test_quantize_tensor_uses_block_ldlq(layer, name):
+    """`repq quantize --method ldlq` and distillation (both through quantize_tensor) get block LDLQ
+    with static scales; dynamic scales fall back to ggml's imatrix quantizer and say so."""
+    w, h = layer
+    t = type_id(name)
+    plan = mix.TensorPlan(name="blk.0.ffn_down.weight", src_type=0, dst_type=t, allows_quantization=True,
+                          requires_imatrix=name == "IQ2_XS", fallback=False)
+    r = quantize_tensor(plan, w, hessian=h, ldlq=LdlqOptions())
+    assert r.method == "ldlq" and r.proxy_rel_err < 0.8 * r.baseline_rel_err
+    np.testing.assert_array_equal(quants.dequantize(t, r.raw, w.shape[1]), r.values)
+    dyn = quantize_tensor(plan, w, hessian=h, ldlq=LdlqOptions(scales="dynamic"))
+    assert dyn.method == f"imatrix (no dynamic-scale LDLQ for {name})"
+    np.testing.assert_array_equal(dyn.raw, quants.quantize(t, w, importance.from_hessian(h)))
