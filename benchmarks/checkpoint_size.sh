@@ -1,6 +1,6 @@
 #!/bin/bash
 # Measured for the architecture pass: old = ce68a52 (format 1), new = HEAD (format 2); `bash benchmarks/checkpoint_size.sh TREE TAG`
-# distill checkpoint size, reference model, FFN groups 1 step each, checkpoint kept; $1 = tree, $2 = tag
+# distill checkpoint size, reference model, FFN groups 2 steps each, checkpoint every step; $1 = tree, $2 = tag
 ROOT=$(cd "$(dirname "$0")/.." && pwd); PY=${PY:-$ROOT/.venv/bin/python}
 C=${REPQ_CACHE:-$HOME/.cache/repq}; M=$C/models/smollm2-135m-f32.gguf; D=$C/data/library.txt
 cd /tmp; rm -rf /tmp/ck-$2; mkdir -p /tmp/ck-$2
