@@ -20,7 +20,7 @@ def quantize(
     damp: Annotated[float, typer.Option(help="LDLQ: relative damping of H's diagonal.")] = 0.01,
     act_order: Annotated[bool, typer.Option("--act-order/--no-act-order", help="LDLQ: round each block's columns by decreasing diag(H).")] = True,
     device: Annotated[str, typer.Option(help="LDLQ: torch device (cpu, cuda, cuda:1).")] = "cpu",
-    refit: Annotated[bool, typer.Option("--refit/--no-refit", help="LDLQ: re-fit block scales against H after rounding (legacy types, IQ4_NL, IQ3_S/IQ2_XS super-scales).")] = True,
+    refit: Annotated[bool, typer.Option("--refit/--no-refit", help="LDLQ: re-fit block scales against H after rounding (legacy types, IQ4_NL, IQ3_S/IQ2_XS).")] = True,
     scales: Annotated[str, typer.Option(help="LDLQ: static (grids fitted on W up front, global act order) | dynamic (fitted on error-corrected blocks).")] = "static",
     threads: ThreadsOpt = 0,
     pure: Annotated[bool, typer.Option("--pure", help="Same type for every tensor (no k-quant mixture).")] = False,

@@ -61,7 +61,7 @@ class GroupChoice:
 
 
 def nearest(gtype: int, w: torch.Tensor, db: torch.Tensor, metric: torch.Tensor | None = None, *,
-            full: torch.Tensor | None = None, top: int = 8) -> GroupChoice:
+            full: torch.Tensor | None = None, top: int = 4) -> GroupChoice:
     """The codebook point and signs nearest to ``w`` under the diagonal ``metric``, on scale ``db``;
     or, with ``full``, the best under that 8 × 8 metric among the best few under its diagonal.
 

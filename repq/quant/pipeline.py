@@ -62,8 +62,8 @@ class QuantizeConfig:
     visits columns in global activation order; ``dynamic`` fits each block on the error-corrected
     weights when the pass reaches it (columns in block order)."""
     refit: bool = True
-    """LDLQ: re-fit fp16 block scales against H once the codes are fixed (legacy types, IQ4_NL; the
-    super-scales of IQ3_S and IQ2_XS)."""
+    """LDLQ: re-fit fp16 block scales against H once the codes are fixed (legacy types, IQ4_NL, IQ3_S,
+    IQ2_XS)."""
     imatrix: str | None = None
     """Path of an imatrix file (GGUF or legacy .dat) as given on the command line."""
     threads: int = 0

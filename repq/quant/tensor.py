@@ -55,8 +55,8 @@ class LdlqOptions:
     in global activation order; ``dynamic``: each block fitted on the error-corrected weights when
     the pass reaches it."""
     refit: bool = True
-    """Re-fit fp16 block scales against H once the codes are fixed (legacy types, IQ4_NL; the
-    super-scales of IQ3_S and IQ2_XS)."""
+    """Re-fit fp16 block scales against H once the codes are fixed (legacy types, IQ4_NL, IQ3_S,
+    IQ2_XS)."""
 
     def __post_init__(self) -> None:
         if self.scales not in ("static", "dynamic"):
