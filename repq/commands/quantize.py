@@ -73,12 +73,12 @@ def quantize(
 
         pipeline.check_output_path(model, out_path)
         src = ensure_gguf(model, trust_remote_code=trust_remote_code)
-        hessian_for, extra_kv = _ldlq_inputs(src, cfg) if m == "ldlq" else (None, None)
+        hessian_for, hessian_names, extra_kv = _ldlq_inputs(src, cfg) if m == "ldlq" else (None, (), None)
         with out.progress(f"quantize {model.name} → {fmt}", total=0) as advance:
             def on_tensor(rep, i, n):
                 advance(1, f"{rep.name} → {rep.dst_type}", total=n)
             rep = pipeline.quantize_model(src, out_path, cfg, on_tensor=on_tensor, hessian_for=hessian_for,
-                                          extra_kv=extra_kv)
+                                          hessian_names=hessian_names, extra_kv=extra_kv)
         cols = ["tensor", "shape", "from", "to", "MiB", "method"]
         rows = [[t.name, "×".join(map(str, t.shape)), t.src_type, t.dst_type + ("*" if t.fallback else ""),
                  f"{t.dst_bytes / 2**20:.2f}", t.method] for t in rep.tensors]
@@ -105,7 +105,8 @@ def _fmt(v: float | None) -> str:
 
 def _ldlq_inputs(src: Path, cfg):
     """For --method ldlq: the Hessian lookup over the --hessian directory, checked against the
-    model first, and the output's ``repq.*`` provenance keys (the Hessians' data fingerprints).
+    model first, the names it has a Hessian for, and the output's ``repq.*`` provenance keys (the
+    Hessians' data fingerprints).
 
     Everything that can be checked without reading the Hessians' values is checked here, before
     the output is opened: the device, the model fingerprint, and the stored shape of every Hessian
@@ -121,11 +122,13 @@ def _ldlq_inputs(src: Path, cfg):
 
     check_device(cfg.device)
     hs = HessianSet(cfg.hessian)
+    names = set()
     with GGUFModel(src) as g:
         hs.check_model(config_from_gguf(g).fingerprint(), f"{Path(src).name} is")
         for name, t in g.tensors.items():
             if len(t.shape) < 2 or not hs.has(name):
                 continue
+            names.add(name)
             shape = hs.shape(name)
             if shape != (t.n_per_row, t.n_per_row):
                 raise MismatchError(f"{hs.path}: Hessian for {name.removesuffix('.weight')} is "
@@ -138,7 +141,7 @@ def _ldlq_inputs(src: Path, cfg):
         # an entry that cannot be read is an error, not a silent fallback
         return hs.mean(name) if hs.has(name) else None
 
-    return lookup, keys.provenance("ldlq", cfg.ldlq_options().to_dict(), hs.data_fingerprints)
+    return lookup, names, keys.provenance("ldlq", cfg.ldlq_options().to_dict(), hs.data_fingerprints)
 
 
 def _parse_tensor_type(spec: str) -> tuple[str, int]:

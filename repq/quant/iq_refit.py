@@ -67,7 +67,8 @@ def _values_at(blocks: IqBlocks, gtype: int, *, d: float, scale_code: int | None
     """The values ``blocks`` decode to with every super-scale set to ``d`` (and every sub-block
     code to ``scale_code``): float32 (blocks, 256), exact small multiples of the codebook."""
     sc = blocks.scales if scale_code is None else np.full_like(blocks.scales, scale_code)
-    return iq_grids.decode(IqBlocks(np.full_like(blocks.d, d), sc, blocks.grid, blocks.signs), gtype)
+    raw = iq_grids.pack(IqBlocks(np.full_like(blocks.d, d), sc, blocks.grid, blocks.signs), gtype)
+    return quants.dequantize(gtype, raw, QK)   # ggml's decoder: 10× faster than iq_grids.decode
 
 
 def _with_d(blocks: IqBlocks, d: np.ndarray, gtype: int) -> np.ndarray:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -180,6 +180,7 @@ def check_imatrix(im: dict[str, np.ndarray], model: gguf_file.GGUFModel, plans: 
 def quantize_model(src: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeConfig, *,
                    on_tensor: Callable[[TensorReport, int, int], None] | None = None,
                    hessian_for: Callable[[str], object] | None = None,
+                   hessian_names: Container[str] = (),
                    extra_kv: list[keys.KeyValue] | None = None,
                    tensor_values: Callable[[str], np.ndarray | None] | None = None,
                    tensor_bytes: dict[str, np.ndarray] | None = None) -> QuantizeReport:
@@ -192,6 +193,8 @@ def quantize_model(src: str | os.PathLike, out: str | os.PathLike, cfg: Quantize
         on_tensor: called after each tensor with (report, index, total), for progress display.
         hessian_for: tensor name -> its input's proxy Hessian (n_per_row × n_per_row) or None
             (method ldlq; called once per quantized tensor, so only one Hessian is in memory).
+        hessian_names: the tensors ``hessian_for`` has a Hessian for: their diag(H) is importance,
+            so types that need an imatrix (IQ2_XS, ...) are accepted for them.
         extra_kv: key/value pairs to add after the ftype and imatrix keys (``repq.*`` provenance).
         tensor_values: name -> float32 (n_rows × n_per_row) values that replace the input's for that
             tensor (None keeps the input's); a replaced tensor is always quantized, also when its
@@ -215,7 +218,9 @@ def quantize_model(src: str | os.PathLike, out: str | os.PathLike, cfg: Quantize
         if imx is not None:
             check_imatrix(importance, model, plans, cfg.imatrix)
         refusal = None if cfg.allow_requantize else "; pass --allow-requantize to requantize it"
-        check_plans(plans, {n: t.n_per_row for n, t in model.tensors.items()}, importance=importance,
+        # importance: an imatrix entry, a Hessian's diagonal, or finished bytes (distill's frozen tensors)
+        have = set(importance) | {n for n in model.tensors if n in hessian_names or n in (tensor_bytes or {})}
+        check_plans(plans, {n: t.n_per_row for n, t in model.tensors.items()}, importance=have,
                     requantize_refusal=refusal)
 
         writer = gguf_file.GGUFWriter(out)

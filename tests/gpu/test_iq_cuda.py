@@ -5,6 +5,8 @@
   multiplies by the reciprocal, is avoided).
 * repq.quant.iq_nearest on CUDA returns values that ggml decodes from its codes, and the same
   choice as on the CPU but for float ties.
+* block LDLQ (repq.quant.iq_ldlq) on CUDA: the bytes decode through ggml to exactly the values
+  LDLQ used, from the same scales as on the CPU, at the CPU's proxy loss but for float ties.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import correlated_layer
 
 from repq.ggml import quants
 from repq.ggml.types import type_id
-from repq.quant import iq_grids, iq_nearest, iq_search
+from repq.quant import importance, iq_grids, iq_nearest, iq_search
+from repq.quant.iq_ldlq import IqGrid, ldlq_quantize_iq
+from repq.quant.ldlq_vector import ldlq_groups
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 TYPES = ["IQ3_S", "IQ2_XS"]
@@ -56,3 +61,20 @@ def test_cuda_nearest_decodes_exactly(name):
     np.testing.assert_array_equal(decoded, ch.values.cpu().numpy())
     cpu = iq_nearest.nearest(t, *(torch.from_numpy(a) for a in (w8, db, m8)))
     assert (cpu.values.numpy() == decoded).all(1).mean() > 0.999
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_cuda_block_ldlq_decodes_exactly(name):
+    t = type_id(name)
+    w, h = correlated_layer(512, 64, 2048, seed=0)
+    wc, hc = torch.from_numpy(w).cuda(), torch.from_numpy(h).cuda()
+    grid = IqGrid(t, wc, importance.from_hessian(h))          # ggml's scales, by the torch search
+    res = ldlq_groups(wc, hc, grid.round_group)
+    np.testing.assert_array_equal(quants.dequantize(t, grid.pack(res.codes), 512), res.q.cpu().numpy())
+    gpu = ldlq_quantize_iq(w, h, t, device="cuda", refit=False)
+    cpu = ldlq_quantize_iq(w, h, t, refit=False)
+    assert gpu.baseline_loss == pytest.approx(cpu.baseline_loss, rel=1e-12)   # the same scales
+    assert gpu.proxy_loss == pytest.approx(cpu.proxy_loss, rel=0.01)
+    refit = ldlq_quantize_iq(w, h, t, device="cuda")
+    np.testing.assert_array_equal(quants.dequantize(t, refit.raw, 512), refit.values)
+    assert refit.proxy_loss < gpu.proxy_loss

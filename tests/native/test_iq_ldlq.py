@@ -4,6 +4,8 @@ ggml's imatrix quantization on correlated H, quantize_tensor's method, the docst
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -42,10 +44,14 @@ def test_exact_decode_and_lower_loss_than_ggml(layer, gtype, metric):
     0.639×; IQ2_XS 0.729× / 0.733×, refit 0.674× / 0.682×.  On the reference model's ffn_down weights and their real Hessians the ratio
     is 0.12–0.47× (benchmarks/results/iq_ldlq_cpu.json)."""
     w, h = layer
+    # what torch sees is what llama.cpp runs: ggml's dequantization of the packed codes is LDLQ's q
+    grid = IqGrid(gtype, torch.from_numpy(w), importance.from_hessian(h), metric=metric)
+    res = ldlq_groups(torch.from_numpy(w), torch.from_numpy(h), grid.round_group)
+    np.testing.assert_array_equal(quants.dequantize(gtype, grid.pack(res.codes), w.shape[1]), res.q.numpy())
     r = ldlq_quantize_iq(w, h, gtype, metric=metric, refit=False)
     assert r.raw.nbytes == w.shape[0] * row_size(gtype, w.shape[1])
-    # what torch sees is what llama.cpp runs: ggml's dequantization of the packed bytes
     np.testing.assert_array_equal(quants.dequantize(gtype, r.raw, w.shape[1]), r.values)
+    assert r.proxy_loss == res.proxy_loss
     assert r.proxy_loss == pytest.approx(proxy_loss(w, r.values, h), rel=1e-9)
     assert r.proxy_loss < 0.8 * r.baseline_loss
     refit = ldlq_quantize_iq(w, h, gtype, metric=metric)
@@ -155,3 +161,35 @@ def test_quantize_tensor_uses_block_ldlq(layer, name):
     dyn = quantize_tensor(plan, w, hessian=h, ldlq=LdlqOptions(scales="dynamic"))
     assert dyn.method == f"imatrix (no dynamic-scale LDLQ for {name})"
     np.testing.assert_array_equal(dyn.raw, quants.quantize(t, w, importance.from_hessian(h)))
+
+
+def test_cli_quantize_iq2_xs_with_hessians(tmp_path):
+    """`repq quantize --fmt IQ2_XS --hessian DIR`: the Hessians' diagonals are the importance that
+    IQ2_XS requires, and every 256-divisible weight with a Hessian gets block LDLQ."""
+    from support.models import random_model, save_gguf
+    from support.vocab import byte_vocab_kv
+    from typer.testing import CliRunner
+
+    from repq.cli import app
+    from repq.io.gguf_file import GGUFModel
+    from repq.model.config import ModelConfig
+
+    cfg = ModelConfig(arch="llama", n_layer=1, n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_vocab=262,
+                      rms_eps=1e-5, tied=False)
+    save_gguf(random_model(cfg, seed=0), tmp_path / "m.gguf", kv=byte_vocab_kv())
+    words = "the quick brown fox jumps over a lazy dog".split()
+    (tmp_path / "t.txt").write_text(" ".join(np.random.default_rng(0).choice(words, 800)) + "\n")
+    run = lambda *a: CliRunner().invoke(app, [str(x) for x in a])  # noqa: E731
+    r = run("hessian", tmp_path / "m.gguf", "--data", tmp_path / "t.txt", "-o", tmp_path / "h", "-c", 64,
+            "--chunks", 2, "-t", 1, "-q")
+    assert r.exit_code == 0, r.output
+    r = run("quantize", tmp_path / "m.gguf", tmp_path / "q.gguf", "--fmt", "IQ2_XS", "--hessian", tmp_path / "h",
+            "-t", 1, "--json")
+    assert r.exit_code == 0, r.output
+    rep = {t["name"]: t for t in json.loads(r.stdout)["tensors"]}
+    with GGUFModel(tmp_path / "q.gguf") as g:
+        for name in ("blk.0.ffn_down.weight", "blk.0.ffn_up.weight", "blk.0.attn_q.weight"):
+            t = g.tensors[name]
+            if iq_grids.supported(t.type):
+                assert rep[name]["method"] == "ldlq" and rep[name]["proxy_rel_err"] < rep[name]["baseline_rel_err"]
+        assert sum(iq_grids.supported(t.type) for t in g.tensors.values()) >= 3
