@@ -15,8 +15,15 @@
 3. **Bytes**: the chosen indices and signs are packed into the blocks around ggml's scales
    (:func:`repq.quant.iq_grids.pack`) and decoded through ggml, which gives exactly the values
    LDLQ used (``tests/native/test_iq_ldlq.py``).
-4. **Refit** (optional, :func:`repq.quant.iq_refit.refit_scales`): with the points fixed, the
-   scales are refitted against H, row by row, where that lowers the row's loss.
+4. **Refit** (optional, :func:`repq.quant.iq_refit.refit_candidates`): with the points fixed, the
+   scales are refitted against H.
+5. **Rows**: each row keeps whichever of LDLQ's bytes, their refits and ggml's own bytes has the
+   lowest loss (:func:`repq.quant.iq_refit.keep_best_rows`; the loss is a sum over rows), so no
+   row is worse than ggml's.  This matters where a sub-block holds one huge weight (a "super
+   weight" on a massive-activation input: blk.28.ffn_down of the reference model): its scale
+   leaves no small magnitudes for the other values (IQ2_XS's smallest point is 8·db), their large
+   errors are pushed into the few inputs H couples to that one, which the fixed scales cannot
+   represent either, and the row ends up 2.2× worse than ggml's (without the refit).
 
 Why not ggml's points when there is no feedback (H = I): ggml chooses each group at its search
 scale, before that scale is refitted and stored in 4 bits (IQ3_S also stretches d by 1.033), so at
@@ -32,7 +39,7 @@ import torch
 from ..ggml import quants
 from . import iq_grids, iq_nearest, iq_search
 from .importance import from_hessian
-from .iq_refit import refit_scales
+from .iq_refit import keep_best_rows, refit_candidates
 from .kquant import QuantizedTensor
 from .ldlq import Timer, proxy_loss_on
 from .ldlq_vector import ldlq_groups
@@ -92,15 +99,15 @@ def ldlq_quantize_iq(w: np.ndarray | torch.Tensor, h: np.ndarray | torch.Tensor,
         damp, act_order: as :func:`repq.quant.ldlq_vector.ldlq_groups`.
         device: where the arithmetic runs; ggml's scale fit, packing and decoding on the CPU
             (on CUDA the scale fit too, unless ``fit="ggml"``).
-        refit: refit the scales afterwards (:func:`repq.quant.iq_refit.refit_scales`).
+        refit: refit the scales afterwards (:func:`repq.quant.iq_refit.refit_candidates`).
         fit: "auto" (torch search on CUDA, ggml on the CPU), "ggml" or "torch": the same bytes.
         metric: "full" (8 × 8 metric, ``top`` candidates) or "diag" (its diagonal only).
         timer: called at the end of each phase: setup, grid fit, cholesky, group loop, result,
-            pack, refit, decode, losses.
+            pack, refit (the refit and the choice of rows), decode, losses.
 
     Returns:
         QuantizedTensor; ``baseline_loss`` is that of ggml's imatrix quantization with importance
-        diag(H) (the bytes the scales came from).
+        diag(H) (the bytes the scales came from), which ``proxy_loss`` never exceeds.
     """
     wt = (w.detach().to(device, torch.float32) if isinstance(w, torch.Tensor)
           else torch.as_tensor(np.array(w, np.float32, copy=True)).to(device))
@@ -114,14 +121,14 @@ def ldlq_quantize_iq(w: np.ndarray | torch.Tensor, h: np.ndarray | torch.Tensor,
                       timer=timer)
     raw = grid.pack(res.codes)
     tick("pack")
-    if refit:
-        raw = refit_scales(raw, wt, ht, gtype)
-        tick("refit")
-    values = quants.dequantize(gtype, raw, wt.shape[1])   # without the refit: res.q, bit for bit
+    # each row: the best of LDLQ's bytes, their refits and ggml's own bytes
+    options = [raw, *(refit_candidates(raw, wt, ht, gtype) if refit else []), grid.raw]
+    raw = keep_best_rows(options, wt, ht, gtype)
+    tick("refit")
+    values = quants.dequantize(gtype, raw, wt.shape[1])
     tick("decode")
-    q = torch.from_numpy(values) if refit else res.q
     base = torch.from_numpy(quants.dequantize(gtype, grid.raw, wt.shape[1]))
-    out = QuantizedTensor(raw=raw, values=values, proxy_loss=proxy_loss_on(wt, q, ht),
+    out = QuantizedTensor(raw=raw, values=values, proxy_loss=proxy_loss_on(wt, torch.from_numpy(values), ht),
                           baseline_loss=proxy_loss_on(wt, base, ht),
                           weight_energy=proxy_loss_on(wt, torch.zeros((), device=wt.device), ht))
     tick("losses")

@@ -15,7 +15,8 @@ values per unknown (as :mod:`repq.quant.refit` does for the legacy types).  Two 
    refitted as in 1.  ggml's scales were fitted to ggml's own points, not to LDLQ's.
 
 Each row keeps whichever of its old bytes and the two candidates decodes (through ggml, with its
-float32 and fp16 rounding) to the lowest loss, so a refit never makes a row worse.
+float32 and fp16 rounding) to the lowest loss (:func:`keep_best_rows`), so a refit never makes a
+row worse.
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ SCALE_STEPS = {"IQ3_S": (1.0, 2.0), "IQ2_XS": (0.125, 0.25)}
 
 
 @torch.inference_mode()
-def refit_scales(raw: np.ndarray, w: torch.Tensor, h: torch.Tensor, gtype: int, *,
-                 row_chunk: int = 256) -> np.ndarray:
-    """Return ``raw`` with each row's scales refitted against H (see the module docstring);
-    codebook points and signs unchanged.
+def refit_candidates(raw: np.ndarray, w: torch.Tensor, h: torch.Tensor, gtype: int, *,
+                     row_chunk: int = 256) -> list[np.ndarray]:
+    """The two refits of ``raw`` (see the module docstring), as ggml bytes; codebook points and
+    signs unchanged.  :func:`keep_best_rows` picks among them.
 
     Args:
         raw: uint8 row-major ggml bytes of ``gtype`` (IQ3_S or IQ2_XS).
@@ -44,7 +45,6 @@ def refit_scales(raw: np.ndarray, w: torch.Tensor, h: torch.Tensor, gtype: int, 
     """
     sp = iq_grids.spec(gtype)
     c0, c1 = SCALE_STEPS[sp.name]
-    rows, n = w.shape
     h = h.to(torch.float64)
     blocks = iq_grids.unpack(raw, gtype)
     # 1. super-scales only
@@ -57,8 +57,16 @@ def refit_scales(raw: np.ndarray, w: torch.Tensor, h: torch.Tensor, gtype: int, 
     code = np.clip(np.round((a / np.where(d > 0, d, 1) - c0) / c1), 0, 15).astype(np.uint8)
     sub = IqBlocks(d[:, 0].astype(np.float16), code, blocks.grid, blocks.signs)
     cand2 = _with_d(sub, _solve(_values_at(sub, gtype, d=1.0), w, h, QK, row_chunk), gtype)
-    # 3. each row keeps the best of the three
-    options = [raw, cand1, cand2]
+    return [cand1, cand2]
+
+
+@torch.inference_mode()
+def keep_best_rows(options: list[np.ndarray], w: torch.Tensor, h: torch.Tensor, gtype: int) -> np.ndarray:
+    """Row by row, the option (ggml bytes of ``gtype``, all of w's shape) that decodes to the lowest
+    (w − q) H (w − q)ᵀ; ties go to the earlier option.  The loss is a sum over rows, so this is the
+    best of all their row combinations."""
+    rows = w.shape[0]
+    h = h.to(torch.float64)
     best = np.argmin(np.stack([_row_loss(o, w, h, gtype) for o in options]), axis=0)
     return np.stack([o.reshape(rows, -1) for o in options])[best, np.arange(rows)].reshape(-1)
 
