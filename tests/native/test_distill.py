@@ -112,10 +112,11 @@ def test_groups_cover_every_linear_once():
 
 # ------------------------------------------------------------------------------------------------ exactness
 
-def test_gguf_holds_the_frozen_student_exactly_and_llama_quantize_layout(tiny, tmp_path):
+@pytest.mark.parametrize("ftype", ["Q3_K_S", "IQ3_S"])   # IQ3_S: block LDLQ on the lattice codebook
+def test_gguf_holds_the_frozen_student_exactly_and_llama_quantize_layout(tiny, tmp_path, ftype):
     src, _, chunks = tiny
     out = tmp_path / "q.gguf"
-    res = _run(src, out, chunks, _cfg(ftype="Q3_K_S"))
+    res = _run(src, out, chunks, _cfg(ftype=ftype))
     sd = res.student.state_dict()
     with GGUFModel(out) as g:
         layout = [(n, t.type, t.n_bytes) for n, t in g.tensors.items()]
@@ -131,7 +132,7 @@ def test_gguf_holds_the_frozen_student_exactly_and_llama_quantize_layout(tiny, t
         im = {n: np.ones(t.n_per_row, np.float32) for n, t in g.tensors.items() if n.startswith("blk.")}
     imx = write_legacy_imatrix(tmp_path / "im.dat", im)
     ref = tmp_path / "ref.gguf"
-    subprocess.run(REPQ + ["quantize", str(src), str(ref), "--fmt", "Q3_K_S", "--imatrix", str(imx), "-q"], check=True)
+    subprocess.run(REPQ + ["quantize", str(src), str(ref), "--fmt", ftype, "--imatrix", str(imx), "-q"], check=True)
     with GGUFModel(ref) as g:
         assert [(n, t.type, t.n_bytes) for n, t in g.tensors.items()] == layout
     assert {t["method"] for t in res.tensors} == {"ldlq"}
@@ -141,7 +142,7 @@ def test_gguf_holds_the_frozen_student_exactly_and_llama_quantize_layout(tiny, t
 
     with GGUFModel(out) as g:
         assert g.get(keys.REPQ_METHOD) == "distill" and g.get(keys.REPQ_DATA_FINGERPRINTS) == []
-        assert json.loads(g.get(keys.REPQ_CONFIG)) == json.loads(json.dumps(_cfg(ftype="Q3_K_S").to_dict(), default=str))
+        assert json.loads(g.get(keys.REPQ_CONFIG)) == json.loads(json.dumps(_cfg(ftype=ftype).to_dict(), default=str))
 
 
 def test_llama_cpp_logits_equal_the_torch_student(tiny, tmp_path):
