@@ -17,3 +17,22 @@ tar czf "$OUT/llama.tgz" -C "$ROOT/vendor" \
 SDIST=$(bash "$ROOT/scripts/vendor.sh" sdist)
 CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" "$PY" -m pip wheel -q --no-deps -w "$OUT" "$SDIST"
 du -sh "$OUT"; ls "$OUT"
+# `make_carry.sh model` also packs the reference model in two halves (a call carries at most 64 MiB)
+# and the distillation inputs: .carry/a = llama.tgz + wheels + first half (for setup.sh),
+# .carry/b = second half, the tutorial text, the library text's token chunks and llama.cpp's
+# imatrix of the library text (for run.sh and distill.sh).
+if [ "${1:-}" = model ]; then
+  CACHE=${REPQ_CACHE:-$HOME/.cache/repq}
+  Q41=$CACHE/models/SmolLM2-135M-Instruct.Q4_1.gguf
+  A=$ROOT/.carry/a B=$ROOT/.carry/b
+  rm -rf "$A" "$B" && mkdir -p "$A" "$B"
+  cp "$OUT"/* "$A"/
+  half=$(( ($(stat -c %s "$Q41") + 1) / 2 ))
+  split -b "$half" -d -a 2 "$Q41" "$B/q41.part" && mv "$B/q41.part00" "$A/"
+  cp "$CACHE/data/tutorial.txt" "$B/"
+  for t in "$CACHE"/data/*.txt; do case $(basename "$t") in library.txt|tutorial.txt) ;; *) cp "$t" "$B/";; esac; done
+  "$ROOT/.venv/bin/repq" tokenize "$CACHE/models/smollm2-135m-f32.gguf" --data "$CACHE/data/library.txt" -c 512 -o "$B/library-512.npy"
+  IMX=${IMATRIX:-$CACHE/bench-ldlq-iq/imatrix-100.gguf}
+  [ -f "$IMX" ] && cp "$IMX" "$B/imatrix-100.gguf"
+  du -sh "$A" "$B"
+fi
