@@ -6,21 +6,25 @@ of 8 columns of every row on the block's fixed sub-block scale ``db`` means solv
 
     minimise  Σ_i m_i (w_i − v_i)²       v_i = ±fl32(db · grid[k][i])     (m: a diagonal metric)
 
-over the codebook entries k (one per 8 values for IQ2_XS, one per 4 for IQ3_S) and the signs.  The
-search is exhaustive over the true decoded codebook (512 entries, not ggml's odd-integer model of
-it) and exact up to float rounding:
+over the codebook entries k (one per 8 values for the IQ2 types, one per 4 for IQ3_S and IQ3_XXS)
+and the signs.  The search is exhaustive over the true decoded codebook (not ggml's odd-integer
+model of it) and exact up to float rounding:
 
 * Every codebook value is positive, so each sign follows its weight (w_i < 0 → negative) and the
   magnitude problem is  Σ m_i (|w_i| − db·g_i)² = const − 2·db·(m|w|)·g + db²·m·g²,  two small
   matrix products against the codebook.
-* IQ2_XS stores 7 sign bits per 8 values and the 8th is their parity, so the number of negatives
-  must be even.  When the weights' signs are odd, the cheapest fix for entry k is to flip the
-  value with the smallest m_i·|w_i|·g_ki, which costs 4·db·m_i·|w_i|·g_ki more; that penalty is
-  added per entry before choosing k, so the choice is optimal under the parity constraint.
+* IQ2_XS, IQ2_XXS and IQ3_XXS store 7 sign bits per 8 values and the 8th is their parity, so the
+  number of negatives must be even.  When the weights' signs are odd, the cheapest fix for entry k
+  is to flip the value with the smallest m_i·|w_i|·g_ki, which costs 4·db·m_i·|w_i|·g_ki more;
+  that penalty is added per entry before choosing k, so the choice is optimal under the parity
+  constraint.  IQ3_XXS's parity spans its two entries of 4: the flip lands in one of them, so the
+  optimum is the better of (best first entry with the flip, best second entry without) and the
+  reverse; both pairs are candidates, scored exactly.
 
 Block LDLQ's metric for a group is a full 8 × 8 matrix M (the Schur complement of H onto the
 group).  With ``full=M`` the search above runs on M's diagonal and keeps the ``top`` best entries
-(IQ3_S: per half, then every pair of them); each candidate, signs as chosen above, is scored by
+(the 4-value types: per half, then every pair of them, IQ3_XXS adding each half's best entry
+with the flip); each candidate, signs as chosen above, is scored by
 the exact (w − v) M (w − v)ᵀ and the best wins.  The diagonal search's own choice is always among
 the candidates, so the result is never worse under M; it is not exhaustive under M (the signs
 still follow the weights).
@@ -37,7 +41,7 @@ import torch
 from . import iq_grids
 
 GROUP = 8
-"""Weights rounded jointly: one sign byte (IQ3_S: two codebook entries; IQ2_XS: one)."""
+"""Weights rounded jointly: one sign byte (IQ3_S, IQ3_XXS: two codebook entries; the IQ2 types: one)."""
 
 _codebooks: dict[tuple[int, str], torch.Tensor] = {}
 
@@ -65,12 +69,12 @@ def _smallest(cost: torch.Tensor, t: int) -> torch.Tensor:
 
 def _flip_cost(mw: torch.Tensor, gtype: int) -> torch.Tensor:
     """min_i mw_i · cb_ki for every row and codebook entry k: (rows, n_grid), without the
-    (rows, n_grid, 8) product.  The codebook has few distinct values v (IQ2_XS: 3), so the minimum
-    is min_v v · (min of mw over the positions where entry k holds v): the minimum of mw over each
-    of the 256 position subsets is tabulated per row, then gathered once per value."""
-    rows = mw.shape[0]
-    table = torch.full((rows, 256), float("inf"), dtype=mw.dtype, device=mw.device)
-    for b in range(GROUP):   # subsets whose highest position is b: those below it, plus b
+    (rows, n_grid, group) product.  The codebook has few distinct values v (IQ2 types: 3), so the
+    minimum is min_v v · (min of mw over the positions where entry k holds v): the minimum of mw
+    over each of the 2^group position subsets is tabulated per row, then gathered once per value."""
+    rows, group = mw.shape
+    table = torch.full((rows, 1 << group), float("inf"), dtype=mw.dtype, device=mw.device)
+    for b in range(group):   # subsets whose highest position is b: those below it, plus b
         table[:, 1 << b:2 << b] = torch.minimum(table[:, :1 << b], mw[:, b:b + 1])
     out = None
     for v, subset in _value_subsets(gtype, mw.device):
@@ -89,7 +93,7 @@ def _value_subsets(gtype: int, device: torch.device) -> list[tuple[float, torch.
     out = _subsets.get(key)
     if out is None:
         cb = codebook(gtype, device)
-        bit = 1 << torch.arange(GROUP, device=device)
+        bit = 1 << torch.arange(cb.shape[1], device=device)
         out = _subsets[key] = [(v, ((cb == v).long() * bit).sum(1)) for v in torch.unique(cb).tolist()]
     return out
 
@@ -99,7 +103,7 @@ class GroupChoice:
     """The rounding of one group of 8 weights in each of ``rows`` rows."""
 
     grid: torch.Tensor     # int64 (rows, 8 / group): codebook index of each entry
-    signs: torch.Tensor    # int64 (rows,): bit i set = value i negative (even for IQ2_XS)
+    signs: torch.Tensor    # int64 (rows,): bit i set = value i negative (even for the parity types)
     values: torch.Tensor   # float32 (rows, 8): the decoded values ±fl32(db · grid)
 
 
@@ -109,14 +113,14 @@ def nearest(gtype: int, w: torch.Tensor, db: torch.Tensor, metric: torch.Tensor 
     or, with ``full``, the best under that 8 × 8 metric among the best few under its diagonal.
 
     Args:
-        gtype: IQ3_S or IQ2_XS.
+        gtype: IQ3_S, IQ3_XXS, IQ2_S, IQ2_XS or IQ2_XXS.
         w: float32 (rows, 8): one aligned group of 8 columns of every row.
         db: float32 (rows,): the sub-block scale of that group in each row, as ggml decodes it
             (:func:`repq.quant.iq_grids.subblock_scales`); db ≥ 0.
         metric: non-negative weights (8,) or (rows, 8); None = all ones.  Ignored with ``full``.
         full: a symmetric positive semi-definite (8, 8) metric shared by the rows (block LDLQ's
-            M_B).  The exact search is over the ``top`` best entries under diag(full) (IQ3_S: per
-            half of 4 values, all top² pairs), signs following w as in the diagonal search; the
+            M_B).  The exact search is over the ``top`` best entries under diag(full) (4-value
+            types: per half, all pairs), signs following w as in the diagonal search; the
             candidate with the least (w − v) full (w − v)ᵀ wins.
         top: candidates per codebook entry position with ``full``.
 
@@ -138,10 +142,18 @@ def nearest(gtype: int, w: torch.Tensor, db: torch.Tensor, metric: torch.Tensor 
     # Σ m (|w| − db·g)² − Σ m w²  for every entry, = db²·(m·g²) − 2·db·(m|w|)·g in one product:
     # (rows·per, n_grid)
     cost = torch.cat([dbp * dbp * mm, -2 * dbp * mw], 1) @ torch.cat([cb * cb, cb], 1).T
-    if sp.parity:   # per = 1: one entry per row
-        odd = ((neg.sum(1) % 2) == 1).nonzero()[:, 0]                      # rows with an odd sign count
-        cost[odd] += 4 * dbp[odd] * _flip_cost(mw[odd], gtype)
-    k = _smallest(cost, 1 if full is None else min(top, len(cb)))
+    t = 1 if full is None else min(top, len(cb))
+    # rows with an odd sign count, as a mask (no host sync: block LDLQ replays this as a CUDA graph)
+    odd = (neg.sum(1) % 2) == 1
+    if sp.parity and per == 1:
+        cost = torch.where(odd[:, None], cost + 4 * dbp * _flip_cost(mw, gtype), cost)
+        k = _smallest(cost, t)
+    elif sp.parity:   # IQ3_XXS: each half's best entry if the flip lands in it, then its top t
+        with_flip = torch.where(odd.repeat_interleave(per)[:, None], cost + 4 * dbp * _flip_cost(mw, gtype), cost)
+        kf = with_flip.argmin(1, keepdim=True)
+        k = torch.cat([_smallest(cost, t), kf], 1)
+    else:
+        k = _smallest(cost, t)
     k = k.reshape(rows, per, -1)                                          # (rows, per, t)
     if per == 2:   # every pair of the halves' candidates
         t = k.shape[2]
@@ -149,15 +161,14 @@ def nearest(gtype: int, w: torch.Tensor, db: torch.Tensor, metric: torch.Tensor 
     k = k.reshape(rows, per, -1).transpose(1, 2)                          # (rows, C, per)
     negc = neg[:, None, :].expand(-1, k.shape[1], -1)
     if sp.parity:
-        flip = torch.zeros(rows, k.shape[1], GROUP, dtype=torch.bool, device=w.device)
-        pos = (mw[odd][:, None, :] * cb[k[odd, :, 0]]).argmin(2)          # (odd rows, C)
-        flip[odd] = torch.arange(GROUP, device=w.device) == pos[..., None]
-        negc = negc ^ flip
+        pos = (mw.reshape(rows, 1, GROUP) * cb[k].reshape(rows, -1, GROUP)).argmin(2)   # (rows, C)
+        negc = negc ^ (odd[:, None, None] & (torch.arange(GROUP, device=w.device) == pos[..., None]))
     mag = db[:, None, None] * cb[k].reshape(rows, -1, GROUP)
     vals = torch.where(negc, -mag, mag)                                   # (rows, C, 8)
     if vals.shape[1] > 1:
         d = w[:, None, :] - vals
-        best = ((d @ full.to(w)) * d).sum(-1).argmin(1)                   # (rows,)
+        score = ((d @ full.to(w)) * d).sum(-1) if full is not None else (m[:, None, :] * d * d).sum(-1)
+        best = score.argmin(1)                                            # (rows,)
     else:
         best = torch.zeros(rows, dtype=torch.int64, device=w.device)
     r = torch.arange(rows, device=w.device)

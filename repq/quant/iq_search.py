@@ -1,19 +1,25 @@
-"""ggml's scale / codebook / sign search for the lattice i-quants (IQ3_S, IQ2_XS), vectorised in torch.
+"""ggml's scale / codebook / sign search for the lattice i-quants (IQ3_S, IQ3_XXS, IQ2_S, IQ2_XS,
+IQ2_XXS), vectorised in torch.
 
-This is ``quantize_row_iq3_s_impl`` and ``quantize_row_iq2_xs_impl`` (ggml-quants.c) computed for
-every sub-block at once, with the same float32 operations in the same order, so that on the same
+This is ``quantize_row_iq3_s_impl``, ``quantize_row_iq3_xxs_impl``, ``quantize_row_iq2_s_impl``,
+``quantize_row_iq2_xs_impl`` and ``quantize_row_iq2_xxs_impl`` (ggml-quants.c) computed for every
+sub-block at once, with the same float32 operations in the same order, so that on the same
 importance it picks the same scales, codebook points and signs as ``ggml_quantize_chunk`` (the
 baseline that repq's block LDLQ starts from and must beat).  Per sub-block of ``sub`` values:
 
-    weight  w_i = imp_i · sqrt(σ² + x_i²)   (σ² = c · mean x² of the 256-block; IQ3_S without
-                                              importance: w_i = x_i²)
-    signs   taken from x, the search runs on |x| (IQ2_XS: an odd group flips its cheapest value)
-    for 19 trial inverse scales id = (2·kmax − 1 + t·step) / max|x|, t = −9..9:
+    weight  w_i = imp_i · sqrt(σ² + x_i²)   (σ² = c · mean x² of the 256-block; without
+                                              importance: w_i = x_i², IQ2_S: σ²/4 + x_i²)
+    signs   taken from x, the search runs on |x| (parity types: an odd group of 8 flips its
+            cheapest value, which then enters the search negative)
+    for 2T + 1 trial inverse scales id = (2·kmax − 1 + t·step) / M, t = −T..T:
         l_i = clamp(round((id·|x_i| − 1) / 2), 0, kmax − 1)  per value: lattice coordinates
         group on the codebook?  else the best of its neighbour list at scale 1/id, under √w
         keep the trial with the largest (Σ w|x|q)² / Σ w q²       q = 2l + 1, the modelled point
     refit the groups that were off the codebook at the chosen scale; scale = Σ w|x|q / Σ w q²
-    then d = max scale / 31 (fp16; IQ3_S stores d · 1.033), scale code = round((scale/d − 1) / 2)
+    then d = max scale / 31 (fp16, times a per-type stretch), scale code = round((scale/d − 1) / 2)
+
+M = max|x| of the sub-block, except IQ2_XXS: M = 3 · ggml's ``make_qp_quants`` scale (:func:`qp_scale`),
+whose result is also the scale kept when no trial wins, and IQ2_XXS refits every group always.
 
 The neighbour lists are ggml's ``iq2xs_init_impl`` / ``iq3xs_init_impl`` data rebuilt from the
 codebook (:func:`neighbours`): for every lattice point off the codebook, the codebook entries in its
@@ -42,6 +48,7 @@ import numpy as np
 import torch
 
 from ..errors import UnsupportedError, UsageError
+from ..ggml import quants
 from . import iq_grids
 from .iq_grids import QK, IqBlocks
 
@@ -58,14 +65,19 @@ class SearchConstants:
     eps_strict: bool     # zero when max|x| < eps (IQ2_XS) rather than max|x| == 0 (IQ3_S)
     start_on_grid: bool  # ``is_on_grid`` before any trial is kept (IQ2_XS: true)
     refit_all: bool      # refit every group (IQ3_S) or only the off-codebook ones (IQ2_XS)
+    trials: int = 9      # trial inverse scales t = −trials..trials (``is``)
+    noimp_sigma: float = 0.0   # without importance w = noimp_sigma · σ² + x² (IQ2_S: 0.25f)
+    qp: bool = False     # IQ2_XXS: trials around 3 · make_qp_quants' scale, refit always
 
 
 _CONSTANTS = {
     "IQ3_S": SearchConstants(0.2, 3, 2.0, 1.033, 0.0, False, False, True),
+    "IQ3_XXS": SearchConstants(0.2, 2, 2.0, 1.0125, 1e-8, True, True, False, trials=15),
+    "IQ2_S": SearchConstants(0.1, 1, 2.0, 0.9875, 1e-8, True, True, False, noimp_sigma=0.25),
     "IQ2_XS": SearchConstants(0.1, 2, 1.0, 1.0, 1e-15, True, True, False),
+    "IQ2_XXS": SearchConstants(0.1, 2, 1.0, 1.0, 1e-15, True, True, True, trials=6, qp=True),
 }
 
-N_TRIALS = 19
 ELEMENT_BUDGET = {"cpu": 1 << 19, "cuda": 1 << 25}
 """(sub-blocks × trials × values) per chunk, which bounds the trial tensors' memory: small on the CPU
 (tens of MB, reused by the allocator rather than mapped afresh), about 2.5 GB at most on a GPU,
@@ -248,26 +260,82 @@ def _sums(w: torch.Tensor, xv: torch.Tensor, q: torch.Tensor) -> tuple[torch.Ten
     return sqx, sq2
 
 
+def _nearest_int(f: torch.Tensor) -> torch.Tensor:
+    """ggml's ``nearest_int`` bit for bit, also outside its asserted range (where it is not a
+    rounding: ``make_qp_quants`` can get there on a near-zero denominator): int32."""
+    return ((f + 12582912.0).view(torch.int32) & 0x7FFFFF) - 0x400000
+
+
+def qp_scale(x: torch.Tensor, w: torch.Tensor, nmax: int) -> torch.Tensor:
+    """ggml's ``make_qp_quants(n, nmax, x, L, w)`` for N rows at once: its returned scale (N,).
+
+    As in C, the levels are kept in a ``uint8_t`` array although ``round(x / scale)`` is negative
+    for the negative values that IQ2_XXS's parity flip leaves in x: they wrap (−1 → 255) wherever
+    the C code reads the array back, and stay negative where it uses the ``int`` it just computed.
+
+    Args: x, w (N, n) float32, every row with max x ≥ GROUP_MAX_EPS.
+    """
+    n = x.shape[1]
+    f32 = lambda v: torch.tensor(v, dtype=torch.float32, device=x.device)  # noqa: E731
+    mx = x.amax(1).clamp_min(0)
+    stored = lambda lv: (lv & 0xFF).float()  # noqa: E731   int → uint8_t → float
+
+    def mse(scale: torch.Tensor, lv: torch.Tensor) -> torch.Tensor:
+        diff = x - scale[:, None] * lv
+        return _seq_sum((w[:, i] * diff[:, i]) * diff[:, i] for i in range(n))
+
+    iscale = torch.full_like(mx, float(nmax)) / mx
+    best = mse(1 / iscale, stored(_nearest_int(iscale[:, None] * x)))
+    for k in (-4, -3, -2, -1, 1, 2, 3, 4):
+        iscale_k = (f32(0.1) * k + nmax) / mx
+        lv = _nearest_int(iscale_k[:, None] * x).clamp_max(nmax).float()
+        m = mse(1 / iscale_k, lv)
+        better = m < best
+        best, iscale = torch.where(better, m, best), torch.where(better, iscale_k, iscale)
+    li = _nearest_int(iscale[:, None] * x).clamp_max(nmax)
+    lf = li.float()
+    wx = w * x
+    sumlx = _seq_sum(wx[:, i] * lf[:, i] for i in range(n))
+    suml2 = _seq_sum((w[:, i] * lf[:, i]) * lf[:, i] for i in range(n))
+    stored_l = stored(li)
+    for _ in range(5):   # ggml stops after a pass without change; further passes change nothing
+        for i in range(n):
+            li_ = stored_l[:, i]
+            slx = sumlx - wx[:, i] * li_
+            sl2 = suml2 - (w[:, i] * li_) * li_
+            new = _nearest_int((x[:, i] * sl2) / slx).clamp_max(nmax)
+            nf = new.float()
+            ok = (slx > 0) & (sl2 > 0) & (nf != li_)
+            slx = slx + wx[:, i] * nf
+            sl2 = sl2 + (w[:, i] * nf) * nf
+            ok &= (slx * slx) * suml2 > (sumlx * sumlx) * sl2
+            stored_l[:, i] = torch.where(ok, stored(new), li_)
+            sumlx, suml2 = torch.where(ok, slx, sumlx), torch.where(ok, sl2, suml2)
+    return torch.where(suml2 > 0, sumlx / suml2, 0.0)
+
+
 def _search_chunk(t: Tables, c: SearchConstants, group: int, xv: torch.Tensor, w: torch.Tensor,
-                  mx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and codebook indices of N non-zero sub-blocks: xv, w (N, sub), mx (N,) max of xv.
+                  top: torch.Tensor, scale0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and codebook indices of N non-zero sub-blocks: xv, w (N, sub); top (N,) the M of the
+    trial scales; scale0 (N,) the scale kept when no trial wins.
     Returns (scale (N,), index (N, sub / group))."""
     n, sub = xv.shape
+    n_trials = 2 * c.trials + 1
     wa = _sqrt(w)
-    ks = torch.arange(-9, 10, device=xv.device, dtype=torch.float32)
-    trial = (2 * t.kmax - 1) + ks * torch.tensor(c.step, dtype=torch.float32)          # (19,)
-    idv = trial[None, :] / mx[:, None]                                                  # (N, 19)
+    ks = torch.arange(-c.trials, c.trials + 1, device=xv.device, dtype=torch.float32)
+    trial = (2 * t.kmax - 1) + ks * torch.tensor(c.step, dtype=torch.float32)          # (T,)
+    idv = trial[None, :] / top[:, None]                                                 # (N, T)
     this_scale = 1 / idv
     xg, wg = xv.reshape(n, -1, group), wa.reshape(n, -1, group)
-    lv = _round(idv[..., None], xv[:, None, :], t.kmax)                                 # (N, 19, sub)
-    gi, on = _snap(t, lv, xg, wg, this_scale)                                           # (N, 19, ng)
-    q = t.q.index_select(0, gi.reshape(-1)).reshape(n, N_TRIALS, sub)
-    sqx, sq2 = _sums(w, xv, q)                                  # (N, 19)
+    lv = _round(idv[..., None], xv[:, None, :], t.kmax)                                 # (N, T, sub)
+    gi, on = _snap(t, lv, xg, wg, this_scale)                                           # (N, T, ng)
+    q = t.q.index_select(0, gi.reshape(-1)).reshape(n, n_trials, sub)
+    sqx, sq2 = _sums(w, xv, q)                                  # (N, T)
     # keep a trial when (Σwxq)² / Σwq² beats the best so far, strictly and in trial order
-    scale = _div(mx, 2 * t.kmax - 1)
-    best = torch.zeros_like(mx)
+    scale = scale0.clone()
+    best = torch.zeros_like(scale)
     chosen = torch.full((n,), -1, dtype=torch.int64, device=xv.device)
-    for k in range(N_TRIALS):
+    for k in range(n_trials):
         ok = (sq2[:, k] > 0) & (sqx[:, k] * sqx[:, k] > best * sq2[:, k])
         scale = torch.where(ok, sqx[:, k] / sq2[:, k], scale)
         best = torch.where(ok, scale * sqx[:, k], best)
@@ -277,7 +345,7 @@ def _search_chunk(t: Tables, c: SearchConstants, group: int, xv: torch.Tensor, w
     gbest = torch.where(kept[:, None], gi[rows, chosen.clamp(min=0)], t.on_grid[0])
     on_best = torch.where(kept[:, None], on[rows, chosen.clamp(min=0)], c.start_on_grid)
     # refit: groups off the codebook are rounded again at the chosen scale, then the scale is refit
-    redo = (~on_best).any(1) & (scale > 0)
+    redo = ((~on_best).any(1) | c.qp) & (scale > 0)
     if redo.any():
         r = redo.nonzero()[:, 0]
         lr = _round((1 / scale[r])[:, None, None], xv[r, None, :], t.kmax)
@@ -303,7 +371,7 @@ def _check(gtype: int, x, importance) -> tuple[torch.Tensor, torch.Tensor | None
     if not torch.isfinite(x).all():
         raise UsageError("non-finite value (NaN or Inf) in the weights")
     if importance is None:
-        if sp.parity:   # ggml_quantize_requires_imatrix
+        if quants.requires_imatrix(gtype):
             raise UsageError(f"type {sp.name} requires an importance matrix (--imatrix)")
         return x, None
     imp = torch.as_tensor(importance).to(x.device, torch.float32).reshape(-1)
@@ -318,17 +386,19 @@ def search(gtype: int, x, importance=None) -> IqBlocks:
     """ggml's quantization of ``x`` (rows, n_per_row) to ``gtype``, as unpacked blocks.
 
     Args:
-        gtype: IQ3_S or IQ2_XS.
+        gtype: IQ3_S, IQ3_XXS, IQ2_S, IQ2_XS or IQ2_XXS.
         x: float32 weights (torch tensor on any device, or array); n_per_row a multiple of 256.
         importance: per-column importance (n_per_row,), as ggml's ``quant_weights`` (an imatrix
-            entry, or diag H); IQ3_S may go without (ggml then weighs by x²).
+            entry, or diag H); IQ3_S, IQ3_XXS and IQ2_S may go without (ggml then weighs by x²,
+            IQ2_S by σ²/4 + x²).
 
     Returns:
         The blocks (numpy, row after row); :func:`repq.quant.iq_grids.pack` gives ggml's bytes.
 
     Raises:
         UnsupportedError: not an i-quant here, or n_per_row not a multiple of 256.
-        UsageError: not 2-D, non-finite values, importance missing (IQ2_XS) or of the wrong size.
+        UsageError: not 2-D, non-finite values, importance missing (IQ2_XS, IQ2_XXS) or of the
+            wrong size.
     """
     sp, c = iq_grids.spec(gtype), constants(gtype)
     x, imp = _check(gtype, x, importance)
@@ -336,11 +406,11 @@ def search(gtype: int, x, importance=None) -> IqBlocks:
     rows, n = x.shape
     xb = x.reshape(-1, QK)                                                          # (nb, 256)
     nb = xb.shape[0]
+    sumx2 = _seq_sum(xb[:, i] * xb[:, i] for i in range(QK))                        # (nb,)
+    sigma2 = _div(sumx2 * c.sigma2_mul, QK)
     if imp is None:
-        w = xb * xb
+        w = xb * xb if not c.noimp_sigma else c.noimp_sigma * sigma2[:, None] + xb * xb
     else:
-        sumx2 = _seq_sum(xb[:, i] * xb[:, i] for i in range(QK))                    # (nb,)
-        sigma2 = _div(sumx2 * c.sigma2_mul, QK)
         w = imp.reshape(1, -1, QK).expand(rows, -1, -1).reshape(nb, QK) * _sqrt(sigma2[:, None] + xb * xb)
     neg = xb < 0
     xv = xb.abs()
@@ -357,13 +427,20 @@ def search(gtype: int, x, importance=None) -> IqBlocks:
     xs, ws = xv.reshape(-1, sp.sub), w.reshape(-1, sp.sub)
     mx = xs.amax(1)
     zero = (mx < c.eps) if c.eps_strict else (mx == 0)
+    top, scale0 = mx, _div(mx, 2 * t.kmax - 1)
+    if c.qp:   # IQ2_XXS: around make_qp_quants' scale; a sub-block where it is not positive is zero
+        scale0 = torch.zeros_like(mx)
+        live = (~zero).nonzero()[:, 0]
+        scale0[live] = qp_scale(xs[live], ws[live], t.kmax + 1)
+        top = scale0 * t.kmax
+        zero |= top <= 0
     scale = torch.zeros_like(mx)
     gidx = torch.zeros((xs.shape[0], sp.sub // sp.group), dtype=torch.int64, device=x.device)
     live = (~zero).nonzero()[:, 0]
-    step = max(1, ELEMENT_BUDGET.get(x.device.type, ELEMENT_BUDGET["cpu"]) // (N_TRIALS * sp.sub))
+    step = max(1, ELEMENT_BUDGET.get(x.device.type, ELEMENT_BUDGET["cpu"]) // ((2 * c.trials + 1) * sp.sub))
     for s0 in range(0, live.numel(), step):
         r = live[s0:s0 + step]
-        scale[r], gidx[r] = _search_chunk(t, c, sp.group, xs[r], ws[r], mx[r])
+        scale[r], gidx[r] = _search_chunk(t, c, sp.group, xs[r], ws[r], top[r], scale0[r])
     negs = neg.reshape(-1, sp.sub)
     negs[zero] = False
     flipped = scale < 0   # ggml: "should never happen"; flip the sub-block's signs
@@ -381,7 +458,7 @@ def _finish(sp, c: SearchConstants, scale: torch.Tensor, gidx: torch.Tensor, neg
     code = torch.round(((1 / dd)[:, None] * scale - 1) * 0.5).clamp_(0, 15)
     code[empty] = 0
     d_store = torch.where(empty, 0.0, d * torch.tensor(c.d_stretch, dtype=torch.float32)).to(torch.float16)
-    if sp.parity:   # IQ2_XS clears the indices and signs of an all-zero block
+    if sp.parity:   # IQ2_XS, IQ2_XXS, IQ3_XXS clear the indices and signs of an all-zero block
         gidx[empty] = 0
         neg[empty] = False
     masks = (neg.reshape(-1, QK // 8, 8).to(torch.uint8) << torch.arange(8, device=neg.device, dtype=torch.uint8)).sum(

@@ -15,9 +15,11 @@ from repq.ggml import quants
 from repq.ggml.types import type_id
 from repq.paths import REPO_ROOT
 from repq.quant import iq_grids, iq_nearest, iq_search
-from repq.quant.iq_grids import IQ2_XS, IQ3_S
+from repq.quant.iq_grids import IQ2_S, IQ2_XS, IQ2_XXS, IQ3_S, IQ3_XXS
 
-TYPES = [pytest.param(IQ3_S, id="IQ3_S"), pytest.param(IQ2_XS, id="IQ2_XS")]
+ALL = (IQ3_S, IQ3_XXS, IQ2_S, IQ2_XS, IQ2_XXS)
+TYPES = [pytest.param(t, id=iq_grids.spec(t).name) for t in ALL]
+PARITY = (IQ3_XXS, IQ2_XS, IQ2_XXS)
 COMMON_H = REPO_ROOT / "vendor" / "llama.cpp" / "ggml" / "src" / "ggml-common.h"
 
 
@@ -63,7 +65,9 @@ def _group_report(gtype: int, x: np.ndarray, imp: np.ndarray | None, ours: iq_se
 
 # ---- codebooks and decoding -------------------------------------------------------------------
 
-@pytest.mark.parametrize("gtype,table,n,group", [(IQ3_S, "iq3s_grid", 512, 4), (IQ2_XS, "iq2xs_grid", 512, 8)])
+@pytest.mark.parametrize("gtype,table,n,group", [(IQ3_S, "iq3s_grid", 512, 4), (IQ2_XS, "iq2xs_grid", 512, 8),
+                                                  (IQ3_XXS, "iq3xxs_grid", 256, 4), (IQ2_S, "iq2s_grid", 1024, 8),
+                                                  (IQ2_XXS, "iq2xxs_grid", 256, 8)])
 def test_codebooks_are_ggmls_tables(gtype, table, n, group):
     cb = iq_grids.codebook(gtype)
     assert cb.shape == (n, group) and cb.dtype == np.float32
@@ -73,13 +77,14 @@ def test_codebooks_are_ggmls_tables(gtype, table, n, group):
     np.testing.assert_array_equal(cb, want.astype(np.float32))
     assert len(np.unique(cb, axis=0)) == n
     lat = iq_grids.lattice(gtype)
-    assert lat.max() + 1 == {IQ3_S: 8, IQ2_XS: 3}[gtype]
+    assert lat.max() + 1 == (8 if group == 4 else 3)
     if gtype == IQ3_S:   # ggml's search models the points exactly as they decode
         np.testing.assert_array_equal(2 * lat + 1, cb)
 
 
-def test_iq2_xs_sign_codes_are_ksigns():
-    codes = iq_grids.sign_codes(IQ2_XS)
+@pytest.mark.parametrize("gtype", PARITY)
+def test_sign_codes_are_ksigns(gtype):
+    codes = iq_grids.sign_codes(gtype)
     declared, want = _source_table("ksigns_iq2xs")
     assert declared == 128
     np.testing.assert_array_equal(codes, want)
@@ -136,7 +141,7 @@ def _importances(n: int) -> dict[str, np.ndarray | None]:
 def test_search_chooses_what_ggml_chooses(gtype, kind):
     x = _weights(24, 1024, 4)
     imp = _importances(1024)[kind]
-    if imp is None and gtype == IQ2_XS:
+    if imp is None and quants.requires_imatrix(gtype):
         with pytest.raises(UsageError, match="requires an importance matrix"):
             iq_search.search(gtype, x, None)
         return
@@ -154,7 +159,7 @@ def test_search_on_odd_inputs(gtype):
     x[1] = 0.0                        # an all-zero row
     x[2, 7] = 1e4                     # one huge value
     x[3, :32] = 0.0                   # an all-zero sub-block (IQ3_S: ggml shifts the next ones into it)
-    x[4] *= 1e-20                     # IQ2_XS: below GROUP_MAX_EPS
+    x[4] *= 1e-20                     # below GROUP_MAX_EPS (all but IQ3_S)
     x[5, 256:] = 0.0                  # an all-zero block inside a row
     rng = np.random.default_rng(6)
     for imp in (rng.random(512).astype(np.float32) + 0.1, np.zeros(512, np.float32)):
@@ -164,7 +169,7 @@ def test_search_on_odd_inputs(gtype):
         assert not ours.values[1].any() and not ours.values[5, 256:].any()
         _, ratio = _group_report(gtype, x, imp if imp.any() else None, ours, ref)
         assert ratio <= 1 + 1e-6
-        if gtype == IQ2_XS:   # no ggml quirk to avoid: the same bytes
+        if gtype != IQ3_S:   # no ggml quirk to avoid: the same bytes
             np.testing.assert_array_equal(ours.raw, ref)
         else:                 # the rows ggml's zero-sub-block quirk does not touch are the same bytes
             rows = np.setdiff1d(np.arange(8), [3])
@@ -172,6 +177,20 @@ def test_search_on_odd_inputs(gtype):
             ref3 = quants.dequantize(gtype, ref, 512)[3]
             w = imp if imp.any() else 1.0
             assert (w * (x[3] - ours.values[3]) ** 2).sum() <= (w * (x[3] - ref3) ** 2).sum() * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("gtype", TYPES)
+@pytest.mark.parametrize("shape", [(1, 256), (3, 768), (7, 1280)])
+def test_search_is_ggmls_bytes_on_heavy_tails_and_odd_shapes(gtype, shape):
+    """Cauchy-tailed weights (a few values 10³ × the rest) in odd shapes: ggml's bytes exactly,
+    and they decode (ours and ggml's decoder) to the same values."""
+    rng = np.random.default_rng(shape[0])
+    x = (rng.standard_cauchy(shape) * 0.01).astype(np.float32)
+    imp = (rng.gamma(0.3, 1.0, shape[1]) + 1e-4).astype(np.float32)
+    ref = quants.quantize(gtype, x, imp)
+    ours = iq_search.quantize(gtype, x, imp)
+    np.testing.assert_array_equal(ours.raw, ref)
+    np.testing.assert_array_equal(iq_grids.values(ref, gtype, shape[1]), quants.dequantize(gtype, ref, shape[1]))
 
 
 @pytest.mark.parametrize("gtype", TYPES)
@@ -196,13 +215,13 @@ def test_search_refuses_bad_input(gtype):
 def test_neighbour_lists_follow_ggml_init():
     """Every off-codebook lattice point lists the codebook entries of its nwant nearest distance
     shells, nearest first, ties by index; points on the codebook have none."""
-    for gtype in (IQ3_S, IQ2_XS):
+    for gtype in ALL:
         kmax, on_grid, start, count, flat = iq_search.neighbours(gtype)
         lat = iq_grids.lattice(gtype)
         nwant = iq_search.constants(gtype).nwant
         assert (count[on_grid >= 0] == 0).all() and (count[on_grid < 0] > 0).all()
         rng = np.random.default_rng(8)
-        for p in rng.choice(np.flatnonzero(on_grid < 0), 50, replace=False):
+        for p in rng.choice(np.flatnonzero(on_grid < 0), 30, replace=False):
             pt = np.array([(p // kmax ** i) % kmax for i in range(lat.shape[1])])
             d2 = ((lat - pt) ** 2).sum(1)
             lst = flat[start[p]:start[p] + count[p]]
@@ -222,8 +241,12 @@ def _brute_force(gtype: int, w: np.ndarray, db: float, m: np.ndarray) -> float:
     if sp.parity:
         signs = signs[(signs < 0).sum(1) % 2 == 0]
     if sp.group == 8:
-        vals = signs[:, None, :] * cb[None, :, :]                          # (patterns, 512, 8)
+        vals = signs[:, None, :] * cb[None, :, :]                          # (patterns, n_grid, 8)
         return float((m * (w - vals) ** 2).sum(-1).min())
+    if sp.parity:   # IQ3_XXS: one parity over two entries; given the signs, each half on its own
+        per_half = [(m[h:h + 4] * (w[h:h + 4] - signs[:, None, h:h + 4] * cb[None]) ** 2).sum(-1).min(1)
+                    for h in (0, 4)]
+        return float((per_half[0] + per_half[1]).min())
     best = 0.0
     for h in range(8 // sp.group):   # independent halves, free signs
         sl = slice(h * sp.group, (h + 1) * sp.group)
@@ -246,7 +269,7 @@ def test_nearest_is_exhaustively_optimal_and_decodes_exactly(gtype):
     db = np.repeat(iq_grids.subblock_scales(blocks, gtype), sp.sub // 8, axis=1).reshape(-1)
     w = (rng.standard_normal((rows, 8)) * rng.uniform(0.01, 3, (rows, 1))).astype(np.float32)
     w[0] = 0.0
-    w[1, :7] = 0.0   # a lone non-zero value: IQ2_XS's parity is fixed on a zero
+    w[1, :7] = 0.0   # a lone non-zero value: the parity is fixed on a zero
     m = (rng.random((rows, 8)) + 0.05).astype(np.float32)
     ch = iq_nearest.nearest(gtype, torch.from_numpy(w), torch.from_numpy(db), torch.from_numpy(m))
     for r in range(rows):
@@ -283,22 +306,23 @@ def test_nearest_on_ggmls_scales_beats_ggmls_points(gtype):
 
 
 def test_nearest_defaults_and_zero_scale():
-    """No metric = all ones; a zero scale decodes to zeros; IQ2_XS signs always even."""
+    """No metric = all ones; a zero scale decodes to zeros; the parity types' signs always even."""
     w = torch.from_numpy(np.random.default_rng(11).standard_normal((50, 8)).astype(np.float32))
-    for gtype in (IQ3_S, IQ2_XS):
+    for gtype in ALL:
         assert not iq_nearest.nearest(gtype, w, torch.zeros(50)).values.any()
         db = torch.full((50,), 0.1)
         ch = iq_nearest.nearest(gtype, w, db)
         assert torch.equal(ch.values, iq_nearest.nearest(gtype, w, db, torch.ones(8)).values)
         assert torch.equal(ch.values < 0, (ch.signs[:, None] >> torch.arange(8)) & 1 == 1)
         n_neg = (ch.values < 0).sum(1)
-        assert gtype != IQ2_XS or (n_neg % 2 == 0).all()
+        assert gtype not in PARITY or (n_neg % 2 == 0).all()
 
 
-def test_every_even_sign_mask_round_trips():
+@pytest.mark.parametrize("gtype", PARITY)
+def test_every_even_sign_mask_round_trips(gtype):
     masks = np.array([m for m in range(256) if bin(m).count("1") % 2 == 0], np.uint8)   # 128 of them
-    blocks = iq_grids.IqBlocks.zeros(iq_grids.spec(IQ2_XS), 4)
+    blocks = iq_grids.IqBlocks.zeros(iq_grids.spec(gtype), 4)
     blocks.d[:] = 1.0
     blocks.signs[:] = masks.reshape(4, 32)
-    back = iq_grids.unpack(iq_grids.pack(blocks, IQ2_XS), IQ2_XS)
+    back = iq_grids.unpack(iq_grids.pack(blocks, gtype), gtype)
     np.testing.assert_array_equal(back.signs, blocks.signs)
