@@ -28,7 +28,8 @@ from ..ggml import quants
 from . import iq_grids
 from .iq_grids import QK, IqBlocks
 
-SCALE_STEPS = {"IQ3_S": (1.0, 2.0), "IQ2_XS": (0.125, 0.25)}
+SCALE_STEPS = {"IQ3_S": (1.0, 2.0), "IQ2_XS": (0.125, 0.25), "IQ2_S": (0.125, 0.25), "IQ2_XXS": (0.125, 0.25),
+               "IQ3_XXS": (0.25, 0.5)}
 """(c0, c1) of db = d · (c0 + c1 · s)."""
 
 
