@@ -25,7 +25,8 @@ other i-quants):
 3. **Bytes**: the chosen indices (and IQ1_M delta signs) packed around ggml's scales decode
    through ggml to exactly the values LDLQ used (``tests/native/test_iq1.py``).
 4. **Rows**: each row keeps whichever of LDLQ's bytes and ggml's has the lower
-   tr(ΔW H ΔWᵀ) (:func:`repq.quant.iq_refit.keep_best_rows`), so no row is worse than ggml's.
+   (w − q) H (w − q)ᵀ (:func:`keep_best_rows`; the loss is a sum over rows), so no row is worse
+   than ggml's (as :mod:`repq.quant.iq_refit` does for the other i-quants).
 
 Why ggml's points are not simply kept when there is no feedback (H = I): ggml chooses each group's
 points at its *search* scale, then rounds that scale to 3 bits and stretches the super-scale
@@ -44,7 +45,6 @@ from ..ggml import quants
 from . import iq1_grids
 from .importance import from_hessian
 from .iq1_grids import GROUP, N_GRID, Iq1Blocks
-from .iq_refit import keep_best_rows
 from .kquant import QuantizedTensor
 from .ldlq import Timer, proxy_loss_on
 from .ldlq_vector import ldlq_groups
@@ -75,7 +75,8 @@ class Iq1Choice:
 
 
 def nearest(gtype: int, w: torch.Tensor, dl: torch.Tensor, delta_neg: torch.Tensor | None = None,
-            metric: torch.Tensor | None = None, *, full: torch.Tensor | None = None, top: int = 4) -> Iq1Choice:
+            metric: torch.Tensor | None = None, *, full: torch.Tensor | None = None, top: int = 4,
+            row_chunk: int = 8192) -> Iq1Choice:
     """The codebook point nearest to ``w`` on scale ``dl`` (see the module docstring).
 
     Args:
@@ -88,11 +89,19 @@ def nearest(gtype: int, w: torch.Tensor, dl: torch.Tensor, delta_neg: torch.Tens
             ``full``.
         full: a symmetric positive semi-definite (8, 8) metric shared by the rows.
         top: candidates rescored exactly after the float32 brute force.
+        row_chunk: rows per (rows, 4096) cost matrix (bounds its memory).
 
     Returns:
         The chosen index, delta sign and decoded values: exhaustive over all 2048 (× 2) points.
     """
     rows = w.shape[0]
+    if rows > row_chunk:
+        m = None if metric is None or metric.dim() == 1 else metric
+        parts = [nearest(gtype, w[r:r + row_chunk], dl[r:r + row_chunk],
+                         None if delta_neg is None else delta_neg[r:r + row_chunk],
+                         metric if m is None else m[r:r + row_chunk], full=full, top=top, row_chunk=row_chunk)
+                 for r in range(0, rows, row_chunk)]
+        return Iq1Choice(*(torch.cat([getattr(p, f) for p in parts]) for f in ("grid", "delta_neg", "values")))
     c = candidates(gtype, w.device)                                         # (4096, 8)
     dl = dl.to(w)[:, None]                                                  # (rows, 1)
     if full is not None:
@@ -164,6 +173,20 @@ class Iq1Grid:
         neg = c[..., 1].reshape(nb, -1).astype(bool) if self.free_delta else self.blocks.delta_neg
         blocks = Iq1Blocks(self.blocks.d, self.blocks.scales, c[..., 0].reshape(nb, -1), neg)
         return iq1_grids.pack(blocks, self.gtype)
+
+
+@torch.inference_mode()
+def keep_best_rows(options: list[np.ndarray], w: torch.Tensor, h: torch.Tensor, gtype: int) -> np.ndarray:
+    """Row by row, the option (ggml bytes of ``gtype``, all of w's shape) that decodes through ggml
+    to the lowest (w − q) H (w − q)ᵀ; ties go to the earlier option."""
+    rows, n = w.shape
+    h = h.to(torch.float64)
+    losses = []
+    for o in options:
+        dw = w.to(h.device, torch.float64) - torch.from_numpy(quants.dequantize(gtype, o, n)).to(h.device, torch.float64)
+        losses.append(((dw @ h) * dw).sum(1).cpu().numpy())
+    best = np.argmin(np.stack(losses), axis=0)
+    return np.stack([o.reshape(rows, -1) for o in options])[best, np.arange(rows)].reshape(-1)
 
 
 def ldlq_quantize_iq1(w: np.ndarray | torch.Tensor, h: np.ndarray | torch.Tensor, gtype: int, *,
