@@ -16,7 +16,8 @@ and the rules live here once:
   is refused with a one-line error, before anything is written;
 * **method**: LDLQ where there is a Hessian and an LDLQ grid for the type (scalar grids:
   :func:`repq.quant.kquant.ldlq_quantize`; the lattice codebooks of IQ3_S and IQ2_XS, static
-  scales only: block LDLQ, :func:`repq.quant.iq_ldlq.ldlq_quantize_iq`); otherwise ggml's own
+  scales only: block LDLQ, :func:`repq.quant.iq_ldlq.ldlq_quantize_iq`; IQ1_S / IQ1_M the same
+  with :func:`repq.quant.iq1_search.ldlq_quantize_iq1`); otherwise ggml's own
   quantizer (llama-quantize's, byte for byte), with importance when there is any, and the result
   says why (``"rtn (no Hessian)"``, ``"imatrix (no LDLQ grid for IQ3_XXS)"``,
   ``"imatrix (3-D expert tensor)"``).  3-D expert tensors are quantized per expert, each with its
@@ -37,7 +38,7 @@ from .. import mix
 from ..errors import InputFileError, MismatchError, UsageError
 from ..ggml import quants
 from ..ggml.types import F32, block_size, is_quantized, type_name
-from . import grids, iq_grids
+from . import grids, iq1_grids, iq_grids
 from . import importance as importance_rules
 
 
@@ -185,9 +186,10 @@ def quantize_tensor(plan: mix.TensorPlan, weight: np.ndarray, *, hessian=None,
             reason = "no Hessian"
         elif experts > 1:
             reason = "3-D expert tensor"
-        elif not (grids.supported(plan.dst_type) or iq_grids.supported(plan.dst_type)):
+        elif not (grids.supported(plan.dst_type) or iq_grids.supported(plan.dst_type)
+                  or iq1_grids.supported(plan.dst_type)):
             reason = f"no LDLQ grid for {type_name(plan.dst_type)}"
-        elif iq_grids.supported(plan.dst_type) and ldlq.scales != "static":
+        elif (iq_grids.supported(plan.dst_type) or iq1_grids.supported(plan.dst_type)) and ldlq.scales != "static":
             reason = f"no dynamic-scale LDLQ for {type_name(plan.dst_type)}"
     if ldlq is None or reason is not None:
         try:   # ggml's path checks finiteness in its worker threads (no extra pass over the weight)
@@ -220,6 +222,7 @@ def _ldlq(plan: mix.TensorPlan, weight: np.ndarray, h, opts: LdlqOptions, device
           threads: int | None) -> TensorResult:
     import torch
 
+    from .iq1_search import ldlq_quantize_iq1
     from .iq_ldlq import ldlq_quantize_iq
     from .kquant import ldlq_quantize
 
@@ -227,6 +230,9 @@ def _ldlq(plan: mix.TensorPlan, weight: np.ndarray, h, opts: LdlqOptions, device
         if iq_grids.supported(plan.dst_type):   # lattice codebook: block LDLQ, 8 columns at a time
             r = ldlq_quantize_iq(weight, h, plan.dst_type, damp=opts.damp, act_order=opts.act_order, device=device,
                                  threads=threads, refit=opts.refit)
+        elif iq1_grids.supported(plan.dst_type):   # IQ1_S / IQ1_M: the same on the 1-bit codebook
+            r = ldlq_quantize_iq1(weight, h, plan.dst_type, damp=opts.damp, act_order=opts.act_order, device=device,
+                                  threads=threads, refit=opts.refit)
         else:
             r = ldlq_quantize(weight, h, plan.dst_type, damp=opts.damp, act_order=opts.act_order, device=device,
                               threads=threads, scales=opts.scales, refit=opts.refit)

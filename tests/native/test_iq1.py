@@ -11,6 +11,7 @@ import pytest
 import torch
 from helpers import correlated_layer
 
+from repq import mix
 from repq.ggml import quants
 from repq.ggml.types import row_size, type_id
 from repq.paths import REPO_ROOT
@@ -19,6 +20,7 @@ from repq.quant.iq1_grids import IQ1_M, IQ1_S
 from repq.quant.iq1_search import Iq1Grid, keep_best_rows, ldlq_quantize_iq1
 from repq.quant.ldlq import proxy_loss
 from repq.quant.ldlq_vector import ldlq_groups
+from repq.quant.tensor import LdlqOptions, quantize_tensor
 
 TYPES = [pytest.param(IQ1_S, id="IQ1_S"), pytest.param(IQ1_M, id="IQ1_M")]
 COMMON_H = REPO_ROOT / "vendor" / "llama.cpp" / "ggml" / "src" / "ggml-common.h"
@@ -258,7 +260,8 @@ def _row_losses(w: np.ndarray, h: np.ndarray, gtype: int, raw: np.ndarray) -> np
 def test_ldlq_decodes_exactly_and_beats_ggml(layer, gtype, metric):
     """What torch sees is what llama.cpp runs, and the proxy loss against ggml's imatrix
     quantization (importance diag H, the bytes the scales come from), measured on this layer:
-    IQ1_S 0.741× (full 8 × 8 metric) / 0.737× (its diagonal), IQ1_M 0.713× / 0.714×."""
+    IQ1_S 0.741× (full 8 × 8 metric) / 0.737× (its diagonal), with the scale refit 0.678× /
+    0.677×; IQ1_M 0.713× / 0.714×, refit 0.662× / 0.664×."""
     w, h = layer
     grid = Iq1Grid(gtype, torch.from_numpy(w), importance.from_hessian(h), metric=metric)
     res = ldlq_groups(torch.from_numpy(w), torch.from_numpy(h), grid.round_group)
@@ -270,6 +273,30 @@ def test_ldlq_decodes_exactly_and_beats_ggml(layer, gtype, metric):
     assert r.baseline_loss == pytest.approx(_row_losses(w, h, gtype, grid.raw).sum(), rel=1e-9)
     assert r.proxy_loss < 0.78 * r.baseline_loss
     assert r.proxy_loss <= res.proxy_loss * (1 + 1e-12)      # rows only ever improve on LDLQ's own
+    plain = ldlq_quantize_iq1(w, h, gtype, metric=metric, refit=False)
+    np.testing.assert_array_equal(quants.dequantize(gtype, plain.raw, w.shape[1]), plain.values)
+    assert plain.proxy_loss < 0.76 * plain.baseline_loss
+    assert r.proxy_loss < 0.97 * plain.proxy_loss
+
+
+@pytest.mark.parametrize("gtype", TYPES)
+def test_refit_changes_scales_only_and_rows_only_improve(layer, gtype):
+    w, h = layer
+    wt, ht = torch.from_numpy(w), torch.from_numpy(h)
+    grid = Iq1Grid(gtype, wt, importance.from_hessian(h))
+    raw = grid.pack(ldlq_groups(wt, ht, grid.round_group).codes)
+    cands = iq1_search.refit_candidates(raw, wt, ht, gtype)
+    old = iq1_grids.unpack(raw, gtype)
+    for c in cands:
+        new = iq1_grids.unpack(c, gtype)
+        np.testing.assert_array_equal(old.grid, new.grid)             # the points stay
+        np.testing.assert_array_equal(old.delta_neg, new.delta_neg)
+    assert (old.d != iq1_grids.unpack(cands[0], gtype).d).any()
+    assert (old.scales != iq1_grids.unpack(cands[1], gtype).scales).any()   # sub-block scales refitted
+    best = keep_best_rows([raw, *cands], wt, ht, gtype)
+    losses = np.stack([_row_losses(w, h, gtype, o) for o in (raw, *cands)])
+    np.testing.assert_allclose(_row_losses(w, h, gtype, best), losses.min(0), rtol=1e-12)
+    assert losses[1].sum() < 0.97 * losses[0].sum() and losses.min(0).sum() < 0.95 * losses[0].sum()
 
 
 @pytest.mark.parametrize("gtype", TYPES)
@@ -314,3 +341,19 @@ def test_no_row_is_worse_than_ggmls(gtype):
     assert (mine <= theirs).all() and mine.sum() < 0.8 * theirs.sum()
     best = keep_best_rows([base, r.raw], torch.from_numpy(w), torch.from_numpy(h), gtype)
     np.testing.assert_array_equal(_row_losses(w, h, gtype, best), np.minimum(theirs, mine))
+
+
+@pytest.mark.parametrize("name", ["IQ1_S", "IQ1_M"])
+def test_quantize_tensor_uses_block_ldlq(layer, name):
+    """`repq quantize --method ldlq` and distillation (both through quantize_tensor) get block LDLQ
+    with static scales; dynamic scales fall back to ggml's imatrix quantizer and say so."""
+    w, h = layer
+    t = type_id(name)
+    plan = mix.TensorPlan(name="blk.0.ffn_down.weight", src_type=0, dst_type=t, allows_quantization=True,
+                          requires_imatrix=name == "IQ1_S", fallback=False)
+    r = quantize_tensor(plan, w, hessian=h, ldlq=LdlqOptions())
+    assert r.method == "ldlq" and r.proxy_rel_err < 0.8 * r.baseline_rel_err
+    np.testing.assert_array_equal(quants.dequantize(t, r.raw, w.shape[1]), r.values)
+    dyn = quantize_tensor(plan, w, hessian=h, ldlq=LdlqOptions(scales="dynamic"))
+    assert dyn.method == f"imatrix (no dynamic-scale LDLQ for {name})"
+    np.testing.assert_array_equal(dyn.raw, quants.quantize(t, w, importance.from_hessian(h)))
