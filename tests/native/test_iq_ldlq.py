@@ -148,16 +148,20 @@ def test_refit_changes_scales_only_and_rows_only_improve(layer, gtype):
     w, h = layer
     wt, ht = torch.from_numpy(w), torch.from_numpy(h)
     grid = IqGrid(gtype, wt, importance.from_hessian(h))
-    raw = grid.pack(ldlq_groups(wt, ht, grid.round_group).codes)
-    cands = refit_candidates(raw, wt, ht, gtype)
+    ours = grid.with_codes(ldlq_groups(wt, ht, grid.round_group).codes)
+    cands = refit_candidates(ours, wt, ht, gtype)
+    raw = iq_grids.pack(ours.to_blocks(), gtype)
     old = iq_grids.unpack(raw, gtype)
-    for c in cands:
+    cand_raw = [iq_grids.pack(c.to_blocks(), gtype) for c in cands]
+    for c in cand_raw:
         new = iq_grids.unpack(c, gtype)
         np.testing.assert_array_equal(old.grid, new.grid)             # the points stay
         np.testing.assert_array_equal(old.signs, new.signs)
-    assert (old.scales != iq_grids.unpack(cands[1], gtype).scales).any()   # sub-block scales refitted
-    best = keep_best_rows([raw, *cands], wt, ht, gtype)
-    losses = np.stack([_row_losses(w, h, gtype, o) for o in (raw, *cands)])
+    assert (old.scales != iq_grids.unpack(cand_raw[1], gtype).scales).any()   # sub-block scales refitted
+    best, values = keep_best_rows([ours, *cands], wt, ht, gtype)
+    best = iq_grids.pack(best.to_blocks(), gtype)
+    np.testing.assert_array_equal(quants.dequantize(gtype, best, w.shape[1]), values.numpy())
+    losses = np.stack([_row_losses(w, h, gtype, o) for o in (raw, *cand_raw)])
     np.testing.assert_allclose(_row_losses(w, h, gtype, best), losses.min(0), rtol=1e-12)
     assert _row_losses(w, h, gtype, best).sum() < 0.99 * losses[0].sum()
 
