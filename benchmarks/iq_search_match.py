@@ -2,9 +2,9 @@
 how often it picks ggml's codebook points, its weighted error, and the time per tensor.
 
     python benchmarks/iq_search_match.py [--size 4096] [--device cpu|cuda] [--torch-threads N] [--model]
-                                         [--out F.json]
+                                         [--types IQ3_S,IQ3_XXS,IQ2_S,IQ2_XS,IQ2_XXS] [--out F.json]
 
-For IQ3_S and IQ2_XS: a heavy-tailed random size × size tensor with a gamma-distributed importance
+For each type: a heavy-tailed random size × size tensor with a gamma-distributed importance
 (timed: ggml single-threaded and on every core, the torch search on --device), and with --model the
 reference model's 30 ffn_down weights (576 × 1536) with importance diag H from the cached Hessians
 (REPQ_HESSIAN_DIR, default ~/.cache/repq/regress/hess).  "groups" counts groups of 8 weights with
@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from repq.ggml import quants  # noqa: E402
+from repq.ggml.types import type_id  # noqa: E402
 from repq.paths import cache_dir  # noqa: E402
 from repq.quant import iq_grids, iq_search  # noqa: E402
 from repq.quant.importance import from_hessian  # noqa: E402
@@ -66,17 +67,19 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--model", action="store_true", help="also the reference model's ffn_down weights")
     ap.add_argument("--torch-threads", type=int, help="torch's CPU threads (default: torch's own choice)")
+    ap.add_argument("--types", default="IQ3_S,IQ3_XXS,IQ2_S,IQ2_XS,IQ2_XXS", help="comma-separated i-quant types")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
+    gtypes = [type_id(t) for t in a.types.split(",")]
     if a.torch_threads:
         torch.set_num_threads(a.torch_threads)
     threads = quants.default_threads()
     rng = np.random.default_rng(7)
     x = (rng.standard_t(4, size=(a.size, a.size)) * 0.02).astype(np.float32)
     imp = rng.gamma(2.0, 1.0, size=a.size).astype(np.float32)
-    out = {"size": a.size, "device": a.device, "torch_threads": torch.get_num_threads(), "cpu_threads": threads,
+    out = {"command": "python " + " ".join(sys.argv), "size": a.size, "device": a.device, "torch_threads": torch.get_num_threads(), "cpu_threads": threads,
            "load_avg": os.getloadavg()[0], "random": {}, "model_ffn_down": {}}
-    for gtype in (iq_grids.IQ3_S, iq_grids.IQ2_XS):
+    for gtype in gtypes:
         name = iq_grids.spec(gtype).name
         quants.quantize(gtype, x[:1], imp)                      # ggml's tables, built once
         iq_search.search(gtype, torch.from_numpy(x[:1]).to(a.device), torch.from_numpy(imp).to(a.device))
@@ -93,7 +96,7 @@ def main() -> None:
                 t = m.tensors[name]
                 return t.data.view(np.float32).reshape(t.n_rows, t.n_per_row).copy()
 
-            for gtype in (iq_grids.IQ3_S, iq_grids.IQ2_XS):
+            for gtype in gtypes:
                 name = iq_grids.spec(gtype).name
                 res = [compare(gtype, weight(f"blk.{i}.ffn_down.weight"),
                                from_hessian(f.get_tensor(f"blk.{i}.ffn_down.weight")), a.device, threads)

@@ -1,8 +1,9 @@
 """The i-quant search and nearest point on CUDA against ggml (run on a GPU machine, ``make test-gpu``).
 
-* repq.quant.iq_search on CUDA writes exactly ggml_quantize_chunk's bytes for IQ3_S and IQ2_XS
+* repq.quant.iq_search on CUDA writes exactly ggml_quantize_chunk's bytes for every codebook type
   (the same float32 operations in the same order; CUDA's division by a Python number, which
-  multiplies by the reciprocal, is avoided).
+  multiplies by the reciprocal, is avoided).  IQ3_S and IQ2_XS passed on an H200; IQ3_XXS, IQ2_S
+  and IQ2_XXS are byte-identical on the CPU and not yet run on a GPU.
 * repq.quant.iq_nearest on CUDA returns values that ggml decodes from its codes, and the same
   choice as on the CPU but for float ties.
 * block LDLQ (repq.quant.iq_ldlq) on CUDA: the bytes decode through ggml to exactly the values
@@ -23,7 +24,7 @@ from repq.quant.iq_ldlq import IqGrid, ldlq_quantize_iq
 from repq.quant.ldlq_vector import ldlq_groups
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-TYPES = ["IQ3_S", "IQ2_XS"]
+TYPES = ["IQ3_S", "IQ2_XS", "IQ3_XXS", "IQ2_S", "IQ2_XXS"]
 
 
 @pytest.fixture(autouse=True)
