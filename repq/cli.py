@@ -16,7 +16,7 @@ import typer
 
 from . import __version__
 from ._output import Output
-from .commands import calib, distill, evaluate, quantize
+from .commands import calib, distill, evaluate, quantize, sensitivity
 from .commands.common import JsonOpt, meta, run_command
 
 app = typer.Typer(
@@ -56,7 +56,7 @@ def version(json_out: JsonOpt = False):
 
 
 # The commands, in the order `repq --help` lists them.
-for command in (quantize.quantize, distill.distill, calib.imatrix, calib.hessian, calib.tokenize, calib.calib,
+for command in (quantize.quantize, sensitivity.sensitivity, distill.distill, calib.imatrix, calib.hessian, calib.tokenize, calib.calib,
                 evaluate.ppl, evaluate.kld, evaluate.bench, evaluate.report, version):
     app.command()(command)
 

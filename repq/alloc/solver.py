@@ -7,8 +7,10 @@ The problem is a multiple-choice knapsack::
 
 Two exact-or-certified methods, picked by size:
 
-* **Small spare budgets** (B − Σ_i min bytes_i ≤ ``dp_max_bytes``: tests, tiny models): dynamic
-  programming over every byte: exact, ``lower_bound == cost``.
+* **Small problems**: dynamic programming over the spare budget B − Σ_i min bytes_i in units of
+  g = gcd of every candidate's extra bytes (file data is padded to 32 bytes, and rows share
+  factors, so g is often large): exact, ``lower_bound == cost``, when the spare budget is at most
+  ``dp_max_cells`` units (tests, small models).
 * **Otherwise: Lagrangian relaxation over the per-tensor convex hulls**, then a greedy fill.  With
   every tensor at its smallest candidate, the hull upgrades of all tensors are taken in order of
   cost saved per byte while they fit (this is the minimiser of Σ cost + λ·bytes at the λ where
@@ -31,6 +33,7 @@ Pure numpy; no I/O.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -38,7 +41,7 @@ import numpy as np
 
 from ..errors import UsageError
 
-DP_MAX_BYTES = 1 << 14
+DP_MAX_CELLS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -122,14 +125,15 @@ def pareto(cands: Sequence[Candidate]) -> list[Candidate]:
     return front
 
 
-def solve(candidates: Mapping[str, Sequence[Candidate]], budget: int, *, dp_max_bytes: int = DP_MAX_BYTES) -> Allocation:
+def solve(candidates: Mapping[str, Sequence[Candidate]], budget: int, *, dp_max_cells: int = DP_MAX_CELLS) -> Allocation:
     """The least-cost choice of one candidate per tensor with Σ bytes ≤ ``budget`` (module docstring).
 
     Args:
         candidates: tensor name → its candidates (at least one each).
         budget: bytes available to the tensors' data.
-        dp_max_bytes: spare budgets (above the smallest choice) up to this many bytes are solved exactly
-            by DP over every byte; larger ones by the Lagrangian with its certificate.
+        dp_max_cells: spare budgets (above the smallest choice) up to this many units of the
+            candidates' common byte divisor are solved exactly by DP; larger ones by the Lagrangian
+            with its certificate.
 
     Returns:
         Allocation (types, bytes ≤ budget, cost, certified lower bound).
@@ -151,30 +155,32 @@ def solve(candidates: Mapping[str, Sequence[Candidate]], budget: int, *, dp_max_
     if sum(f[-1].bytes - f[0].bytes for f in fronts) <= spare:   # everything at its least cost fits
         pick = [len(f) - 1 for f in fronts]
         return _allocation(names, fronts, pick, None, "unconstrained")
-    if spare <= dp_max_bytes:
-        return _allocation(names, fronts, _dp(fronts, spare), None, "dp")
+    unit = math.gcd(*(c.bytes - f[0].bytes for f in fronts for c in f))
+    if spare // unit <= dp_max_cells:
+        return _allocation(names, fronts, _dp(fronts, spare // unit, unit), None, "dp")
     pick, lower = _lagrangian(fronts, spare)
     return _allocation(names, fronts, pick, lower, "lagrangian")
 
 
-def _dp(fronts: list[list[Candidate]], cap: int) -> list[int]:
-    """Exact: min Σ cost with Σ extra bytes ≤ cap (extra = bytes above each tensor's smallest)."""
-    best = np.zeros(cap + 1)             # best[c]: least cost of the tensors so far within c bytes
+def _dp(fronts: list[list[Candidate]], cap: int, unit: int) -> list[int]:
+    """Exact: min Σ cost with Σ extra bytes ≤ cap · unit (extra = bytes above each tensor's
+    smallest, all multiples of ``unit``)."""
+    best = np.zeros(cap + 1)             # best[c]: least cost of the tensors so far within c units
     back: list[np.ndarray] = []
     for f in fronts:
         stack = np.full((len(f), cap + 1), np.inf)
         for k, c in enumerate(f):
-            w = c.bytes - f[0].bytes
+            w = (c.bytes - f[0].bytes) // unit
             if w <= cap:
                 stack[k, w:] = best[:cap + 1 - w] + c.cost
         arg = stack.argmin(axis=0)
         best = stack[arg, np.arange(cap + 1)]
-        back.append(arg.astype(np.int32))
+        back.append(arg.astype(np.uint8 if len(f) < 256 else np.int32))
     pick, c = [], cap
     for f, arg in zip(reversed(fronts), reversed(back), strict=True):
         k = int(arg[c])
         pick.append(k)
-        c -= f[k].bytes - f[0].bytes
+        c -= (f[k].bytes - f[0].bytes) // unit
     return pick[::-1]
 
 

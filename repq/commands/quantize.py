@@ -8,12 +8,13 @@ import typer
 from .._output import Output
 from ..errors import MismatchError, UsageError
 from .common import JsonOpt, QuietOpt, ThreadsOpt, meta, run_command
+from .sensitivity import AllowTypesOpt, ExcludeTypesOpt
 
 
 def quantize(
     model: Annotated[Path, typer.Argument(help="Input model: F32/F16/BF16 GGUF, or a Hugging Face model directory.")],
     out_path: Annotated[Path, typer.Argument(metavar="OUT", help="Output GGUF path.")],
-    fmt: Annotated[str, typer.Option("--fmt", "-f", help="llama-quantize ftype: Q4_K_M, Q3_K_S, IQ4_XS, Q4_0, ...")],
+    fmt: Annotated[str, typer.Option("--fmt", "-f", help="llama-quantize ftype: Q4_K_M, Q3_K_S, IQ4_XS, Q4_0, ... (with a target: only the file's label).")] = "",
     method: Annotated[str, typer.Option(help="rtn | imatrix (ggml's own quantizers, byte-identical to llama-quantize) | ldlq (error feedback through Hessians).")] = "",
     imatrix: Annotated[Path | None, typer.Option(help="Importance matrix (GGUF or legacy .dat).")] = None,
     hessian: Annotated[Path | None, typer.Option(help="Hessian directory from `repq hessian` (for --method ldlq).")] = None,
@@ -30,10 +31,16 @@ def quantize(
     tensor_type: Annotated[list[str] | None, typer.Option(help="REGEX=TYPE override; repeatable (e.g. attn_v=q8_0).")] = None,
     allow_requantize: Annotated[bool, typer.Option("--allow-requantize", help="Accept already-quantized input tensors.")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Convert a Hugging Face folder whose JSON names custom code (auto_map), which runs that code.")] = False,
+    target_size: Annotated[str | None, typer.Option(help="Allocate a type per tensor so that OUT is ≤ this size: bytes, 900MB, 85M, 3.5GiB (needs --hessian or --imatrix).")] = None,
+    target_bpw: Annotated[float | None, typer.Option(help="The same as a size: bits per weight of the whole file.")] = None,
+    sensitivity: Annotated[Path | None, typer.Option(help="Costs from `repq sensitivity` (skips computing them).")] = None,
+    recipe_out: Annotated[Path | None, typer.Option(help="Write the chosen types as a llama-quantize --tensor-type-file.")] = None,
+    allow_types: AllowTypesOpt = None,
+    exclude_types: ExcludeTypesOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
-    """Quantize MODEL to OUT with llama.cpp's type mix for FTYPE.
+    """Quantize MODEL to OUT with llama.cpp's type mix for FTYPE, or with the best mix for a size.
 
     Examples:
 
@@ -44,6 +51,10 @@ def quantize(
         repq quantize model-f32.gguf model-iq4_xs.gguf --fmt IQ4_XS --imatrix imatrix.gguf
 
         repq quantize model-f32.gguf q.gguf --fmt Q3_K_S --tensor-type attn_v=q6_k --json | jq .file_bytes
+
+        repq quantize model-f32.gguf q.gguf --target-size 90MB --hessian hess/ --exclude-types Q4_1,Q5_1
+
+        repq quantize model-f32.gguf q.gguf --target-bpw 4.5 --imatrix im.gguf --sensitivity sens-im.json --recipe-out mix.txt
     """
     out = Output(json_out, quiet)
 
@@ -57,6 +68,13 @@ def quantize(
             output_tensor_type=type_id(output_tensor_type) if output_tensor_type else None,
             token_embedding_type=type_id(token_embedding_type) if token_embedding_type else None,
             tensor_types=tuple(_parse_tensor_type(s) for s in (tensor_type or [])))
+        targeted = target_size is not None or target_bpw is not None
+        if not fmt and not targeted:
+            raise UsageError("pass --fmt FTYPE, or a size target (--target-size / --target-bpw)")
+        alloc_only = [o for o, v in (("--sensitivity", sensitivity), ("--recipe-out", recipe_out),
+                                     ("--allow-types", allow_types), ("--exclude-types", exclude_types)) if v]
+        if alloc_only and not targeted:
+            raise UsageError(f"{', '.join(alloc_only)} only apply with --target-size or --target-bpw")
         m = method or ("ldlq" if hessian else "imatrix" if imatrix else "rtn")
         if m == "rtn" and imatrix:
             raise UsageError("--method rtn ignores importance; drop --imatrix or use --method imatrix")
@@ -74,17 +92,39 @@ def quantize(
         pipeline.check_output_path(model, out_path)
         src = ensure_gguf(model, trust_remote_code=trust_remote_code)
         hessian_for, hessian_names, extra_kv = _ldlq_inputs(src, cfg) if m == "ldlq" else (None, (), None)
-        with out.progress(f"quantize {model.name} → {fmt}", total=0) as advance:
+        alloc = None
+        if targeted:
+            from ..alloc.recipe import make_allocator
+            from .sensitivity import candidate_list
+
+            with out.progress(f"sensitivity {model.name}", total=0) as advance:
+                alloc = make_allocator(src, target_size=target_size, target_bpw=target_bpw,
+                                       sensitivity=str(sensitivity) if sensitivity else None,
+                                       hessian=cfg.hessian, imatrix=cfg.imatrix,
+                                       types=candidate_list(allow_types, exclude_types), tensor_types=opts.tensor_types,
+                                       ldlq=cfg.ldlq_options(), device=device, threads=threads or None,
+                                       on_tensor=lambda name, i, n: advance(1 if i else 0, name, total=n))
+        with out.progress(f"quantize {model.name} → {fmt or 'target'}", total=0) as advance:
             def on_tensor(rep, i, n):
                 advance(1, f"{rep.name} → {rep.dst_type}", total=n)
             rep = pipeline.quantize_model(src, out_path, cfg, on_tensor=on_tensor, hessian_for=hessian_for,
-                                          hessian_names=hessian_names, extra_kv=extra_kv)
+                                          hessian_names=hessian_names, extra_kv=extra_kv, allocate=alloc)
+        if alloc is not None and recipe_out is not None:
+            from ..alloc.recipe import recipe_text
+            from ..ggml.types import type_id
+            from ..io.atomic import atomic_write_bytes
+
+            atomic_write_bytes(recipe_out, recipe_text({t.name: type_id(t.dst_type) for t in rep.tensors
+                                                        if t.name in alloc.result.types or t.name in alloc.pins}).encode())
         cols = ["tensor", "shape", "from", "to", "MiB", "method"]
         rows = [[t.name, "×".join(map(str, t.shape)), t.src_type, t.dst_type + ("*" if t.fallback else ""),
                  f"{t.dst_bytes / 2**20:.2f}", t.method] for t in rep.tensors]
         if m == "ldlq":
             cols += ["rel.err", "ggml rel.err"]
             rows = [r + [_fmt(t.proxy_rel_err), _fmt(t.baseline_rel_err)] for r, t in zip(rows, rep.tensors, strict=True)]
+        if alloc is not None:
+            cols.append("pred.cost")
+            rows = [r + [_fmt(alloc.costs.get(t.name))] for r, t in zip(rows, rep.tensors, strict=True)]
         out.table(f"{out_path.name}: {rep.ftype}", cols, rows)
         types: dict[str, int] = {}
         for t in rep.tensors:
@@ -92,11 +132,18 @@ def quantize(
         out.result({**meta(), "command": "quantize", "config": cfg.to_dict(), "input": str(model),
                     "output": rep.output, "ftype": rep.ftype, "file_bytes": rep.file_bytes,
                     "bpw": round(rep.bpw, 4), "seconds": round(rep.seconds, 3), "tensor_types": types,
-                    "tensors": [t.__dict__ for t in rep.tensors]},
+                    "tensors": [t.__dict__ | ({"predicted_cost": alloc.costs.get(t.name)} if alloc else {})
+                                for t in rep.tensors]} | (_alloc_json(alloc) if alloc else {}),
                    human=f"wrote {rep.output}: {rep.file_bytes:,} bytes, {rep.bpw:.3f} bpw, "
                          f"{len(rep.tensors)} tensors in {rep.seconds:.1f} s  (* = shape fallback)")
 
     run_command(out, body)
+
+
+def _alloc_json(alloc) -> dict:
+    r = alloc.result
+    return {"allocation": {"target_bytes": alloc.target, "tensor_bytes": r.bytes, "predicted_cost": r.cost,
+                           "lower_bound": r.lower_bound, "solver": r.method, "source": alloc.sens.source}}
 
 
 def _fmt(v: float | None) -> str:

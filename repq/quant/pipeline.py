@@ -44,7 +44,8 @@ class QuantizeConfig:
     """What to produce.  Every field maps to a `repq quantize` option."""
 
     ftype: str
-    """llama-quantize ftype name, e.g. ``Q4_K_M``."""
+    """llama-quantize ftype name, e.g. ``Q4_K_M``; empty with a size target (``allocate``): the
+    ftype of the type holding most of the allocated bytes (its ``general.file_type`` label)."""
     method: str = "rtn"
     """``rtn`` (no importance), ``imatrix`` (ggml's importance-weighted search; needs an imatrix) or
     ``ldlq`` (error feedback through Hessians; needs ``hessian``).  ``distill`` is internal to
@@ -183,7 +184,8 @@ def quantize_model(src: str | os.PathLike, out: str | os.PathLike, cfg: Quantize
                    hessian_names: Container[str] = (),
                    extra_kv: list[keys.KeyValue] | None = None,
                    tensor_values: Callable[[str], np.ndarray | None] | None = None,
-                   tensor_bytes: dict[str, np.ndarray] | None = None) -> QuantizeReport:
+                   tensor_bytes: dict[str, np.ndarray] | None = None,
+                   allocate: Callable[[list[mix.TensorPlan], int], dict[str, int]] | None = None) -> QuantizeReport:
     """Quantize a GGUF model; see the module docstring.
 
     Args:
@@ -201,12 +203,15 @@ def quantize_model(src: str | os.PathLike, out: str | os.PathLike, cfg: Quantize
             type does not change (`repq distill`'s trained norms).
         tensor_bytes: name -> the finished ggml bytes of that tensor (`repq distill`'s frozen
             tensors), written as they are.
+        allocate: ``--target-size``: called with the plans and the exact bytes of the header,
+            metadata and tensor infos (the same whatever the types); returns name -> type id for
+            the tensors whose type it chooses (:class:`repq.alloc.recipe.Allocator`).
 
     Raises:
         InputFileError, MismatchError, UnsupportedError, UsageError: bad input (nothing written).
     """
     t_start = time.perf_counter()
-    ftype = mix.ftype_from_name(cfg.ftype)
+    ftype = mix.ftype_from_name(cfg.ftype or "Q8_0")
     ldlq = cfg.ldlq_options() if cfg.method == "ldlq" else None
     model = gguf_file.GGUFModel(src)
     try:
@@ -218,32 +223,19 @@ def quantize_model(src: str | os.PathLike, out: str | os.PathLike, cfg: Quantize
         if imx is not None:
             check_imatrix(importance, model, plans, cfg.imatrix)
         refusal = None if cfg.allow_requantize else "; pass --allow-requantize to requantize it"
+        if allocate is not None:   # the header's length does not depend on the tensor types
+            header = len(_writer(out, model, cfg, ftype, imx, importance, extra_kv, plans).meta_bytes())
+            types = allocate(plans, header)
+            if not cfg.ftype:
+                ftype = _dominant_ftype(types, model)
+            plans = [replace(p, dst_type=types[p.name], fallback=False,
+                             requires_imatrix=mix.tensor_requires_imatrix(p.name, types[p.name], ftype.id))
+                     if p.name in types else p for p in plans]
         # importance: an imatrix entry, a Hessian's diagonal, or finished bytes (distill's frozen tensors)
         have = set(importance) | {n for n in model.tensors if n in hessian_names or n in (tensor_bytes or {})}
         check_plans(plans, {n: t.n_per_row for n, t in model.tensors.items()}, importance=have,
                     requantize_refusal=refusal)
-
-        writer = gguf_file.GGUFWriter(out)
-        for key, raw in model.kv_items():
-            writer.add_raw_kv(key, raw)
-        writer.set_kv(keys.QUANTIZATION_VERSION, gguf_file.UINT32, keys.GGML_QNT_VERSION)
-        writer.set_kv(keys.FILE_TYPE, gguf_file.UINT32, ftype.id)
-        for key in keys.SPLIT_KEYS:
-            writer.remove_kv(key)
-        if imx is not None:
-            writer.set_kv(keys.IMATRIX_FILE, gguf_file.STRING, _c_trunc(cfg.imatrix, 127))
-            if imx.datasets:
-                writer.set_kv(keys.IMATRIX_DATASET, gguf_file.STRING, _c_trunc(imx.datasets[0], 127))
-            writer.set_kv(keys.IMATRIX_N_ENTRIES, gguf_file.UINT32, len(importance))
-            if imx.chunk_count > 0:
-                writer.set_kv(keys.IMATRIX_N_CHUNKS, gguf_file.UINT32, imx.chunk_count)
-        for key, vtype, value, sub_type in extra_kv or []:
-            writer.set_kv(key, vtype, value, sub_type)
-
-        for p in plans:
-            t = model.tensors[p.name]
-            nbytes = t.n_bytes if p.dst_type == t.type else t.n_rows * row_size(p.dst_type, t.n_per_row)
-            writer.add_tensor_info(p.name, t.shape, p.dst_type, nbytes)
+        writer = _writer(out, model, cfg, ftype, imx, importance, extra_kv, plans)
 
         reports: list[TensorReport] = []
         with writer:
@@ -286,6 +278,44 @@ def quantize_model(src: str | os.PathLike, out: str | os.PathLike, cfg: Quantize
                               time.perf_counter() - t_start)
     finally:
         model.close()
+
+
+def _dominant_ftype(types: dict[str, int], model: gguf_file.GGUFModel) -> mix.FType:
+    """The first ftype (llama-quantize's order) whose default type holds the most allocated bytes."""
+    held: dict[int, int] = {}
+    for name, t in types.items():
+        ref = model.tensors[name]
+        held[t] = held.get(t, 0) + ref.n_rows * row_size(t, ref.n_per_row)
+    top = max(held, key=held.__getitem__)
+    return next((f for f in mix.FTYPES.values() if f.default_type == top), mix.FTYPES["Q8_0"])
+
+
+def _writer(out, model: gguf_file.GGUFModel, cfg: QuantizeConfig, ftype: mix.FType, imx: Imatrix | None,
+            importance: dict, extra_kv: list[keys.KeyValue] | None,
+            plans: list[mix.TensorPlan]) -> gguf_file.GGUFWriter:
+    """The output's writer with every key/value pair and tensor info in place (step 3 of the module
+    docstring), nothing written yet."""
+    writer = gguf_file.GGUFWriter(out)
+    for key, raw in model.kv_items():
+        writer.add_raw_kv(key, raw)
+    writer.set_kv(keys.QUANTIZATION_VERSION, gguf_file.UINT32, keys.GGML_QNT_VERSION)
+    writer.set_kv(keys.FILE_TYPE, gguf_file.UINT32, ftype.id)
+    for key in keys.SPLIT_KEYS:
+        writer.remove_kv(key)
+    if imx is not None:
+        writer.set_kv(keys.IMATRIX_FILE, gguf_file.STRING, _c_trunc(cfg.imatrix, 127))
+        if imx.datasets:
+            writer.set_kv(keys.IMATRIX_DATASET, gguf_file.STRING, _c_trunc(imx.datasets[0], 127))
+        writer.set_kv(keys.IMATRIX_N_ENTRIES, gguf_file.UINT32, len(importance))
+        if imx.chunk_count > 0:
+            writer.set_kv(keys.IMATRIX_N_CHUNKS, gguf_file.UINT32, imx.chunk_count)
+    for key, vtype, value, sub_type in extra_kv or []:
+        writer.set_kv(key, vtype, value, sub_type)
+    for p in plans:
+        t = model.tensors[p.name]
+        nbytes = t.n_bytes if p.dst_type == t.type else t.n_rows * row_size(p.dst_type, t.n_per_row)
+        writer.add_tensor_info(p.name, t.shape, p.dst_type, nbytes)
+    return writer
 
 
 def _c_trunc(s: str, n: int) -> str:

@@ -57,13 +57,13 @@ def test_lagrangian_never_exceeds_and_brackets_the_optimum(seed):
     lo = sum(min(c.bytes for c in v) for v in cands.values())
     hi = sum(max(c.bytes for c in v) for v in cands.values())
     budget = int(rng.integers(lo, hi))
-    a = solve(cands, budget, dp_max_bytes=0)
+    a = solve(cands, budget, dp_max_cells=0)
     opt = _brute(cands, budget)
     assert a.bytes <= budget
     assert a.lower_bound <= opt + 1e-9 <= a.cost + 2e-9
     if a.method == "lagrangian":
         assert a.cost - a.lower_bound <= max(max(c.cost for c in v) - min(c.cost for c in v) for v in cands.values())
-    exact = solve(cands, budget, dp_max_bytes=10**6)
+    exact = solve(cands, budget, dp_max_cells=10**6)
     assert exact.method in ("dp", "unconstrained") and exact.cost == pytest.approx(opt, abs=1e-9)
 
 

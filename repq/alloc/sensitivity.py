@@ -1,0 +1,277 @@
+"""Per-tensor, per-type sensitivities: what choosing a type for a tensor is predicted to cost.
+
+For every quantizable tensor (llama.cpp's rule, :func:`repq.mix.tensor_allows_quantization`) and
+every candidate type valid for its rows (llama.cpp's fallbacks applied: on 576-wide rows Q4_K is
+Q5_0, IQ3_S is IQ4_NL; duplicates merged; types that need an importance matrix only where there is
+one), the tensor is quantized through repq's one per-tensor path,
+:func:`repq.quant.tensor.quantize_tensor`, and the cost of the result is
+
+* with Hessians (``source = "hessian"``): LDLQ's proxy loss ``tr(ΔW H ΔWᵀ)``, H = E[x xᵀ] of the
+  tensor's input (= E‖ΔW x‖², the expected squared error of the layer's output), the tensor
+  quantized by LDLQ on that type as `repq quantize --hessian` would;
+* with an imatrix only (``source = "imatrix"``): ``Σ_j imp_j ‖ΔW_:,j‖²``, the diagonal of the same
+  loss, the tensor quantized by ggml's imatrix quantizer as llama-quantize would.
+
+The bytes are exact: rows × ``ggml_row_size``.  These costs are per-tensor proxies, not KL
+divergence: the file keeps a per-tensor ``scale`` (1 until calibrated against measured KL) and the
+solver uses ``scale · cost``.  Tensors without statistics (no Hessian / imatrix entry) get no
+candidates: they are listed under ``unallocated`` and must be pinned (``--tensor-type``).
+
+The file (``repq sensitivity -o sens.json``) records the fingerprint of the model (its shapes and a
+sample of its weight bytes) and of the statistics, so that reusing it on another model or with
+other statistics is refused (:meth:`Sensitivity.check`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__, mix
+from ..errors import InputFileError, MismatchError, UnsupportedError, UsageError
+from ..ggml.types import F16, GGML_TYPES, row_size, type_id, type_name
+from .solver import Candidate
+
+FORMAT = "repq.sensitivity"
+VERSION = 1
+
+#: Candidate types by default: every ggml weight type llama.cpp offers as an ftype building block
+#: (legacy, K, i-quants), with Q8_0 and F16 at the top.
+DEFAULT_TYPES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS", "IQ4_NL",
+                 "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16")
+
+
+def parse_types(spec: str | None, what: str) -> list[str] | None:
+    """A comma-separated list of ggml type names (any case) → upper-case names; None for None.
+
+    Raises:
+        UsageError: an unknown name (the message lists the known ones).
+    """
+    if spec is None:
+        return None
+    names = [s.strip().upper() for s in spec.split(",") if s.strip()]
+    for n in names:
+        if n not in DEFAULT_TYPES:
+            raise UsageError(f"{what}: unknown or unsupported type {n!r}",
+                             hint=f"use ggml type names from: {', '.join(DEFAULT_TYPES)}")
+    if not names:
+        raise UsageError(f"{what}: empty type list")
+    return names
+
+
+def candidate_types(name: str, n_per_row: int, types: Iterable[str], *, has_importance: bool) -> list[str]:
+    """The distinct types ``types`` become on rows of ``n_per_row`` after llama.cpp's fallbacks
+    (``tensor_type_fallback``), minus those llama-quantize refuses without an importance matrix."""
+    out: list[str] = []
+    for t in types:
+        tid = type_id(t)
+        if tid != F16:
+            try:
+                tid, _ = mix.tensor_type_fallback(name, n_per_row, tid)
+            except UnsupportedError:
+                continue
+        if not has_importance and mix.tensor_requires_imatrix(name, tid, mix.FTYPES["Q8_0"].id):
+            continue
+        if type_name(tid) not in out:
+            out.append(type_name(tid))
+    return out
+
+
+def proxy_cost(weight: np.ndarray, values: np.ndarray, *, hessian=None, importance: np.ndarray | None = None) -> float:
+    """tr(ΔW H ΔWᵀ) with a Hessian (torch or numpy, n × n), else Σ_j imp_j ‖ΔW_:,j‖²; ΔW = values − weight."""
+    dw = values.astype(np.float64) - weight.astype(np.float64)          # (rows, n)
+    if hessian is not None:
+        h = np.asarray(hessian.cpu().numpy() if hasattr(hessian, "cpu") else hessian, np.float64)
+        return float(np.einsum("rj,rj->", dw @ h, dw))
+    return float((dw * dw).sum(axis=0) @ np.asarray(importance, np.float64))
+
+
+def model_fingerprint(g) -> str:
+    """sha256 of the model's config fingerprint (architecture, names, shapes) and, per tensor, its
+    type and the first and last 4 KiB of its data: two models of one architecture differ here."""
+    from ..model.config import config_from_gguf
+
+    h = hashlib.sha256(config_from_gguf(g).fingerprint().encode())
+    for name in sorted(g.tensors):
+        t = g.tensors[name]
+        h.update(f"{name}:{t.type}:{t.shape}".encode())
+        h.update(bytes(t.data[:4096]))
+        h.update(bytes(t.data[-4096:]))
+    return h.hexdigest()
+
+
+def file_fingerprint(path: str | os.PathLike) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@dataclass
+class Sensitivity:
+    """A sensitivity file: per tensor, per candidate type, exact bytes and predicted cost."""
+
+    model: str
+    model_fingerprint: str
+    source: str
+    """``hessian`` or ``imatrix``."""
+    source_path: str
+    source_fingerprint: str
+    cost: str
+    """What ``cost`` measures, in words."""
+    tensors: dict[str, dict] = field(default_factory=dict)
+    """name → {"shape": [...], "scale": 1.0, "candidates": {type: {"bytes", "cost", "method"}}}."""
+    unallocated: list[str] = field(default_factory=list)
+    """Quantizable tensors without statistics (no candidates; pin them)."""
+    config: dict = field(default_factory=dict)
+
+    def candidates(self) -> dict[str, list[Candidate]]:
+        """Solver input: name → candidates with cost × the tensor's scale."""
+        return {n: [Candidate(t, int(c["bytes"]), float(c["cost"]) * float(e.get("scale", 1.0)))
+                    for t, c in e["candidates"].items()] for n, e in self.tensors.items()}
+
+    def check(self, model_fp: str, source: str, source_fp: str | None, what: str) -> None:
+        """Refuse sensitivities of another model, another kind of statistics or other statistics.
+
+        Raises:
+            MismatchError: with the file named in ``what``.
+        """
+        if model_fp != self.model_fingerprint:
+            raise MismatchError(f"{what}: sensitivities of another model ({self.model}; fingerprint "
+                                f"{self.model_fingerprint[:12]}…, this model {model_fp[:12]}…)",
+                                hint="compute them for this model with `repq sensitivity`")
+        if source != self.source:
+            raise MismatchError(f"{what}: sensitivities from {self.source} statistics, this run quantizes "
+                                f"with {source} statistics", hint=f"pass --{self.source} or recompute them")
+        if source_fp is not None and source_fp != self.source_fingerprint:
+            raise MismatchError(f"{what}: sensitivities from other {source} statistics ({self.source_path})",
+                                hint="recompute them with `repq sensitivity`, or pass the statistics they came from")
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, "repq_version": __version__, "model": self.model,
+                "model_fingerprint": self.model_fingerprint, "source": self.source,
+                "source_path": self.source_path, "source_fingerprint": self.source_fingerprint,
+                "cost": self.cost, "config": self.config, "unallocated": self.unallocated, "tensors": self.tensors}
+
+    def save(self, path: str | os.PathLike) -> None:
+        from ..io.atomic import atomic_write_bytes
+
+        atomic_write_bytes(path, (json.dumps(self.to_json(), indent=1) + "\n").encode())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Sensitivity:
+        """Raises InputFileError: unreadable, not a sensitivity file, or a malformed entry."""
+        try:
+            d = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputFileError(f"{path}: cannot read a sensitivity file ({e})") from None
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise InputFileError(f"{path}: not a repq sensitivity file (format != {FORMAT!r})",
+                                 hint="make one with `repq sensitivity MODEL --hessian DIR -o sens.json`")
+        if d.get("version") != VERSION:
+            raise InputFileError(f"{path}: sensitivity file version {d.get('version')!r}, expected {VERSION}")
+        try:
+            s = cls(str(d["model"]), str(d["model_fingerprint"]), str(d["source"]), str(d["source_path"]),
+                    str(d["source_fingerprint"]), str(d["cost"]), dict(d["tensors"]), list(d["unallocated"]),
+                    dict(d.get("config", {})))
+            for n, e in s.tensors.items():
+                for t, c in e["candidates"].items():
+                    if t not in GGML_TYPES or int(c["bytes"]) < 0 or not np.isfinite(float(c["cost"])):
+                        raise ValueError(f"{n}: bad candidate {t}")
+                if not float(e.get("scale", 1.0)) >= 0:
+                    raise ValueError(f"{n}: bad scale")
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise InputFileError(f"{path}: malformed sensitivity file ({e})") from None
+        return s
+
+
+def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | None = None,
+            imatrix_path: str | None = None, ldlq=None, device: str = "cpu", threads: int | None = None,
+            on_tensor: Callable[[str, int, int], None] | None = None) -> Sensitivity:
+    """Quantize every quantizable tensor of ``src`` (a GGUF) to every candidate type and measure the cost.
+
+    Args:
+        src: F32/F16/BF16 GGUF.
+        types: candidate type names (before fallbacks).
+        hessian_dir: `repq hessian` directory (LDLQ, cost tr(ΔW H ΔWᵀ)); or
+        imatrix_path: imatrix file (ggml's quantizer, cost Σ imp ‖ΔW_:,j‖²).
+        ldlq: :class:`repq.quant.tensor.LdlqOptions` (Hessian mode).
+        on_tensor: progress: (tensor name, index, total).
+
+    Raises:
+        UsageError, MismatchError, InputFileError: bad input (statistics of another model, ...).
+    """
+    from ..io.gguf_file import GGUFModel
+    from ..quant import importance as importance_rules
+    from ..quant.pipeline import check_imatrix, plan_model, tensor_f32
+    from ..quant.tensor import LdlqOptions, quantize_tensor
+
+    if (hessian_dir is None) == (imatrix_path is None):
+        raise UsageError("pass exactly one of --hessian DIR and --imatrix FILE")
+    types = list(types)
+    with GGUFModel(src) as g:
+        fp = model_fingerprint(g)
+        plans = [p for p in plan_model(g, mix.FTYPES["Q8_0"], mix.MixOptions(has_imatrix=True)) if p.allows_quantization]
+        if hessian_dir is not None:
+            hs, source_fp = _hessians(hessian_dir, g)
+            stats = {p.name for p in plans if hs.has(p.name)}
+            ldlq = ldlq or LdlqOptions()
+        else:
+            from ..io.imatrix import load_imatrix
+
+            imp_all = load_imatrix(imatrix_path).importance()
+            check_imatrix(imp_all, g, plans, imatrix_path)
+            source_fp = file_fingerprint(imatrix_path)
+            stats = {p.name for p in plans
+                     if importance_rules.from_imatrix(imp_all.get(p.name), g.tensors[p.name].n_per_row,
+                                                      _experts(g.tensors[p.name])) is not None}
+        sens = Sensitivity(str(src), fp, "hessian" if hessian_dir else "imatrix", str(hessian_dir or imatrix_path),
+                           source_fp, "tr(dW H dW^T), H = mean x x^T of the input; LDLQ quantization"
+                           if hessian_dir else "sum_j imp_j |dW_:,j|^2; ggml imatrix quantization",
+                           config={"types": types, "ldlq": ldlq.to_dict() if hessian_dir else None})
+        for i, p in enumerate(plans):
+            t = g.tensors[p.name]
+            if on_tensor:
+                on_tensor(p.name, i, len(plans))
+            if p.name not in stats:
+                sens.unallocated.append(p.name)
+                continue
+            w = tensor_f32(t)
+            h = hs.mean(p.name) if hessian_dir else None
+            imp = None if hessian_dir else importance_rules.from_imatrix(imp_all[p.name], t.n_per_row, _experts(t))
+            cands = {}
+            for ty in candidate_types(p.name, t.n_per_row, types, has_importance=True):
+                tid = type_id(ty)
+                res = quantize_tensor(_plan(p, tid), w, hessian=h, importance=imp, ldlq=ldlq if hessian_dir else None,
+                                      experts=_experts(t), device=device, threads=threads)
+                cost = proxy_cost(w, res.values, hessian=h, importance=None if h is not None else imp)
+                cands[ty] = {"bytes": t.n_rows * row_size(tid, t.n_per_row), "cost": cost, "method": res.method}
+            sens.tensors[p.name] = {"shape": list(t.shape), "scale": 1.0, "candidates": cands}
+    return sens
+
+
+def _plan(p: mix.TensorPlan, tid: int) -> mix.TensorPlan:
+    return mix.TensorPlan(p.name, p.src_type, tid, True, False, False)
+
+
+def _experts(t) -> int:
+    return t.shape[2] if len(t.shape) > 2 else 1
+
+
+def _hessians(path: str, g):
+    """The Hessian set, checked against the model; (set, fingerprint of its data)."""
+    from ..calib.hessian.store import HessianSet
+    from ..model.config import config_from_gguf
+
+    hs = HessianSet(path)
+    hs.check_model(config_from_gguf(g).fingerprint(), f"{g.path.name} is")
+    fp = hashlib.sha256(json.dumps([hs.model_fingerprint, hs.data_fingerprints]).encode()).hexdigest()
+    return hs, fp
+
+
+def source_fingerprint(hessian_dir: str | None, imatrix_path: str | None, g) -> str:
+    """The fingerprint :func:`compute` records for these statistics (to check a reused file)."""
+    return _hessians(hessian_dir, g)[1] if hessian_dir else file_fingerprint(imatrix_path)

@@ -1,0 +1,209 @@
+"""`repq sensitivity` and `repq quantize --target-size/--target-bpw` end to end on tiny models (issue 15).
+
+* the written file never exceeds the target, every chosen type is valid for its tensor's rows, and
+  the table / JSON carry each tensor's predicted cost;
+* the recipe (`--recipe-out`) given to the vendored llama-quantize with the same imatrix gives the
+  same file, byte for byte (same tensor types, and ggml's quantizer on both sides);
+* `--tensor-type` pins win; `--allow-types/--exclude-types` restrict the choice;
+* bad input — a target below the smallest or above the largest possible file, unknown type names,
+  sensitivities of another model or of other statistics — is one error line, exit 2, no output.
+
+The imatrix path (ggml's quantizer) keeps most tests at a second or two; one test runs LDLQ with
+Hessians from `repq hessian` on two candidate types.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+from helpers import make_tiny_llama, write_legacy_imatrix
+from typer.testing import CliRunner
+
+from repq.cli import app
+from repq.ggml.types import block_size, type_id
+from repq.io.gguf_file import GGUFModel
+
+runner = CliRunner()
+
+
+def repq(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _imatrix(model, path, seed=1):
+    with GGUFModel(model) as m:
+        rng = np.random.default_rng(seed)
+        ents = {n: rng.random(t.n_per_row).astype(np.float32) + 0.1 for n, t in m.tensors.items() if len(t.shape) == 2}
+    return write_legacy_imatrix(path, ents)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, native):
+    d = tmp_path_factory.mktemp("alloc")
+    make_tiny_llama(d / "tiny.gguf")                      # rows of 256 and 512: K and i-quants valid
+    make_tiny_llama(d / "other.gguf", seed=5)            # same shapes, other weights
+    _imatrix(d / "tiny.gguf", d / "im.dat")
+    _imatrix(d / "tiny.gguf", d / "im2.dat", seed=2)
+    r = repq("sensitivity", d / "tiny.gguf", "--imatrix", d / "im.dat", "-o", d / "sens.json", "--json")
+    assert r.exit_code == 0, r.output
+    return d
+
+
+def _sizes(files):
+    with GGUFModel(files / "tiny.gguf") as g:
+        return g.file_size
+
+
+@pytest.mark.parametrize("frac", [0.2, 0.27, 0.35, 0.5])
+def test_file_never_exceeds_the_target(files, tmp_path, frac):
+    target = int(_sizes(files) * frac)
+    out = tmp_path / "q.gguf"
+    r = repq("quantize", files / "tiny.gguf", out, "--target-size", target, "--imatrix", files / "im.dat",
+             "--sensitivity", files / "sens.json", "--json")
+    assert r.exit_code == 0, r.output
+    obj = json.loads(r.stdout)
+    assert obj["file_bytes"] == out.stat().st_size <= target
+    a = obj["allocation"]
+    assert a["target_bytes"] == target and a["lower_bound"] <= a["predicted_cost"]
+    sens = json.loads((files / "sens.json").read_text())["tensors"]
+    for t in obj["tensors"]:
+        if t["name"] in sens:
+            assert t["dst_type"] in sens[t["name"]]["candidates"]
+            assert t["predicted_cost"] == pytest.approx(sens[t["name"]]["candidates"][t["dst_type"]]["cost"])
+            assert t["shape"][0] % block_size(type_id(t["dst_type"])) == 0
+
+
+def test_target_bpw_and_a_bigger_target_costs_less(files, tmp_path):
+    costs = []
+    for bpw in (3.0, 4.0, 6.0):
+        out = tmp_path / f"q{bpw}.gguf"
+        r = repq("quantize", files / "tiny.gguf", out, "--target-bpw", bpw, "--imatrix", files / "im.dat",
+                 "--sensitivity", files / "sens.json", "--json")
+        assert r.exit_code == 0, r.output
+        obj = json.loads(r.stdout)
+        with GGUFModel(files / "tiny.gguf") as g:
+            n = sum(int(np.prod(t.shape)) for t in g.tensors.values())
+        assert out.stat().st_size <= bpw * n / 8
+        costs.append(obj["allocation"]["predicted_cost"])
+    assert costs[0] > costs[1] > costs[2]
+
+
+def test_recipe_round_trips_through_llama_quantize(files, tmp_path, llama_tool):
+    ours, theirs, recipe = tmp_path / "repq.gguf", tmp_path / "llama.gguf", tmp_path / "mix.txt"
+    r = repq("quantize", files / "tiny.gguf", ours, "--target-size", int(_sizes(files) * 0.3), "--imatrix",
+             files / "im.dat", "--recipe-out", recipe, "--json")
+    assert r.exit_code == 0, r.output
+    obj = json.loads(r.stdout)
+    assert len(set(obj["tensor_types"]) - {"F32"}) >= 2          # a real mix, not one type
+    subprocess.run([llama_tool("llama-quantize"), "--imatrix", files / "im.dat", "--tensor-type-file", recipe,
+                    files / "tiny.gguf", theirs, obj["ftype"], "2"], check=True, capture_output=True)
+    with GGUFModel(ours) as a, GGUFModel(theirs) as b:
+        assert {n: t.type for n, t in a.tensors.items()} == {n: t.type for n, t in b.tensors.items()}
+    assert ours.read_bytes() == theirs.read_bytes()
+
+
+def test_pins_and_type_restrictions(files, tmp_path):
+    out = tmp_path / "q.gguf"
+    r = repq("quantize", files / "tiny.gguf", out, "--target-size", int(_sizes(files) * 0.3), "--imatrix",
+             files / "im.dat", "--sensitivity", files / "sens.json", "--tensor-type", "attn_v=q8_0",
+             "--exclude-types", "Q4_K,IQ4_XS,Q3_K", "--json")
+    assert r.exit_code == 0, r.output
+    types = {t["name"]: t["dst_type"] for t in json.loads(r.stdout)["tensors"]}
+    assert types["blk.0.attn_v.weight"] == types["blk.1.attn_v.weight"] == "Q8_0"
+    assert not {"Q4_K", "IQ4_XS", "Q3_K"} & set(types.values())
+    r = repq("quantize", files / "tiny.gguf", out, "--target-size", int(_sizes(files) * 0.5), "--imatrix",
+             files / "im.dat", "--sensitivity", files / "sens.json", "--allow-types", "q4_0,q8_0", "--json")
+    assert r.exit_code == 0, r.output
+    assert set(json.loads(r.stdout)["tensor_types"]) <= {"Q4_0", "Q8_0", "F32"}
+
+
+def _refused(tmp_path, args, match):
+    out = tmp_path / "q.gguf"
+    for existing in (False, True):
+        if existing:
+            out.write_bytes(b"keep")
+        r = repq("quantize", args[0], out, *args[1:])
+        assert r.exit_code == 2, r.output
+        assert match in r.stderr.replace("\n", " "), r.stderr
+        assert "Traceback" not in r.output
+        assert (out.read_bytes() == b"keep") if existing else not out.exists()
+        assert not [p for p in tmp_path.iterdir() if p.name not in ("q.gguf",)]
+
+
+@pytest.mark.parametrize("case,match", [
+    ("small", "below the smallest possible file"),
+    ("large", "above the largest possible file"),
+    ("unit", "expected bytes or a number with a unit"),
+    ("type", "unknown or unsupported type 'Q9_K'"),
+    ("model", "sensitivities of another model"),
+    ("stats", "sensitivities from other imatrix statistics"),
+    ("nostats", "needs --hessian DIR (LDLQ) or --imatrix FILE"),
+    ("notarget", "only apply with --target-size or --target-bpw"),
+])
+def test_bad_input_exit_2_no_output(files, tmp_path, case, match):
+    m, im, sens = files / "tiny.gguf", files / "im.dat", files / "sens.json"
+    args = {
+        "small": [m, "--target-size", "10KB", "--imatrix", im, "--sensitivity", sens],
+        "large": [m, "--target-size", "1GB", "--imatrix", im, "--sensitivity", sens],
+        "unit": [m, "--target-size", "12 parsecs", "--imatrix", im, "--sensitivity", sens],
+        "type": [m, "--target-size", "1MB", "--imatrix", im, "--exclude-types", "Q4_1,q9_k"],
+        "model": [files / "other.gguf", "--target-size", "1MB", "--imatrix", im, "--sensitivity", sens],
+        "stats": [m, "--target-size", "1MB", "--imatrix", files / "im2.dat", "--sensitivity", sens],
+        "nostats": [m, "--target-size", "1MB"],
+        "notarget": [m, "--fmt", "Q4_0", "--sensitivity", sens],
+    }[case]
+    _refused(tmp_path, args, match)
+
+
+CFG = dict(arch="llama", n_layer=2, n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_vocab=262, rms_eps=1e-5,
+           rope_base=10000.0, tied=False)
+WORDS = "the quick brown fox jumps over a lazy dog and then runs far away into the forest".split()
+
+
+@pytest.fixture(scope="module")
+def hfiles(tmp_path_factory, native):
+    """A tiny model llama.cpp can tokenize for, its Hessians (`repq hessian`), LDLQ sensitivities on
+    two types and imatrix sensitivities (for the mismatch case)."""
+    from support.models import random_model, save_gguf
+    from support.vocab import byte_vocab_kv
+
+    from repq.model.config import ModelConfig
+
+    d = tmp_path_factory.mktemp("alloc-h")
+    save_gguf(random_model(ModelConfig(**CFG), seed=0), d / "m.gguf", kv=byte_vocab_kv())
+    (d / "text.txt").write_text(" ".join(np.random.default_rng(0).choice(WORDS, 1500)) + "\n")
+    r = repq("hessian", d / "m.gguf", "--data", d / "text.txt", "-o", d / "h", "-c", 64, "--chunks", 2, "-t", 1, "-q")
+    assert r.exit_code == 0, r.output
+    r = repq("sensitivity", d / "m.gguf", "--hessian", d / "h", "-o", d / "sens.json", "--allow-types", "Q4_0,Q8_0")
+    assert r.exit_code == 0, r.output
+    _imatrix(d / "m.gguf", d / "im.dat")
+    r = repq("sensitivity", d / "m.gguf", "--imatrix", d / "im.dat", "-o", d / "sens-im.json")
+    assert r.exit_code == 0, r.output
+    return d
+
+
+def test_ldlq_allocation_with_hessians(hfiles, tmp_path):
+    """LDLQ on each chosen type; token_embd (no Hessian: an untied model's lookup table) is pinned."""
+    sens = json.loads((hfiles / "sens.json").read_text())
+    assert sens["source"] == "hessian" and sens["unallocated"] == ["token_embd.weight"]
+    e = sens["tensors"]["blk.0.ffn_down.weight"]["candidates"]
+    assert e["Q4_0"]["bytes"] > 0 and e["Q8_0"]["cost"] < e["Q4_0"]["cost"]
+    out = tmp_path / "q.gguf"
+    target = 900_000
+    args = ["quantize", hfiles / "m.gguf", out, "--target-size", target, "--hessian", hfiles / "h",
+            "--sensitivity", hfiles / "sens.json", "--json"]
+    r = repq(*args)
+    assert r.exit_code == 2 and "token_embd.weight has no sensitivity" in r.stderr.replace("\n", " ")
+    r = repq(*args, "--tensor-type", "token_embd=q4_0")
+    assert r.exit_code == 0, r.output
+    obj = json.loads(r.stdout)
+    assert obj["file_bytes"] == out.stat().st_size <= target
+    chosen = {t["name"]: t for t in obj["tensors"] if t["name"] in sens["tensors"]}
+    assert {t["dst_type"] for t in chosen.values()} == {"Q4_0", "Q8_0"}
+    assert all(t["method"] == "ldlq" for t in chosen.values())
+    r = repq("quantize", hfiles / "m.gguf", out, "--target-size", target, "--hessian", hfiles / "h",
+             "--sensitivity", hfiles / "sens-im.json", "--tensor-type", "token_embd=q4_0")
+    assert r.exit_code == 2 and "sensitivities from imatrix statistics, this run quantizes with hessian" in r.stderr
