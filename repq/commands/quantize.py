@@ -135,7 +135,9 @@ def quantize(
                     "tensors": [t.__dict__ | ({"predicted_cost": alloc.costs.get(t.name)} if alloc else {})
                                 for t in rep.tensors]} | (_alloc_json(alloc) if alloc else {}),
                    human=f"wrote {rep.output}: {rep.file_bytes:,} bytes, {rep.bpw:.3f} bpw, "
-                         f"{len(rep.tensors)} tensors in {rep.seconds:.1f} s  (* = shape fallback)")
+                         f"{len(rep.tensors)} tensors in {rep.seconds:.1f} s  (* = shape fallback)"
+                         + (f"\ntarget {alloc.target:,} bytes; predicted cost {alloc.result.cost:.4g} "
+                            f"(no mix within the target below {alloc.result.lower_bound:.4g})" if alloc else ""))
 
     run_command(out, body)
 

@@ -1,5 +1,6 @@
 """`repq sensitivity`: per-tensor, per-type costs for bit allocation (`repq quantize --target-size`)."""
 
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -47,6 +48,7 @@ def sensitivity(
 
         types = candidate_list(allow_types, exclude_types)
         check_device(device)
+        t0 = time.perf_counter()
         src = ensure_gguf(model, trust_remote_code=trust_remote_code)
         with out.progress(f"sensitivity {model.name}", total=0) as advance:
             s = sens_mod.compute(src, types=types, hessian_dir=str(hessian) if hessian else None,
@@ -57,7 +59,8 @@ def sensitivity(
         rows = [[n, str(len(e["candidates"])), ", ".join(e["candidates"])] for n, e in s.tensors.items()]
         out.table(f"{output.name}: {s.source} costs", ["tensor", "types", "candidates"], rows)
         out.result({**meta(), "command": "sensitivity", "output": str(output), "source": s.source,
-                    "tensors": len(s.tensors), "unallocated": s.unallocated, "types": types},
+                    "tensors": len(s.tensors), "unallocated": s.unallocated, "types": types,
+                    "seconds": round(time.perf_counter() - t0, 3)},
                    human=f"wrote {output}: {len(s.tensors)} tensors × up to {len(types)} types ({s.source})"
                          + (f"; no statistics for {len(s.unallocated)} (pin them)" if s.unallocated else ""))
 
