@@ -85,9 +85,13 @@ bench: setup model data
 	$(PY) benchmarks/bench_quantize.py
 	$(PY) benchmarks/bench_eval.py
 
-# LDLQ vs llama-quantize quality (about an hour on 2 cores; resumable)
+# LDLQ vs llama-quantize quality (about an hour on 2 cores; resumable): llama.cpp's imatrix ladder
+# (every ftype), then repq LDLQ against the same ftype and against the best ladder file of <= its
+# size, on the tutorial text and the held-out domains (20 x 512 tokens each)
 bench-ldlq: setup model data
-	$(PY) benchmarks/bench_ldlq.py --calib-chunks 100 --eval-chunks 40 --work $(CACHE)/bench-ldlq-100
+	$(PY) benchmarks/ladder.py --calib-chunks 100 --eval-chunks 20 --threads 2 --work $(CACHE)/bench-ldlq-domains
+	$(PY) benchmarks/bench_ldlq.py --ftypes IQ2_XS,IQ3_S,Q3_K_S,Q4_0 --variants ggml-imatrix,ldlq \
+	  --calib-chunks 100 --eval-chunks 20 --threads 2 --work $(CACHE)/bench-ldlq-domains --tag domains
 
 # repq distill on 2 CPU cores (Q4_0, ~18 min) and its KLD vs the F32 base (README's CPU row)
 bench-distill-cpu: setup model data
