@@ -142,6 +142,7 @@ def _refused(tmp_path, args, match):
     ("stats", "sensitivities from other imatrix statistics"),
     ("nostats", "needs --hessian DIR (LDLQ) or --imatrix FILE"),
     ("notarget", "only apply with --target-size or --target-bpw"),
+    ("foreign", "not a repq sensitivity file"),
 ])
 def test_bad_input_exit_2_no_output(files, tmp_path, case, match):
     m, im, sens = files / "tiny.gguf", files / "im.dat", files / "sens.json"
@@ -154,7 +155,9 @@ def test_bad_input_exit_2_no_output(files, tmp_path, case, match):
         "stats": [m, "--target-size", "1MB", "--imatrix", files / "im2.dat", "--sensitivity", sens],
         "nostats": [m, "--target-size", "1MB"],
         "notarget": [m, "--fmt", "Q4_0", "--sensitivity", sens],
+        "foreign": [m, "--target-size", "1MB", "--imatrix", im, "--sensitivity", files / "foreign.json"],
     }[case]
+    (files / "foreign.json").write_text('{"format": "something else"}')
     _refused(tmp_path, args, match)
 
 
@@ -207,3 +210,21 @@ def test_ldlq_allocation_with_hessians(hfiles, tmp_path):
     r = repq("quantize", hfiles / "m.gguf", out, "--target-size", target, "--hessian", hfiles / "h",
              "--sensitivity", hfiles / "sens-im.json", "--tensor-type", "token_embd=q4_0")
     assert r.exit_code == 2 and "sensitivities from imatrix statistics, this run quantizes with hessian" in r.stderr
+
+
+def test_sizes_types_and_recipe_format():
+    from repq.alloc.recipe import parse_size, recipe_text
+    from repq.alloc.sensitivity import candidate_types
+    from repq.errors import UsageError
+
+    assert [parse_size(x) for x in ("88202048", "900MB", "85M", "3.5GiB", "1.5 kib")] == \
+        [88202048, 900_000_000, 85_000_000, int(3.5 * 2**30), 1536]
+    with pytest.raises(UsageError, match="expected bytes"):
+        parse_size("3.5 GiBs")
+    # llama.cpp's fallbacks on 576-wide rows: Q4_K -> Q5_0, IQ3_S -> IQ4_NL, Q6_K -> Q8_0, Q3_K -> Q4_0
+    assert candidate_types("blk.0.attn_q.weight", 576, ["Q4_K", "IQ3_S", "Q6_K", "Q3_K", "IQ4_NL", "F16"],
+                           has_importance=True) == ["Q5_0", "IQ4_NL", "Q8_0", "Q4_0", "F16"]
+    # without importance, the types llama-quantize refuses without an imatrix are no candidates
+    assert candidate_types("blk.0.ffn_down.weight", 1536, ["IQ2_XS", "IQ3_XXS", "IQ3_S", "Q2_K"],
+                           has_importance=False) == ["IQ3_S", "Q2_K"]
+    assert recipe_text({"blk.10.ffn_down.weight": type_id("IQ3_S")}) == "^blk\\.10\\.ffn_down\\.weight$=iq3_s\n"
