@@ -67,7 +67,9 @@ def parse_types(spec: str | None, what: str) -> list[str] | None:
 
 def candidate_types(name: str, n_per_row: int, types: Iterable[str], *, has_importance: bool) -> list[str]:
     """The distinct types ``types`` become on rows of ``n_per_row`` after llama.cpp's fallbacks
-    (``tensor_type_fallback``), minus those llama-quantize refuses without an importance matrix."""
+    (``tensor_type_fallback``) that are themselves in ``types`` (a Q5_K that falls back to an
+    excluded Q5_1 is no candidate), minus those llama-quantize refuses without an importance matrix."""
+    types = list(types)
     out: list[str] = []
     for t in types:
         tid = type_id(t)
@@ -78,7 +80,7 @@ def candidate_types(name: str, n_per_row: int, types: Iterable[str], *, has_impo
                 continue
         if not has_importance and mix.tensor_requires_imatrix(name, tid, mix.FTYPES["Q8_0"].id):
             continue
-        if type_name(tid) not in out:
+        if type_name(tid) in types and type_name(tid) not in out:
             out.append(type_name(tid))
     return out
 

@@ -222,8 +222,11 @@ def test_sizes_types_and_recipe_format():
     with pytest.raises(UsageError, match="expected bytes"):
         parse_size("3.5 GiBs")
     # llama.cpp's fallbacks on 576-wide rows: Q4_K -> Q5_0, IQ3_S -> IQ4_NL, Q6_K -> Q8_0, Q3_K -> Q4_0
-    assert candidate_types("blk.0.attn_q.weight", 576, ["Q4_K", "IQ3_S", "Q6_K", "Q3_K", "IQ4_NL", "F16"],
+    assert candidate_types("blk.0.attn_q.weight", 576, ["Q4_K", "IQ3_S", "Q6_K", "Q3_K", "IQ4_NL", "F16", "Q5_0",
+                                                      "Q8_0", "Q4_0"],
                            has_importance=True) == ["Q5_0", "IQ4_NL", "Q8_0", "Q4_0", "F16"]
+    # a fallback to a type not in the list (excluded Q5_1, Q4_0) is no candidate
+    assert candidate_types("blk.0.attn_q.weight", 576, ["Q5_K", "Q3_K", "IQ3_S"], has_importance=True) == []
     # without importance, the types llama-quantize refuses without an imatrix are no candidates
     assert candidate_types("blk.0.ffn_down.weight", 1536, ["IQ2_XS", "IQ3_XXS", "IQ3_S", "Q2_K"],
                            has_importance=False) == ["IQ3_S", "Q2_K"]
