@@ -75,6 +75,9 @@ def add_common_args(ap: argparse.ArgumentParser, default_chunks: int) -> None:
     ap.add_argument("--calib", type=Path, default=DATA / "library.txt")
     ap.add_argument("--evaluator", choices=["repq", "llama-perplexity"], default="repq",
                     help="who computes the KLD statistics (equal numbers; repq kld is the default)")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="tables of what --work already holds: quantize and evaluate nothing, leave out "
+                         "files and domains not measured yet (the results then say which)")
 
 
 def domains(spec: str) -> dict[str, Path]:
@@ -131,11 +134,19 @@ def quantize(cmd: list, out: Path, log: Path) -> float | None:
     return secs
 
 
-def evaluate(args, w: Path, out: Path, domain: str, text: Path, base: Path) -> dict:
-    """`repq kld` (or llama-perplexity) of `out` on one domain, cached next to it."""
-    name = f"{out.stem}.{domain}-{args.eval_chunks}"
-    kj = w / f"{name}.kld.json"
+def evaluate(args, w: Path, out: Path, doms: dict[str, Path], bases: dict[str, Path]) -> dict[str, dict]:
+    """`repq kld` (or llama-perplexity) of `out` on every domain, cached next to it."""
+    res = {}
+    for d in doms:
+        kj = w / f"{out.stem}.{d}-{args.eval_chunks}.kld.json"
+        if kj.exists() or not args.cached_only:
+            res[d] = _evaluate(args, w, out, d, doms[d], bases[d], kj)
+    return res
+
+
+def _evaluate(args, w: Path, out: Path, domain: str, text: Path, base: Path, kj: Path) -> dict:
     if not kj.exists():
+        name = f"{out.stem}.{domain}-{args.eval_chunks}"
         log = w / f"{name}.kld.log"
         if args.evaluator == "repq":
             run([REPQ, "kld", "--base-logits", base, out, "-t", args.threads, "--ngl", args.ngl, "-q", "--json"], log)
@@ -162,7 +173,7 @@ def load_ladder(path: Path, meta: dict) -> dict[str, list[dict]]:
         lm = lad.get("eval", {}).get(d)
         if lm and lm["sha256"] == m["sha256"] and lm["chunks"] == m["chunks"]:
             usable[d] = [{"ftype": r["ftype"], "file_bytes": r["file_bytes"], "artefact": r.get("artefact"),
-                          **r["domains"][d]} for r in lad["rows"] if d in r["domains"]]
+                          **r["domains"].get(d, {"mean_kld": None})} for r in lad["rows"]]
         else:
             print(f"ladder {path.name} was not evaluated on the same {d} text and chunks; "
                   f"no best-file column for {d}", file=sys.stderr)
@@ -170,9 +181,10 @@ def load_ladder(path: Path, meta: dict) -> dict[str, list[dict]]:
 
 
 def best_at_most(ladder_rows: list[dict], file_bytes: int) -> dict | None:
-    """llama.cpp's lowest-mean-KLD ladder file of at most `file_bytes`, artefacts excluded."""
+    """llama.cpp's lowest-mean-KLD ladder file of at most `file_bytes`, artefacts excluded; None when
+    no file fits or one that fits was not evaluated (then the best is unknown)."""
     fits = [r for r in ladder_rows if r["file_bytes"] <= file_bytes and not r.get("artefact")]
-    if not fits:
+    if not fits or any(r["mean_kld"] is None for r in fits):
         return None
     b = min(fits, key=lambda r: r["mean_kld"])
     return {"ftype": b["ftype"], "file_bytes": b["file_bytes"], "mean_kld": b["mean_kld"]}
@@ -218,9 +230,11 @@ def main() -> None:
             else:
                 cmd = [REPQ, "quantize", args.model, out, "--fmt", ft, "--hessian", hess, "-t", th, "-q",
                        "--device", args.device] + (["--no-refit"] if var == "ldlq-norefit" else [])
+            if args.cached_only and not out.exists():
+                continue
             secs = quantize(cmd, out, w / f"{ft}-{var}.quant.log")
             row = {"ftype": ft, "variant": var, "file_bytes": out.stat().st_size, "quantize_s": secs, **tensors(out),
-                   "domains": {d: evaluate(args, w, out, d, doms[d], bases[d]) for d in doms}}
+                   "domains": evaluate(args, w, out, doms, bases)}
             rows.append(row)
             for d, s in row["domains"].items():
                 print(f"{ft:7s} {var:13s} {d:9s} {row['file_bytes']:>11,} B  PPL {s['ppl']:8.4f}  "
@@ -247,8 +261,8 @@ def _compare(rows: list[dict], ladder: dict[str, list[dict]]) -> None:
     for r in rows:
         ref = next((x for x in rows if x["ftype"] == r["ftype"] and x["variant"] == "ggml-imatrix"), None)
         for d, s in r["domains"].items():
-            same = ref["domains"][d] if ref else next((x for x in ladder.get(d, []) if x["ftype"] == r["ftype"]), None)
-            s["kld_vs_ggml_imatrix"] = s["mean_kld"] / same["mean_kld"] if same else None
+            same = ref["domains"].get(d) if ref else next((x for x in ladder.get(d, []) if x["ftype"] == r["ftype"]), None)
+            s["kld_vs_ggml_imatrix"] = s["mean_kld"] / same["mean_kld"] if same and same["mean_kld"] else None
             best = best_at_most(ladder[d], r["file_bytes"]) if d in ladder else None
             s["best_llama"] = best
             s["kld_vs_best_llama"] = s["mean_kld"] / best["mean_kld"] if best else None
@@ -257,7 +271,7 @@ def _compare(rows: list[dict], ladder: dict[str, list[dict]]) -> None:
         r["tensors_equal_llama_imatrix"] = ref is not None and r["tensor_layout"] == ref["tensor_layout"]
     for r in rows:
         r["tensor_layout"] = len(r["tensor_layout"])
-        r.update({k: v for k, v in next(iter(r["domains"].values())).items() if not isinstance(v, dict)})
+        r.update({k: v for k, v in next(iter(r["domains"].values()), {}).items() if not isinstance(v, dict)})
 
 
 def tensors(path: Path) -> dict:
@@ -314,12 +328,13 @@ def _tables(rows: list[dict], meta: dict) -> str:
     """A headline table (every file × domain: KLD and both ratios), then one full table per domain."""
     doms = list(meta)
     out = ["Mean KLD vs F32 per evaluation domain; ×same = against llama.cpp imatrix at the same ftype, "
-           "×best = against llama.cpp's best imatrix file of ≤ the same file bytes (named in the tables below).", "",
+           "×best = against llama.cpp's best imatrix file of ≤ the same file bytes (named in the tables below); "
+           "– where none was measured, or a ladder file of ≤ that size was not evaluated on the domain.", "",
            "| ftype | method | file bytes | " + " | ".join(f"{d}: KLD (×same, ×best)" for d in doms) + " |",
            "|---|---|---:|" + "---:|" * len(doms)]
     for r in rows:
         cells = [f"{s['mean_kld']:.4f} ({ratio(s['kld_vs_ggml_imatrix'])}, {ratio(s['kld_vs_best_llama'])})"
-                 for s in (r["domains"][d] for d in doms)]
+                 if s else "not measured" for s in (r["domains"].get(d) for d in doms)]
         out.append(f"| {r['ftype']} | {r['variant']} | {r['file_bytes']:,} | " + " | ".join(cells) + " |")
     for d in doms:
         m = meta[d]
@@ -327,7 +342,9 @@ def _tables(rows: list[dict], meta: dict) -> str:
                 "| ftype | method | file bytes | tensor bytes | PPL | mean KLD | 99.9% KLD | same top | "
                 "KLD vs ggml imatrix | llama.cpp best ≤ size | its bytes | its KLD | KLD vs best |",
                 "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
-        for r in rows:
+        if not any(d in r["domains"] for r in rows):
+            out.append("| not measured |" + " |" * 12)
+        for r in (r for r in rows if d in r["domains"]):
             s = r["domains"][d]
             b = s["best_llama"]
             best = f"{b['ftype']} | {b['file_bytes']:,} | {b['mean_kld']:.4f}" if b else "– | – | –"
@@ -345,10 +362,11 @@ def _plot(rows: list[dict], ladder: dict[str, list[dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    doms = list(rows[0]["domains"]) if rows else []
+    doms = list(dict.fromkeys(d for r in rows for d in r["domains"]))
     fig, axes = plt.subplots(1, len(doms), figsize=(5.5 * len(doms), 4.5), dpi=110, squeeze=False)
     for ax, d in zip(axes[0], doms, strict=True):
-        lad = sorted((r for r in ladder.get(d, []) if not r.get("artefact")), key=lambda r: r["file_bytes"])
+        lad = sorted((r for r in ladder.get(d, []) if not r.get("artefact") and r["mean_kld"] is not None),
+                     key=lambda r: r["file_bytes"])
         if lad:
             ax.plot([8 * r["file_bytes"] / N_PARAMS for r in lad], [r["mean_kld"] for r in lad], ".", color="0.6",
                     label="llama.cpp imatrix ladder")
@@ -357,7 +375,7 @@ def _plot(rows: list[dict], ladder: dict[str, list[dict]], path: Path) -> None:
                             textcoords="offset points", xytext=(3, 2))
         for var, marker in (("ggml-rtn", "x"), ("ggml-imatrix", "o"), ("ldlq-norefit", "^"), ("ldlq", "s")):
             pts = sorted((8 * r["file_bytes"] / N_PARAMS, r["domains"][d]["mean_kld"], r["ftype"])
-                         for r in rows if r["variant"] == var)
+                         for r in rows if r["variant"] == var and d in r["domains"])
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, linestyle="", label=var,
                         markersize=7, mfc="none" if var == "ggml-imatrix" else None)

@@ -76,10 +76,11 @@ def main() -> None:
     for ft in args.ftypes.split(","):
         out = w / f"{ft}-ggml-imatrix.gguf"
         cmd = [tool_path("llama-quantize"), "--imatrix", imat, args.model, out, ft, args.threads]
+        if args.cached_only and not out.exists():
+            continue
         secs = quantize(cmd, out, w / f"{ft}-ggml-imatrix.quant.log")
         row = {"ftype": ft, "file_bytes": out.stat().st_size, "tensor_bytes": tensors(out)["tensor_bytes"],
-               "quantize_s": secs, "artefact": ARTEFACTS.get(ft),
-               "domains": {d: evaluate(args, w, out, d, doms[d], bases[d]) for d in doms}}
+               "quantize_s": secs, "artefact": ARTEFACTS.get(ft), "domains": evaluate(args, w, out, doms, bases)}
         rows.append(row)
         print(f"{ft:8s} {row['file_bytes']:>12,} B  " +
               "  ".join(f"{d} {s['mean_kld']:.4f}" for d, s in row["domains"].items()), flush=True)
@@ -104,9 +105,12 @@ def _table(rows: list[dict], meta: dict) -> str:
     for r in rows:
         cells = []
         for d in doms:
+            if d not in r["domains"]:
+                cells += ["–", "–"]
+                continue
             k = r["domains"][d]["mean_kld"]
-            front = not r["artefact"] and all(x["domains"][d]["mean_kld"] > k for x in rows
-                                              if x is not r and not x["artefact"] and x["file_bytes"] <= r["file_bytes"])
+            smaller = [x for x in rows if x is not r and not x["artefact"] and x["file_bytes"] <= r["file_bytes"]]
+            front = not r["artefact"] and all(d in x["domains"] and x["domains"][d]["mean_kld"] > k for x in smaller)
             cells += [f"**{k:.4f}**" if front else f"{k:.4f}", f"{r['domains'][d]['same_top']:.1f} %"]
         name = r["ftype"] + (" †" if r["artefact"] else "")
         lines.append(f"| {name} | {r['file_bytes']:,} | {8 * r['file_bytes'] / N_PARAMS:.2f} | " + " | ".join(cells) + " |")
@@ -114,7 +118,8 @@ def _table(rows: list[dict], meta: dict) -> str:
                     for r in rows if r["artefact"]})
     evals = ", ".join(f"{d} = {m['file']} ({m['chunks']} × 512 tokens)" for d, m in meta.items())
     return "\n".join(lines + [""] + notes + ["", f"Evaluation: {evals}. Bold: lower mean KLD than every "
-                                             "smaller (or equal-size) file on that domain."]) + "\n"
+                                             "smaller (or equal-size) file on that domain (all of them measured). –: not measured "
+                                             "(a deadline cut: `--cached-only`)."]) + "\n"
 
 
 def _plot(rows: list[dict], meta: dict, path: Path) -> None:
@@ -125,13 +130,13 @@ def _plot(rows: list[dict], meta: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     for d in meta:
-        pts = [(8 * r["file_bytes"] / N_PARAMS, r["domains"][d]["mean_kld"], r) for r in rows]
+        pts = [(8 * r["file_bytes"] / N_PARAMS, r["domains"][d]["mean_kld"], r) for r in rows if d in r["domains"]]
         line = ax.plot([p[0] for p in pts if not p[2]["artefact"]], [p[1] for p in pts if not p[2]["artefact"]],
                        "o", markersize=4, label=d)[0]
         ax.plot([p[0] for p in pts if p[2]["artefact"]], [p[1] for p in pts if p[2]["artefact"]], "x",
                 color=line.get_color(), markersize=6)
-    for r in rows:
-        d0 = next(iter(meta))
+    d0 = next(iter(meta))
+    for r in (r for r in rows if d0 in r["domains"]):
         ax.annotate(r["ftype"] + (" †" if r["artefact"] else ""), (8 * r["file_bytes"] / N_PARAMS,
                     r["domains"][d0]["mean_kld"]), fontsize=6, textcoords="offset points", xytext=(3, 3))
     ax.set_yscale("log")
