@@ -1,4 +1,5 @@
-"""Block LDLQ on the i-quant codebooks (IQ3_S, IQ2_XS): ggml fits the scales, block LDLQ picks the points.
+"""Block LDLQ on the i-quant codebooks (IQ3_S, IQ3_XXS, IQ2_S, IQ2_XS, IQ2_XXS): ggml fits the scales,
+block LDLQ picks the points.
 
 :func:`ldlq_quantize_iq` is the i-quant counterpart of :func:`repq.quant.kquant.ldlq_quantize`:
 
@@ -27,9 +28,10 @@
 6. **Bytes**: the winning blocks are packed into ggml's bytes once (:func:`repq.quant.iq_grids.pack`).
 
 Why not ggml's points when there is no feedback (H = I): ggml chooses each group at its search
-scale, before that scale is refitted and stored in 4 bits (IQ3_S also stretches d by 1.033), so at
-the scale the file actually stores, its point is not the nearest one on about a quarter of IQ3_S
-groups (a tenth of IQ2_XS groups).  Rounding at the stored scale is never worse.
+scale, before that scale is refitted and stored in 4 bits (IQ3_S also stretches d by 1.033, IQ3_XXS
+by 1.0125, IQ2_S by 0.9875), so at the scale the file actually stores, its point is not the nearest
+one on about a quarter of IQ3_S groups (IQ3_XXS a sixth, IQ2_XXS an eighth, IQ2_XS and IQ2_S a
+tenth).  Rounding at the stored scale is never worse.
 """
 
 from __future__ import annotations
