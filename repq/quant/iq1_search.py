@@ -107,9 +107,9 @@ def nearest(gtype: int, w: torch.Tensor, dl: torch.Tensor, delta_neg: torch.Tens
         return Iq1Choice(*(torch.cat([getattr(p, f) for p in parts]) for f in ("grid", "delta_neg", "values")))
     c = candidates(gtype, w.device)                                         # (4096, 8)
     dl = dl.to(w)[:, None]                                                  # (rows, 1)
-    if full is not None:
+    if full is not None:   # [dl², −2·dl·wM] @ [cMcᵀ, c]ᵀ: one product, no (rows, 4096) passes
         mf = full.to(w)
-        cost = dl * dl * ((c @ mf) * c).sum(1) - 2 * dl * ((w @ mf) @ c.T)  # (rows, 4096)
+        cost = torch.cat([dl * dl, -2 * dl * (w @ mf)], 1) @ torch.cat([((c @ mf) * c).sum(1, keepdim=True), c], 1).T
     else:
         m = torch.ones_like(w) if metric is None else metric.to(w).expand_as(w)
         cost = torch.cat([dl * dl * m, -2 * dl * m * w], 1) @ torch.cat([c * c, c], 1).T
