@@ -133,16 +133,15 @@ def main() -> None:
         for k in methods:
             out = w / f"alloc-{k}-{ft}.gguf"
             qj = w / f"alloc-{k}-{ft}.quant.stdout"
-            secs = None
             if not out.exists():
-                secs = run([REPQ, "quantize", args.model, out, "--target-size", size, *stats[k], "--sensitivity",
+                run([REPQ, "quantize", args.model, out, "--target-size", size, *stats[k], "--sensitivity",
                             w / f"sens-{k}.json", "--allow-types", args.types, "--exclude-types", "Q4_1,Q5_1",
                             "--recipe-out", w / f"alloc-{k}-{ft}.recipe.txt", "-t", args.threads, "--json",
                             *PINS[k]],
                            w / f"alloc-{k}-{ft}.quant.log")
             q = json.loads(qj.read_text())
             m = kld(w, f"alloc-{k}-{ft}", out, Path(args.base_logits), args.threads)
-            row[k] = {**m, "file_bytes": q["file_bytes"], "quantize_s": secs, "tensor_types": q["tensor_types"],
+            row[k] = {**m, "file_bytes": q["file_bytes"], "quantize_s": q["seconds"], "tensor_types": q["tensor_types"],
                       "predicted_cost": q["allocation"]["predicted_cost"], "lower_bound": q["allocation"]["lower_bound"],
                       "kld_vs_llama": m["mean_kld"] / row["llama_imatrix"]["mean_kld"]}
             assert q["file_bytes"] <= size
