@@ -231,3 +231,17 @@ def test_sizes_types_and_recipe_format():
     assert candidate_types("blk.0.ffn_down.weight", 1536, ["IQ2_XS", "IQ3_XXS", "IQ3_S", "Q2_K"],
                            has_importance=False) == ["IQ3_S", "Q2_K"]
     assert recipe_text({"blk.10.ffn_down.weight": type_id("IQ3_S")}) == "^blk\\.10\\.ffn_down\\.weight$=iq3_s\n"
+
+
+def test_scale_field_and_file_round_trip(files, tmp_path):
+    """The per-tensor scale (for calibrating the proxy against KL) multiplies the solver's costs,
+    and a saved file loads back to the same candidates."""
+    from repq.alloc.sensitivity import Sensitivity
+
+    s = Sensitivity.load(files / "sens.json")
+    name = next(iter(s.tensors))
+    before = {c.type: c.cost for c in s.candidates()[name]}
+    s.tensors[name]["scale"] = 2.5
+    s.save(tmp_path / "scaled.json")
+    after = {c.type: c.cost for c in Sensitivity.load(tmp_path / "scaled.json").candidates()[name]}
+    assert after == {t: pytest.approx(2.5 * c) for t, c in before.items()}
