@@ -16,7 +16,7 @@ DATA_DIR := $(REPQ_CACHE)/data
 REF_F32 := $(MODEL_DIR)/smollm2-135m-f32.gguf
 export LLAMA_CPP_LIB_PATH := $(CURDIR)/native/build/bin
 
-.PHONY: help setup vendor native model data demo test test-fast test-slow test-gpu bench bench-ldlq bench-distill-cpu lint fmt clean
+.PHONY: help setup vendor native model data data-core demo test test-fast test-slow test-gpu bench bench-ldlq bench-distill-cpu lint fmt clean
 
 help:
 	@echo "make setup      venv + Python deps + vendored llama.cpp + native build (cached)"
@@ -52,6 +52,10 @@ model: setup
 data:
 	bash scripts/fetch_data.sh
 
+# the tests read only the tutorial and library text (no held-out domain)
+data-core:
+	bash scripts/fetch_data.sh --core
+
 DEMO := $(REPQ_CACHE)/demo
 
 # The main job on the built-in default: Hessians from library text, LDLQ Q4_0 of the reference
@@ -70,10 +74,10 @@ demo: model data
 test-fast: setup
 	$(PY) -m pytest tests/unit -q
 
-test-slow: setup model data
+test-slow: setup model data-core
 	$(PY) -m pytest tests -q -m slow --ignore=tests/gpu
 
-test: setup model data
+test: setup model data-core
 	$(PY) -m pytest tests -q --ignore=tests/gpu
 
 # the CUDA paths against ggml and the CPU (tests/gpu; a GPU machine with the native build;
