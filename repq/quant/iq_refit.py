@@ -1,4 +1,5 @@
-"""Hessian-aware refit of i-quant scales once block LDLQ has fixed the points (IQ3_S, IQ2_XS).
+"""Hessian-aware refit of i-quant scales once block LDLQ has fixed the points (IQ3_S, IQ3_XXS,
+IQ2_S, IQ2_XS, IQ2_XXS).
 
 With the codebook points and signs fixed, a row of the decoded weight is linear in its scales:
 

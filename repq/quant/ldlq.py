@@ -33,7 +33,7 @@ H = [[1, 0.9], [0.9, 1]].  Rounding each to nearest gives Q = [1, 1], error [-0.
 (0.6 → 0.24), which then rounds to 0: Q = [1, 0], error [−0.4, 0.6], loss 0.16 + 0.36 − 2·0.9·0.24
 = 0.088, seven times lower.
 
-The lattice i-quants (IQ3_S, IQ2_XS) round 8 columns jointly on a codebook: their block LDLQ is
+The lattice i-quants (IQ1_S … IQ3_S) round 8 columns jointly on a codebook: their block LDLQ is
 :mod:`repq.quant.ldlq_vector`.
 """
 

@@ -15,11 +15,11 @@ and the rules live here once:
 * **Hessians** (:func:`check_hessian`): a Hessian that cannot be Σ x xᵀ / n of the tensor's input
   is refused with a one-line error, before anything is written;
 * **method**: LDLQ where there is a Hessian and an LDLQ grid for the type (scalar grids:
-  :func:`repq.quant.kquant.ldlq_quantize`; the lattice codebooks of IQ3_S and IQ2_XS, static
+  :func:`repq.quant.kquant.ldlq_quantize`; the lattice codebooks of IQ3_S, IQ3_XXS, IQ2_S, IQ2_XS, IQ2_XXS, static
   scales only: block LDLQ, :func:`repq.quant.iq_ldlq.ldlq_quantize_iq`; IQ1_S / IQ1_M the same
   with :func:`repq.quant.iq1_search.ldlq_quantize_iq1`); otherwise ggml's own
   quantizer (llama-quantize's, byte for byte), with importance when there is any, and the result
-  says why (``"rtn (no Hessian)"``, ``"imatrix (no LDLQ grid for IQ3_XXS)"``,
+  says why (``"rtn (no Hessian)"``, ``"imatrix (no LDLQ grid for TQ2_0)"``,
   ``"imatrix (3-D expert tensor)"``).  3-D expert tensors are quantized per expert, each with its
   slice of the importance.
 
@@ -56,8 +56,8 @@ class LdlqOptions:
     in global activation order; ``dynamic``: each block fitted on the error-corrected weights when
     the pass reaches it."""
     refit: bool = True
-    """Re-fit fp16 block scales against H once the codes are fixed (legacy types, IQ4_NL, IQ3_S,
-    IQ2_XS)."""
+    """Re-fit block scales against H once the codes are fixed (legacy types, IQ4_NL and the lattice
+    i-quants IQ1_S … IQ3_S)."""
 
     def __post_init__(self) -> None:
         if self.scales not in ("static", "dynamic"):

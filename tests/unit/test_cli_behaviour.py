@@ -126,7 +126,7 @@ def test_table_keeps_tensor_names_whole():
     o.__dict__["out"] = Console(file=buf, width=80, highlight=False, soft_wrap=True)
     names = [f"blk.{i}.attn_output.weight" for i in range(12)] + ["token_embd.weight"]
     o.table("t", ["tensor", "shape", "from", "to", "MiB", "method", "rel.err", "ggml rel.err"],
-            [[n, "576×1536", "F32", "Q4_0", "0.50", "imatrix (no LDLQ grid for IQ3_S)", "1.2e-02", "2.3e-02"]
+            [[n, "576×1536", "F32", "Q4_0", "0.50", "imatrix (no LDLQ grid for TQ2_0)", "1.2e-02", "2.3e-02"]
              for n in names])
     text = buf.getvalue()
     assert all(n in text for n in names), text
