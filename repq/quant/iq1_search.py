@@ -48,9 +48,10 @@ from ..ggml import quants
 from . import iq1_grids
 from .importance import from_hessian
 from .iq1_grids import GROUP, N_GRID, Iq1Blocks
+from .iq_nearest import smallest
 from .kquant import QuantizedTensor
 from .ldlq import Timer, proxy_loss_on
-from .ldlq_vector import ldlq_groups
+from .ldlq_vector import ldlq_groups, on_device
 
 METRICS = ("full", "diag")
 
@@ -117,7 +118,7 @@ def nearest(gtype: int, w: torch.Tensor, dl: torch.Tensor, delta_neg: torch.Tens
         half = cost.view(rows, 2, N_GRID)
         half[:, 0].masked_fill_(delta_neg[:, None], float("inf"))
         half[:, 1].masked_fill_(~delta_neg[:, None], float("inf"))
-    k = _smallest(cost, top)                                                # (rows, t)
+    k = smallest(cost, top)                                                # (rows, t)
     vals = dl[:, :, None] * c[k]                                            # (rows, t, 8): decoded
     d = w[:, None, :].double() - vals.double()
     if full is not None:
@@ -128,18 +129,6 @@ def nearest(gtype: int, w: torch.Tensor, dl: torch.Tensor, delta_neg: torch.Tens
     r = torch.arange(rows, device=w.device)
     j = k[r, best]
     return Iq1Choice(j % N_GRID, j >= N_GRID, vals[r, best])
-
-
-def _smallest(cost: torch.Tensor, t: int) -> torch.Tensor:
-    """Column indices of the ``t`` smallest entries of each row (int64 (rows, t)); ``cost`` is
-    overwritten.  Repeated argmins: on the CPU much faster than topk for small t."""
-    out = []
-    for i in range(t):
-        k = cost.argmin(1, keepdim=True)
-        out.append(k)
-        if i + 1 < t:
-            cost.scatter_(1, k, float("inf"))
-    return torch.cat(out, 1)
 
 
 class Iq1Grid:
@@ -276,10 +265,7 @@ def ldlq_quantize_iq1(w: np.ndarray | torch.Tensor, h: np.ndarray | torch.Tensor
         QuantizedTensor; ``baseline_loss`` is that of ggml's imatrix quantization with importance
         diag(H) (the bytes the scales came from), which ``proxy_loss`` never exceeds.
     """
-    wt = (w.detach().to(device, torch.float32) if isinstance(w, torch.Tensor)
-          else torch.as_tensor(np.array(w, np.float32, copy=True)).to(device))
-    ht = (h.detach().to(device, torch.float64) if isinstance(h, torch.Tensor)
-          else torch.as_tensor(np.asarray(h, np.float64)).to(device))
+    wt, ht = on_device(w, h, device)
     tick = timer if timer is not None else (lambda phase: None)
     tick("setup")
     grid = Iq1Grid(gtype, wt, from_hessian(ht), threads=threads, metric=metric, top=top)

@@ -46,7 +46,7 @@ from .iq_fields import IqFields, decode
 from .iq_refit import keep_best_rows, refit_candidates
 from .kquant import QuantizedTensor
 from .ldlq import Timer, proxy_loss_on
-from .ldlq_vector import ldlq_groups
+from .ldlq_vector import ldlq_groups, on_device
 
 GROUP = iq_nearest.GROUP
 METRICS = ("full", "diag")
@@ -126,10 +126,7 @@ def ldlq_quantize_iq(w: np.ndarray | torch.Tensor, h: np.ndarray | torch.Tensor,
         QuantizedTensor; ``baseline_loss`` is that of ggml's imatrix quantization with importance
         diag(H) (the bytes the scales came from), which ``proxy_loss`` never exceeds.
     """
-    wt = (w.detach().to(device, torch.float32) if isinstance(w, torch.Tensor)
-          else torch.as_tensor(np.array(w, np.float32, copy=True)).to(device))
-    ht = (h.detach().to(device, torch.float64) if isinstance(h, torch.Tensor)
-          else torch.as_tensor(np.asarray(h, np.float64)).to(device))
+    wt, ht = on_device(w, h, device)
     tick = timer if timer is not None else (lambda phase: None)
     tick("setup")
     grid = IqGrid(gtype, wt, from_hessian(ht), fit=fit, threads=threads, metric=metric, top=top)

@@ -55,7 +55,7 @@ def codebook(gtype: int, device: torch.device | str = "cpu") -> torch.Tensor:
     return cb
 
 
-def _smallest(cost: torch.Tensor, t: int) -> torch.Tensor:
+def smallest(cost: torch.Tensor, t: int) -> torch.Tensor:
     """Column indices of the ``t`` smallest entries of each row, smallest first, ties by index
     (int64 (rows, t)); ``cost`` is overwritten.  t argmins: on the CPU ten times faster than topk."""
     out = []
@@ -147,13 +147,13 @@ def nearest(gtype: int, w: torch.Tensor, db: torch.Tensor, metric: torch.Tensor 
     odd = (neg.sum(1) % 2) == 1
     if sp.parity and per == 1:
         cost = torch.where(odd[:, None], cost + 4 * dbp * _flip_cost(mw, gtype), cost)
-        k = _smallest(cost, t)
+        k = smallest(cost, t)
     elif sp.parity:   # IQ3_XXS: each half's best entry if the flip lands in it, then its top t
         with_flip = torch.where(odd.repeat_interleave(per)[:, None], cost + 4 * dbp * _flip_cost(mw, gtype), cost)
         kf = with_flip.argmin(1, keepdim=True)
-        k = torch.cat([_smallest(cost, t), kf], 1)
+        k = torch.cat([smallest(cost, t), kf], 1)
     else:
-        k = _smallest(cost, t)
+        k = smallest(cost, t)
     k = k.reshape(rows, per, -1)                                          # (rows, per, t)
     if per == 2:   # every pair of the halves' candidates
         t = k.shape[2]

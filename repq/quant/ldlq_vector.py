@@ -49,6 +49,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .ldlq import Timer, damp_hessian, inverse_cholesky, proxy_loss_on
@@ -65,6 +66,16 @@ class GroupLdlqResult:
     q: torch.Tensor         # float32 (rows, cols): the values of those codes
     proxy_loss: float       # tr((W − Q) H (W − Q)ᵀ) with the undamped H (NaN unless asked for)
 
+
+
+def on_device(w: np.ndarray | torch.Tensor, h: np.ndarray | torch.Tensor,
+              device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """W as float32 and H as float64 on ``device``, from numpy arrays or tensors."""
+    wt = (w.detach().to(device, torch.float32) if isinstance(w, torch.Tensor)
+          else torch.as_tensor(np.array(w, np.float32, copy=True)).to(device))
+    ht = (h.detach().to(device, torch.float64) if isinstance(h, torch.Tensor)
+          else torch.as_tensor(np.asarray(h, np.float64)).to(device))
+    return wt, ht
 
 def group_act_order(h: torch.Tensor, group: int) -> torch.Tensor:
     """A column permutation that moves whole aligned groups of ``group`` columns, by decreasing
