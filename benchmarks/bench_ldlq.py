@@ -180,10 +180,17 @@ def load_ladder(path: Path, meta: dict) -> dict[str, list[dict]]:
     return usable
 
 
+METADATA_SLACK = 4096
+"""Bytes by which a ladder file may exceed a repq file and still count as "of at most its size".
+Files of the same tensors differ by a few hundred bytes of metadata strings (llama.cpp's
+``quantize.imatrix.file`` path, repq's provenance keys), which would otherwise decide the
+comparison; the slack only ever adds llama.cpp files to the candidates (a stricter bar for repq)."""
+
+
 def best_at_most(ladder_rows: list[dict], file_bytes: int) -> dict | None:
-    """llama.cpp's lowest-mean-KLD ladder file of at most `file_bytes`, artefacts excluded; None when
-    no file fits or one that fits was not evaluated (then the best is unknown)."""
-    fits = [r for r in ladder_rows if r["file_bytes"] <= file_bytes and not r.get("artefact")]
+    """llama.cpp's lowest-mean-KLD ladder file of at most `file_bytes` (+ METADATA_SLACK), artefacts
+    excluded; None when no file fits or one that fits was not evaluated (then the best is unknown)."""
+    fits = [r for r in ladder_rows if r["file_bytes"] <= file_bytes + METADATA_SLACK and not r.get("artefact")]
     if not fits or any(r["mean_kld"] is None for r in fits):
         return None
     b = min(fits, key=lambda r: r["mean_kld"])

@@ -12,6 +12,8 @@ llama.cpp file of at most each file's bytes:
 * ``distill_gpu/imx.kld.log``: llama-quantize --imatrix Q3_K_S evaluated on the same machine
 * ``distill_gpu/*.distill.json``: `repq distill --json` (seconds, tokens, config)
 * ``distill_gpu/head.metrics.jsonl``: training KL per step (every 10th step kept)
+* ``distill_iq3s_h200/``: the IQ3_S run on an H200 and llama.cpp's IQ3_S file on the same machine
+  (its file bytes, 88,202,048, are in that directory's README: the log does not hold them)
 
     python benchmarks/distill_report.py      # writes distill.json, distill.md, distill.png
 """
@@ -50,6 +52,13 @@ def main() -> None:
         rows.append({"run": "gpu", "ftype": "Q3_K_S", "method": f"repq distill, {d['config']['steps_per_group']} steps/group",
                      "tokens": d["tokens"], "seconds": d["seconds"], "file_bytes": d["file_bytes"],
                      **_kld_log(g / f"{tag}.kld.log")})
+    h = R / "distill_iq3s_h200"      # IQ3_S on an H200: benchmarks/gpu/distill.sh iq3s IQ3_S 600
+    rows.append({"run": "h200", "ftype": "IQ3_S", "method": "llama-quantize --imatrix", "tokens": None,
+                 "seconds": None, "file_bytes": 88202048, **_kld_log(h / "l_IQ3_S.kld.log")})
+    d = json.loads((h / "iq3s.distill.json").read_text())
+    rows.append({"run": "h200", "ftype": "IQ3_S", "method": f"repq distill, {d['config']['steps_per_group']} steps/group",
+                 "tokens": d["tokens"], "seconds": d["seconds"], "file_bytes": d["file_bytes"],
+                 **_kld_log(h / "iq3s.kld.log")})
     c = R / "distill_cpu"
     for variant, name in (("ggml-imatrix", "llama-quantize --imatrix"), ("ldlq", "repq ldlq (all at once)")):
         r = base[("Q4_0", variant)]
@@ -80,7 +89,7 @@ def main() -> None:
              "KLD vs llama imatrix | llama.cpp best ≤ size (KLD) | KLD vs best |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
-        where = {"gpu": "H100 machine", "cpu": "2-core CPU"}[r["run"]]
+        where = {"gpu": "H100 machine", "h200": "H200 machine", "cpu": "2-core CPU"}[r["run"]]
         trained = r["tokens"] is not None
         tokens = f"{r['tokens']:,}" if trained else "–"
         secs = f"{r['seconds']:.0f} s" if trained else "–"
