@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,9 @@ sys.path.insert(0, str(ROOT))
 from repq.alloc.solver import Candidate, solve  # noqa: E402
 from repq.paths import cache_dir, tool_path  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_ldlq import run  # noqa: E402
+
 REPQ = os.environ.get("REPQ_BIN", str(Path(sys.executable).parent / "repq"))
 C = cache_dir()
 N_PARAMS = 134_515_008  # SmolLM2-135M parameters (bits per weight of the whole file)
@@ -48,16 +50,6 @@ N_PARAMS = 134_515_008  # SmolLM2-135M parameters (bits per weight of the whole 
 # pinned to Q8_0, the type llama.cpp gives it in every measured ftype (576-wide rows)
 PINS = {"imatrix": ["--tensor-type", "token_embd=q8_0"], "hess": []}
 TYPES = "IQ2_XS,IQ3_XXS,IQ3_S,Q3_K,IQ4_XS,IQ4_NL,Q4_K,Q5_K,Q5_0,Q6_K,Q8_0"
-
-
-def run(cmd: list, log: Path) -> float:
-    t = time.perf_counter()
-    with open(log, "w") as f:
-        p = subprocess.run([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=f, text=True)
-    if p.returncode != 0:
-        sys.exit(f"failed ({p.returncode}): {' '.join(map(str, cmd))}\nsee {log}")
-    log.with_suffix(".stdout").write_text(p.stdout)
-    return time.perf_counter() - t
 
 
 def solver_bench() -> list[dict]:
