@@ -26,8 +26,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .. import mix
-from ..errors import UsageError
-from ..ggml.types import row_size, type_id, type_name
+from ..errors import InputFileError, UsageError
+from ..ggml.types import block_size, row_size, type_id, type_name
 from .sensitivity import Sensitivity
 from .solver import Allocation, Candidate, restrict, solve
 
@@ -132,6 +132,25 @@ def _bytes(t: int, shape: tuple[int, ...]) -> int:
     return math.prod(shape[1:]) * row_size(t, shape[0])
 
 
+def _check_bytes(sens: Sensitivity, shapes: Mapping[str, tuple[int, ...]], path: str) -> None:
+    """Every candidate of a reused sensitivity file is a type valid for its tensor's rows and records
+    that type's exact bytes: the file comes from outside, and the solver's byte budget (the
+    promise that the output never exceeds the target) rests on those numbers.
+
+    Raises:
+        InputFileError: a candidate the tensor cannot have, or bytes that are not its size.
+    """
+    for name, e in sens.tensors.items():
+        shape = shapes.get(name)
+        if shape is None:
+            continue                    # not in this model's plan: never a solver input
+        for t, c in e["candidates"].items():
+            tid = type_id(t)
+            if shape[0] % block_size(tid) or int(c["bytes"]) != _bytes(tid, shape):
+                raise InputFileError(f"{path}: {name}: candidate {t} records {int(c['bytes']):,} bytes, but "
+                                     f"{t} is not a valid {'×'.join(map(str, shape))} tensor of that size")
+
+
 def make_allocator(src, *, target_size: str | None, target_bpw: float | None, sensitivity: str | None,
                    hessian: str | None, imatrix: str | None, types: Sequence[str],
                    tensor_types: Sequence[tuple[str, int]], ldlq=None, device: str = "cpu",
@@ -150,6 +169,7 @@ def make_allocator(src, *, target_size: str | None, target_bpw: float | None, se
 
     Raises:
         UsageError, MismatchError: bad target, sensitivities of another model or statistics.
+        InputFileError: a malformed sensitivity file, or one whose candidate bytes are not exact.
     """
     from ..io.gguf_file import GGUFModel
     from . import sensitivity as sens_mod
@@ -167,6 +187,7 @@ def make_allocator(src, *, target_size: str | None, target_bpw: float | None, se
             fp, kind = sens_mod.model_fingerprint(g), "hessian" if hessian else "imatrix"
             sens.check(fp, kind, None, sensitivity)   # model and kind first: their errors say more
             sens.check(fp, kind, sens_mod.source_fingerprint(hessian, imatrix, g), sensitivity)
+            _check_bytes(sens, shapes, sensitivity)
     if target_bpw is not None:
         if not 0 < target_bpw <= 32:
             raise UsageError(f"--target-bpw {target_bpw}: expected bits per weight in (0, 32]")

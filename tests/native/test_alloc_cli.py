@@ -143,6 +143,7 @@ def _refused(tmp_path, args, match):
     ("nostats", "needs --hessian DIR (LDLQ) or --imatrix FILE"),
     ("notarget", "only apply with --target-size or --target-bpw"),
     ("foreign", "not a repq sensitivity file"),
+    ("lying", "is not a valid"),      # a candidate's bytes understated: the size promise rests on them
 ])
 def test_bad_input_exit_2_no_output(files, tmp_path, case, match):
     m, im, sens = files / "tiny.gguf", files / "im.dat", files / "sens.json"
@@ -156,8 +157,13 @@ def test_bad_input_exit_2_no_output(files, tmp_path, case, match):
         "nostats": [m, "--target-size", "1MB"],
         "notarget": [m, "--fmt", "Q4_0", "--sensitivity", sens],
         "foreign": [m, "--target-size", "1MB", "--imatrix", im, "--sensitivity", files / "foreign.json"],
+        "lying": [m, "--target-size", "1MB", "--imatrix", im, "--sensitivity", files / "lying.json"],
     }[case]
     (files / "foreign.json").write_text('{"format": "something else"}')
+    lying = json.loads(sens.read_text())
+    cands = next(iter(lying["tensors"].values()))["candidates"]
+    next(iter(cands.values()))["bytes"] = 0
+    (files / "lying.json").write_text(json.dumps(lying))
     _refused(tmp_path, args, match)
 
 
