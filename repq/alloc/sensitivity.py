@@ -183,7 +183,7 @@ class Sensitivity:
                 for t, c in e["candidates"].items():
                     if t not in GGML_TYPES or int(c["bytes"]) < 0 or not np.isfinite(float(c["cost"])):
                         raise ValueError(f"{n}: bad candidate {t}")
-                if not float(e.get("scale", 1.0)) >= 0:
+                if not (np.isfinite(float(e.get("scale", 1.0))) and float(e.get("scale", 1.0)) >= 0):
                     raise ValueError(f"{n}: bad scale")
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise InputFileError(f"{path}: malformed sensitivity file ({e})") from None

@@ -251,3 +251,10 @@ def test_scale_field_and_file_round_trip(files, tmp_path):
     s.save(tmp_path / "scaled.json")
     after = {c.type: c.cost for c in Sensitivity.load(tmp_path / "scaled.json").candidates()[name]}
     assert after == {t: pytest.approx(2.5 * c) for t, c in before.items()}
+    from repq.errors import InputFileError
+
+    for bad in (float("inf"), float("nan"), -1.0):      # a crafted scale would poison the solver
+        s.tensors[name]["scale"] = bad
+        s.save(tmp_path / "bad.json")
+        with pytest.raises(InputFileError, match="bad scale"):
+            Sensitivity.load(tmp_path / "bad.json")
