@@ -34,5 +34,11 @@ if [ "${1:-}" = model ]; then
   "$ROOT/.venv/bin/repq" tokenize "$CACHE/models/smollm2-135m-f32.gguf" --data "$CACHE/data/library.txt" -c 512 -o "$B/library-512.npy"
   IMX=${IMATRIX:-$CACHE/bench-ldlq-iq/imatrix-100.gguf}
   [ -f "$IMX" ] && cp "$IMX" "$B/imatrix-100.gguf"
-  du -sh "$A" "$B"
+  # .carry/c: calibration and held-out texts for iq_domains.sh / calib_domains.sh: the first 20,000
+  # lines of the library text, sysadmin + fortunes, and any `repq calib` mixtures in $CACHE/calibmix
+  C=$ROOT/.carry/c; rm -rf "$C" && mkdir -p "$C"
+  head -n 20000 "$CACHE/data/library.txt" > "$C/library-head.txt"
+  cp "$CACHE/data/sysadmin.txt" "$CACHE/data/fortunes.txt" "$C/"
+  cp "$CACHE"/calibmix/*.jsonl "$C/" 2>/dev/null || true
+  du -sh "$A" "$B" "$C"
 fi

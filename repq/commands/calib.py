@@ -9,7 +9,7 @@ import typer
 from .. import runtime
 from .._output import Output
 from ..errors import UsageError
-from .common import JsonOpt, QuietOpt, ThreadsOpt, meta, rank_is_zero, run_command, stepper
+from .common import JsonOpt, NglOpt, QuietOpt, ThreadsOpt, meta, rank_is_zero, run_command, stepper
 
 DataOpt = Annotated[Path, typer.Option("--data", "-d", help="Calibration data: text file, or JSONL with 'text' or chat 'messages'.")]
 ChunksOpt = Annotated[int, typer.Option("--chunks", help="Use at most N chunks (-1 = all the data holds).")]
@@ -239,44 +239,57 @@ def tokenize(
 
 def calib(
     model: Annotated[Path, typer.Argument(help="Model GGUF (with a chat template).")],
-    out_path: Annotated[Path, typer.Option("--output", "-o", help="Output JSONL (one {'messages': [...]} per line).")],
-    prompts: Annotated[str, typer.Option(help="'builtin', a text file (one prompt per line) or JSONL ('prompt' or 'messages').")] = "builtin",
-    n: Annotated[int, typer.Option("--n", help="Conversations to generate (prompts are cycled).", min=1)] = 32,
+    out_path: Annotated[Path, typer.Option("--output", "-o", help="Output JSONL: {'messages': [...]} and {'text': ...} records, each with its 'source'.")],
+    tokens: Annotated[int, typer.Option("--tokens", help="Token budget of the whole file, counted as the calibration loader counts them.", min=1)] = 65536,
+    mix: Annotated[list[str] | None, typer.Option("--mix", help="FILE:W — W of the budget (0 < W < 1) from FILE's text, in paragraph runs; repeatable.")] = None,
+    prompts: Annotated[str, typer.Option(help="'builtin' (repq's prompt set), a text file (one prompt per line) or JSONL ('prompt' or 'messages').")] = "builtin",
     max_tokens: Annotated[int, typer.Option(help="Tokens per answer at most.", min=1)] = 256,
-    seed: Annotated[int, typer.Option(help="Sampling seed (answer i uses seed + i).")] = 0,
-    temperature: Annotated[float, typer.Option(help="0 = greedy.", min=0.0)] = 0.0,
-    ctx: Annotated[int, typer.Option("--ctx-size", "-c", help="Context of the generating model.")] = 2048,
+    seed: Annotated[int, typer.Option(help="Seed of the sampling (answer i: its own generator seeded by (seed, i)) and of the shuffle.")] = 0,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.", min=0.0)] = 0.8,
+    top_k: Annotated[int, typer.Option("--top-k", help="0 = off.", min=0)] = 40,
+    top_p: Annotated[float, typer.Option("--top-p", help="1 = off.")] = 0.95,
+    ctx: Annotated[int, typer.Option("--ctx-size", "-c", help="Context per answer (prompt + answer).")] = 2048,
+    parallel: Annotated[int, typer.Option("--parallel", "-np", help="Answers decoded together (one llama_decode per step for all).", min=1)] = 16,
+    ngl: NglOpt = 0,
     threads: ThreadsOpt = 0,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
-    """Self-generated calibration data: the model answers prompts through its own chat template.
+    """Calibration / training data: the model answers a varied prompt set through its own chat template
+    (several answers per llama_decode, seeded sampling), optionally mixed with your text, to a token
+    budget, exact repeats dropped, records shuffled.
 
     Examples:
 
-        repq calib model-f32.gguf -o selfgen.jsonl --n 64 --max-tokens 512
+        repq calib model-f32.gguf -o calib.jsonl --tokens 200000
 
-        repq calib model-f32.gguf -o selfgen.jsonl --prompts my_prompts.txt --temperature 0.8 --seed 7
+        repq calib model-f32.gguf -o calib.jsonl --tokens 1000000 --mix notes.txt:0.3 --ngl 99 --parallel 64
 
-        repq imatrix model-f32.gguf --data selfgen.jsonl -o imatrix.gguf
+        repq calib model-f32.gguf -o greedy.jsonl --prompts my_prompts.jsonl --temperature 0 --tokens 20000
+
+        repq hessian model-f32.gguf --data calib.jsonl -o hess/ --chunks 100
     """
     out = Output(json_out, quiet)
 
     def body():
         runtime.spin_less()
         from ..data.jsonl import write_jsonl
-        from ..data.selfgen import GenerateConfig, generate_conversations, read_prompts
+        from ..data.mixture import build_mixture, parse_mix
+        from ..data.selfgen import GenerateConfig, read_prompts
 
-        cfg = GenerateConfig(n=n, max_tokens=max_tokens, seed=seed, temperature=temperature, n_ctx=ctx,
-                             threads=threads)
+        sources = [parse_mix(m) for m in mix or []]
+        cfg = GenerateConfig(max_tokens=max_tokens, seed=seed, temperature=temperature, top_k=top_k, top_p=top_p,
+                             n_ctx=ctx, parallel=parallel, threads=threads, n_gpu_layers=ngl)
         plist = read_prompts(prompts)
         t0 = time.time()
-        with out.progress("calib", total=cfg.n) as advance:
-            recs = generate_conversations(model, plist, cfg, on_item=lambda i, total: advance(1))
+        with out.progress("calib (tokens)", total=tokens) as advance:
+            recs, stats = build_mixture(model, plist, cfg, tokens, sources, on_tokens=lambda n: advance(n))
         write_jsonl(out_path, recs)
+        st = stats.to_dict()
         out.result({**meta(), "command": "calib", "input": str(model), "output": str(out_path),
-                    "config": cfg.to_dict() | {"prompts": prompts}, "conversations": len(recs),
-                    "seconds": round(time.time() - t0, 3)},
-                   human=f"wrote {out_path}: {len(recs)} conversations")
+                    "config": cfg.to_dict() | {"prompts": prompts, "mix": [f"{m.path}:{m.weight:g}" for m in sources]},
+                    "records": len(recs), **st, "seconds": round(time.time() - t0, 3)},
+                   human=f"wrote {out_path}: {len(recs)} records, {st['tokens']:,} tokens "
+                         f"({st['generated_tokens_per_s']} generated tokens/s)")
 
     run_command(out, body)

@@ -33,6 +33,7 @@ T = TypeVar("T")
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (for pipelines).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress, tables or logs; errors and the result only.")]
 ThreadsOpt = Annotated[int, typer.Option("--threads", "-t", help="CPU threads (0 = all cores).", min=0)]
+NglOpt = Annotated[int, typer.Option("--ngl", "-ngl", "--n-gpu-layers", help="Layers to offload to the GPU (-1 = llama.cpp's default).")]
 
 
 class Terminated(KeyboardInterrupt):

@@ -13,12 +13,11 @@ import typer
 
 from .._output import Output
 from ..errors import InputFileError, MismatchError, OperationError, UsageError
-from .common import JsonOpt, QuietOpt, ThreadsOpt, meta, run_command
+from .common import JsonOpt, NglOpt, QuietOpt, ThreadsOpt, meta, run_command
 
 DataOpt = Annotated[Path | None, typer.Option("--data", "-f", help="Evaluation text file (as llama-perplexity -f).")]
 CtxOpt = Annotated[int | None, typer.Option("--ctx-size", "-c", help="Tokens per chunk [default: 512, or the base-logits file's].")]
 ChunksOpt = Annotated[int, typer.Option("--chunks", help="Maximum number of chunks (-1 = all).")]
-NglOpt = Annotated[int, typer.Option("--ngl", "-ngl", "--n-gpu-layers", help="Layers to offload to the GPU (-1 = llama.cpp's default).")]
 BatchOpt = Annotated[int, typer.Option("--batch", "-b", help="Logical batch: batch/ctx chunks are decoded per call.", min=1)]
 UbatchOpt = Annotated[int, typer.Option("--ubatch", "-ub", help="Physical batch.", min=1)]
 CtkOpt = Annotated[str, typer.Option("--cache-type-k", "-ctk", help="KV cache type for K: f16, q8_0, q4_0, ...")]

@@ -1,68 +1,48 @@
-"""Self-generated calibration data (``repq calib``): the model answers varied prompts through its own
-chat template, in llama.cpp, reproducibly (answer i uses sampling seed ``seed + i``)."""
+"""Self-generated calibration data: the model answers prompts through its own chat template, in
+llama.cpp's kernels, many answers per ``llama_decode`` call.
+
+:func:`generate_answers` keeps ``parallel`` sequences in flight in one context (one KV sequence
+each): a step decodes the next token of every running answer together with the prompts of answers
+that start, samples each answer's token from its own logits, and frees a sequence as soon as its
+answer ends (an end-of-generation token or the token limit).  Answer ``i`` answers prompt
+``i % len(prompts)`` and samples with its own generator seeded by ``(seed, i)``, and answers are
+yielded in index order, so a run is reproducible and a consumer can stop at any answer.
+
+Sampling follows llama.cpp's default chain on the logits: top-k, then top-p (nucleus), then
+temperature (0 = greedy).
+"""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import InputFileError, UsageError
-from .chat import chat_tokens
 from .jsonl import check_messages
-from .tokenizer import Tokenizer, read_utf8
-
-#: A small, varied prompt set: explanation, reasoning, code, writing, facts, instructions.
-BUILTIN_PROMPTS: tuple[str, ...] = (
-    "Explain how a hash table works and when it performs badly.",
-    "What causes the seasons on Earth?",
-    "Write a Python function that returns the n-th Fibonacci number iteratively, with a docstring.",
-    "Summarize the causes of the French Revolution in a short paragraph.",
-    "A train leaves at 9:40 and arrives at 13:15. How long is the journey? Show your reasoning.",
-    "Give three tips for writing clear technical documentation.",
-    "What is the difference between a process and a thread?",
-    "Write a short poem about autumn rain.",
-    "How does photosynthesis convert light into chemical energy?",
-    "Explain recursion to a beginner with a simple example.",
-    "List the planets of the solar system in order and one fact about each.",
-    "What are the pros and cons of remote work?",
-    "Translate to French: 'The library opens at nine and closes at six.'",
-    "Write a SQL query that finds the five customers with the highest total order value.",
-    "Why is the sky blue?",
-    "Describe how vaccines train the immune system.",
-    "If a shirt costs $25 after a 20% discount, what was the original price? Explain.",
-    "Write an email asking a colleague to review a pull request by Friday.",
-    "What is the Pythagorean theorem and how is it used?",
-    "Compare lists and tuples in Python.",
-    "Give a recipe for a simple vegetable soup.",
-    "Explain what inflation is and why central banks raise interest rates.",
-    "Write a bash one-liner that counts the lines of all .py files in a directory tree.",
-    "What were the main achievements of the Apollo program?",
-    "How do you make a good first impression in a job interview?",
-    "Explain the difference between weather and climate.",
-    "Write a JavaScript function that debounces another function.",
-    "What is a black hole?",
-    "Outline a one-week study plan for learning basic statistics.",
-    "Explain big-O notation with examples.",
-    "Tell a short story about a robot who learns to paint.",
-    "What is the role of mitochondria in a cell?",
-)
+from .prompt_set import builtin_prompts
+from .tokenizer import read_utf8
 
 
-def read_prompts(spec: str) -> list[list[dict]]:
+def read_prompts(spec: str) -> list[tuple[str, list[dict]]]:
     """Prompts for ``repq calib``: ``builtin``, a text file (one prompt per line) or JSONL
-    (``prompt`` string, or ``messages`` ending with a user turn). Returns message lists.
+    (``prompt`` string, or ``messages`` ending with a user turn). Returns (category, messages) pairs:
+    the built-in set's categories (:mod:`repq.data.prompt_set`), ``user`` for a file's prompts.
 
     Raises:
         InputFileError: missing file, bad record, or no prompts.
     """
     if spec == "builtin":
-        return [[{"role": "user", "content": p}] for p in BUILTIN_PROMPTS]
+        return [(p.category, p.messages()) for p in builtin_prompts()]
     p = Path(spec)
     if not p.is_file():
         raise InputFileError(f"{p}: no such prompts file (or use --prompts builtin)")
-    out: list[list[dict]] = []
+    out: list[tuple[str, list[dict]]] = []
     if p.suffix.lower() in (".jsonl", ".ndjson"):
         for i, line in enumerate(read_utf8(p).splitlines(), 1):
             if not line.strip():
@@ -72,18 +52,18 @@ def read_prompts(spec: str) -> list[list[dict]]:
             except json.JSONDecodeError as e:
                 raise InputFileError(f"{p}:{i}: not JSON ({e.msg})") from e
             if isinstance(rec, dict) and isinstance(rec.get("prompt"), str):
-                out.append([{"role": "user", "content": rec["prompt"]}])
+                out.append(("user", [{"role": "user", "content": rec["prompt"]}]))
             elif isinstance(rec, dict) and "messages" in rec:
                 msgs = check_messages(rec["messages"], f"{p}:{i}")
                 if msgs[-1]["role"] == "assistant":
                     msgs = msgs[:-1]
                 if not msgs:
                     raise InputFileError(f"{p}:{i}: no prompt left after dropping the assistant turn")
-                out.append(msgs)
+                out.append(("user", msgs))
             else:
                 raise InputFileError(f"{p}:{i}: expected a 'prompt' string or a 'messages' list")
     else:
-        out = [[{"role": "user", "content": s.strip()}] for s in read_utf8(p).splitlines()
+        out = [("user", [{"role": "user", "content": s.strip()}]) for s in read_utf8(p).splitlines()
                if s.strip()]
     if not out:
         raise InputFileError(f"{p}: no prompts")
@@ -92,67 +72,125 @@ def read_prompts(spec: str) -> list[list[dict]]:
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    """Settings of ``repq calib`` (self-generated calibration data)."""
+    """How answers are generated (``repq calib``)."""
 
-    n: int = 32                 #: conversations to generate (prompts are cycled)
     max_tokens: int = 256       #: generated tokens per answer at most
-    seed: int = 0               #: sampling seed (answer i uses seed + i)
-    temperature: float = 0.0    #: 0 = greedy
-    top_p: float = 0.95         #: nucleus sampling when temperature > 0
-    n_ctx: int = 2048           #: context of the generating llama.cpp instance
-    threads: int = 0            #: 0 = all cores
+    seed: int = 0               #: sampling seed (answer i samples with a generator seeded by (seed, i))
+    temperature: float = 0.8    #: 0 = greedy (llama.cpp's default sampler: 0.8, top-k 40, top-p 0.95)
+    top_k: int = 40             #: 0 = off
+    top_p: float = 0.95         #: 1 = off
+    n_ctx: int = 2048           #: context per answer (prompt + answer)
+    parallel: int = 16          #: answers decoded together
+    threads: int = 0            #: 0 = llama.cpp's default
+    n_gpu_layers: int = 0       #: layers offloaded to a GPU (-1 = all)
 
     def __post_init__(self):
-        if self.n < 1 or self.max_tokens < 1:
-            raise UsageError("--n and --max-tokens must be at least 1")
-        if self.temperature < 0:
-            raise UsageError("--temperature must be ≥ 0")
+        if self.max_tokens < 1 or self.parallel < 1 or self.n_ctx < 8:
+            raise UsageError("--max-tokens and --parallel must be at least 1, --ctx-size at least 8")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise UsageError("--temperature must be ≥ 0, top-p in (0, 1], top-k ≥ 0")
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
 
-def generate_conversations(model_path: str | os.PathLike, prompts: list[list[dict]], cfg: GenerateConfig,
-                           on_item=None) -> list[dict]:
-    """The model answers ``prompts`` through its own chat template (llama.cpp, deterministic).
+def sample_token(logits: np.ndarray, cfg: GenerateConfig, rng: np.random.Generator) -> int:
+    """One token from a row of logits: greedy at temperature 0, else top-k → top-p → temperature."""
+    if cfg.temperature <= 0:
+        return int(np.argmax(logits))
+    n = len(logits)
+    idx = np.argpartition(-logits, cfg.top_k)[:cfg.top_k] if 0 < cfg.top_k < n else np.arange(n)
+    idx = idx[np.argsort(-logits[idx], kind="stable")]
+    z = logits[idx].astype(np.float64)
+    p = np.exp(z - z[0])
+    p /= p.sum()
+    keep = int(np.searchsorted(np.cumsum(p), cfg.top_p)) + 1 if cfg.top_p < 1 else len(p)
+    z = z[:keep] / cfg.temperature
+    q = np.exp(z - z[0])
+    return int(idx[rng.choice(keep, p=q / q.sum())])
 
-    Answer i is generated from prompt ``i % len(prompts)`` with sampling seed ``cfg.seed + i``
-    (greedy when temperature is 0), so a run is reproducible and cycling prompts still varies.
 
-    Returns:
-        ``[{"messages": [..., {"role": "assistant", "content": answer}]}, ...]``
+@dataclass
+class _Slot:
+    index: int          # answer index
+    budget: int         # tokens the answer may have
+    rng: np.random.Generator
+    out: list[int]      # generated tokens
+    n_past: int         # tokens in the sequence's KV cache
+
+
+def generate_answers(model_path: str | os.PathLike, prompt_tokens: list[np.ndarray], cfg: GenerateConfig,
+                     start: int = 0) -> Iterator[tuple[int, list[int], bytes]]:
+    """Answers ``start, start + 1, ...`` (without end): ``(i, tokens, utf-8 bytes of the text)``.
 
     Raises:
-        UsageError: the model has no chat template.
+        UsageError: a prompt leaves no room for an answer in ``cfg.n_ctx`` tokens.
     """
-    from ..llama import llama_cpp
+    from ..eval.session import Session
 
-    with Tokenizer(model_path) as tok:
-        if not tok.chat_template:
-            raise UsageError(f"{model_path}: no chat template (tokenizer.chat_template); `repq calib` makes the "
-                             "model answer prompts through it", hint="use plain text calibration data instead")
-        prompt_tokens = [chat_tokens(tok, m, add_generation_prompt=True) for m in prompts]
-    lc = llama_cpp()
-    from ..ggml.quants import default_threads
+    longest = max(len(t) for t in prompt_tokens)
+    for k, t in enumerate(prompt_tokens):
+        if len(t) + 1 > cfg.n_ctx:
+            raise UsageError(f"prompt {k + 1} is {len(t)} tokens, too long for a context of {cfg.n_ctx} "
+                             "per answer", hint="raise --ctx-size")
+    S = cfg.parallel
+    n_batch = max(512, longest + S)
+    with Session(model_path, n_ctx=S * cfg.n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_seq_max=S,
+                 threads=cfg.threads, n_gpu_layers=cfg.n_gpu_layers) as s:
+        L, vocab = s._L, s.vocab
+        mem = L.llama_get_memory(s.ctx)
+        buf = ctypes.create_string_buffer(256)
+        pieces: dict[int, bytes] = {}
 
-    threads = cfg.threads or default_threads()
-    llm = lc.Llama(str(model_path), n_ctx=cfg.n_ctx, n_threads=threads, n_threads_batch=threads,
-                   seed=cfg.seed, verbose=False)
-    out = []
-    try:
-        for i in range(cfg.n):
-            msgs, toks = prompts[i % len(prompts)], prompt_tokens[i % len(prompts)]
-            budget = min(cfg.max_tokens, cfg.n_ctx - len(toks))
-            if budget < 1:
-                raise UsageError(f"prompt {i % len(prompts) + 1} is {len(toks)} tokens, too long for n_ctx {cfg.n_ctx}")
-            llm.reset()
-            r = llm.create_completion([int(t) for t in toks], max_tokens=budget, temperature=cfg.temperature,
-                                      top_p=cfg.top_p, top_k=0 if cfg.temperature > 0 else 40,
-                                      seed=cfg.seed + i)
-            answer = r["choices"][0]["text"].strip()
-            out.append({"messages": [*msgs, {"role": "assistant", "content": answer}]})
-            if on_item:
-                on_item(i, cfg.n)
-    finally:
-        llm.close()
-    return out
+        def piece(t: int) -> bytes:
+            b = pieces.get(t)
+            if b is None:
+                n = L.llama_token_to_piece(vocab, t, buf, len(buf), 0, False)
+                b = pieces[t] = buf.raw[:max(n, 0)]
+            return b
+
+        slots: list[_Slot | None] = [None] * S
+        nxt, emit, done = start, start, {}
+        while True:
+            toks, pos, seq, outp, rows = [], [], [], [], []
+            for k, sl in enumerate(slots):   # running answers: their last token
+                if sl is not None and sl.out:
+                    toks.append(sl.out[-1])
+                    pos.append(sl.n_past)
+                    seq.append(k)
+                    outp.append(1)
+                    rows.append(k)
+                    sl.n_past += 1
+            for k in range(S):                # free sequences: start the next answers
+                if slots[k] is not None:
+                    continue
+                p = prompt_tokens[nxt % len(prompt_tokens)]
+                if len(toks) + len(p) > n_batch:
+                    break
+                slots[k] = sl = _Slot(nxt, min(cfg.max_tokens, cfg.n_ctx - len(p)),
+                                      np.random.default_rng([cfg.seed, nxt]), [], len(p))
+                nxt += 1
+                toks += p.tolist()
+                pos += range(len(p))
+                seq += [k] * len(p)
+                outp += [0] * (len(p) - 1) + [1]
+                rows.append(k)
+            n_out = s.decode(np.asarray(toks, np.int32), np.asarray(pos, np.int32), np.asarray(seq, np.int32),
+                             np.asarray(outp, np.int8))
+            logits = s.logits(n_out)
+            for r, k in enumerate(rows):
+                sl = slots[k]
+                t = sample_token(logits[r], cfg, sl.rng)
+                ended = bool(L.llama_vocab_is_eog(vocab, t))
+                if not ended:
+                    sl.out.append(t)
+                if ended or len(sl.out) >= sl.budget:
+                    done[sl.index] = sl.out
+                    slots[k] = None
+                    L.llama_memory_seq_rm(mem, k, -1, -1)
+            while emit in done:
+                out = done.pop(emit)
+                yield emit, out, b"".join(piece(t) for t in out)
+                emit += 1
+
+

@@ -131,21 +131,6 @@ def test_bad_data_exit_2(files, tmp_path, content, message):
     assert not (tmp_path / "out").exists()
 
 
-def test_calib_generates_deterministic_chat_data(files, tmp_path):
-    args = ["calib", files / "tiny.gguf", "--n", 3, "--max-tokens", 6, "--temperature", 0.8, "--seed", 5,
-            "-c", 128, "--json"]
-    r1, j1 = invoke(*args, "-o", tmp_path / "a.jsonl")
-    r2, _ = invoke(*args, "-o", tmp_path / "b.jsonl")
-    assert r1.exit_code == 0 and r2.exit_code == 0, r1.output + r2.output
-    assert j1["conversations"] == 3
-    a = (tmp_path / "a.jsonl").read_text()
-    assert a == (tmp_path / "b.jsonl").read_text()
-    recs = [json.loads(line) for line in a.splitlines()]
-    assert [m["role"] for m in recs[0]["messages"]] == ["user", "assistant"]
-    r, _ = invoke("calib", files / "plain.gguf", "-o", tmp_path / "c.jsonl", "--n", 1)
-    assert r.exit_code == 2 and "no chat template" in r.output
-
-
 # --------------------------------------------------------------------------------------------------
 # imatrix
 # --------------------------------------------------------------------------------------------------
