@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import iq_grids
@@ -43,15 +44,17 @@ from . import iq_grids
 GROUP = 8
 """Weights rounded jointly: one sign byte (IQ3_S, IQ3_XXS: two codebook entries; the IQ2 types: one)."""
 
-_codebooks: dict[tuple[int, str], torch.Tensor] = {}
+_codebooks: dict[tuple[int, str, bool], torch.Tensor] = {}
 
 
-def codebook(gtype: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """:func:`repq.quant.iq_grids.codebook` as a float32 tensor on ``device`` (cached)."""
-    key = (gtype, str(torch.device(device)))
+def codebook(gtype: int, device: torch.device | str = "cpu", model: bool = False) -> torch.Tensor:
+    """:func:`repq.quant.iq_grids.codebook` as a float32 tensor on ``device`` (cached); ``model``:
+    ggml's search model of it instead, 2·lattice + 1 (IQ3_S: the same; IQ2_XS: 1, 3, 5 for 8, 25, 43)."""
+    key = (gtype, str(torch.device(device)), model)
     cb = _codebooks.get(key)
     if cb is None:
-        cb = _codebooks[key] = torch.from_numpy(iq_grids.codebook(gtype).copy()).to(device)
+        cb = 2.0 * iq_grids.lattice(gtype) + 1 if model else iq_grids.codebook(gtype)
+        cb = _codebooks[key] = torch.from_numpy(cb.astype(np.float32)).to(device)
     return cb
 
 
@@ -67,7 +70,7 @@ def smallest(cost: torch.Tensor, t: int) -> torch.Tensor:
     return torch.cat(out, 1)
 
 
-def _flip_cost(mw: torch.Tensor, gtype: int) -> torch.Tensor:
+def _flip_cost(mw: torch.Tensor, gtype: int, model: bool = False) -> torch.Tensor:
     """min_i mw_i · cb_ki for every row and codebook entry k: (rows, n_grid), without the
     (rows, n_grid, group) product.  The codebook has few distinct values v (IQ2 types: 3), so the
     minimum is min_v v · (min of mw over the positions where entry k holds v): the minimum of mw
@@ -77,22 +80,22 @@ def _flip_cost(mw: torch.Tensor, gtype: int) -> torch.Tensor:
     for b in range(group):   # subsets whose highest position is b: those below it, plus b
         table[:, 1 << b:2 << b] = torch.minimum(table[:, :1 << b], mw[:, b:b + 1])
     out = None
-    for v, subset in _value_subsets(gtype, mw.device):
+    for v, subset in _value_subsets(gtype, mw.device, model):
         term = v * table.index_select(1, subset)
         out = term if out is None else torch.minimum(out, term)
     return out
 
 
-_subsets: dict[tuple[int, str], list[tuple[float, torch.Tensor]]] = {}
+_subsets: dict[tuple[int, str, bool], list[tuple[float, torch.Tensor]]] = {}
 
 
-def _value_subsets(gtype: int, device: torch.device) -> list[tuple[float, torch.Tensor]]:
+def _value_subsets(gtype: int, device: torch.device, model: bool = False) -> list[tuple[float, torch.Tensor]]:
     """(v, int64 (n_grid,) bit mask of the positions where each entry holds v) for every distinct
     codebook value v (cached per type and device)."""
-    key = (gtype, str(device))
+    key = (gtype, str(device), model)
     out = _subsets.get(key)
     if out is None:
-        cb = codebook(gtype, device)
+        cb = codebook(gtype, device, model)
         bit = 1 << torch.arange(cb.shape[1], device=device)
         out = _subsets[key] = [(v, ((cb == v).long() * bit).sum(1)) for v in torch.unique(cb).tolist()]
     return out
@@ -108,7 +111,7 @@ class GroupChoice:
 
 
 def nearest(gtype: int, w: torch.Tensor, db: torch.Tensor, metric: torch.Tensor | None = None, *,
-            full: torch.Tensor | None = None, top: int = 4) -> GroupChoice:
+            full: torch.Tensor | None = None, top: int = 4, model: bool = False) -> GroupChoice:
     """The codebook point and signs nearest to ``w`` under the diagonal ``metric``, on scale ``db``;
     or, with ``full``, the best under that 8 × 8 metric among the best few under its diagonal.
 
@@ -123,13 +126,15 @@ def nearest(gtype: int, w: torch.Tensor, db: torch.Tensor, metric: torch.Tensor 
             types: per half, all pairs), signs following w as in the diagonal search; the
             candidate with the least (w − v) full (w − v)ᵀ wins.
         top: candidates per codebook entry position with ``full``.
+        model: search ggml's model of the codebook (:func:`codebook`), which its own search
+            measures, rather than the decoded values (a test of the search against ggml's).
 
     Returns:
         The chosen codebook indices, sign mask and decoded values.
     """
     sp = iq_grids.spec(gtype)
     rows = w.shape[0]
-    cb = codebook(gtype, w.device)                                        # (n_grid, group)
+    cb = codebook(gtype, w.device, model)                                 # (n_grid, group)
     if full is not None:
         metric = torch.diagonal(full)
     m = torch.ones_like(w) if metric is None else metric.to(w).expand_as(w)
@@ -146,10 +151,10 @@ def nearest(gtype: int, w: torch.Tensor, db: torch.Tensor, metric: torch.Tensor 
     # rows with an odd sign count, as a mask (no host sync: block LDLQ replays this as a CUDA graph)
     odd = (neg.sum(1) % 2) == 1
     if sp.parity and per == 1:
-        cost = torch.where(odd[:, None], cost + 4 * dbp * _flip_cost(mw, gtype), cost)
+        cost = torch.where(odd[:, None], cost + 4 * dbp * _flip_cost(mw, gtype, model), cost)
         k = smallest(cost, t)
     elif sp.parity:   # IQ3_XXS: each half's best entry if the flip lands in it, then its top t
-        with_flip = torch.where(odd.repeat_interleave(per)[:, None], cost + 4 * dbp * _flip_cost(mw, gtype), cost)
+        with_flip = torch.where(odd.repeat_interleave(per)[:, None], cost + 4 * dbp * _flip_cost(mw, gtype, model), cost)
         kf = with_flip.argmin(1, keepdim=True)
         k = torch.cat([smallest(cost, t), kf], 1)
     else:

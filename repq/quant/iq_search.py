@@ -316,10 +316,10 @@ def qp_scale(x: torch.Tensor, w: torch.Tensor, nmax: int) -> torch.Tensor:
 
 
 def _search_chunk(t: Tables, c: SearchConstants, group: int, xv: torch.Tensor, w: torch.Tensor,
-                  top: torch.Tensor, scale0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  top: torch.Tensor, scale0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scale and codebook indices of N non-zero sub-blocks: xv, w (N, sub); top (N,) the M of the
-    trial scales; scale0 (N,) the scale kept when no trial wins.
-    Returns (scale (N,), index (N, sub / group))."""
+    trial scales; scale0 (N,) the scale kept when no trial wins.  Returns (scale (N,), index
+    (N, sub / group), the scale at which each group's point was chosen (N, sub / group))."""
     n, sub = xv.shape
     n_trials = 2 * c.trials + 1
     wa = _sqrt(w)
@@ -345,6 +345,7 @@ def _search_chunk(t: Tables, c: SearchConstants, group: int, xv: torch.Tensor, w
     rows = torch.arange(n, device=xv.device)
     gbest = torch.where(kept[:, None], gi[rows, chosen.clamp(min=0)], t.on_grid[0])
     on_best = torch.where(kept[:, None], on[rows, chosen.clamp(min=0)], c.start_on_grid)
+    pick = torch.where(kept, this_scale[rows, chosen.clamp(min=0)], scale0)[:, None].repeat(1, gi.shape[2])
     # refit: groups off the codebook are rounded again at the chosen scale, then the scale is refit
     redo = ((~on_best).any(1) | c.qp) & (scale > 0)
     if redo.any():
@@ -355,10 +356,11 @@ def _search_chunk(t: Tables, c: SearchConstants, group: int, xv: torch.Tensor, w
         if not c.refit_all:
             gr = torch.where(on_best[r], gbest[r], gr)
         gbest[r] = gr
+        pick[r] = torch.where(on_best[r] & (not c.refit_all), pick[r], scale[r, None])
         sqx, sq2 = _sums(w[r], xv[r], t.q.index_select(0, gr.reshape(-1)).reshape(len(r), 1, sub))
         sqx, sq2 = sqx[:, 0], sq2[:, 0]
         scale[r] = torch.where(sq2 > 0, sqx / sq2, scale[r])
-    return scale, gbest
+    return scale, gbest, pick
 
 
 def _check(gtype: int, x, importance) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -383,7 +385,7 @@ def _check(gtype: int, x, importance) -> tuple[torch.Tensor, torch.Tensor | None
     return x, imp
 
 
-def search(gtype: int, x, importance=None) -> IqBlocks:
+def search(gtype: int, x, importance=None, *, trace: dict | None = None) -> IqBlocks:
     """ggml's quantization of ``x`` (rows, n_per_row) to ``gtype``, as unpacked blocks.
 
     Args:
@@ -392,6 +394,8 @@ def search(gtype: int, x, importance=None) -> IqBlocks:
         importance: per-column importance (n_per_row,), as ggml's ``quant_weights`` (an imatrix
             entry, or diag H); IQ3_S, IQ3_XXS and IQ2_S may go without (ggml then weighs by x²,
             IQ2_S by σ²/4 + x²).
+        trace: if given, filled with torch tensors: "scale" (rows, n_per_row / group), the scale
+            at which each entry's point was chosen, and "weight" (rows, n_per_row), w above.
 
     Returns:
         The blocks (numpy, row after row); :func:`repq.quant.iq_grids.pack` gives ggml's bytes.
@@ -437,16 +441,19 @@ def search(gtype: int, x, importance=None) -> IqBlocks:
         zero |= top <= 0
     scale = torch.zeros_like(mx)
     gidx = torch.zeros((xs.shape[0], sp.sub // sp.group), dtype=torch.int64, device=x.device)
+    pick = torch.zeros(gidx.shape, device=x.device)
     live = (~zero).nonzero()[:, 0]
     step = max(1, ELEMENT_BUDGET.get(x.device.type, ELEMENT_BUDGET["cpu"]) // ((2 * c.trials + 1) * sp.sub))
     for s0 in range(0, live.numel(), step):
         r = live[s0:s0 + step]
-        scale[r], gidx[r] = _search_chunk(t, c, sp.group, xs[r], ws[r], top[r], scale0[r])
+        scale[r], gidx[r], pick[r] = _search_chunk(t, c, sp.group, xs[r], ws[r], top[r], scale0[r])
     negs = neg.reshape(-1, sp.sub)
     negs[zero] = False
     flipped = scale < 0   # ggml: "should never happen"; flip the sub-block's signs
     negs[flipped] = ~negs[flipped]
     scale = scale.abs()
+    if trace is not None:
+        trace.update(scale=pick.reshape(rows, -1), weight=w.reshape(rows, n))
     return _finish(sp, c, scale.reshape(nb, sp.n_sub), gidx.reshape(nb, sp.n_groups), negs.reshape(nb, QK))
 
 
