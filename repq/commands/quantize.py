@@ -18,6 +18,10 @@ def quantize(
     method: Annotated[str, typer.Option(help="rtn | imatrix (ggml's own quantizers, byte-identical to llama-quantize) | ldlq (error feedback through Hessians).")] = "",
     imatrix: Annotated[Path | None, typer.Option(help="Importance matrix (GGUF or legacy .dat).")] = None,
     hessian: Annotated[Path | None, typer.Option(help="Hessian directory from `repq hessian` (for --method ldlq).")] = None,
+    sequential: Annotated[bool, typer.Option("--sequential", help="LDLQ without a Hessian directory: block i's Hessians on the outputs of the already-quantized blocks 0..i-1, from --data.")] = False,
+    data: Annotated[Path | None, typer.Option("--data", "-d", help="--sequential: calibration text or JSONL.")] = None,
+    ctx: Annotated[int, typer.Option("--ctx-size", "-c", help="--sequential: tokens per chunk.")] = 512,
+    chunks: Annotated[int, typer.Option("--chunks", help="--sequential: use at most N chunks (-1 = all the data holds).")] = -1,
     damp: Annotated[float, typer.Option(help="LDLQ: relative damping of H's diagonal.")] = 0.01,
     act_order: Annotated[bool, typer.Option("--act-order/--no-act-order", help="LDLQ: round each block's columns by decreasing diag(H).")] = True,
     device: Annotated[str, typer.Option(help="LDLQ: torch device (cpu, cuda, cuda:1).")] = "cpu",
@@ -50,6 +54,8 @@ def quantize(
 
         repq quantize model-f32.gguf model-iq4_xs.gguf --fmt IQ4_XS --imatrix imatrix.gguf
 
+        repq quantize model-f32.gguf q.gguf --fmt IQ3_S --sequential --data calib.jsonl --chunks 100 --device cuda
+
         repq quantize model-f32.gguf q.gguf --fmt Q3_K_S --tensor-type attn_v=q6_k --json | jq .file_bytes
 
         repq quantize model-f32.gguf q.gguf --target-size 90MB --hessian hess/ --exclude-types Q4_1,Q5_1
@@ -75,7 +81,17 @@ def quantize(
                                      ("--allow-types", allow_types), ("--exclude-types", exclude_types)) if v]
         if alloc_only and not targeted:
             raise UsageError(f"{', '.join(alloc_only)} only apply with --target-size or --target-bpw")
-        m = method or ("ldlq" if hessian else "imatrix" if imatrix else "rtn")
+        m = method or ("ldlq" if hessian or sequential else "imatrix" if imatrix else "rtn")
+        seq_only = [o for o, used in (("--data", data is not None), ("--ctx-size", ctx != 512),
+                                      ("--chunks", chunks != -1)) if used]
+        if sequential:
+            if m != "ldlq" or hessian or imatrix or targeted:
+                raise UsageError("--sequential is LDLQ with Hessians it takes itself: drop --method/--hessian/"
+                                 "--imatrix/--target-size")
+            if data is None:
+                raise UsageError("--sequential needs --data TEXT (the calibration text)")
+        elif seq_only:
+            raise UsageError(f"{', '.join(seq_only)} only apply with --sequential")
         if m == "rtn" and imatrix:
             raise UsageError("--method rtn ignores importance; drop --imatrix or use --method imatrix")
         ldlq_only = [o for o, used in (("--damp", damp != 0.01), ("--no-act-order", not act_order),
@@ -85,13 +101,18 @@ def quantize(
             raise UsageError(f"{', '.join(ldlq_only)} only apply to --method ldlq (this run is {m})",
                              hint="pass --hessian DIR for LDLQ, or drop the option")
         cfg = pipeline.QuantizeConfig(ftype=fmt, method=m, imatrix=str(imatrix) if imatrix else None,
-                                      hessian=str(hessian) if hessian else None, damp=damp, act_order=act_order,
+                                      hessian=str(hessian) if hessian else None, sequential=sequential, damp=damp, act_order=act_order,
                                       device=device, scales=scales, refit=refit, threads=threads, allow_requantize=allow_requantize, mix=opts)
         from ..io.convert import ensure_gguf
 
         pipeline.check_output_path(model, out_path)
         src = ensure_gguf(model, trust_remote_code=trust_remote_code)
-        hessian_for, hessian_names, extra_kv = _ldlq_inputs(src, cfg) if m == "ldlq" else (None, (), None)
+        tensor_done = None
+        if sequential:
+            hessian_for, hessian_names, extra_kv = _sequential_inputs(src, cfg, data, ctx, chunks, threads, out)
+            tensor_done = hessian_for.tensor_done
+        else:
+            hessian_for, hessian_names, extra_kv = _ldlq_inputs(src, cfg) if m == "ldlq" else (None, (), None)
         alloc = None
         if targeted:
             from ..alloc.recipe import make_allocator
@@ -108,7 +129,8 @@ def quantize(
             def on_tensor(rep, i, n):
                 advance(1, f"{rep.name} → {rep.dst_type}", total=n)
             rep = pipeline.quantize_model(src, out_path, cfg, on_tensor=on_tensor, hessian_for=hessian_for,
-                                          hessian_names=hessian_names, extra_kv=extra_kv, allocate=alloc)
+                                          hessian_names=hessian_names, extra_kv=extra_kv, allocate=alloc,
+                                          tensor_done=tensor_done)
         if alloc is not None and recipe_out is not None:
             from ..alloc.recipe import recipe_text
             from ..ggml.types import type_id
@@ -191,6 +213,27 @@ def _ldlq_inputs(src: Path, cfg):
         return hs.mean(name) if hs.has(name) else None
 
     return lookup, names, keys.provenance("ldlq", cfg.ldlq_options().to_dict(), hs.data_fingerprints)
+
+
+def _sequential_inputs(src: Path, cfg, data: Path, ctx: int, chunks: int, threads: int, out: Output):
+    """For --sequential: the model on the device, the calibration chunks, and the Hessian source
+    that follows the quantization block by block (:mod:`repq.quant.sequential`)."""
+    from .. import runtime
+    from ..data.calibration import load_calibration_with
+    from ..io import keys
+    from ..model.loader import load_model
+    from ..quant.sequential import SequentialHessians
+
+    runtime.check_device(cfg.device)
+    dev, dt = runtime.configure_torch(cfg.device, "auto", threads)
+    cal, n_vocab = load_calibration_with(data, src, n_ctx=ctx, n_chunks=None if chunks < 0 else chunks)
+    lm = load_model(src, device=dev, dtype=dt)
+    if n_vocab != lm.config.n_vocab:
+        raise MismatchError(f"{src}: vocabulary of {n_vocab} tokens, the model has {lm.config.n_vocab}")
+    out.log(f"{data}: {cal.n_tokens_file:,} tokens → {len(cal.chunks)} chunks of {cal.n_ctx} (sequential Hessians)")
+    seq = SequentialHessians(lm.model, cal.chunks, dev)
+    return seq, seq.names, keys.provenance("ldlq", cfg.ldlq_options().to_dict() | {"sequential": True},
+                                           [cal.fingerprint])
 
 
 def _parse_tensor_type(spec: str) -> tuple[str, int]:

@@ -52,6 +52,9 @@ class QuantizeConfig:
     `repq distill`, which supplies the bytes of the tensors it quantized (``tensor_bytes``)."""
     hessian: str | None = None
     """Directory of proxy Hessians written by `repq hessian` (method ldlq)."""
+    sequential: bool = False
+    """Method ldlq without ``hessian``: the caller takes each block's Hessians on the quantized blocks
+    before it (:mod:`repq.quant.sequential`, through ``hessian_for`` and ``tensor_done``)."""
     damp: float = 0.01
     """LDLQ: relative diagonal damping of H."""
     act_order: bool = True
@@ -78,8 +81,10 @@ class QuantizeConfig:
             raise UsageError(f"unknown method {self.method!r} (expected rtn, imatrix or ldlq)")
         if self.method == "imatrix" and not self.imatrix:
             raise UsageError("--method imatrix needs --imatrix FILE")
-        if self.method == "ldlq" and not self.hessian:
-            raise UsageError("--method ldlq needs --hessian DIR (make one with `repq hessian`)")
+        if self.method == "ldlq" and not (self.hessian or self.sequential):
+            raise UsageError("--method ldlq needs --hessian DIR (make one with `repq hessian`) or --sequential")
+        if self.sequential and (self.method != "ldlq" or self.hessian):
+            raise UsageError("--sequential is LDLQ with Hessians it takes itself: drop --method/--hessian")
         if self.method != "ldlq" and self.hessian:
             raise UsageError("--hessian is only used by --method ldlq")
         self.ldlq_options()   # checks scales and damp
@@ -185,7 +190,8 @@ def quantize_model(src: str | os.PathLike, out: str | os.PathLike, cfg: Quantize
                    extra_kv: list[keys.KeyValue] | None = None,
                    tensor_values: Callable[[str], np.ndarray | None] | None = None,
                    tensor_bytes: dict[str, np.ndarray] | None = None,
-                   allocate: Callable[[list[mix.TensorPlan], int], dict[str, int]] | None = None) -> QuantizeReport:
+                   allocate: Callable[[list[mix.TensorPlan], int], dict[str, int]] | None = None,
+                   tensor_done: Callable[[str, int, np.ndarray], None] | None = None) -> QuantizeReport:
     """Quantize a GGUF model; see the module docstring.
 
     Args:
@@ -206,6 +212,8 @@ def quantize_model(src: str | os.PathLike, out: str | os.PathLike, cfg: Quantize
         allocate: ``--target-size``: called with the plans and the exact bytes of the header,
             metadata and tensor infos (the same whatever the types); returns name -> type id for
             the tensors whose type it chooses (:class:`repq.alloc.recipe.Allocator`).
+        tensor_done: called with (name, ggml type, bytes) of each tensor as it is written, in file
+            order (`--sequential`: the next block's Hessians see the quantized values).
 
     Raises:
         InputFileError, MismatchError, UnsupportedError, UsageError: bad input (nothing written).
@@ -266,6 +274,8 @@ def quantize_model(src: str | os.PathLike, out: str | os.PathLike, cfg: Quantize
                         raise type(e)(f"{Path(src).name}: {e}", e.hint) from None
                     data, info = res.raw, res.report()
                 writer.write_tensor_data(p.name, data)
+                if tensor_done is not None:
+                    tensor_done(p.name, p.dst_type, data)
                 rep = TensorReport(p.name, t.shape, type_name(t.type), type_name(p.dst_type),
                                    t.n_bytes, int(data.nbytes), p.fallback, imp is not None,
                                    time.perf_counter() - t0, **info)
