@@ -128,9 +128,13 @@ def quantize(
         with out.progress(f"quantize {model.name} → {fmt or 'target'}", total=0) as advance:
             def on_tensor(rep, i, n):
                 advance(1, f"{rep.name} → {rep.dst_type}", total=n)
-            rep = pipeline.quantize_model(src, out_path, cfg, on_tensor=on_tensor, hessian_for=hessian_for,
-                                          hessian_names=hessian_names, extra_kv=extra_kv, allocate=alloc,
-                                          tensor_done=tensor_done)
+            try:
+                rep = pipeline.quantize_model(src, out_path, cfg, on_tensor=on_tensor, hessian_for=hessian_for,
+                                              hessian_names=hessian_names, extra_kv=extra_kv, allocate=alloc,
+                                              tensor_done=tensor_done)
+            finally:
+                if sequential:
+                    hessian_for.stream.close()
         if alloc is not None and recipe_out is not None:
             from ..alloc.recipe import recipe_text
             from ..ggml.types import type_id
@@ -221,17 +225,17 @@ def _sequential_inputs(src: Path, cfg, data: Path, ctx: int, chunks: int, thread
     from .. import runtime
     from ..data.calibration import load_calibration_with
     from ..io import keys
-    from ..model.loader import load_model
+    from ..model.stream import BlockStream
     from ..quant.sequential import SequentialHessians
 
     runtime.check_device(cfg.device)
     dev, dt = runtime.configure_torch(cfg.device, "auto", threads)
     cal, n_vocab = load_calibration_with(data, src, n_ctx=ctx, n_chunks=None if chunks < 0 else chunks)
-    lm = load_model(src, device=dev, dtype=dt)
-    if n_vocab != lm.config.n_vocab:
-        raise MismatchError(f"{src}: vocabulary of {n_vocab} tokens, the model has {lm.config.n_vocab}")
+    stream = BlockStream(src, device=dev, dtype=dt)
+    if n_vocab != stream.config.n_vocab:
+        raise MismatchError(f"{src}: vocabulary of {n_vocab} tokens, the model has {stream.config.n_vocab}")
     out.log(f"{data}: {cal.n_tokens_file:,} tokens → {len(cal.chunks)} chunks of {cal.n_ctx} (sequential Hessians)")
-    seq = SequentialHessians(lm.model, cal.chunks, dev)
+    seq = SequentialHessians(stream, cal.chunks)
     return seq, seq.names, keys.provenance("ldlq", cfg.ldlq_options().to_dict() | {"sequential": True},
                                            [cal.fingerprint])
 

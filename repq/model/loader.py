@@ -74,6 +74,19 @@ def load_config(path: str | os.PathLike) -> tuple[ModelConfig, str | None]:
         return config_from_gguf(g), str(p)
 
 
+def set_tensor(model: Transformer, name: str, t: torch.Tensor, shape: tuple[int, ...], device, dtype,
+               path: Path) -> None:
+    """Put ``t`` into ``model``'s parameter ``name`` (a GGUF name) on ``device`` in ``dtype``.
+
+    Raises:
+        InputFileError: ``t`` does not have the expected ``shape``.
+    """
+    if tuple(t.shape) != shape:
+        raise InputFileError(f"{path}: tensor {name} has shape {tuple(t.shape)}, expected {shape}")
+    mod_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(mod_name), attr, nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False))
+
+
 def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a GGUF (any tensor types; F32/F16/BF16 are exact) or an HF safetensors directory.
@@ -93,14 +106,9 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
     seen: set[str] = set()
 
     def put(name: str, t: torch.Tensor) -> None:
-        if name not in shapes:
-            return  # e.g. rope_freqs.weight, read into the config
-        if tuple(t.shape) != shapes[name]:
-            raise InputFileError(f"{p}: tensor {name} has shape {tuple(t.shape)}, expected {shapes[name]}")
-        mod_name, _, attr = name.rpartition(".")
-        mod = model.get_submodule(mod_name)
-        setattr(mod, attr, nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False))
-        seen.add(name)
+        if name in shapes:   # others, e.g. rope_freqs.weight, are read into the config
+            set_tensor(model, name, t, shapes[name], device, dtype, p)
+            seen.add(name)
 
     if gguf_path is None:
         for name, t in hf_tensors(p, cfg):

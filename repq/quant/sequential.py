@@ -1,28 +1,28 @@
 """`repq quantize --sequential`: each block's Hessians taken on the inputs that the already-quantized
 blocks before it produce (GPTQ's sequential mode), so that quantization error is corrected
-downstream, with no Hessian directory.
+downstream, with no Hessian directory; the model streamed from its GGUF one block at a time.
 
 :class:`SequentialHessians` is the pipeline's ``hessian_for`` and ``tensor_done`` in one object.
-The pipeline quantizes tensors in the GGUF's order, which groups them by block; as it goes:
+The pipeline quantizes tensors in llama-quantize's order, which groups them by block; as it goes:
 
-1. ``tensor_done(name, type, bytes)`` puts each finished tensor's exact ggml-decoded values into
-   the torch model, so the model is the file's model up to where the pipeline is.
+1. ``tensor_done(name, type, bytes)`` keeps each finished tensor's exact ggml-decoded values (the
+   token embedding's replace the resident one; a block's wait, on the host, until the block is run).
 2. The first ``hessian_for`` of block i (one of its linear weights) first runs the hidden states of
-   all calibration chunks through blocks j < i that are not yet applied — quantized by then — and
-   then block i itself once with hooks on its four distinct inputs (q/k/v, attention output,
-   gate/up, down): Σ x xᵀ / n for each, on the device, folded into float64 (the accumulator
-   `repq hessian` uses).  The block's other tensors take theirs from that one pass.
+   all calibration chunks through the blocks j < i not yet applied, each materialised from its
+   decoded values (:class:`repq.model.stream.BlockStream`), then block i itself, from the file,
+   once with hooks on its four distinct inputs (q/k/v, attention output, gate/up, down):
+   Σ x xᵀ / n for each, on the device, folded into float64 (the accumulator `repq hessian` uses).
+   The block's other tensors take theirs from that one pass.
 3. The output head (``output.weight``, or the token embedding when tied) comes first in
-   llama-quantize's tensor order, which repq keeps (its files are byte-identical to
-   llama-quantize's): its Hessian is the original model's, from one forward pass (as without
+   llama-quantize's order, which repq keeps (its files are byte-identical to llama-quantize's): its
+   Hessian is the original model's, from one streamed pass over all blocks (as without
    --sequential).  The token embedding is also quantized before block 0, so the blocks see the
    quantized embedding.  Should a file list the head after the blocks, its Hessian is taken on the
    final hidden state of the quantized blocks.
 
-Memory: the hidden states of every chunk stay on the device (chunks × ctx × n_embd in the model's
-dtype: 118 MB for 100 × 512 at n_embd 576 in fp32; 1 GB at n_embd 4096 and 128 × 512 in bf16) and
-the model is loaded whole.  Blocks are only read in order, so a streamed loader can replace the
-whole-model one without changing this module.
+Memory: on the device the embedding, the head, one block and the hidden states of every chunk
+(chunks × ctx × n_embd in the model's dtype: 118 MB for 100 × 512 at n_embd 576 in fp32, 1 GB at
+n_embd 8192 and 64 × 1024 in bf16); on the host one block's decoded values.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ import numpy as np
 import torch
 
 from ..calib.hessian.accumulator import HessianAccumulator
-from ..calib.hooks import InputGroup, forward_with_hooks, input_groups
+from ..calib.hooks import InputGroup, input_groups
 from ..errors import OperationError
 from ..ggml.quants import dequantize
-from ..model.transformer import Transformer
+from ..model.stream import BlockStream
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 
@@ -45,23 +45,23 @@ class SequentialHessians:
     """Hessians for `repq quantize --sequential`; see the module docstring.
 
     Args:
-        model: the torch model of the source GGUF (values are replaced as tensors are quantized).
+        stream: the source model, streamed from its GGUF.
         chunks: (n, ctx) calibration tokens.
-        device: where the forward passes and the Hessian GEMMs run.
         batch: chunks per forward pass.
     """
 
-    def __init__(self, model: Transformer, chunks: np.ndarray, device: torch.device | str, *, batch: int = 8):
-        self.model = model
-        self.device = torch.device(device)
+    def __init__(self, stream: BlockStream, chunks: np.ndarray, *, batch: int = 8):
+        self.stream = stream
+        self.model = stream.model
+        self.device = stream.device
         self.chunks = torch.as_tensor(np.asarray(chunks, np.int64))
         self.batch = batch
-        self.groups = input_groups(model, head=True)
-        self.params = dict(model.named_parameters())                    # GGUF name → parameter
+        self.groups = input_groups(self.model, head=True)
         self.names = {c for g in self.groups for c in g.consumers}     # tensors that get a Hessian
         self.x: torch.Tensor | None = None                              # hidden states before block `self.next`
         self.next = 0
         self._cache: dict[str, torch.Tensor] = {}
+        self._done: dict[str, np.ndarray] = {}                          # decoded block tensors not yet applied
         self._block_of = {c: g.layer for g in self.groups for c in g.consumers}
 
     # -- the pipeline's callbacks ------------------------------------------------------------------
@@ -78,49 +78,57 @@ class SequentialHessians:
                     raise OperationError(f"--sequential: {name} comes after block {self.next - 1}'s successors in "
                                          "the GGUF; the tensors must be grouped by block, in block order")
                 self._advance(layer)
-                self._collect([g for g in self.groups if g.layer == layer], self._run_block(layer))
+                with self.stream.block(layer) as blk:
+                    self._collect([g for g in self.groups if g.layer == layer], self._feed_block(blk))
         return self._cache.pop(name)
 
     def tensor_done(self, name: str, gtype: int, raw: np.ndarray) -> None:
-        """``tensor_done``: the finished tensor's decoded values replace the model's."""
-        p = self.params.get(name)
-        if p is None or p.ndim < 2:
+        """``tensor_done``: keep the finished tensor's decoded values for the forward passes."""
+        m = _BLOCK.match(name)
+        if m is not None:
+            if name in self.stream.block_names(int(m[1])):
+                self._done[name] = dequantize(gtype, raw, self.stream.config.tensor_shapes()[name][-1])
             return
-        vals = dequantize(gtype, raw, p.shape[-1]).reshape(p.shape)
-        with torch.no_grad():
-            p.copy_(torch.from_numpy(vals).to(p.device, p.dtype))
+        p = dict(self.model.named_parameters()).get(name)
+        if p is not None and p.ndim >= 2:
+            vals = dequantize(gtype, raw, p.shape[-1]).reshape(p.shape)
+            with torch.no_grad():
+                p.copy_(torch.from_numpy(vals).to(p.device, p.dtype))
 
     # -- forward passes ----------------------------------------------------------------------------
-    def _batches(self):
-        return range(0, len(self.chunks), self.batch)
+    def _slices(self):
+        return [slice(s, s + self.batch) for s in range(0, len(self.chunks), self.batch)]
 
     def _rope(self):
         return self.model.rope(self.chunks.shape[1], self.device)
 
     @torch.no_grad()
+    def _embed(self) -> torch.Tensor:
+        return torch.cat([self.model.token_embd(self.chunks[s].to(self.device)) for s in self._slices()])
+
+    @torch.no_grad()
     def _advance(self, layer: int) -> None:
-        """Hidden states through blocks ``self.next .. layer - 1`` (their current, quantized values)."""
+        """Hidden states through blocks ``self.next .. layer - 1``, with their decoded values."""
         if self.x is None:
-            emb = self.model.token_embd
-            self.x = torch.cat([emb(self.chunks[s:s + self.batch].to(self.device)) for s in self._batches()])
+            self.x = self._embed()
         cos, sin = self._rope()
         for i in range(self.next, layer):
-            blk = self.model.blk[i]
-            for s in self._batches():
-                self.x[s:s + self.batch] = blk(self.x[s:s + self.batch], cos, sin)
+            values = {n: self._done.pop(n) for n in self.stream.block_names(i) if n in self._done}
+            with self.stream.block(i, values) as blk:
+                for s in self._slices():
+                    self.x[s] = blk(self.x[s], cos, sin)
         self.next = max(self.next, layer)
 
-    def _run_block(self, layer: int):
-        """A feeder for :meth:`_collect`: block ``layer`` on every batch, hooks on its inputs."""
-        def feed(groups: list[InputGroup], add) -> None:
+    def _feed_block(self, blk):
+        """A feeder for :meth:`_collect`: ``blk`` on every batch, hooks on its inputs."""
+        def feed(groups: list[InputGroup], add):
             cos, sin = self._rope()
-            blk = self.model.blk[layer]
             handles = [g.module.register_forward_pre_hook(lambda _m, a, g=g: add(g, a[0].reshape(-1, g.dim)))
                        for g in groups]
             try:
                 with torch.no_grad():
-                    for s in self._batches():
-                        blk(self.x[s:s + self.batch], cos, sin)
+                    for s in self._slices():
+                        blk(self.x[s], cos, sin)
                         yield
             finally:
                 for h in handles:
@@ -128,21 +136,20 @@ class SequentialHessians:
         return feed
 
     def _head(self) -> None:
-        head = [g for g in self.groups if g.is_head]
-        if self.x is None:       # a tied head, listed before block 0: the original model's statistics
-            def feed(groups, add):
-                for s in self._batches():
-                    forward_with_hooks(self.model, self.chunks[s:s + self.batch].to(self.device), groups, add)
-                    yield
-        else:
-            self._advance(len(self.model.blk))
+        """The head's Hessian: on the final hidden state of the blocks applied so far and the rest
+        from the file (before any block: the original model)."""
+        first = self.x is None
+        saved = (self.x, self.next, dict(self._done))
+        self._advance(len(self.model.blk))
 
-            def feed(groups, add):
-                with torch.no_grad():
-                    for s in self._batches():
-                        add(groups[0], self.model.output_norm(self.x[s:s + self.batch]).reshape(-1, groups[0].dim))
-                        yield
-        self._collect(head, feed)
+        def feed(groups, add):
+            with torch.no_grad():
+                for s in self._slices():
+                    add(groups[0], self.model.output_norm(self.x[s]).reshape(-1, groups[0].dim))
+                    yield
+        self._collect([g for g in self.groups if g.is_head], feed)
+        if first:     # the sequential pass starts from the (then quantized) embedding
+            self.x, self.next, self._done = saved
 
     def _collect(self, groups: list[InputGroup], feed) -> None:
         acc = HessianAccumulator(groups, "cpu", device=self.device, flush_every=1)

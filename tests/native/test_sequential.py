@@ -25,6 +25,7 @@ from repq.ggml.quants import dequantize
 from repq.io.gguf_file import GGUFModel
 from repq.model.config import ModelConfig
 from repq.model.loader import LoadedModel, load_model
+from repq.model.stream import BlockStream
 from repq.paths import native_dir
 from repq.quant import pipeline
 from repq.quant.sequential import SequentialHessians
@@ -72,7 +73,7 @@ def test_sequential_hessians_are_the_collectors_on_the_quantized_prefix(setup, t
     src = setup / "m.gguf"
     cal, _ = load_calibration_with(setup / "text.txt", src, n_ctx=32, n_chunks=20)
     lm = load_model(src)
-    seq = SequentialHessians(lm.model, cal.chunks, "cpu")
+    seq = SequentialHessians(BlockStream(src), cal.chunks)
     used: dict[str, torch.Tensor] = {}
 
     def hessian_for(name):
@@ -106,6 +107,44 @@ def test_sequential_hessians_are_the_collectors_on_the_quantized_prefix(setup, t
     # the prefix matters: block 2's inputs differ from those of the original model
     orig = _reference(src, {}, cal.chunks, 2, tmp_path / "orig")
     assert not torch.allclose(used["blk.2.ffn_down.weight"], orig.mean("blk.2.ffn_down.weight"), rtol=1e-3)
+
+
+class CountingStream(BlockStream):
+    """A BlockStream that records how many blocks are on the device at once."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.live, self.peak, self.opened = 0, 0, 0
+
+    def block(self, i, values=None):
+        outer = super().block(i, values)
+
+        class _Ctx:
+            def __enter__(ctx):
+                self.live += 1
+                self.opened += 1
+                self.peak = max(self.peak, self.live)
+                return outer.__enter__()
+
+            def __exit__(ctx, *exc):
+                self.live -= 1
+                return outer.__exit__(*exc)
+        return _Ctx()
+
+
+def test_one_block_at_a_time(setup, tmp_path):
+    src = setup / "m.gguf"
+    cal, _ = load_calibration_with(setup / "text.txt", src, n_ctx=32, n_chunks=8)
+    stream = CountingStream(src)
+    seq = SequentialHessians(stream, cal.chunks)
+    pipeline.quantize_model(src, tmp_path / "q.gguf", pipeline.QuantizeConfig(ftype="Q4_0", method="ldlq", sequential=True),
+                            hessian_for=seq, hessian_names=seq.names, tensor_done=seq.tensor_done)
+    stream.close()
+    n = stream.config.n_layer
+    assert stream.peak == 1
+    assert stream.opened == 3 * n - 1     # head pass over n blocks, collect n, apply n - 1 (the last is not needed)
+    assert all(p.is_meta for name, p in stream.model.named_parameters() if name.startswith("blk."))
+    assert not any(p.is_meta for name, p in stream.model.named_parameters() if not name.startswith("blk."))
 
 
 def invoke(*args):
