@@ -20,8 +20,10 @@ BatchOpt = Annotated[int, typer.Option("--batch", help="Chunks per forward pass.
 VocabOpt = Annotated[Path | None, typer.Option("--vocab", help="A GGUF of the same model to tokenize with (needed for an HF directory).")]
 
 
-def _load(model: Path, data: Path, vocab: Path | None, device: str, dtype, ctx: int, chunks: int, out: Output):
-    """Model on device + calibration chunks tokenized by llama.cpp."""
+def _load(model: Path, data: Path, vocab: Path | None, device: str, dtype, ctx: int, chunks: int, out: Output,
+          stream: bool = False):
+    """Model on device (or, with ``stream``, a :class:`~repq.model.stream.BlockStream` of it) +
+    calibration chunks tokenized by llama.cpp."""
     from ..data.calibration import load_calibration_with
     from ..model.loader import load_config, load_model
 
@@ -30,7 +32,12 @@ def _load(model: Path, data: Path, vocab: Path | None, device: str, dtype, ctx: 
         raise UsageError(f"{model}: an HF directory needs --vocab FILE.gguf (llama.cpp tokenizes from a GGUF)")
     n_chunks = None if chunks < 0 else chunks
     cal, n_vocab = load_calibration_with(data, vocab_path, n_ctx=ctx, n_chunks=n_chunks)
-    lm = load_model(model, device=device, dtype=dtype)
+    if stream:
+        from ..model.stream import BlockStream
+
+        lm = BlockStream(model, device=device, dtype=dtype)
+    else:
+        lm = load_model(model, device=device, dtype=dtype)
     if n_vocab != lm.config.n_vocab:
         raise UsageError(f"{vocab_path}: vocabulary of {n_vocab} tokens, the model has {lm.config.n_vocab}")
     out.log(f"{data}: {cal.n_tokens_file:,} tokens → {len(cal.chunks)} chunks of {cal.n_ctx}")
@@ -125,6 +132,7 @@ def hessian(
     flush_every: Annotated[int, typer.Option(help="Batches summed in fp32 before each float64 flush.", min=1)] = 8,
     store_dtype: Annotated[str, typer.Option(help="Stored sums: float64 | float32.")] = "float64",
     merge: Annotated[list[Path] | None, typer.Option("--merge", help="Merge these Hessian directories into -o (repeat; no MODEL).")] = None,
+    stream: Annotated[bool, typer.Option("--stream", help="One block on the device at a time, read from the GGUF (models larger than the device); checkpoints after every block.")] = False,
     vocab: VocabOpt = None,
     threads: ThreadsOpt = 0,
     json_out: JsonOpt = False,
@@ -142,6 +150,8 @@ def hessian(
         repq hessian model-f32.gguf --data library.txt -o hess/ --chunks 128 --checkpoint-every 16
 
         torchrun --nproc-per-node 8 --no-python repq hessian model.gguf --data d.txt -o hess/ --device cuda
+
+        repq hessian llama-70b-bf16.gguf --data calib.jsonl -o hess/ --device cuda --stream --checkpoint-every 1 --acc-device cpu
 
         repq hessian --merge hess-a/ --merge hess-b/ -o hess-ab/
     """
@@ -171,15 +181,27 @@ def hessian(
                             store_dtype=store_dtype,
                             checkpoint_every=checkpoint_every, resume=resume, head=head,
                             layers=_parse_layers(layers))
-        lm, cal = _load(model, data, vocab, dev, dt, ctx, chunks, out)
+        if stream and cfg.layers:
+            raise UsageError("--stream collects every block; drop --layers")
+        lm, cal = _load(model, data, vocab, dev, dt, ctx, chunks, out, stream=stream)
         if cfg.layers and max(cfg.layers) >= lm.config.n_layer:
             raise UsageError(f"--layers {layers}: the model has blocks 0-{lm.config.n_layer - 1}")
         if world > 1:
             out.log(f"{world} processes: this one takes chunks {rank}, {rank + world}, ...")
         try:
-            with out.progress("hessian", total=0) as advance:
-                info = collect_hessians(lm, cal.chunks, out_dir, cfg, data_fingerprint=cal.fingerprint,
-                                        datasets=[cal.dataset], on_batch=stepper(advance))
+            if stream:
+                from ..calib.hessian.stream import collect_hessians_streamed
+
+                with out.progress("hessian (blocks)", total=0) as advance:
+                    try:
+                        info = collect_hessians_streamed(lm, cal.chunks, out_dir, cfg, data_fingerprint=cal.fingerprint,
+                                                         datasets=[cal.dataset], on_block=stepper(advance))
+                    finally:
+                        lm.close()
+            else:
+                with out.progress("hessian", total=0) as advance:
+                    info = collect_hessians(lm, cal.chunks, out_dir, cfg, data_fingerprint=cal.fingerprint,
+                                            datasets=[cal.dataset], on_batch=stepper(advance))
         except KeyboardInterrupt:
             if checkpoint_every:
                 out.log(f"run again with --resume to continue from the last checkpoint in {out_dir}/checkpoint")
@@ -190,7 +212,7 @@ def hessian(
         out.result({**meta(), "command": "hessian", "input": str(model), "output": str(out_dir),
                     "config": cfg.to_dict() | {"chunks": chunks, "ctx_size": ctx, "dtype": str(dt).removeprefix("torch.")},
                     "chunks": info.chunks, "n_ctx": cal.n_ctx, "tokens": info.tokens, "keys": info.keys,
-                    "world": world, "resumed_from": info.resumed_from, "model_fingerprint": lm.fingerprint,
+                    "world": world, "resumed_from": info.resumed_from, "model_fingerprint": lm.config.fingerprint(),
                     "data_fingerprint": cal.fingerprint, "seconds": round(info.seconds, 3),
                     "tokens_per_s": round(info.tokens / max(info.seconds, 1e-9), 1)},
                    human=f"wrote {out_dir}: {info.keys} Hessians from {info.tokens:,} tokens "

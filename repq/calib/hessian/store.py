@@ -48,12 +48,7 @@ def save_hessians(out_dir: str | os.PathLike, sums: dict[str, torch.Tensor], cou
     ``groups`` gives each key's consumers (InputGroups, or {key: [consumer names]}).  Shards of a
     previous result in ``out_dir`` that the new index does not name are removed afterwards.
     """
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    consumers = ({g.key: list(g.consumers) for g in groups} if isinstance(groups, list)
-                 else {k: list(v) for k, v in groups.items()})
+    consumers = consumer_map(groups)
     dt = STORE_DTYPES[store_dtype]
     keys = [k for k in consumers if k in sums]
     shards: list[list[str]] = [[]]
@@ -65,34 +60,66 @@ def save_hessians(out_dir: str | os.PathLike, sums: dict[str, torch.Tensor], cou
             size = 0
         shards[-1].append(k)
         size += nbytes
-    meta = {"format": FORMAT, "version": FORMAT_VERSION, "repq_version": __version__, "dtype": store_dtype} | meta
-    md_common = {"format": FORMAT, "model_fingerprint": meta["model_fingerprint"],
-                 "data_fingerprints": json.dumps(meta.get("data_fingerprints", [])),
-                 "tokens": str(meta.get("tokens", 0)), "repq_version": __version__}
-    # the previous result's index goes first: until the new index is written the directory is not a
-    # finished Hessian set, never a mix of old index and new shards
-    old = _old_index(out / INDEX)
-    (out / INDEX).unlink(missing_ok=True)
-    entries = {}
+    w = IndexWriter(out_dir, meta, store_dtype)
     for i, ks in enumerate(shards, 1):
-        name = f"hessian-{i:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {k: sums[k].detach().to(device="cpu", dtype=dt).contiguous() for k in ks}
-        with atomic_output(out / name) as tmp:
-            save_file(tensors, str(tmp), metadata=md_common | {"counts": json.dumps({k: int(counts[k]) for k in ks})})
+        w.write_shard(f"hessian-{i:05d}-of-{len(shards):05d}.safetensors", {k: sums[k] for k in ks},
+                      {k: counts[k] for k in ks}, consumers)
+    w.finish()
+
+
+def consumer_map(groups: list[InputGroup] | dict[str, list[str]]) -> dict[str, list[str]]:
+    return ({g.key: list(g.consumers) for g in groups} if isinstance(groups, list)
+            else {k: list(v) for k, v in groups.items()})
+
+
+class IndexWriter:
+    """A Hessian directory written shard by shard (``repq hessian --stream`` writes each block's as it
+    finishes), its index last.  Opening it removes the previous index, so that until :meth:`finish`
+    the directory is not a finished Hessian set, never a mix of old index and new shards; finishing
+    removes the previous result's shards that the new index does not name."""
+
+    def __init__(self, out_dir: str | os.PathLike, meta: dict, store_dtype: str = "float64"):
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.dt = STORE_DTYPES[store_dtype]
+        self.meta = {"format": FORMAT, "version": FORMAT_VERSION, "repq_version": __version__,
+                     "dtype": store_dtype} | meta
+        self.md_common = {"format": FORMAT, "model_fingerprint": self.meta["model_fingerprint"],
+                          "data_fingerprints": json.dumps(self.meta.get("data_fingerprints", [])),
+                          "tokens": str(self.meta.get("tokens", 0)), "repq_version": __version__}
+        self.old = _old_index(self.out / INDEX)
+        (self.out / INDEX).unlink(missing_ok=True)
+        self.entries: dict[str, dict] = {}
+        self.consumers: dict[str, list[str]] = {}
+
+    def write_shard(self, name: str, sums: dict[str, torch.Tensor], counts: dict[str, int],
+                    consumers: dict[str, list[str]]) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().to(device="cpu", dtype=self.dt).contiguous() for k, v in sums.items()}
+        with atomic_output(self.out / name) as tmp:
+            save_file(tensors, str(tmp), metadata=self.md_common | {"counts": json.dumps({k: int(counts[k]) for k in sums})})
         del tensors
-        for k in ks:
-            entries[k] = {"shard": name, "n": int(counts[k]), "dim": int(sums[k].shape[0]), "consumers": consumers[k]}
-    aliases = {c: k for k in keys for c in consumers[k] if c != k}
-    index = meta | {"entries": entries, "aliases": aliases}
-    atomic_write_bytes(out / INDEX, json.dumps(index, indent=1, default=str).encode())
-    if old:
-        # shards of the previous result that the new index does not name: only plain shard files
-        # (validated names, inside this directory, not links), never a path the old index invents
-        keep = {e["shard"] for e in entries.values()}
-        for e in old.get("entries", {}).values():
-            p = out / e["shard"]
-            if e["shard"] not in keep and SHARD_NAME.fullmatch(e["shard"]) and p.is_file() and not p.is_symlink():
-                p.unlink()
+        self.add_entries(name, {k: (int(counts[k]), int(v.shape[0])) for k, v in sums.items()}, consumers)
+
+    def add_entries(self, name: str, keys: dict[str, tuple[int, int]], consumers: dict[str, list[str]]) -> None:
+        """Record a shard already on disk: key → (count, dim)."""
+        for k, (n, dim) in keys.items():
+            self.entries[k] = {"shard": name, "n": n, "dim": dim, "consumers": consumers[k]}
+            self.consumers[k] = consumers[k]
+
+    def finish(self) -> None:
+        aliases = {c: k for k, cs in self.consumers.items() for c in cs if c != k}
+        index = self.meta | {"entries": self.entries, "aliases": aliases}
+        atomic_write_bytes(self.out / INDEX, json.dumps(index, indent=1, default=str).encode())
+        if self.old:
+            # shards of the previous result that the new index does not name: only plain shard files
+            # (validated names, inside this directory, not links), never a path the old index invents
+            keep = {e["shard"] for e in self.entries.values()}
+            for e in self.old.get("entries", {}).values():
+                p = self.out / e["shard"]
+                if e["shard"] not in keep and SHARD_NAME.fullmatch(e["shard"]) and p.is_file() and not p.is_symlink():
+                    p.unlink()
 
 
 SHARD_NAME = re.compile(r"hessian-\d{5}-of-\d{5}\.safetensors")
