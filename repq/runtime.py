@@ -14,6 +14,7 @@ functions receive the resolved device and dtype as arguments.  The order a comma
 
 from __future__ import annotations
 
+import atexit
 import os
 from typing import TYPE_CHECKING
 
@@ -108,7 +109,20 @@ def init_distributed(device: str) -> tuple[int, int, str]:
         torch.cuda.set_device(torch.device(device))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
+        # torn down before the interpreter's: gloo's worker threads (or NCCL's) outliving it abort
+        # the process at exit ("terminate called without an active exception", seen with FSDP2)
+        atexit.register(_destroy_process_group)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def _destroy_process_group() -> None:
+    import gc
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        gc.collect()   # FSDP2's modules (reference cycles) and their pending work go while the group lives
+        dist.destroy_process_group()
 
 
 def dist_info() -> tuple[int, int]:

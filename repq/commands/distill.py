@@ -34,6 +34,7 @@ def distill(
     keep_checkpoint: Annotated[bool, typer.Option("--keep-checkpoint", help="Keep the last checkpoint after OUT is written.")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (torchrun: cuda:LOCAL_RANK).")] = "auto",
     compile_: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the student's blocks (CUDA only).")] = True,
+    shard: Annotated[bool, typer.Option("--shard", help="Under torchrun: FSDP2-shard the student, its gradients and AdamW state over the processes (models that do not fit one GPU).")] = False,
     vocab: Annotated[Path | None, typer.Option("--vocab", help="A GGUF of the same model to tokenize with.")] = None,
     threads: ThreadsOpt = 0,
     json_out: JsonOpt = False,
@@ -107,7 +108,7 @@ def distill(
                             f"{ev['global_step']} steps done")
 
             rt = RunOptions(device=dev, threads=threads or None, checkpoint_dir=str(ckdir),
-                         checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes, resume=resume, compile=compile_,
+                         checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes, resume=resume, compile=compile_, shard=shard,
                          log_path=str(ckdir / "metrics.jsonl"), keep_checkpoint=keep_checkpoint, on_event=on_event)
             try:
                 res = Distiller(model, out_path, cal.chunks, cfg, rt, data_fingerprint=cal.fingerprint).run()

@@ -90,6 +90,7 @@ class RunOptions:
     checkpoint_minutes: float = 0.0  #: also checkpoint when this many minutes passed since the last (0: off)
     resume: bool = False
     compile: bool = False            #: torch.compile the student's blocks (CUDA)
+    shard: bool = False              #: FSDP2: shard the student, its gradients and AdamW state over the ranks
     log_path: str | None = None      #: JSONL of per-step metrics (rewritten from the checkpoint on resume)
     keep_checkpoint: bool = False    #: keep state.pt after the GGUF is written
     on_event: Callable[[dict], None] | None = None

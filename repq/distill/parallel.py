@@ -1,8 +1,8 @@
 """Data-parallel gradient averaging across torchrun ranks (gloo on CPU, NCCL on GPUs).
 
 Every rank holds the whole student and computes gradients on its share of each step's batch;
-these helpers make every rank's gradients the mean over ranks.  (Sharding student, gradients and
-optimiser state over ranks with FSDP2 is the route for models that do not fit one GPU.)
+these helpers make every rank's gradients the mean over ranks.  ``repq distill --shard`` shards
+student, gradients and optimiser state over the ranks with FSDP2 instead (the helpers at the end).
 """
 
 from __future__ import annotations
@@ -92,3 +92,51 @@ class GradAverager:
         for h in self.hooks:
             h.remove()
         self.hooks = []
+
+
+# ------------------------------------------------------------------------------------------------ FSDP2
+
+def shard_student(student: torch.nn.Module, cuda: bool) -> None:
+    """FSDP2 (``fully_shard``): every block its own unit, the rest (embedding, head, final norm) the
+    root's; parameters, gradients and AdamW moments sharded over the ranks.  Master parameters stay
+    fp32; on CUDA forward/backward compute in bf16 with fp32 gradient reduction (the mixed-precision
+    policy, instead of autocast's casts)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)} if cuda else {}
+    for blk in student.blk:
+        fully_shard(blk, **kw)
+    fully_shard(student, **kw)
+
+
+def is_sharded(p: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
+
+
+def full_value(p: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a (possibly sharded) parameter; a collective when sharded: every rank
+    must call it, for the same parameters in the same order."""
+    return p.full_tensor() if is_sharded(p) else p
+
+
+def set_value(p: torch.Tensor, values: torch.Tensor) -> None:
+    """``p ← values`` (the whole tensor, the same on every rank); a sharded parameter takes its
+    own shard, without communication."""
+    with torch.no_grad():
+        if is_sharded(p):
+            from torch.distributed.tensor import distribute_tensor
+
+            p.copy_(distribute_tensor(values.to(p.device, p.dtype), p.device_mesh, p.placements, src_data_rank=None))
+        else:
+            p.copy_(values.to(p.device, p.dtype))
+
+
+def lockstep(items: list, rank: int, world: int) -> list[tuple[object, bool]]:
+    """This rank's share ``items[rank::world]``, padded so that every rank has the same number of
+    entries (FSDP2's forward passes are collectives): ``(item, real)``; a padding entry repeats an
+    item with ``real`` False (its statistics are dropped)."""
+    n = -(-len(items) // world)
+    mine = items[rank::world]
+    return [(x, True) for x in mine] + [(items[0], False)] * (n - len(mine))

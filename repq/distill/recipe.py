@@ -25,6 +25,17 @@ every step's chunks and gradients are averaged over ranks (:mod:`repq.distill.pa
 group's Hessians are summed over ranks; the group's tensors are LDLQ-quantized in parallel (tensor
 i on rank i mod world) and their bytes broadcast; rank 0 writes checkpoints and the GGUF.
 
+``--shard`` (FSDP2, under torchrun): the student is wrapped with ``fully_shard`` (each block a
+unit, the rest the root's), so its fp32 master parameters, gradients and AdamW moments are
+sharded over the ranks (on CUDA computed in bf16 through FSDP2's mixed-precision policy, gradients
+reduced in fp32); the teacher stays whole and bf16 on every rank.  Every rank runs the same number
+of Hessian forward passes (FSDP2's all-gathers are collectives; a rank short of a batch repeats one
+and drops its statistics).  Quantization goes in rounds of ``world`` tensors: each tensor's whole
+weight is gathered on every rank, rank j quantizes the round's j-th, the bytes are broadcast, and
+every rank writes its own shard of the decoded values.  Checkpoints are Distributed Checkpoint
+directories (every rank writes its shards; two alternating slots) plus rank 0's ``state.pt``
+naming the finished slot.
+
 Memory plan for a 7-8B Llama (n_embd 4096, n_ff 14336, vocab 128k), measured on an H200 (139.8 GiB)
 with benchmarks/bench_distill_scaling.py (random weights, batch 1 × 2048, fused KL, compiled blocks):
     teacher bf16 16 GB + student fp32 32 GB, plus fp32 gradients and two AdamW moments (12 bytes) for
@@ -39,6 +50,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -60,7 +72,7 @@ from .checkpoint import STATE_FILE, load_state, save_state
 from .config import DistillConfig, DistillResult, RunOptions, batch_indices, hessian_indices, lr_at
 from .groups import Group
 from .kl import autocast, distill_loss
-from .parallel import GradAverager, process_group
+from .parallel import GradAverager, full_value, lockstep, process_group, set_value, shard_student
 
 LOG_EVERY = 10   #: steps between metric logs (each costs one device sync)
 METRICS_FILE = "metrics.jsonl"
@@ -98,13 +110,21 @@ class Distiller:
                                               else torch.float32)).model
         st = load_model(self.src, device=dev, dtype=torch.float32)
         self.student, self.fingerprint = st.model, st.fingerprint
+        self.sharded = self.rt.shard
+        if self.sharded:
+            if self.dist is None:
+                raise UsageError("--shard shards over torchrun's processes: run it under torchrun with 2 or more "
+                                 "(e.g. torchrun --nproc-per-node 8 -m repq distill ... --shard)")
+            shard_student(self.student, dev.startswith("cuda"))
         self.names = list(self.plans)
         self.params = dict(self.student.named_parameters())       # GGUF name → Parameter (tied: token_embd)
         self.frozen: dict[str, np.ndarray] = {}                   # GGUF name → ggml bytes
         self.tensor_reports: list[dict] = []
         self._averager: GradAverager | None = None
         self.metrics: list[dict] = []
-        if self.rt.compile and dev.startswith("cuda"):
+        self._dcp_slot = 0
+        self._dcp_optim: str | None = None   # a sharded checkpoint's optimizer state, loaded with the optimizer
+        if self.rt.compile and dev.startswith("cuda") and not self.sharded:
             self.student.compile_blocks()
             self.teacher.compile_blocks()
         for m in self.cfg.groups:
@@ -114,14 +134,19 @@ class Distiller:
     # ---------------------------------------------------------------- state
     def _identity(self) -> dict:
         return {"fingerprint": self.fingerprint, "ftype": self.cfg.ftype, "config": self.cfg.identity(),
-                "data": self.data_fingerprint, "world": self.world}
+                "data": self.data_fingerprint, "world": self.world, "sharded": self.sharded}
 
     def _state_path(self) -> Path | None:
         return Path(self.rt.checkpoint_dir) / STATE_FILE if self.rt.checkpoint_dir else None
 
     def _checkpoint(self, group: int, phase: str, step: int, gstep: int, opt) -> None:
         path = self._state_path()
-        if path is None or self.rank != 0:
+        if path is None:
+            return
+        if self.sharded:
+            self._checkpoint_sharded(path, group, phase, step, gstep, opt)
+            return
+        if self.rank != 0:
             return
         frozen_ids = {id(self.params[n]) for n in self.frozen}    # their values are their bytes, decoded
         trainable = {k: v.detach().cpu().clone() for k, v in self.student.state_dict(keep_vars=True).items()
@@ -132,20 +157,50 @@ class Distiller:
                           "optimizer": opt.state_dict() if opt is not None else None,
                           "tensor_reports": json.dumps(self.tensor_reports), "metrics": json.dumps(self.metrics)})
 
+    def _checkpoint_sharded(self, path: Path, group: int, phase: str, step: int, gstep: int, opt) -> None:
+        """Sharded state through Distributed Checkpoint (every rank writes its shards into one of two
+        alternating directories), then rank 0's ``state.pt`` (position, frozen bytes, reports) naming
+        that directory, written last: an interrupted save leaves the previous checkpoint whole."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        slot = f"dcp-{self._dcp_slot}"
+        msd, osd = get_state_dict(self.student, [opt] if opt is not None else [])
+        dcp.save({"model": msd} | ({"optim": osd} if opt is not None else {}),
+                 storage_writer=dcp.FileSystemWriter(str(path.parent / slot), overwrite=True))
+        self.dist.barrier()
+        if self.rank == 0:
+            save_state(path, {**self._identity(), "group": group, "phase": phase, "step": step, "global_step": gstep,
+                              "dcp": slot, "has_optimizer": opt is not None,
+                              "frozen": {k: torch.from_numpy(v.copy()) for k, v in self.frozen.items()},
+                              "tensor_reports": json.dumps(self.tensor_reports), "metrics": json.dumps(self.metrics)})
+        self.dist.barrier()
+        self._dcp_slot ^= 1
+
     def _restore(self, state: dict) -> None:
         """Student and frozen bytes from a checkpoint; frozen values decoded from their bytes."""
         try:
-            self.student.load_state_dict({k: v.to(self.device) for k, v in state["trainable"].items()}, strict=False)
+            if self.sharded:
+                import torch.distributed.checkpoint as dcp
+                from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+                slot = str(self._state_path().parent / state["dcp"])
+                msd = get_model_state_dict(self.student)
+                dcp.load({"model": msd}, checkpoint_id=slot)
+                set_model_state_dict(self.student, msd)
+                self._dcp_optim = slot if state["has_optimizer"] else None
+                self._dcp_slot = 1 - int(state["dcp"][-1])
+            else:
+                self.student.load_state_dict({k: v.to(self.device) for k, v in state["trainable"].items()}, strict=False)
             self.frozen = {k: v.numpy().copy() for k, v in state["frozen"].items()}
             for n, raw in self.frozen.items():
                 prm = self.params[n]
                 vals = dequantize(self.plans[n].dst_type, raw, prm.shape[-1])
-                with torch.no_grad():
-                    prm.copy_(torch.from_numpy(vals).reshape(prm.shape).to(prm.device, prm.dtype))
+                set_value(prm, torch.from_numpy(vals).reshape(prm.shape))
                 prm.requires_grad_(False)
             self.tensor_reports = json.loads(state["tensor_reports"])
             self.metrics = json.loads(state["metrics"])
-        except (KeyError, RuntimeError, TypeError, ValueError, UsageError) as e:
+        except (KeyError, RuntimeError, TypeError, ValueError, UsageError, OSError) as e:
             raise InputFileError(f"{self._state_path()}: checkpoint does not fit this model ({e})",
                                  hint="delete the checkpoint directory to start over") from None
 
@@ -173,14 +228,19 @@ class Distiller:
         # Forward batches of 8 chunks; rank r takes batches r, r+world, ...  Each batch's fp32 sum is
         # the same whatever the number of processes, so H differs between world sizes only by the
         # order of float64 additions (LDLQ then makes the same rounding decisions).
-        batches = [idx[s:s + 8] for s in range(0, len(idx), 8)][self.rank::self.world]
+        all_batches = [idx[s:s + 8] for s in range(0, len(idx), 8)]
+        # sharded: every rank runs the same number of forward passes (FSDP2 gathers are collectives)
+        plan = (lockstep(all_batches, self.rank, self.world) if self.sharded
+                else [(b, True) for b in all_batches[self.rank::self.world]])
         # upper-triangle bands, 16-bit GEMMs with fp32 sums on the device, folded into float64 on
         # the host after every batch (flush_every=1), all-reduced as upper bands
         acc = HessianAccumulator(groups, "cpu", device=self.device, flush_every=1)
         with torch.no_grad(), autocast(self.rt.device), self.student.eager():   # hooks need eager blocks
-            for b in batches:
-                forward_with_hooks(self.student, self.chunks[b].to(self.device), groups, acc.add)
-                acc.end_batch()
+            for b, real in plan:
+                forward_with_hooks(self.student, self.chunks[b].to(self.device), groups,
+                                   acc.add if real else (lambda g, x: None))
+                if real:
+                    acc.end_batch()
         if self.dist is not None:
             all_reduce_sums(acc, torch.device(self.device))
         acc.mirror()
@@ -191,12 +251,11 @@ class Distiller:
                 out[c] = h
         return out
 
-    def _quantize_one(self, name: str, h: torch.Tensor | None) -> tuple[TensorResult, dict]:
+    def _quantize_one(self, name: str, w: np.ndarray, h: torch.Tensor | None) -> tuple[TensorResult, dict]:
         """The student's current weight through the one per-tensor path `repq quantize --method ldlq`
         takes (:func:`repq.quant.tensor.quantize_tensor`): LDLQ with the online H, or ggml's
         quantizer with importance diag(H) where the type has no LDLQ grid; and its report."""
         p = self.plans[name]
-        w = self.params[name].detach().float().cpu().numpy()
         t0 = time.perf_counter()
         opts = self.cfg.ldlq_options()
         r = quantize_tensor(p, w, hessian=h, ldlq=opts, device=self.rt.device, threads=self.rt.threads)
@@ -207,8 +266,7 @@ class Distiller:
     def _freeze(self, name: str, r: TensorResult) -> None:
         """The student's weight ← the values ggml decodes from the tensor's bytes, frozen."""
         prm = self.params[name]
-        with torch.no_grad():
-            prm.copy_(torch.from_numpy(np.ascontiguousarray(r.values)).reshape(prm.shape).to(prm.device, prm.dtype))
+        set_value(prm, torch.from_numpy(np.ascontiguousarray(r.values)).reshape(prm.shape))
         prm.requires_grad_(False)
         self.frozen[name] = r.raw
 
@@ -218,9 +276,15 @@ class Distiller:
         members = [n for n in members if n in self.params]
         hs = self._hessians(gi, members)
         results: dict[str, tuple[TensorResult, dict]] = {}
-        for i, name in enumerate(members):
-            if i % self.world == self.rank:
-                results[name] = self._quantize_one(name, hs.get(name))
+        for r0 in range(0, len(members), self.world):   # a round: tensor r0 + j on rank j
+            mine = None
+            for j, name in enumerate(members[r0:r0 + self.world]):
+                full = full_value(self.params[name])         # sharded: a collective, on every rank
+                if j == self.rank:
+                    mine = name, full.detach().float().cpu().numpy()
+                del full
+            if mine is not None:
+                results[mine[0]] = self._quantize_one(mine[0], mine[1], hs.get(mine[0]))
         if self.dist is not None:          # every rank gets every tensor's bytes from its owner
             for i, name in enumerate(members):
                 mine = results.get(name)   # the bytes travel, not the decoded values (each rank decodes)
@@ -253,8 +317,9 @@ class Distiller:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for pg in opt.param_groups for p in pg["params"]]
-        if self.dist is not None:
+        if self._averager is not None:
             self._averager.finish()
+        if self.dist is not None:
             lt = loss.detach().clone()
             self.dist.all_reduce(lt)
             loss = lt / self.world
@@ -295,7 +360,7 @@ class Distiller:
             state = load_state(path, self._identity())
             self._restore(state)
             gi0, phase, step0, gstep = state["group"], state["phase"], state["step"], state["global_step"]
-            opt_state = state["optimizer"]
+            opt_state = state.get("optimizer")
             resumed = gstep
             self._event({"event": "resumed", "group": cfg.groups[gi0].name if gi0 < len(cfg.groups) else "-",
                          "phase": phase, "step": step0, "global_step": gstep})
@@ -314,9 +379,12 @@ class Distiller:
         finally:
             if log is not None:
                 log.close()
-        file_bytes = self._write() if self.rank == 0 else 0
+        values = {n: full_value(p).detach().float().cpu().numpy() for n, p in self.params.items()}  # collective
+        file_bytes = self._write(values) if self.rank == 0 else 0
         if path is not None and self.rank == 0 and not self.rt.keep_checkpoint:
             path.unlink(missing_ok=True)
+            for slot in ("dcp-0", "dcp-1"):
+                shutil.rmtree(path.parent / slot, ignore_errors=True)
         return DistillResult(self.out, file_bytes, self.tensor_reports, self.metrics,
                              time.perf_counter() - t_start, gstep * tokens_per_step, resumed, self.student)
 
@@ -334,9 +402,20 @@ class Distiller:
             if self._averager is not None:
                 self._averager.remove()
             self._averager = (GradAverager([p for pg in opt.param_groups for p in pg["params"]], self.dist, self.world)
-                              if self.dist is not None and opt is not None else None)
+                              if self.dist is not None and opt is not None and not self.sharded else None)
             if opt is not None and opt_state is not None:
                 opt.load_state_dict(opt_state)
+            if opt is not None and self._dcp_optim is not None:
+                import torch.distributed.checkpoint as dcp
+                from torch.distributed.checkpoint.state_dict import (
+                    get_optimizer_state_dict,
+                    set_optimizer_state_dict,
+                )
+
+                osd = get_optimizer_state_dict(self.student, opt)
+                dcp.load({"optim": osd}, checkpoint_id=self._dcp_optim)
+                set_optimizer_state_dict(self.student, opt, osd)
+            self._dcp_optim = None
             opt_state = None
             t0, done_here = time.perf_counter(), 0
             pending: list[tuple[int, int, torch.Tensor]] = []   # (step, global step, loss) not yet logged
@@ -361,12 +440,10 @@ class Distiller:
         return gstep
 
     # ---------------------------------------------------------------- output
-    def _write(self) -> int:
+    def _write(self, values: dict[str, np.ndarray]) -> int:
         """The GGUF: llama-quantize's layout; frozen bytes for quantized tensors, trained floats
         elsewhere (ggml's rtn for a quantized type in no group); ``repq.*`` keys with the config
         and the data fingerprint."""
-        values = {n: p.detach().float().cpu().numpy() for n, p in self.params.items()}
-
         def tensor_values(name: str) -> np.ndarray | None:
             v = values.get(name)
             return None if v is None else v.reshape(-1, v.shape[-1]) if v.ndim > 1 else v.reshape(1, -1)

@@ -343,6 +343,64 @@ def test_two_gloo_processes_match_one_over_all_groups(tiny, tmp_path):
             np.testing.assert_allclose(a[n], b[n], rtol=1e-2, err_msg=n)
 
 
+def _torchrun(*args, port_offset: int = 0) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+            str(29500 + (os.getpid() + port_offset) % 1000), *args]
+
+
+def test_fsdp2_shard_writes_the_data_parallel_runs_bytes(tiny, tmp_path):
+    """--shard (FSDP2: parameters, gradients and AdamW state sharded) on 2 gloo processes against the
+    data-parallel run on 2: the same per-rank batches, Hessians, rounds of LDLQ and mean gradients,
+    so the same file, byte for byte."""
+    src, text, _ = tiny
+    common = ["--fmt", "Q4_0", "--data", str(text), "--seq-len", str(SEQ), "--batch", "4", "--hessian-chunks", "24",
+              "--lr", "2e-5", "--warmup", "1", "--device", "cpu", "--threads", "1", "--json",
+              "--groups", "ffn_up:4,ffn_gate:3,attn_v:2"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    dp = subprocess.run(_torchrun("-m", "repq", "distill", str(src), str(tmp_path / "dp.gguf"), *common),
+                        capture_output=True, text=True, env=env)
+    assert dp.returncode == 0, dp.stderr[-3000:]
+    sh = subprocess.run(_torchrun("-m", "repq", "distill", str(src), str(tmp_path / "sh.gguf"), *common, "--shard",
+                                  port_offset=7), capture_output=True, text=True, env=env)
+    assert sh.returncode == 0, sh.stderr[-3000:]
+    assert (tmp_path / "dp.gguf").read_bytes() == (tmp_path / "sh.gguf").read_bytes()
+    assert json.loads(sh.stdout.strip().splitlines()[-1])["world"] == 2
+    assert not list(Path(str(tmp_path / "sh.gguf") + ".distill").glob("dcp-*"))   # checkpoints removed at the end
+
+
+def test_fsdp2_shard_killed_and_resumed_from_distributed_checkpoint(tiny, tmp_path):
+    """A real SIGINT on both ranks mid-group, then --resume from the Distributed Checkpoint (model
+    and optimizer shards): the same bytes as an uninterrupted sharded run."""
+    src, text, _ = tiny
+    args = ["distill", str(src), None, "--fmt", "Q4_0", "--data", str(text), "--seq-len", str(SEQ), "--batch", "4",
+            "--hessian-chunks", "8", "--lr", "2e-5", "--warmup", "1", "--checkpoint-every", "1", "--threads", "1",
+            "--device", "cpu", "--shard", "--groups", "ffn_up:4,ffn_down:4"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    full = subprocess.run(_torchrun("-m", "repq", *[str(x) if x else str(a) for x in args]), capture_output=True,
+                          text=True, env=env)
+    assert full.returncode == 0, full.stderr[-3000:]
+    cut = subprocess.run(_torchrun(str(SUPPORT / "interrupt.py"), "6", *[str(x) if x else str(b) for x in args],
+                                   port_offset=3), capture_output=True, text=True, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert cut.returncode != 0 and not b.exists()
+    ck = Path(str(b) + ".distill")
+    state = torch.load(ck / "state.pt", weights_only=True)
+    assert state["global_step"] == 6 and state["has_optimizer"] and (ck / state["dcp"] / ".metadata").is_file()
+    again = subprocess.run(_torchrun("-m", "repq", *[str(x) if x else str(b) for x in args], "--resume",
+                                     port_offset=5), capture_output=True, text=True, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_shard_needs_torchrun(tiny, tmp_path):
+    src, text, _ = tiny
+    p = _cli("distill", src, tmp_path / "o.gguf", "--fmt", "Q4_0", "--data", text, "--seq-len", SEQ, "--shard",
+             "--device", "cpu")
+    assert p.returncode == 2 and "torchrun" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "o.gguf").exists()
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 def _cli(*args) -> subprocess.CompletedProcess:
