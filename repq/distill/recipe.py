@@ -43,7 +43,7 @@ with benchmarks/bench_distill_scaling.py (random weights, batch 1 × 2048, fused
     memory falls group by group: with ffn_up frozen (the first group, the peak) the step ran out of
     memory on one H200; with ffn_up + ffn_gate frozen it peaked at 121.7 GiB, with the whole FFN
     frozen at 99.0 GiB.  So one 80 GB GPU does not hold an 8B run with this data-parallel scheme, and
-    one H200 holds it from the third group on (FSDP2 sharding is the route past this).
+    one H200 holds it from the third group on (``--shard``, below, is the route past this).
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ Memory, and the plan for a 70B model (n_embd 8192, n_ff 28672, 80 blocks)
        CLI ``--merge``), or used directly group by group, since LDLQ needs one layer's H at a time.
     3. The weights (140 GB in bf16) do not fit on one H100 next to the buffers: run one process
        per GPU (torchrun; data parallel, all-reduce at the end) on H200s, or stream blocks from
-       the GGUF to the GPU one at a time (not implemented yet: the model is loaded whole).
+       the GGUF to the GPU one at a time (``repq hessian --stream``, :mod:`.stream`: block-major,
+       one block's weights and buffers on the device, each block written as its own shard).
     4. ``store_dtype="float32"`` halves the 656 GB of stored sums; LDLQ needs no more than fp32.
 """
 
