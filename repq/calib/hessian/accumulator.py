@@ -224,3 +224,21 @@ def all_reduce_sums(acc: HessianAccumulator, device: torch.device) -> None:
     c = torch.tensor([acc.counts[k] for k in keys], dtype=torch.int64, device=device if nccl else "cpu")
     dist.all_reduce(c)
     acc.counts.update({k: int(v) for k, v in zip(keys, c.tolist(), strict=True)})
+
+
+def finish_sums(acc: HessianAccumulator, device: torch.device, world: int) -> None:
+    """End of a collection: flush, sum over ranks (``world`` > 1), mirror; refuse non-finite sums.
+
+    Raises:
+        OperationError: an input held inf or NaN (the model overflows in its dtype).
+    """
+    from ...errors import OperationError
+
+    acc.flush()
+    if world > 1:
+        all_reduce_sums(acc, device)
+    acc.mirror()
+    bad = [k for k, v in acc.sums.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise OperationError(f"non-finite activations in the input of {bad[0]}",
+                             hint="the model overflows in this dtype; try --dtype float32")

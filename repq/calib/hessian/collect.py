@@ -48,12 +48,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...errors import InputFileError, MismatchError, OperationError, UsageError
+from ...errors import InputFileError, MismatchError, UsageError
 from ...io.atomic import atomic_output
 from ...model.loader import LoadedModel
 from ...runtime import dist_info
 from ..hooks import input_groups
-from .accumulator import HessianAccumulator, all_reduce_sums, step
+from .accumulator import HessianAccumulator, finish_sums, step
 from .store import CHECKPOINT_DIR, FORMAT, STORE_DTYPES, save_hessians
 
 
@@ -184,14 +184,7 @@ def collect_hessians(lm: LoadedModel, chunks: np.ndarray | torch.Tensor, out_dir
             on_batch(done, len(mine))
         if every and done % every == 0 and done < len(mine):
             _save_checkpoint(ckpt, acc, ident | {"format": FORMAT + ".checkpoint", "next": done})
-    acc.flush()
-    if world > 1:
-        all_reduce_sums(acc, device)
-    acc.mirror()
-    bad = [k for k, v in acc.sums.items() if not bool(torch.isfinite(v).all())]
-    if bad:
-        raise OperationError(f"non-finite activations in the input of {bad[0]}",
-                             hint="the model overflows in this dtype; try --dtype float32")
+    finish_sums(acc, device, world)
     meta = {"model_fingerprint": lm.fingerprint, "data_fingerprints": [data_fingerprint],
             "datasets": list(datasets), "n_ctx": n_ctx, "chunks": n_chunk, "tokens": n_chunk * n_ctx,
             "model": lm.source, "model_config": lm.config.to_dict(), "config": cfg.to_dict()}

@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...errors import InputFileError, MismatchError, OperationError
+from ...errors import InputFileError, MismatchError
 from ...io.atomic import atomic_output
 from ...model.stream import BlockStream
 from ...runtime import dist_info
 from ..hooks import input_groups
-from .accumulator import HessianAccumulator, all_reduce_sums
+from .accumulator import HessianAccumulator, finish_sums
 from .collect import HessianConfig, RunInfo
 from .store import CHECKPOINT_DIR, IndexWriter, consumer_map
 
@@ -131,14 +131,7 @@ def collect_hessians_streamed(stream: BlockStream, chunks: np.ndarray | torch.Te
                     finally:
                         for h in hooks:
                             h.remove()
-            acc.flush()
-            if world > 1:
-                all_reduce_sums(acc, device)
-            acc.mirror()
-            bad = [k for k, v in acc.sums.items() if not bool(torch.isfinite(v).all())]
-            if bad:
-                raise OperationError(f"non-finite activations in the input of {bad[0]}",
-                                     hint="the model overflows in this dtype; try --dtype float32")
+            finish_sums(acc, device, world)
             name = f"hessian-{i + 1:05d}-of-{n_shards:05d}.safetensors"
             if writer is not None:
                 writer.write_shard(name, acc.sums, acc.counts, consumer_map(groups))
