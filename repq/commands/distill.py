@@ -14,7 +14,7 @@ def distill(
     model: Annotated[Path, typer.Argument(help="Original model: F32/F16/BF16 GGUF (teacher and starting student).")],
     out_path: Annotated[Path, typer.Argument(metavar="OUT", help="Output GGUF path.")],
     fmt: Annotated[str, typer.Option("--fmt", "-f", help="llama-quantize ftype: Q3_K_S, Q4_0, IQ4_XS, Q4_K_M, ...")],
-    data: Annotated[Path, typer.Option("--data", "-d", help="Training + Hessian data: text, JSONL ('text' or chat 'messages', e.g. from `repq calib`), or token chunks from `repq tokenize` (.npy).")],
+    data: Annotated[Path | None, typer.Option("--data", "-d", help="Training + Hessian data: text, JSONL ('text' or chat 'messages', e.g. from `repq calib`), or token chunks from `repq tokenize` (.npy).")] = None,
     steps_per_group: Annotated[int, typer.Option(help="Training steps after each group is quantized.", min=0)] = 100,
     groups: Annotated[str | None, typer.Option(help="Group order, each optionally with its own steps: ffn_up,ffn_gate,ffn_down,attn_v,attn_output,attn_qk,embd (e.g. 'ffn_up:200,...').")] = None,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (per group: warmup, cosine to 10 %).")] = 5e-5,
@@ -27,6 +27,9 @@ def distill(
     kl_chunk: Annotated[int, typer.Option(help="Tokens per chunk of the fused full-vocabulary KL.", min=1)] = 1024,
     warmup: Annotated[int, typer.Option(help="Warmup steps at the start of each group.", min=0)] = 10,
     seed: Annotated[int, typer.Option(help="Data order and Hessian sample seed.")] = 0,
+    on_policy: Annotated[int, typer.Option("--on-policy", help="Instead of --data: before each group the teacher generates this many tokens answering --prompts (llama.cpp), and the KL is taken on the generated positions.", min=0)] = 0,
+    prompts: Annotated[str, typer.Option(help="--on-policy: 'builtin' (repq calib's prompt set), a text file or JSONL of prompts.")] = "builtin",
+    temperature: Annotated[float, typer.Option(help="--on-policy: the teacher's sampling temperature (0 = greedy).", min=0.0)] = 0.8,
     checkpoint_dir: Annotated[Path | None, typer.Option(help="Checkpoints + metrics.jsonl (default: OUT.distill/).")] = None,
     checkpoint_every: Annotated[int, typer.Option(help="Also checkpoint every N steps (0: off).", min=0)] = 0,
     checkpoint_minutes: Annotated[float, typer.Option(help="Also checkpoint when this many minutes passed since the last (0: off); checkpoints always follow each group.", min=0)] = 10.0,
@@ -57,6 +60,8 @@ def distill(
         repq distill model-f32.gguf q.gguf --fmt Q4_0 --data d.txt --resume     # after a crash / Ctrl-C
 
         torchrun --nproc-per-node 2 --no-python repq distill m.gguf q.gguf --fmt Q3_K_S --data d.txt --device cuda
+
+        repq distill model-f32.gguf q.gguf --fmt IQ3_S --on-policy 100000 --device cuda   # teacher-generated data
     """
     out = Output(json_out, quiet or not rank_is_zero())  # torchrun: rank 0 reports
 
@@ -77,19 +82,29 @@ def distill(
             raise UsageError(f"--batch-tokens {batch_tokens} is less than one sequence of {seq_len}")
         cfg = DistillConfig(ftype=fmt.upper(), groups=parse_groups(groups), steps_per_group=steps_per_group,
                             lr=lr, warmup=warmup, batch=n_batch, seq_len=seq_len, hessian_chunks=hessian_chunks,
-                            damp=damp, kl_chunk=kl_chunk, seed=seed)
+                            damp=damp, kl_chunk=kl_chunk, seed=seed, on_policy=on_policy, prompts=prompts,
+                            temperature=temperature)
         mcfg, gguf_path = load_config(model)
         if gguf_path is None:
             raise UsageError(f"{model}: distill reads a GGUF (convert the HF directory with `repq quantize "
                              f"{model} x.gguf --fmt F32` or convert_hf_to_gguf.py first)")
         n_chunks = None if chunks < 0 else chunks
-        if data.suffix.lower() == ".npy":   # chunks from `repq tokenize`
+        if (data is None) == (not on_policy):
+            raise UsageError("give --data (training text) or --on-policy N (teacher-generated), not both" if data
+                             else "no training data: give --data FILE, or --on-policy N")
+        if data is None:
+            from ..data.selfgen import read_prompts
+
+            read_prompts(prompts)   # a bad prompt file fails now, not after the models are loaded
+            cal = None
+        elif data.suffix.lower() == ".npy":   # chunks from `repq tokenize`
             cal = load_token_chunks(data, n_ctx=seq_len, n_vocab=mcfg.n_vocab, n_chunks=n_chunks)
         else:
             cal, n_vocab = load_calibration_with(data, vocab or gguf_path, n_ctx=seq_len, n_chunks=n_chunks)
             if n_vocab != mcfg.n_vocab:
                 raise UsageError(f"{vocab or gguf_path}: vocabulary of {n_vocab} tokens, the model has {mcfg.n_vocab}")
-        out.log(f"{data}: {cal.n_tokens_file:,} tokens → {len(cal.chunks)} sequences of {cal.n_ctx}")
+        if cal is not None:
+            out.log(f"{data}: {cal.n_tokens_file:,} tokens → {len(cal.chunks)} sequences of {cal.n_ctx}")
         dev, _ = runtime.configure_torch(device, "auto", threads)
         rank, world, dev = runtime.init_distributed(dev)
         ckdir = checkpoint_dir or Path(str(out_path) + ".distill")
@@ -100,6 +115,9 @@ def distill(
                 if kind == "step":
                     advance(1, desc=f"{ev['group']:<11} {ev['step']:>4}/{ev['steps']}  KL {ev['loss']:.4f}  "
                                     f"{ev['tok_s']:,.0f} tok/s")
+                elif kind == "on_policy":
+                    out.log(f"{ev['group']}: the teacher generated {ev['sequences']} sequences "
+                            f"({ev['generated_positions']:,} generated positions)")
                 elif kind == "quantized":
                     out.log(f"quantized {ev['group']} ({ev['tensors']} tensors)")
                 elif kind == "resumed":
@@ -111,7 +129,8 @@ def distill(
                          checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes, resume=resume, compile=compile_, shard=shard,
                          log_path=str(ckdir / "metrics.jsonl"), keep_checkpoint=keep_checkpoint, on_event=on_event)
             try:
-                res = Distiller(model, out_path, cal.chunks, cfg, rt, data_fingerprint=cal.fingerprint).run()
+                res = Distiller(model, out_path, cal.chunks if cal else None, cfg, rt,
+                                data_fingerprint=cal.fingerprint if cal else "").run()
             except KeyboardInterrupt:
                 out.log(f"interrupted: rerun with --resume to continue from {ckdir}/state.pt")
                 raise

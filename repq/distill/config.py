@@ -44,6 +44,9 @@ class DistillConfig:
     refit: bool = True
     kl_chunk: int = 1024             #: tokens per chunk of the fused KL (memory ~ 3 · kl_chunk · vocab · 4 B)
     seed: int = 0
+    on_policy: int = 0               #: >0: each group trains on this many tokens the teacher generates (repq.distill.onpolicy)
+    prompts: str = "builtin"         #: --on-policy: the prompts the teacher answers
+    temperature: float = 0.8         #: --on-policy: the teacher's sampling temperature
     mix: mix.MixOptions = field(default_factory=mix.MixOptions)
 
     def __post_init__(self):
@@ -51,6 +54,8 @@ class DistillConfig:
             raise UsageError("--batch ≥ 1, --seq-len ≥ 16 and --hessian-chunks ≥ 1 are required")
         if self.steps_per_group < 0:
             raise UsageError("--steps-per-group must be ≥ 0")
+        if self.on_policy < 0 or self.temperature < 0:
+            raise UsageError("--on-policy and --temperature must be ≥ 0")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise UsageError("--lr must be a positive number")
         if not self.groups:

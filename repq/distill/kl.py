@@ -101,8 +101,9 @@ def autocast(device: str):
 
 
 def distill_loss(student: Transformer, teacher: Transformer, tokens: torch.Tensor, *, kl_chunk: int = 1024,
-                 n_total: int | None = None) -> torch.Tensor:
-    """KL(teacher ‖ student) per token over the full vocabulary, for tokens (B, T).
+                 n_total: int | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher ‖ student) per token over the full vocabulary, for tokens (B, T); with ``mask``
+    (B, T bool) only at the positions it marks (``n_total`` then counts marked positions).
 
     On CUDA: teacher and student bodies under bf16 autocast (student master weights stay fp32), the
     heads and softmax fused and chunked (:func:`repq.distill.kl.fused_kl`), bf16 matmuls with fp32
@@ -113,6 +114,9 @@ def distill_loss(student: Transformer, teacher: Transformer, tokens: torch.Tenso
         h_t = teacher(tokens, head=False).reshape(-1, teacher.cfg.n_embd)
     with autocast(dev):
         h = student(tokens, head=False).reshape(-1, student.cfg.n_embd)
+    if mask is not None:
+        keep = mask.reshape(-1)
+        h, h_t = h[keep], h_t[keep]
     dt = torch.bfloat16 if dev == "cuda" else torch.float32
     return fused_kl(h, student.output.weight, h_t, teacher.output.weight, chunk=kl_chunk, n_total=n_total,
                     compute_dtype=dt)
