@@ -92,23 +92,29 @@ def check_device(device: str) -> None:
         raise UnsupportedError(f"--device {device}: LDLQ runs on cpu or cuda only")
 
 
-def init_distributed(device: str) -> tuple[int, int, str]:
+def init_distributed(device: str, *, always: bool = False) -> tuple[int, int, str]:
     """Join the process group torchrun describes (WORLD_SIZE > 1); returns (rank, world, device).
 
     NCCL for CUDA devices (each rank on ``cuda:LOCAL_RANK``, made the current device), gloo
-    otherwise.  A single process (no torchrun) gets ``(0, 1, device)`` and no process group.
+    otherwise.  A single process (no torchrun) gets ``(0, 1, device)`` and no process group, unless
+    ``always`` (FSDP2 on one device): then a group of one, in-process.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    single = int(os.environ.get("WORLD_SIZE", "1")) <= 1
+    if single and not always:
         return 0, 1, device
     import torch
     import torch.distributed as dist
 
     cuda = device.startswith("cuda")
-    if cuda:
+    if cuda and not single:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(torch.device(device))
+    if cuda:
+        torch.cuda.set_device(torch.device(device if device != "cuda" else "cuda:0"))
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        if single:
+            dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            dist.init_process_group("nccl" if cuda else "gloo")
         # torn down before the interpreter's: gloo's worker threads (or NCCL's) outliving it abort
         # the process at exit ("terminate called without an active exception", seen with FSDP2)
         atexit.register(_destroy_process_group)

@@ -37,7 +37,7 @@ def distill(
     keep_checkpoint: Annotated[bool, typer.Option("--keep-checkpoint", help="Keep the last checkpoint after OUT is written.")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (torchrun: cuda:LOCAL_RANK).")] = "auto",
     compile_: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the student's blocks (CUDA only).")] = True,
-    shard: Annotated[bool, typer.Option("--shard", help="Under torchrun: FSDP2-shard the student, its gradients and AdamW state over the processes (models that do not fit one GPU).")] = False,
+    shard: Annotated[bool, typer.Option("--shard", help="FSDP2: shard the student, its gradients and AdamW state over torchrun's processes (one process: a group of one); checkpoints reshard on resume.")] = False,
     vocab: Annotated[Path | None, typer.Option("--vocab", help="A GGUF of the same model to tokenize with.")] = None,
     threads: ThreadsOpt = 0,
     json_out: JsonOpt = False,
@@ -106,7 +106,7 @@ def distill(
         if cal is not None:
             out.log(f"{data}: {cal.n_tokens_file:,} tokens → {len(cal.chunks)} sequences of {cal.n_ctx}")
         dev, _ = runtime.configure_torch(device, "auto", threads)
-        rank, world, dev = runtime.init_distributed(dev)
+        rank, world, dev = runtime.init_distributed(dev, always=shard)
         ckdir = checkpoint_dir or Path(str(out_path) + ".distill")
         total = cfg.total_steps()
         with out.progress("distill", total=total) as advance:

@@ -114,8 +114,7 @@ class Distiller:
         self.sharded = self.rt.shard
         if self.sharded:
             if self.dist is None:
-                raise UsageError("--shard shards over torchrun's processes: run it under torchrun with 2 or more "
-                                 "(e.g. torchrun --nproc-per-node 8 -m repq distill ... --shard)")
+                raise UsageError("--shard needs a process group (the command makes one, or torchrun's)")
             shard_student(self.student, dev.startswith("cuda"))
         self.names = list(self.plans)
         self.params = dict(self.student.named_parameters())       # GGUF name → Parameter (tied: token_embd)
@@ -160,8 +159,10 @@ class Distiller:
 
     # ---------------------------------------------------------------- state
     def _identity(self) -> dict:
+        # a sharded checkpoint (Distributed Checkpoint) reshards to any number of processes
         return {"fingerprint": self.fingerprint, "ftype": self.cfg.ftype, "config": self.cfg.identity(),
-                "data": self.data_fingerprint, "world": self.world, "sharded": self.sharded}
+                "data": self.data_fingerprint, "world": "any" if self.sharded else self.world,
+                "sharded": self.sharded}
 
     def _state_path(self) -> Path | None:
         return Path(self.rt.checkpoint_dir) / STATE_FILE if self.rt.checkpoint_dir else None

@@ -393,12 +393,43 @@ def test_fsdp2_shard_killed_and_resumed_from_distributed_checkpoint(tiny, tmp_pa
     assert a.read_bytes() == b.read_bytes()
 
 
-def test_shard_needs_torchrun(tiny, tmp_path):
+@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
+def test_fsdp2_checkpoint_reshards_between_process_counts(tiny, tmp_path, first, then):
+    """A sharded checkpoint written by N processes resumes in M (Distributed Checkpoint reshards):
+    the run finishes, and the tensors quantized before the interruption keep their bytes."""
     src, text, _ = tiny
-    p = _cli("distill", src, tmp_path / "o.gguf", "--fmt", "Q4_0", "--data", text, "--seq-len", SEQ, "--shard",
-             "--device", "cpu")
-    assert p.returncode == 2 and "torchrun" in p.stderr and "Traceback" not in p.stderr
-    assert not (tmp_path / "o.gguf").exists()
+    args = ["distill", str(src), str(tmp_path / "r.gguf"), "--fmt", "Q4_0", "--data", str(text), "--seq-len", str(SEQ),
+            "--batch", "4", "--hessian-chunks", "8", "--lr", "2e-5", "--warmup", "1", "--checkpoint-every", "1",
+            "--threads", "1", "--device", "cpu", "--shard", "--groups", "ffn_up:3,ffn_down:3", "--keep-checkpoint"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+
+    def launch(n: int, *extra, script=False):
+        head = (_torchrun(port_offset=11 + n) if n > 1 else [sys.executable])
+        body = [str(SUPPORT / "interrupt.py"), "2"] if script else ["-m", "repq"]
+        return subprocess.run(head + body + args + list(extra), capture_output=True, text=True, env=env,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+    cut = launch(first, script=True)
+    assert cut.returncode != 0 and not (tmp_path / "r.gguf").exists(), cut.stderr[-2000:]
+    ck = Path(str(tmp_path / "r.gguf") + ".distill")
+    frozen = torch.load(ck / "state.pt", weights_only=True)["frozen"]
+    assert frozen and all("ffn_up" in k for k in frozen)
+    done = launch(then, "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    with GGUFModel(tmp_path / "r.gguf") as g:
+        for k, v in frozen.items():
+            assert bytes(np.asarray(g.tensors[k].data)) == v.numpy().tobytes(), k
+
+
+def test_shard_without_torchrun_is_a_group_of_one(tiny, tmp_path):
+    """--shard in a plain process: FSDP2 over a group of one, the same file as the unsharded run."""
+    src, text, _ = tiny
+    common = ["--fmt", "Q4_0", "--data", text, "--seq-len", SEQ, "--batch", "4", "--hessian-chunks", "8",
+              "--steps-per-group", "2", "--groups", "ffn_up,attn_v", "--device", "cpu", "--threads", "1"]
+    a = _cli("distill", src, tmp_path / "a.gguf", *common)
+    b = _cli("distill", src, tmp_path / "b.gguf", *common, "--shard")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr[-2000:] + b.stderr[-2000:]
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
 
 
 # ------------------------------------------------------------------------------------------------ bad input
