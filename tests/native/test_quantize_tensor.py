@@ -58,7 +58,7 @@ def test_distill_and_quantize_give_the_same_bytes(model, tmp_path, ftype, scales
     chunks = np.random.default_rng(0).integers(0, 262, (2, 16))
     d = Distiller(model, tmp_path / "d.gguf", chunks, DistillConfig(ftype=ftype, batch=1, seq_len=16, scales=scales),
                   RunOptions(threads=2))
-    r, info = d._quantize_one(NAME, h)
+    r, info = d._quantize_one(NAME, d.params[NAME].detach().float().numpy(), h)
     assert r.raw.tobytes() == want
     expect = method if kind != "none" else "rtn (no Hessian)"
     assert info["method"] == expect == next(x.method for x in rep.tensors if x.name == NAME)
