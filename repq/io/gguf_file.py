@@ -115,6 +115,7 @@ class GGUFModel:
         self._buf = memoryview(self._mm)
         self._kv: dict[str, tuple[int, int, int]] = {}  # key -> (start, value_start, end)
         self.tensors: dict[str, TensorRef] = {}
+        self._spans: dict[str, tuple[int, int]] = {}   # name -> (file offset, bytes) of its data
         self.alignment = ALIGNMENT
         try:
             self._parse()
@@ -195,6 +196,7 @@ class GGUFModel:
             expect += pad(nbytes, self.alignment)
             data = np.frombuffer(self._mm, dtype=np.uint8, count=nbytes, offset=start)
             self.tensors[name] = TensorRef(name, gtype, shape, nbytes, data)
+            self._spans[name] = (start, nbytes)
 
     def _tensor_bytes(self, name: str, shape: tuple[int, ...], gtype: int) -> int:
         """Bytes of a tensor's data, after gguf.cpp's checks (checked before ggml ever sees the shape:
@@ -340,6 +342,17 @@ class GGUFModel:
         if v is None:
             raise InputFileError(f"{self.path}: metadata key 'general.architecture' is missing")
         return v
+
+    def drop_pages(self, name: str) -> None:
+        """Let the kernel take back the pages of ``name``'s data from this process (MADV_DONTNEED on
+        the pages wholly inside it; they are read again from the file if used again).  Readers that
+        stream a model tensor by tensor call it after copying one, so that the mapped file does not
+        pile up in the resident set."""
+        start, n = self._spans[name]
+        page = mmap.PAGESIZE
+        a, b = -(-start // page) * page, (start + n) // page * page
+        if b > a and hasattr(self._mm, "madvise"):
+            self._mm.madvise(mmap.MADV_DONTNEED, a, b - a)
 
     def close(self) -> None:
         """Release the mapping (tensor arrays handed out must no longer be used)."""

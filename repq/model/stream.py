@@ -56,6 +56,7 @@ class BlockStream:
             if not name.startswith("blk."):
                 set_tensor(self.model, name, gguf_tensor(self._g, name, dtype), self._shapes[name], self.device,
                            dtype, self.path)
+                self._g.drop_pages(name)
         if self.config.tied:
             self.model.output.weight = self.model.token_embd.weight
         self.model.eval().requires_grad_(False)
@@ -71,8 +72,11 @@ class BlockStream:
         values = values or {}
         try:
             for n in names:
-                t = (torch.from_numpy(np.asarray(values[n], np.float32)).reshape(self._shapes[n]) if n in values
-                     else gguf_tensor(self._g, n, self.dtype))
+                if n in values:
+                    t = torch.from_numpy(np.asarray(values[n], np.float32)).reshape(self._shapes[n])
+                else:
+                    t = gguf_tensor(self._g, n, self.dtype)
+                    self._g.drop_pages(n)   # copied: the mapped pages need not stay resident
                 set_tensor(self.model, n, t, self._shapes[n], self.device, self.dtype, self.path)
             yield self.model.blk[i]
         finally:
