@@ -62,7 +62,7 @@ DEMO := $(REPQ_CACHE)/demo
 # answers to repq calib's prompts, half library text: the set that held up best on held-out
 # domains), Hessians from it, LDLQ Q4_0 of the reference model, llama.cpp's own Q4_0 (imatrix from
 # the same data) for comparison, and a report of both on the tutorial and on the held-out sysadmin
-# text (about 20 minutes on 2 cores).
+# text (about 10 minutes on 2 busy cores once the model and data are cached).
 demo: model data
 	mkdir -p $(DEMO)
 	test -f $(DEMO)/calib.jsonl || $(VENV)/bin/repq calib $(REF_F32) -o $(DEMO)/calib.jsonl --tokens 17000 \
