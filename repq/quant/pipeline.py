@@ -280,6 +280,7 @@ def quantize_model(src: str | os.PathLike, out: str | os.PathLike, cfg: Quantize
                                    t.n_bytes, int(data.nbytes), p.fallback, imp is not None,
                                    time.perf_counter() - t0, **info)
                 reports.append(rep)
+                model.drop_pages(p.name)   # read and written: its mapped pages need not stay resident
                 if on_tensor:
                     on_tensor(rep, i, len(plans))
             writer.finish()
