@@ -66,3 +66,59 @@ def load_state(path: Path, expect: dict) -> dict:
                                 f"this run {str(v)[:16]!r})",
                                 hint="drop --resume and use another --checkpoint-dir, or delete it to start over")
     return state
+
+
+# ------------------------------------------------------------------------------------------------ sharded
+
+#: The only globals a Distributed Checkpoint's ``.metadata`` pickle may name (what torch writes for
+#: tensors, chunks and byte entries); anything else is refused before it is resolved.
+_DCP_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "ChunkStorageMetadata", "TensorStorageMetadata", "TensorProperties", "MetadataIndex",
+        "StorageMeta", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("pathlib", "PosixPath"),
+     ("torch.serialization", "_get_layout"), ("torch", "Size")}
+
+
+def dcp_reader(path: str | Path):
+    """A ``torch.distributed.checkpoint`` reader of ``path`` that never runs code from the files.
+
+    torch's own reader unpickles ``.metadata`` with plain ``pickle.load``, which can call anything a
+    crafted file names; this one resolves only the classes a checkpoint holds (:data:`_DCP_GLOBALS`,
+    torch dtypes) and refuses data files outside the directory.  The tensor data is read by torch
+    with ``weights_only=True``.
+
+    Raises (when read):
+        InputFileError: a metadata file that names anything else, or a data file outside ``path``.
+    """
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class _Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if (module, name) in _DCP_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+                return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+    class _Reader(dcp.FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            p = Path(self._get_metadata_path(kwargs.get("rank")))
+            try:
+                with open(p, "rb") as f:
+                    md = _Unpickler(f).load()
+            except Exception as e:  # noqa: BLE001 (a damaged pickle raises many kinds)
+                raise InputFileError(f"{p}: not a repq distill checkpoint's metadata ({type(e).__name__}: "
+                                     f"{str(e)[:120]})", hint="delete the checkpoint directory to start over") from None
+            for info in getattr(md, "storage_data", {}).values():
+                rel = str(getattr(info, "relative_path", ""))
+                if not rel or Path(rel).name != rel or rel in (".", ".."):
+                    raise InputFileError(f"{p}: names a data file outside its directory ({rel!r})",
+                                         hint="delete the checkpoint directory to start over")
+            if getattr(md, "storage_meta", None) is None:
+                md.storage_meta = StorageMeta()
+            md.storage_meta.load_id = self.load_id
+            return md
+
+    return _Reader(str(path))

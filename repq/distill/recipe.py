@@ -68,7 +68,7 @@ from ..io import gguf_file, keys
 from ..model.loader import LoadedModel, load_model
 from ..quant import pipeline
 from ..quant.tensor import TensorResult, check_plans, quantize_tensor
-from .checkpoint import STATE_FILE, load_state, save_state
+from .checkpoint import STATE_FILE, dcp_reader, load_state, save_state
 from .config import DistillConfig, DistillResult, RunOptions, batch_indices, hessian_indices, lr_at
 from .groups import Group
 from .kl import autocast, distill_loss
@@ -212,9 +212,11 @@ class Distiller:
                 import torch.distributed.checkpoint as dcp
                 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
+                if state["dcp"] not in ("dcp-0", "dcp-1"):   # a plain name inside the checkpoint directory
+                    raise ValueError(f"checkpoint slot {str(state['dcp'])[:40]!r}")
                 slot = str(self._state_path().parent / state["dcp"])
                 msd = get_model_state_dict(self.student)
-                dcp.load({"model": msd}, checkpoint_id=slot)
+                dcp.load({"model": msd}, storage_reader=dcp_reader(slot))
                 set_model_state_dict(self.student, msd)
                 self._dcp_optim = slot if state["has_optimizer"] else None
                 self._dcp_slot = 1 - int(state["dcp"][-1])
@@ -448,7 +450,12 @@ class Distiller:
                 )
 
                 osd = get_optimizer_state_dict(self.student, opt)
-                dcp.load({"optim": osd}, checkpoint_id=self._dcp_optim)
+                try:
+                    dcp.load({"optim": osd}, storage_reader=dcp_reader(self._dcp_optim))
+                except (RuntimeError, ValueError, KeyError, OSError) as e:   # torch wraps the reader's errors
+                    raise InputFileError(f"{self._dcp_optim}: optimizer state does not fit this run "
+                                         f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})",
+                                         hint="delete the checkpoint directory to start over") from None
                 set_optimizer_state_dict(self.student, opt, osd)
             self._dcp_optim = None
             opt_state = None

@@ -14,11 +14,10 @@ The pipeline quantizes tensors in llama-quantize's order, which groups them by b
    Σ x xᵀ / n for each, on the device, folded into float64 (the accumulator `repq hessian` uses).
    The block's other tensors take theirs from that one pass.
 3. The output head (``output.weight``, or the token embedding when tied) comes first in
-   llama-quantize's order, which repq keeps (its files are byte-identical to llama-quantize's): its
-   Hessian is the original model's, from one streamed pass over all blocks (as without
-   --sequential).  The token embedding is also quantized before block 0, so the blocks see the
-   quantized embedding.  Should a file list the head after the blocks, its Hessian is taken on the
-   final hidden state of the quantized blocks.
+   llama-quantize's order (``weights_map``: every tensor outside the blocks, then the blocks by
+   number), which repq keeps (its files are byte-identical to llama-quantize's): its Hessian is the
+   original model's, from one streamed pass over all blocks (as without --sequential).  The token
+   embedding is also quantized before block 0, so the blocks see the quantized embedding.
 
 Memory: on the device the embedding, the head, one block and the hidden states of every chunk
 (chunks × ctx × n_embd in the model's dtype: 118 MB for 100 × 512 at n_embd 576 in fp32, 1 GB at
@@ -74,9 +73,8 @@ class SequentialHessians:
             if layer is None:
                 self._head()
             else:
-                if layer < self.next:
-                    raise OperationError(f"--sequential: {name} comes after block {self.next - 1}'s successors in "
-                                         "the GGUF; the tensors must be grouped by block, in block order")
+                if layer < self.next:   # the pipeline walks llama-quantize's order: blocks by number
+                    raise OperationError(f"internal: --sequential was asked for {name} after block {self.next - 1}")
                 self._advance(layer)
                 with self.stream.block(layer) as blk:
                     self._collect([g for g in self.groups if g.layer == layer], self._feed_block(blk))
@@ -136,10 +134,10 @@ class SequentialHessians:
         return feed
 
     def _head(self) -> None:
-        """The head's Hessian: on the final hidden state of the blocks applied so far and the rest
-        from the file (before any block: the original model)."""
-        first = self.x is None
-        saved = (self.x, self.next, dict(self._done))
+        """The head's Hessian, from one streamed pass of the original model (the head is asked for
+        before any block: llama-quantize's order)."""
+        if self.x is not None:
+            raise OperationError("internal: --sequential was asked for the head's Hessian after a block's")
         self._advance(len(self.model.blk))
 
         def feed(groups, add):
@@ -148,8 +146,7 @@ class SequentialHessians:
                     add(groups[0], self.model.output_norm(self.x[s]).reshape(-1, groups[0].dim))
                     yield
         self._collect([g for g in self.groups if g.is_head], feed)
-        if first:     # the sequential pass starts from the (then quantized) embedding
-            self.x, self.next, self._done = saved
+        self.x, self.next = None, 0   # the sequential pass starts again from the (then quantized) embedding
 
     def _collect(self, groups: list[InputGroup], feed) -> None:
         acc = HessianAccumulator(groups, "cpu", device=self.device, flush_every=1)

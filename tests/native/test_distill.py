@@ -509,3 +509,44 @@ def test_bad_inputs_exit_2_and_keep_files(tiny, tmp_path):
     assert _cli(*base, "--groups", "ffn_upp").returncode == 2
     assert _cli("distill", tmp_path / "nope.gguf", out, *base[3:]).returncode == 2
     assert out.read_bytes() == b"keep me"
+
+
+def test_sharded_checkpoint_metadata_never_runs_code(tmp_path):
+    """torch's own reader unpickles a Distributed Checkpoint's .metadata with plain pickle; repq's
+    reader resolves only the classes a checkpoint holds: a crafted file is refused before anything
+    it names runs, a data file outside the directory is refused, and torch's own checkpoints load."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from repq.distill.checkpoint import dcp_reader
+    from repq.errors import InputFileError
+
+    good = tmp_path / "good"
+    state = {"model": {"w": torch.arange(12.0).reshape(3, 4)}, "step": torch.tensor(7)}
+    dcp.save(state, checkpoint_id=str(good), no_dist=True)
+    back = {"model": {"w": torch.zeros(3, 4)}, "step": torch.tensor(0)}
+    dcp.load(back, storage_reader=dcp_reader(good), no_dist=True)
+    assert torch.equal(back["model"]["w"], state["model"]["w"]) and int(back["step"]) == 7
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / ".metadata").write_bytes(pickle.dumps(Evil(), protocol=4))
+    with pytest.raises(InputFileError, match="not part of a checkpoint"):
+        dcp_reader(bad).read_metadata()
+    assert not marker.exists()
+
+    md = dcp_reader(good).read_metadata()                  # a data file outside the directory
+    for info in md.storage_data.values():
+        info.relative_path = "../elsewhere.distcp"
+    esc = tmp_path / "esc"
+    esc.mkdir()
+    (esc / ".metadata").write_bytes(pickle.dumps(md, protocol=4))
+    with pytest.raises(InputFileError, match="outside its directory"):
+        dcp_reader(esc).read_metadata()

@@ -78,6 +78,24 @@ def test_interrupted_streamed_run_resumes_to_the_same_sums(model_path, tmp_path)
     with pytest.raises(KeyboardInterrupt):
         collect_hessians_streamed(bs, chunks(), tmp_path / "h", cfg, data_fingerprint="d", on_block=stop_after_two)
     assert (tmp_path / "h" / "checkpoint").is_dir() and not (tmp_path / "h" / "hessians.json").exists()
+    # a checkpoint whose contents do not fit the run (here: hidden states of another shape, or a
+    # shard entry naming a path outside the directory) is refused, not used
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from repq.errors import InputFileError
+
+    ck = next((tmp_path / "h" / "checkpoint").iterdir())
+    with safe_open(str(ck), framework="pt") as f:
+        md, hidden = f.metadata(), f.get_tensor("hidden")
+    saved = ck.read_bytes()
+    resume = HessianConfig(batch_size=2, flush_every=1, checkpoint_every=1, resume=True)
+    for tensors, meta in (({"hidden": hidden[:, :-1].contiguous()}, md),
+                          ({"hidden": hidden}, md | {"entries": json.dumps({"../x.safetensors": {}})})):
+        save_file(tensors, str(ck), metadata=meta)
+        with pytest.raises(InputFileError, match="damaged Hessian checkpoint"):
+            collect_hessians_streamed(bs, chunks(), tmp_path / "h", resume, data_fingerprint="d")
+    ck.write_bytes(saved)
     info = collect_hessians_streamed(bs, chunks(), tmp_path / "h", HessianConfig(batch_size=2, flush_every=1,
                                      checkpoint_every=1, resume=True), data_fingerprint="d")
     assert info.resumed_from == 2

@@ -34,7 +34,7 @@ from ...runtime import dist_info
 from ..hooks import input_groups
 from .accumulator import HessianAccumulator, finish_sums
 from .collect import HessianConfig, RunInfo
-from .store import CHECKPOINT_DIR, IndexWriter, consumer_map
+from .store import CHECKPOINT_DIR, SHARD_NAME, IndexWriter, consumer_map
 
 
 def _hidden(n: int, t: int, d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -93,16 +93,27 @@ def collect_hessians_streamed(stream: BlockStream, chunks: np.ndarray | torch.Te
                     if md.get(k) != str(v):
                         raise MismatchError(f"{ckpt}: checkpoint is from a run with another {k} ({md.get(k)!r}, "
                                             f"this run {v!r})", hint="drop --resume to start over")
-                x = f.get_tensor("hidden").to(device)
+                x = f.get_tensor("hidden")
                 start = int(md["next"])
                 entries = json.loads(md["entries"])
-        except (OSError, SafetensorError, KeyError, ValueError, RuntimeError) as e:
+            # what the file says is checked before it is used: the hidden states' shape, the block
+            # position, and every shard it names (a plain shard name of this run, existing keys)
+            known = consumer_map(input_groups(model))
+            if tuple(x.shape) != (len(mine), n_ctx, mcfg.n_embd) or not 0 < start < n_shards:
+                raise ValueError(f"hidden states {tuple(x.shape)} at block {start}")
+            for name, keys in entries.items():
+                if (not SHARD_NAME.fullmatch(name) or not (out / name).is_file() or not set(keys) <= set(known)
+                        or not all(isinstance(v, list) and len(v) == 2 and all(type(i) is int for i in v)
+                                   for v in keys.values())):
+                    raise ValueError(f"shard entry {name[:40]!r}")
+            x = x.to(device, stream.dtype)
+        except (OSError, SafetensorError, KeyError, ValueError, RuntimeError, AttributeError) as e:
             raise InputFileError(f"{ckpt}: damaged Hessian checkpoint ({type(e).__name__}: {str(e)[:120]})",
                                  hint="drop --resume to start over, or delete the checkpoint directory") from None
         if writer is not None:
             for name, keys in entries.items():
-                writer.add_entries(name, {k: tuple(v) for k, v in keys.items()},
-                                   {k: c for k, c in consumer_map(input_groups(model)).items() if k in keys})
+                writer.add_entries(name, {k: (int(v[0]), int(v[1])) for k, v in keys.items()},
+                                   {k: c for k, c in known.items() if k in keys})
     with torch.no_grad():
         if x is None:
             emb = model.token_embd
