@@ -36,6 +36,7 @@ import numpy as np
 from .. import __version__, mix
 from ..errors import InputFileError, MismatchError, UnsupportedError, UsageError
 from ..ggml.types import F16, GGML_TYPES, row_size, type_id, type_name
+from . import calibrate
 from .solver import Candidate
 
 FORMAT = "repq.sensitivity"
@@ -131,9 +132,15 @@ class Sensitivity:
     config: dict = field(default_factory=dict)
 
     def candidates(self) -> dict[str, list[Candidate]]:
-        """Solver input: name → candidates with cost × the tensor's scale."""
-        return {n: [Candidate(t, int(c["bytes"]), float(c["cost"]) * float(e.get("scale", 1.0)))
-                    for t, c in e["candidates"].items()] for n, e in self.tensors.items()}
+        """Solver input: name → candidates with their predicted KL: the measured ``kl`` where the
+        candidate has one, else cost × the tensor's scale."""
+        return {n: [Candidate(t, int(c["bytes"]), predicted(c, e)) for t, c in e["candidates"].items()]
+                for n, e in self.tensors.items()}
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the costs were calibrated against measured KL (``repq sensitivity --kl-data``)."""
+        return bool(self.config.get("kl"))
 
     def check(self, model_fp: str, source: str, source_fp: str | None, what: str) -> None:
         """Refuse sensitivities of another model, another kind of statistics or other statistics.
@@ -181,7 +188,8 @@ class Sensitivity:
                     dict(d.get("config", {})))
             for n, e in s.tensors.items():
                 for t, c in e["candidates"].items():
-                    if t not in GGML_TYPES or int(c["bytes"]) < 0 or not np.isfinite(float(c["cost"])):
+                    if (t not in GGML_TYPES or int(c["bytes"]) < 0 or not np.isfinite(float(c["cost"]))
+                            or not (np.isfinite(float(c.get("kl", 0.0))) and float(c.get("kl", 0.0)) >= 0)):
                         raise ValueError(f"{n}: bad candidate {t}")
                 if not (np.isfinite(float(e.get("scale", 1.0))) and float(e.get("scale", 1.0)) >= 0):
                     raise ValueError(f"{n}: bad scale")
@@ -190,8 +198,14 @@ class Sensitivity:
         return s
 
 
+def predicted(c: dict, e: dict) -> float:
+    """A candidate's predicted KL: its measured ``kl`` if it has one, else cost × the tensor's scale."""
+    return float(c["kl"]) if "kl" in c else float(c["cost"]) * float(e.get("scale", 1.0))
+
+
 def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | None = None,
             imatrix_path: str | None = None, ldlq=None, device: str = "cpu", threads: int | None = None,
+            probe=None, measure: str = "probe", probe_bpw: float = 4.0, kl_config: dict | None = None,
             on_tensor: Callable[[str, int, int], None] | None = None) -> Sensitivity:
     """Quantize every quantizable tensor of ``src`` (a GGUF) to every candidate type and measure the cost.
 
@@ -201,6 +215,11 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
         hessian_dir: `repq hessian` directory (LDLQ, cost tr(ΔW H ΔWᵀ)); or
         imatrix_path: imatrix file (ggml's quantizer, cost Σ imp ‖ΔW_:,j‖²).
         ldlq: :class:`repq.quant.tensor.LdlqOptions` (Hessian mode).
+        probe: a :class:`repq.alloc.calibrate.KLProbe` on the same model: calibrate the costs
+            against measured KL: ``measure="probe"`` measures each tensor at one type (the
+            candidate closest to ``probe_bpw`` bits per weight) and sets the tensor's ``scale``;
+            ``measure="all"`` measures every candidate (the solver then uses the measured KLs).
+        kl_config: what the probe measured on (recorded in the file's config).
         on_tensor: progress: (tensor name, index, total).
 
     Raises:
@@ -233,7 +252,11 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
         sens = Sensitivity(str(src), fp, "hessian" if hessian_dir else "imatrix", str(hessian_dir or imatrix_path),
                            source_fp, "tr(dW H dW^T), H = mean x x^T of the input; LDLQ quantization"
                            if hessian_dir else "sum_j imp_j |dW_:,j|^2; ggml imatrix quantization",
-                           config={"types": types, "ldlq": ldlq.to_dict() if hessian_dir else None})
+                           config={"types": types, "ldlq": ldlq.to_dict() if hessian_dir else None,
+                                   "kl": ({**(kl_config or {}), "measure": measure, "probe_bpw": probe_bpw}
+                                          if probe is not None else None)})
+        if measure not in ("probe", "all"):
+            raise UsageError(f"KL measurement {measure!r}: use probe or all")
         for i, p in enumerate(plans):
             t = g.tensors[p.name]
             if on_tensor:
@@ -245,13 +268,21 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
             h = hs.mean(p.name) if hessian_dir else None
             imp = None if hessian_dir else importance_rules.from_imatrix(imp_all[p.name], t.n_per_row, _experts(t))
             cands = {}
-            for ty in candidate_types(p.name, t.n_per_row, types, has_importance=True):
+            ctypes = candidate_types(p.name, t.n_per_row, types, has_importance=True)
+            measured = set()
+            if probe is not None and p.name in probe.names():
+                measured = set(ctypes) if measure == "all" else {calibrate.probe_type(ctypes, t.n_per_row, probe_bpw)}
+            for ty in ctypes:
                 tid = type_id(ty)
                 res = quantize_tensor(_plan(p, tid), w, hessian=h, importance=imp, ldlq=ldlq if hessian_dir else None,
                                       experts=_experts(t), device=device, threads=threads)
                 cost = proxy_cost(w, res.values, hessian=h, importance=None if h is not None else imp)
                 cands[ty] = {"bytes": t.n_rows * row_size(tid, t.n_per_row), "cost": cost, "method": res.method}
+                if ty in measured:
+                    cands[ty]["kl"] = probe.kl(p.name, res.values.reshape(tuple(reversed(t.shape))))
             sens.tensors[p.name] = {"shape": list(t.shape), "scale": 1.0, "candidates": cands}
+        if probe is not None:
+            calibrate.apply_scales(sens.tensors)
     return sens
 
 

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from .._output import Output
+from ..errors import UsageError
 from .common import JsonOpt, QuietOpt, ThreadsOpt, meta, run_command
 
 AllowTypesOpt = Annotated[str | None, typer.Option("--allow-types", help="Comma-separated ggml types allowed as candidates (default: all of IQ1_S … F16).")]
@@ -20,7 +21,12 @@ def sensitivity(
     imatrix: Annotated[Path | None, typer.Option(help="Importance matrix: ggml's quantizer on every type, cost Σ imp·ΔW².")] = None,
     allow_types: AllowTypesOpt = None,
     exclude_types: ExcludeTypesOpt = None,
-    device: Annotated[str, typer.Option(help="LDLQ: torch device (cpu, cuda, cuda:1).")] = "cpu",
+    kl_data: Annotated[Path | None, typer.Option("--kl-data", help="Calibrate the costs against measured KL on this text (UTF-8; not your evaluation text): each tensor quantized alone in the torch model.")] = None,
+    kl_chunks: Annotated[int, typer.Option("--kl-chunks", help="--kl-data: chunks of -c tokens to measure on.")] = 8,
+    ctx_size: Annotated[int, typer.Option("--ctx-size", "-c", help="--kl-data: tokens per chunk.")] = 512,
+    kl_measure: Annotated[str, typer.Option("--kl-measure", help="--kl-data: probe (each tensor at the candidate nearest --kl-bpw; scales its costs) | all (every candidate measured; the allocator uses those KLs).")] = "probe",
+    kl_bpw: Annotated[float, typer.Option("--kl-bpw", help="--kl-measure probe: bits per weight of the probe type.")] = 4.0,
+    device: Annotated[str, typer.Option(help="LDLQ and the KL probe: torch device (cpu, cuda, cuda:1).")] = "cpu",
     threads: ThreadsOpt = 0,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Convert a Hugging Face folder whose JSON names custom code.")] = False,
     json_out: JsonOpt = False,
@@ -37,6 +43,8 @@ def sensitivity(
 
         repq sensitivity model-f32.gguf --imatrix imatrix.gguf -o sens-im.json --exclude-types Q4_1,Q5_1
 
+        repq sensitivity model-f32.gguf --hessian hess/ -o sens-kl.json --kl-data calib.txt --kl-chunks 16 --device cuda
+
         repq quantize model-f32.gguf q.gguf --target-size 90MB --hessian hess/ --sensitivity sens.json
     """
     out = Output(json_out, quiet)
@@ -48,29 +56,51 @@ def sensitivity(
 
         types = candidate_list(allow_types, exclude_types)
         check_device(device)
+        if kl_measure not in ("probe", "all"):
+            raise UsageError(f"--kl-measure {kl_measure!r}: use probe or all")
+        if kl_chunks < 1:
+            raise UsageError(f"--kl-chunks {kl_chunks}: must be at least 1")
         t0 = time.perf_counter()
         src = ensure_gguf(model, trust_remote_code=trust_remote_code)
+        probe, kl_config = None, None
+        if kl_data is not None:
+            probe, kl_config = kl_probe(src, kl_data, kl_chunks, ctx_size, device)
         with out.progress(f"sensitivity {model.name}", total=0) as advance:
             s = sens_mod.compute(src, types=types, hessian_dir=str(hessian) if hessian else None,
                                  imatrix_path=str(imatrix) if imatrix else None, device=device,
-                                 threads=threads or None,
+                                 threads=threads or None, probe=probe, measure=kl_measure, probe_bpw=kl_bpw,
+                                 kl_config=kl_config,
                                  on_tensor=lambda name, i, n: advance(1 if i else 0, name, total=n))
         s.save(output)
         rows = [[n, str(len(e["candidates"])), ", ".join(e["candidates"])] for n, e in s.tensors.items()]
         out.table(f"{output.name}: {s.source} costs", ["tensor", "types", "candidates"], rows)
         out.result({**meta(), "command": "sensitivity", "output": str(output), "source": s.source,
                     "tensors": len(s.tensors), "unallocated": s.unallocated, "types": types,
+                    "kl": s.config.get("kl"),
                     "seconds": round(time.perf_counter() - t0, 3)},
-                   human=f"wrote {output}: {len(s.tensors)} tensors × up to {len(types)} types ({s.source})"
+                   human=f"wrote {output}: {len(s.tensors)} tensors × up to {len(types)} types ({s.source}"
+                         + (", calibrated against measured KL" if probe is not None else "") + ")"
                          + (f"; no statistics for {len(s.unallocated)} (pin them)" if s.unallocated else ""))
 
     run_command(out, body)
 
 
+def kl_probe(src: Path, data: Path, chunks: int, ctx: int, device: str):
+    """The torch model of ``src`` on ``device`` and a KL probe on ``chunks`` × ``ctx`` tokens of
+    ``data``; (probe, what to record of the data)."""
+    from ..alloc.calibrate import KLProbe
+    from ..data.calibration import load_calibration_with
+    from ..model.loader import load_model
+
+    cal, _ = load_calibration_with(data, src, n_ctx=ctx, n_chunks=chunks)
+    lm = load_model(src, device=device)
+    return KLProbe(lm.model, cal.chunks), {"data": str(data), "chunks": int(len(cal.chunks)), "ctx": cal.n_ctx,
+                                           "data_fingerprint": cal.fingerprint}
+
+
 def candidate_list(allow_types: str | None, exclude_types: str | None) -> list[str]:
     """The candidate type names: --allow-types (default all) minus --exclude-types."""
     from ..alloc.sensitivity import DEFAULT_TYPES, parse_types
-    from ..errors import UsageError
 
     allowed = parse_types(allow_types, "--allow-types") or list(DEFAULT_TYPES)
     excluded = set(parse_types(exclude_types, "--exclude-types") or ())

@@ -258,3 +258,36 @@ def test_scale_field_and_file_round_trip(files, tmp_path):
         s.save(tmp_path / "bad.json")
         with pytest.raises(InputFileError, match="bad scale"):
             Sensitivity.load(tmp_path / "bad.json")
+
+
+def test_sensitivity_calibrated_against_measured_kl(hfiles, tmp_path):
+    """--kl-data: each tensor measured at its probe type (scale = KL / cost), or at every candidate
+    (--kl-measure all: the allocator's predicted costs are the measured KLs); bad options exit 2."""
+    base = ["sensitivity", hfiles / "m.gguf", "--hessian", hfiles / "h", "--allow-types", "Q4_0,Q8_0",
+            "--kl-data", hfiles / "text.txt", "--kl-chunks", 2, "-c", 64]
+    r = repq(*base, "-o", tmp_path / "probe.json", "--json")
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "probe.json").read_text())
+    assert s["config"]["kl"]["chunks"] == 2 and s["config"]["kl"]["measure"] == "probe"
+    for e in s["tensors"].values():
+        measured = {t: c for t, c in e["candidates"].items() if "kl" in c}
+        assert list(measured) == ["Q4_0"]                          # 4.5 bpw: the candidate nearest 4
+        c = measured["Q4_0"]
+        assert c["kl"] > 0 and e["scale"] == pytest.approx(c["kl"] / c["cost"])
+    r = repq(*base, "-o", tmp_path / "all.json", "--kl-measure", "all")
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "all.json").read_text())
+    assert all("kl" in c for e in s["tensors"].values() for c in e["candidates"].values())
+    kl = {n: e["candidates"] for n, e in s["tensors"].items()}
+    assert all(c["Q8_0"]["kl"] < c["Q4_0"]["kl"] for c in kl.values())
+    out = tmp_path / "q.gguf"
+    r = repq("quantize", hfiles / "m.gguf", out, "--target-size", 900_000, "--hessian", hfiles / "h",
+             "--sensitivity", tmp_path / "all.json", "--tensor-type", "token_embd=q4_0", "--json")
+    assert r.exit_code == 0, r.output
+    for t in json.loads(r.stdout)["tensors"]:
+        if t["name"] in kl:
+            assert t["predicted_cost"] == pytest.approx(kl[t["name"]][t["dst_type"]]["kl"])
+    for extra, match in ((["--kl-measure", "most"], "--kl-measure 'most'"), (["--kl-chunks", 0], "--kl-chunks 0"),
+                         (["-c", 100000], "too short for one chunk")):
+        r = repq(*base, "-o", tmp_path / "bad.json", *extra)
+        assert r.exit_code == 2 and match in r.stderr.replace("\n", " ") and not (tmp_path / "bad.json").exists()
