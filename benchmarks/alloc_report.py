@@ -1,0 +1,194 @@
+"""Tables and plots of benchmarks/gpu/alloc_frontier.sh: the bit-allocation frontier (issue 15).
+
+Per evaluation domain (tutorial; sysadmin and fortunes held out): llama.cpp's imatrix ladder, repq
+LDLQ at fixed ftypes, repq's allocated files (`repq quantize --target-size <ladder file's bytes>`)
+and llama-quantize run with repq's recipe (`--recipe-out`) and llama.cpp's imatrix.  Each repq file
+is compared with llama.cpp's best ladder file of ≤ its bytes (+ METADATA_SLACK; Q4_1/Q5_1 left out
+as this model's artefact: its weights come from a Q4_1 GGUF).  Additivity: the allocator's
+predicted KL (the sum of each tensor's KL measured alone, on the calibration text) against the
+measured mean KLD of the whole file.
+
+    python benchmarks/alloc_report.py benchmarks/results/alloc_frontier_h200
+writes frontier.md, frontier.json, frontier.png and additivity.png in that directory.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_ldlq import METADATA_SLACK  # noqa: E402
+
+LINE = re.compile(r"^(ggml-imatrix|alloc|recipe|ldlq) (\S+) (\S+) (\d+) bytes: .*Mean KLD: ([\d.]+) ± ([\d.]+) "
+                  r"Same top p: ([\d.]+)")
+DOMAINS = ("tutorial", "sysadmin", "fortunes")
+ARTEFACTS = ("Q4_1", "Q5_1")
+NAMES = {"ggml-imatrix": "llama.cpp imatrix", "alloc": "repq allocated (LDLQ)",
+         "recipe": "llama-quantize + repq recipe", "ldlq": "repq LDLQ, fixed ftype"}
+
+
+def parse(d: Path) -> dict[tuple[str, str, str], dict]:
+    """(method, ftype, domain) → {bytes, mean_kld, kld_err, same_top}; the last line of a key wins."""
+    rows = {}
+    for line in (d / "results.txt").read_text().splitlines():
+        m = LINE.match(line)
+        if m:
+            rows[(m[1], m[2], m[3])] = {"bytes": int(m[4]), "mean_kld": float(m[5]), "kld_err": float(m[6]),
+                                        "same_top": float(m[7])}
+    return rows
+
+
+def best_at_most(rows: dict, domain: str, size: int) -> tuple[str, dict] | None:
+    fits = [(ft, r) for (m, ft, d), r in rows.items() if m == "ggml-imatrix" and d == domain
+            and ft not in ARTEFACTS and r["bytes"] <= size + METADATA_SLACK]
+    return min(fits, key=lambda x: x[1]["mean_kld"]) if fits else None
+
+
+def build(d: Path) -> dict:
+    rows = parse(d)
+    ladder = sorted({ft for (m, ft, _) in rows if m == "ggml-imatrix"},
+                    key=lambda ft: rows[("ggml-imatrix", ft, "tutorial")]["bytes"])
+    out = {"ladder": [], "alloc": [], "ldlq": [], "additivity": {}}
+    for ft in ladder:
+        out["ladder"].append({"ftype": ft, "artefact": ft in ARTEFACTS,
+                              **{dom: rows.get(("ggml-imatrix", ft, dom)) for dom in DOMAINS}})
+    for method, key in (("alloc", "alloc"), ("recipe", "alloc"), ("ldlq", "ldlq")):
+        for ft in [f for f in ladder + sorted({f for (m, f, _) in rows if m == method}) if (method, f, "tutorial") in rows]:
+            if any(e["ftype"] == ft and e["method"] == method for e in out[key]):
+                continue
+            e = {"method": method, "ftype": ft, "target_bytes": rows.get(("ggml-imatrix", ft, "tutorial"), {}).get("bytes")}
+            aj = d / f"alloc-{ft}.json"
+            if method == "alloc" and aj.exists():
+                q = json.loads(aj.read_text())
+                e["predicted_kl"] = q["allocation"]["predicted_cost"]
+                e["lower_bound"] = q["allocation"]["lower_bound"]
+                e["quantize_s"] = q["seconds"]
+                e["tensor_types"] = q["tensor_types"]
+            for dom in DOMAINS:
+                r = rows.get((method, ft, dom))
+                if r is None:
+                    continue
+                b = best_at_most(rows, dom, r["bytes"])
+                same = rows.get(("ggml-imatrix", ft, dom))
+                e[dom] = {**r, "best": b[0] if b else None, "x_best": r["mean_kld"] / b[1]["mean_kld"] if b else None,
+                          "x_same": r["mean_kld"] / same["mean_kld"] if same else None}
+            out[key].append(e)
+    for dom in DOMAINS:
+        pts = [(e["predicted_kl"], e[dom]["mean_kld"]) for e in out["alloc"]
+               if e["method"] == "alloc" and "predicted_kl" in e and dom in e]
+        if len(pts) >= 3:
+            p, m = np.array(pts).T
+            out["additivity"][dom] = {"n": len(pts), "pearson_r": float(np.corrcoef(p, m)[0, 1]),
+                                      "pearson_r_log": float(np.corrcoef(np.log(p), np.log(m))[0, 1]),
+                                      "measured_over_predicted": [float(x) for x in m / p]}
+    for line in (d / "results.txt").read_text().splitlines():
+        if line.startswith(("sensitivity", "imatrix + hessians")):
+            out.setdefault("timings", []).append(line)
+    return out
+
+
+def _f(x, fmt="{:.4f}"):
+    return "–" if x is None else fmt.format(x)
+
+
+def table(r: dict) -> str:
+    lines = ["Mean KLD against the F32 base, 20 × 512 tokens per domain (tutorial; sysadmin and fortunes "
+             "held out). ×best: against llama.cpp's best imatrix file of ≤ the same bytes (Q4_1/Q5_1 left out: "
+             "this model's weights come from a Q4_1 GGUF).", "",
+             "### llama.cpp's imatrix ladder", "",
+             "| ftype | bytes | " + " | ".join(DOMAINS) + " |", "|---|---:|" + "---:|" * len(DOMAINS)]
+    for e in r["ladder"]:
+        lines.append(f"| {e['ftype']}{' (artefact)' if e['artefact'] else ''} | {e['tutorial']['bytes']:,} | "
+                     + " | ".join(_f(e[d]["mean_kld"]) if e.get(d) else "–" for d in DOMAINS) + " |")
+    lines += ["", "### repq's allocated files at the size of each ladder file", "",
+              "`repq quantize --target-size <the llama.cpp file's bytes> --hessian ... --sensitivity ...` "
+              "(LDLQ on the allocated mix), and llama-quantize with repq's `--recipe-out` and llama.cpp's imatrix.", "",
+              "| target (llama.cpp file) | repq bytes | predicted KL | "
+              + " | ".join(f"{d}: KLD (×best)" for d in DOMAINS) + " | recipe + llama-quantize: tutorial (×best) |",
+              "|---|---:|---:|" + "---|" * len(DOMAINS) + "---|"]
+    rec = {e["ftype"]: e for e in r["alloc"] if e["method"] == "recipe"}
+    for e in [e for e in r["alloc"] if e["method"] == "alloc"]:
+        cells = [f"{e[d]['mean_kld']:.4f} ({_f(e[d]['x_best'], '{:.2f}')}× {e[d]['best']})" if d in e else "–"
+                 for d in DOMAINS]
+        rr = rec.get(e["ftype"], {}).get("tutorial")
+        lines.append(f"| {e['ftype']} {_f(e['target_bytes'], '{:,}')} | {e['tutorial']['bytes']:,} | "
+                     f"{_f(e.get('predicted_kl'))} | " + " | ".join(cells) + " | "
+                     + (f"{rr['mean_kld']:.4f} ({_f(rr['x_best'], '{:.2f}')}×)" if rr else "–") + " |")
+    lines += ["", "### repq LDLQ at fixed ftypes", "",
+              "| ftype | bytes | " + " | ".join(f"{d}: KLD (×same, ×best)" for d in DOMAINS) + " |",
+              "|---|---:|" + "---|" * len(DOMAINS)]
+    for e in r["ldlq"]:
+        lines.append(f"| {e['ftype']} | {e['tutorial']['bytes']:,} | " + " | ".join(
+            f"{e[d]['mean_kld']:.4f} ({_f(e[d]['x_same'], '{:.2f}')}×, {_f(e[d]['x_best'], '{:.2f}')}×)"
+            if d in e else "–" for d in DOMAINS) + " |")
+    if r["additivity"]:
+        lines += ["", "### Additivity: predicted KL (sum of single-tensor KLs, calibration text) vs measured", "",
+                  "| domain | files | Pearson r | r (log–log) | measured / predicted (min … max) |",
+                  "|---|---:|---:|---:|---|"]
+        for dom, a in r["additivity"].items():
+            q = a["measured_over_predicted"]
+            lines.append(f"| {dom} | {a['n']} | {a['pearson_r']:.3f} | {a['pearson_r_log']:.3f} | "
+                         f"{min(q):.2f} … {max(q):.2f} |")
+    if r.get("timings"):
+        lines += ["", *[f"- {t}" for t in r["timings"]]]
+    return "\n".join(lines) + "\n"
+
+
+def plots(r: dict, d: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(DOMAINS), figsize=(16, 4.8), sharey=False)
+    for ax, dom in zip(axes, DOMAINS, strict=True):
+        lad = [e for e in r["ladder"] if e.get(dom) and not e["artefact"]]
+        ax.plot([e[dom]["bytes"] / 1e6 for e in lad], [e[dom]["mean_kld"] for e in lad], "o-", color="grey",
+                label=NAMES["ggml-imatrix"])
+        for e in lad:
+            ax.annotate(e["ftype"], (e[dom]["bytes"] / 1e6, e[dom]["mean_kld"]), fontsize=6, color="grey")
+        for method, style in (("alloc", "s-"), ("recipe", "^:")):
+            pts = sorted((e[dom]["bytes"] / 1e6, e[dom]["mean_kld"]) for e in r["alloc"] if e["method"] == method and dom in e)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), style, label=NAMES[method])
+        pts = [(e[dom]["bytes"] / 1e6, e[dom]["mean_kld"]) for e in r["ldlq"] if dom in e]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), "D", label=NAMES["ldlq"])
+        ax.set_yscale("log")
+        ax.set_xlabel("file MB")
+        ax.set_title(dom + ("" if dom == "tutorial" else " (held out)"))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mean KLD vs F32")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(d / "frontier.png", dpi=110)
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    for dom in DOMAINS:
+        pts = [(e["predicted_kl"], e[dom]["mean_kld"]) for e in r["alloc"]
+               if e["method"] == "alloc" and "predicted_kl" in e and dom in e]
+        if pts:
+            ax.loglog(*zip(*pts, strict=True), "o", label=dom)
+    lim = ax.get_xlim()
+    ax.plot(lim, lim, "k:", lw=0.8, label="measured = predicted")
+    ax.set_xlabel("predicted KL (sum of single-tensor KLs)")
+    ax.set_ylabel("measured mean KLD")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(d / "additivity.png", dpi=110)
+
+
+def main() -> None:
+    d = Path(sys.argv[1])
+    r = build(d)
+    (d / "frontier.json").write_text(json.dumps(r, indent=1) + "\n")
+    (d / "frontier.md").write_text(table(r))
+    plots(r, d)
+    print(table(r))
+
+
+if __name__ == "__main__":
+    main()
