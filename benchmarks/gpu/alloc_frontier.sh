@@ -21,11 +21,14 @@ R=$W/results.txt
 TYPES=${TYPES:-IQ2_XS,IQ2_S,IQ3_XXS,IQ3_S,Q2_K,Q3_K,IQ4_XS,IQ4_NL,Q4_0,Q4_K,Q5_0,Q5_K,Q6_K,Q8_0}
 LADDER=${LADDER:-IQ1_S IQ1_M IQ2_XXS IQ2_XS IQ2_S IQ2_M Q2_K_S Q2_K IQ3_XXS IQ3_XS IQ3_S IQ3_M Q3_K_S Q3_K_M Q3_K_L IQ4_XS IQ4_NL Q4_0 Q4_K_S Q4_K_M Q5_0 Q5_K_S Q5_K_M Q6_K Q4_1 Q5_1}
 LDLQ_FTYPES=${LDLQ_FTYPES:-IQ2_XS IQ3_S Q3_K_S IQ4_XS Q4_0 Q4_K_M Q5_K_M Q6_K}
+ALLOC_FTYPES=${ALLOC_FTYPES:-$LADDER}          # targets: the sizes of these ladder files
+RECIPE_DOMAINS=${RECIPE_DOMAINS:-tutorial sysadmin fortunes}
+JOBS=${JOBS:-3}                                # files scored (or quantized) at once
 mkdir -p $W; cp /tmp/rc/data/tutorial.txt .carry/c/ 2>/dev/null
 [ -f $W/started ] || { date > $W/started; sha256sum $DATA .carry/c/tutorial.txt .carry/c/sysadmin.txt .carry/c/fortunes.txt >> $R; }
 
-score() {   # file label: three domains, 4 threads each, lines appended to $R
-  for d in tutorial sysadmin fortunes; do
+score() {   # file label [domains]: 4 threads each, lines appended to $R
+  for d in ${3:-tutorial sysadmin fortunes}; do
     [ -f $1.$d.log ] && grep -q "Mean *KLD" $1.$d.log || \
       $B/llama-perplexity -m $1 -f .carry/c/$d.txt -c 512 --chunks 20 -t 4 --kl-divergence-base /tmp/wd/base_$d.kld \
         --kl-divergence > $1.$d.log 2>&1
@@ -51,9 +54,10 @@ prep() {
         > $W/sens.stdout 2> $W/sens.log && echo "sensitivity (kl all, 16 x 512) $(( $(date +%s) - t1 )) s" >> $R ) &
   fi
   for ft in $LADDER; do
-    [ -f $W/ggml-$ft.gguf ] || $B/llama-quantize --imatrix $W/imatrix.gguf $F $W/ggml-$ft.gguf $ft 8 > $W/ggml-$ft.log 2>&1 \
+    grep -q "quantize time" $W/ggml-$ft.log 2>/dev/null || \
+      $B/llama-quantize --imatrix $W/imatrix.gguf $F $W/ggml-$ft.gguf $ft 8 > $W/ggml-$ft.log 2>&1 \
       || { echo "ladder $ft failed" >> $R; continue; }
-    throttle 3; score $W/ggml-$ft.gguf "ggml-imatrix $ft" &
+    throttle $JOBS; score $W/ggml-$ft.gguf "ggml-imatrix $ft" &
   done
   wait
 }
@@ -61,7 +65,7 @@ prep() {
 alloc() {   # one allocation per distinct ladder size (several ftypes have the same bytes on this model)
   [ -f $W/sens.json ] || { echo "no sensitivity file"; return 1; }
   seen=" "
-  for ft in $LADDER; do
+  for ft in $ALLOC_FTYPES; do
     case $ft in Q4_1|Q5_1) continue;; esac
     [ -f $W/ggml-$ft.gguf ] || continue
     size=$(stat -c %s $W/ggml-$ft.gguf)
@@ -81,9 +85,9 @@ alloc() {   # one allocation per distinct ladder size (several ftypes have the s
       fty=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['ftype'])" $W/alloc-$ft.json)
       [ -f $r ] || $B/llama-quantize --imatrix $W/imatrix.gguf --tensor-type-file $W/alloc-$ft.recipe.txt $F $r $fty 4 \
         > $r.log 2>&1 || { echo "recipe $ft failed" >> $R; exit; }
-      score $r "recipe $ft"
+      score $r "recipe $ft" "$RECIPE_DOMAINS"
     ) &
-    throttle 3
+    throttle $JOBS
   done
   wait
 }
@@ -96,7 +100,7 @@ ldlq() {
         || { echo "ldlq $ft failed" >> $R; exit; }
       score $o "ldlq $ft"
     ) &
-    throttle 3
+    throttle $JOBS
   done
   wait
 }
