@@ -24,18 +24,25 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ldlq import METADATA_SLACK  # noqa: E402
 
-LINE = re.compile(r"^(ggml-imatrix|alloc|recipe|ldlq) (\S+) (\S+) (\d+) bytes: .*Mean KLD: ([\d.]+) ± ([\d.]+) "
+LINE = re.compile(r"^(ggml-imatrix|alloc|recipe|ldlq|control) (\S+) (\S+) (\d+) bytes: .*Mean KLD: ([\d.]+) ± ([\d.]+) "
                   r"Same top p: ([\d.]+)")
 DOMAINS = ("tutorial", "sysadmin", "fortunes")
 ARTEFACTS = ("Q4_1", "Q5_1")
 NAMES = {"ggml-imatrix": "llama.cpp imatrix", "alloc": "repq allocated (LDLQ)",
-         "recipe": "llama-quantize + repq recipe", "ldlq": "repq LDLQ, fixed ftype"}
+         "recipe": "llama-quantize + repq recipe", "ldlq": "repq LDLQ, fixed ftype",
+         "control": "repq allocated, Q4_K/Q5_K excluded (CPU)"}
+
+
+def _text(d: Path) -> str:
+    """The device run's lines, then the CPU control's."""
+    extra = d / "control_cpu.txt"
+    return (d / "results.txt").read_text() + ("\n" + extra.read_text() if extra.exists() else "")
 
 
 def parse(d: Path) -> dict[tuple[str, str, str], dict]:
     """(method, ftype, domain) → {bytes, mean_kld, kld_err, same_top}; the last line of a key wins."""
     rows = {}
-    for line in (d / "results.txt").read_text().splitlines():
+    for line in _text(d).splitlines():
         m = LINE.match(line)
         if m:
             rows[(m[1], m[2], m[3])] = {"bytes": int(m[4]), "mean_kld": float(m[5]), "kld_err": float(m[6]),
@@ -57,13 +64,13 @@ def build(d: Path) -> dict:
     for ft in ladder:
         out["ladder"].append({"ftype": ft, "artefact": ft in ARTEFACTS,
                               **{dom: rows.get(("ggml-imatrix", ft, dom)) for dom in DOMAINS}})
-    for method, key in (("alloc", "alloc"), ("recipe", "alloc"), ("ldlq", "ldlq")):
+    for method, key in (("alloc", "alloc"), ("recipe", "alloc"), ("control", "alloc"), ("ldlq", "ldlq")):
         for ft in [f for f in ladder + sorted({f for (m, f, _) in rows if m == method}) if (method, f, "tutorial") in rows]:
             if any(e["ftype"] == ft and e["method"] == method for e in out[key]):
                 continue
             e = {"method": method, "ftype": ft, "target_bytes": rows.get(("ggml-imatrix", ft, "tutorial"), {}).get("bytes")}
-            aj = d / f"alloc-{ft}.json"
-            if method == "alloc" and aj.exists():
+            aj = d / f"{method}-{ft}.json"
+            if method in ("alloc", "control") and aj.exists():
                 q = json.loads(aj.read_text())
                 e["predicted_kl"] = q["allocation"]["predicted_cost"]
                 e["lower_bound"] = q["allocation"]["lower_bound"]
@@ -86,9 +93,10 @@ def build(d: Path) -> dict:
             out["additivity"][dom] = {"n": len(pts), "pearson_r": float(np.corrcoef(p, m)[0, 1]),
                                       "pearson_r_log": float(np.corrcoef(np.log(p), np.log(m))[0, 1]),
                                       "measured_over_predicted": [float(x) for x in m / p]}
-    for line in (d / "results.txt").read_text().splitlines():
-        if line.startswith(("sensitivity", "imatrix + hessians")):
-            out.setdefault("timings", []).append(line)
+    for line in _text(d).splitlines():
+        if (line.startswith(("sensitivity", "imatrix + hessians", "phase")) or "quantized in" in line) and "bytes:" not in line \
+                and not line.endswith(" 0 s") and line not in out.setdefault("timings", []):
+            out["timings"].append(line)
     return out
 
 
@@ -119,6 +127,19 @@ def table(r: dict) -> str:
         lines.append(f"| {e['ftype']} {_f(e['target_bytes'], '{:,}')} | {e['tutorial']['bytes']:,} | "
                      f"{_f(e.get('predicted_kl'))} | " + " | ".join(cells) + " | "
                      + (f"{rr['mean_kld']:.4f} ({_f(rr['x_best'], '{:.2f}')}×)" if rr else "–") + " |")
+    ctl = [e for e in r["alloc"] if e["method"] == "control"]
+    if ctl:
+        lines += ["", "### Artefact control: allocation without Q4_K and Q5_K", "",
+                  "The same sensitivity file, `--exclude-types Q4_1,Q5_1,Q4_K,Q5_K` (the types that reproduce "
+                  "this model's Q4_1 source grid on ffn_down); LDLQ with Hessians of the same data computed on CPU "
+                  "(`benchmarks/alloc_control_cpu.sh`).", "",
+                  "| target (llama.cpp file) | repq bytes | predicted KL | "
+                  + " | ".join(f"{d}: KLD (×best)" for d in DOMAINS) + " |", "|---|---:|---:|" + "---|" * len(DOMAINS)]
+        for e in ctl:
+            lines.append(f"| {e['ftype']} {_f(e['target_bytes'], '{:,}')} | {e['tutorial']['bytes']:,} | "
+                         f"{_f(e.get('predicted_kl'))} | " + " | ".join(
+                             f"{e[d]['mean_kld']:.4f} ({_f(e[d]['x_best'], '{:.2f}')}× {e[d]['best']})" if d in e else "–"
+                             for d in DOMAINS) + " |")
     lines += ["", "### repq LDLQ at fixed ftypes", "",
               "| ftype | bytes | " + " | ".join(f"{d}: KLD (×same, ×best)" for d in DOMAINS) + " |",
               "|---|---:|" + "---|" * len(DOMAINS)]
@@ -147,17 +168,23 @@ def plots(r: dict, d: Path) -> None:
     fig, axes = plt.subplots(1, len(DOMAINS), figsize=(16, 4.8), sharey=False)
     for ax, dom in zip(axes, DOMAINS, strict=True):
         lad = [e for e in r["ladder"] if e.get(dom) and not e["artefact"]]
-        ax.plot([e[dom]["bytes"] / 1e6 for e in lad], [e[dom]["mean_kld"] for e in lad], "o-", color="grey",
+        ax.plot([e[dom]["bytes"] / 1e6 for e in lad], [e[dom]["mean_kld"] for e in lad], "o", color="grey",
                 label=NAMES["ggml-imatrix"])
+        env, best = [], None          # llama.cpp's best file of <= each size
+        for e in lad:
+            if best is None or e[dom]["mean_kld"] < best:
+                best = e[dom]["mean_kld"]
+            env.append((e[dom]["bytes"] / 1e6, best))
+        ax.step(*zip(*env, strict=True), where="post", color="grey", lw=1, label="llama.cpp: best file of ≤ size")
         for e in lad:
             ax.annotate(e["ftype"], (e[dom]["bytes"] / 1e6, e[dom]["mean_kld"]), fontsize=6, color="grey")
-        for method, style in (("alloc", "s-"), ("recipe", "^:")):
+        for method, style, color in (("alloc", "s-", "C0"), ("recipe", "^:", "C1"), ("control", "v--", "C3")):
             pts = sorted((e[dom]["bytes"] / 1e6, e[dom]["mean_kld"]) for e in r["alloc"] if e["method"] == method and dom in e)
             if pts:
-                ax.plot(*zip(*pts, strict=True), style, label=NAMES[method])
+                ax.plot(*zip(*pts, strict=True), style, color=color, label=NAMES[method])
         pts = [(e[dom]["bytes"] / 1e6, e[dom]["mean_kld"]) for e in r["ldlq"] if dom in e]
         if pts:
-            ax.plot(*zip(*pts, strict=True), "D", label=NAMES["ldlq"])
+            ax.plot(*zip(*pts, strict=True), "D", color="C2", label=NAMES["ldlq"])
         ax.set_yscale("log")
         ax.set_xlabel("file MB")
         ax.set_title(dom + ("" if dom == "tutorial" else " (held out)"))
