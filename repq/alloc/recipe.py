@@ -58,7 +58,7 @@ def pad(n: int) -> int:
 
 def recipe_text(types: Mapping[str, int]) -> str:
     """The llama-quantize ``--tensor-type-file`` recipe for these tensor types (one line each)."""
-    return "".join(f"^{re.escape(name.lower())}$={type_name(t).lower()}\n" for name, t in types.items())
+    return "".join(f"{exact_pattern(name)}={type_name(t).lower()}\n" for name, t in types.items())
 
 
 def pinned_types(tensor_types: Sequence[tuple[str, int]], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
@@ -151,6 +151,20 @@ def _check_bytes(sens: Sensitivity, shapes: Mapping[str, tuple[int, ...]], path:
                                      f"{t} is not a valid {'×'.join(map(str, shape))} tensor of that size")
 
 
+def _target(target_size: str | None, target_bpw: float | None, n_params: int) -> int:
+    """File bytes from --target-size text or --target-bpw over ``n_params`` weights."""
+    if target_bpw is not None:
+        if not 0 < target_bpw <= 32:
+            raise UsageError(f"--target-bpw {target_bpw}: expected bits per weight in (0, 32]")
+        return int(target_bpw * n_params / 8)
+    return parse_size(target_size)
+
+
+def exact_pattern(name: str) -> str:
+    """The --tensor-type / recipe pattern that matches exactly this tensor."""
+    return f"^{re.escape(name.lower())}$"
+
+
 def make_allocator(src, *, target_size: str | None, target_bpw: float | None, sensitivity: str | None,
                    hessian: str | None, imatrix: str | None, types: Sequence[str],
                    tensor_types: Sequence[tuple[str, int]], ldlq=None, device: str = "cpu",
@@ -188,13 +202,54 @@ def make_allocator(src, *, target_size: str | None, target_bpw: float | None, se
             sens.check(fp, kind, None, sensitivity)   # model and kind first: their errors say more
             sens.check(fp, kind, sens_mod.source_fingerprint(hessian, imatrix, g), sensitivity)
             _check_bytes(sens, shapes, sensitivity)
-    if target_bpw is not None:
-        if not 0 < target_bpw <= 32:
-            raise UsageError(f"--target-bpw {target_bpw}: expected bits per weight in (0, 32]")
-        target = int(target_bpw * n_params / 8)
-    else:
-        target = parse_size(target_size)
+    target = _target(target_size, target_bpw, n_params)
     if sensitivity is None:
         sens = sens_mod.compute(src, types=types, hessian_dir=hessian, imatrix_path=imatrix, ldlq=ldlq,
                                 device=device, threads=threads, on_tensor=on_tensor)
     return Allocator(sens, target, shapes, pinned_types(tensor_types, shapes), allowed=list(types))
+
+
+def allocate_distill(src, cfg, *, label: str | None, target_size: str | None, target_bpw: float | None, sensitivity: str,
+                     types: Sequence[str], data_fingerprints: Sequence[str]):
+    """`repq distill --target-size`: the run's config with the allocated types as exact-name
+    ``--tensor-type`` pins (so checkpoints record them and a resumed run checks them), and the
+    :class:`Allocator` (predicted costs).
+
+    The file's header holds the run's config, pins included, so its length depends on the choice;
+    the budget is split with the header of a config whose pins have the widest type ids and whose
+    ftype label is the longest name: the written file is at most the target.
+
+    Args:
+        cfg: a :class:`repq.distill.config.DistillConfig`.
+        label: the file's ftype label (--fmt); None: the allocated mix's dominant type names it.
+        sensitivity: a `repq sensitivity --hessian` file of this model (distillation quantizes with
+            LDLQ on Hessians it takes itself; the file's own Hessians are not needed).
+
+    Raises:
+        UsageError, MismatchError, InputFileError: as :func:`make_allocator`.
+    """
+    from dataclasses import replace
+
+    from ..io import keys
+    from ..io.gguf_file import GGUFModel
+    from ..quant import pipeline
+    from . import sensitivity as sens_mod
+
+    sens = sens_mod.Sensitivity.load(sensitivity)
+    with GGUFModel(src) as g:
+        shapes = {n: tuple(t.shape) for n, t in g.tensors.items()}
+        sens.check(sens_mod.model_fingerprint(g), "hessian", None, sensitivity)
+        _check_bytes(sens, shapes, sensitivity)
+        plans = pipeline.plan_model(g, mix.ftype_from_name(cfg.ftype), replace(cfg.mix, has_imatrix=True))
+    target = _target(target_size, target_bpw, sum(math.prod(s) for s in shapes.values()))
+    user = tuple(cfg.mix.tensor_types)
+    alloc = Allocator(sens, target, shapes, pinned_types(user, shapes), allowed=list(types))
+    free = [p.name for p in plans if p.allows_quantization and p.name not in alloc.pins]
+    longest = label or max(mix.FTYPES, key=len)
+    bound = replace(cfg, ftype=longest, mix=replace(cfg.mix, tensor_types=user + tuple((exact_pattern(n), 99) for n in free)))
+    header = pipeline.header_bytes(src, pipeline.QuantizeConfig(ftype="Q8_0", method="distill", mix=cfg.mix),
+                                   keys.provenance("distill", bound.to_dict(), data_fingerprints))
+    chosen = alloc(plans, header)
+    ftype = label or pipeline.dominant_ftype(chosen, src)
+    pins = user + tuple((exact_pattern(n), t) for n, t in chosen.items() if n not in alloc.pins)
+    return replace(cfg, ftype=ftype, mix=replace(cfg.mix, tensor_types=pins)), alloc

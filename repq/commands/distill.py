@@ -8,12 +8,13 @@ import typer
 from .._output import Output
 from ..errors import UsageError
 from .common import JsonOpt, QuietOpt, ThreadsOpt, meta, rank_is_zero, run_command
+from .sensitivity import AllowTypesOpt, ExcludeTypesOpt
 
 
 def distill(
     model: Annotated[Path, typer.Argument(help="Original model: F32/F16/BF16 GGUF (teacher and starting student).")],
     out_path: Annotated[Path, typer.Argument(metavar="OUT", help="Output GGUF path.")],
-    fmt: Annotated[str, typer.Option("--fmt", "-f", help="llama-quantize ftype: Q3_K_S, Q4_0, IQ4_XS, Q4_K_M, ...")],
+    fmt: Annotated[str | None, typer.Option("--fmt", "-f", help="llama-quantize ftype: Q3_K_S, Q4_0, IQ4_XS, Q4_K_M, ... (with a size target: only the file's label).")] = None,
     data: Annotated[Path | None, typer.Option("--data", "-d", help="Training + Hessian data: text, JSONL ('text' or chat 'messages', e.g. from `repq calib`), or token chunks from `repq tokenize` (.npy).")] = None,
     steps_per_group: Annotated[int, typer.Option(help="Training steps after each group is quantized.", min=0)] = 100,
     groups: Annotated[str | None, typer.Option(help="Group order, each optionally with its own steps: ffn_up,ffn_gate,ffn_down,attn_v,attn_output,attn_qk,embd (e.g. 'ffn_up:200,...').")] = None,
@@ -39,6 +40,11 @@ def distill(
     compile_: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the student's blocks (CUDA only).")] = True,
     shard: Annotated[bool, typer.Option("--shard", help="FSDP2: shard the student, its gradients and AdamW state over torchrun's processes (one process: a group of one); checkpoints reshard on resume.")] = False,
     vocab: Annotated[Path | None, typer.Option("--vocab", help="A GGUF of the same model to tokenize with.")] = None,
+    target_size: Annotated[str | None, typer.Option(help="Distill the type mix allocated for this file size (bytes, 900MB, 3.5GiB); needs --sensitivity.")] = None,
+    target_bpw: Annotated[float | None, typer.Option(help="The same as a size: bits per weight of the whole file.")] = None,
+    sensitivity: Annotated[Path | None, typer.Option(help="--target-size: costs from `repq sensitivity MODEL --hessian DIR` (with --kl-data: measured KL).")] = None,
+    allow_types: AllowTypesOpt = None,
+    exclude_types: ExcludeTypesOpt = None,
     threads: ThreadsOpt = 0,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -62,6 +68,8 @@ def distill(
         torchrun --nproc-per-node 2 --no-python repq distill m.gguf q.gguf --fmt Q3_K_S --data d.txt --device cuda
 
         repq distill model-f32.gguf q.gguf --fmt IQ3_S --on-policy 100000 --device cuda   # teacher-generated data
+
+        repq distill model-f32.gguf q.gguf --target-size 88MB --sensitivity sens.json --exclude-types Q4_1,Q5_1 --data d.txt
     """
     out = Output(json_out, quiet or not rank_is_zero())  # torchrun: rank 0 reports
 
@@ -77,10 +85,22 @@ def distill(
         from ..quant.pipeline import check_output_path
 
         check_output_path(model, out_path)
+        targeted = target_size is not None or target_bpw is not None
+        if not fmt and not targeted:
+            raise UsageError("pass --fmt FTYPE, or a size target (--target-size / --target-bpw) with --sensitivity")
+        if targeted and (target_size is not None) == (target_bpw is not None):
+            raise UsageError("pass one of --target-size and --target-bpw")
+        if targeted and sensitivity is None:
+            raise UsageError("--target-size/--target-bpw needs --sensitivity FILE",
+                             hint="make it with `repq hessian` and `repq sensitivity MODEL --hessian DIR -o FILE`")
+        alloc_only = [o for o, v in (("--sensitivity", sensitivity), ("--allow-types", allow_types),
+                                     ("--exclude-types", exclude_types)) if v]
+        if alloc_only and not targeted:
+            raise UsageError(f"{', '.join(alloc_only)} only apply with --target-size or --target-bpw")
         n_batch = batch_tokens // seq_len if batch_tokens else batch
         if batch_tokens and n_batch < 1:
             raise UsageError(f"--batch-tokens {batch_tokens} is less than one sequence of {seq_len}")
-        cfg = DistillConfig(ftype=fmt.upper(), groups=parse_groups(groups), steps_per_group=steps_per_group,
+        cfg = DistillConfig(ftype=(fmt or "Q8_0").upper(), groups=parse_groups(groups), steps_per_group=steps_per_group,
                             lr=lr, warmup=warmup, batch=n_batch, seq_len=seq_len, hessian_chunks=hessian_chunks,
                             damp=damp, kl_chunk=kl_chunk, seed=seed, on_policy=on_policy, prompts=prompts,
                             temperature=temperature)
@@ -105,6 +125,16 @@ def distill(
                 raise UsageError(f"{vocab or gguf_path}: vocabulary of {n_vocab} tokens, the model has {mcfg.n_vocab}")
         if cal is not None:
             out.log(f"{data}: {cal.n_tokens_file:,} tokens → {len(cal.chunks)} sequences of {cal.n_ctx}")
+        alloc = None
+        if targeted:
+            from ..alloc.recipe import allocate_distill
+            from .sensitivity import candidate_list
+
+            cfg, alloc = allocate_distill(gguf_path, cfg, label=fmt.upper() if fmt else None, target_size=target_size,
+                                          target_bpw=target_bpw, sensitivity=str(sensitivity),
+                                          types=candidate_list(allow_types, exclude_types),
+                                          data_fingerprints=[cal.fingerprint] if cal else [])
+            out.log(f"allocated a mix for {alloc.target:,} bytes: predicted cost {alloc.result.cost:.4g} ({cfg.ftype} label)")
         dev, _ = runtime.configure_torch(device, "auto", threads)
         rank, world, dev = runtime.init_distributed(dev, always=shard)
         ckdir = checkpoint_dir or Path(str(out_path) + ".distill")
@@ -145,7 +175,10 @@ def distill(
                     "config": cfg.to_dict(), "world": world, "device": dev, "file_bytes": res.file_bytes,
                     "tokens": res.tokens, "seconds": round(res.seconds, 3), "resumed_from": res.resumed_from,
                     "final_loss": last.get("loss"), "metrics_log": str(ckdir / "metrics.jsonl"),
-                    "tensors": res.tensors},
+                    "tensors": res.tensors}
+                   | ({"allocation": {"target_bytes": alloc.target, "predicted_cost": alloc.result.cost,
+                                      "lower_bound": alloc.result.lower_bound, "solver": alloc.result.method,
+                                      "source": alloc.sens.source}} if alloc else {}),
                    human=f"wrote {out_path}: {res.file_bytes:,} bytes, {res.tokens:,} training tokens in "
                          f"{res.seconds:.0f} s; final KL {last.get('loss', float('nan')):.4f}")
 

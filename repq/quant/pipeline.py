@@ -291,6 +291,22 @@ def quantize_model(src: str | os.PathLike, out: str | os.PathLike, cfg: Quantize
         model.close()
 
 
+def header_bytes(src: str | os.PathLike, cfg: QuantizeConfig, extra_kv: list[keys.KeyValue] | None = None) -> int:
+    """The exact bytes before the tensor data of the file :func:`quantize_model` writes for ``cfg``
+    and ``extra_kv`` (header, key/values, tensor infos, padding): the same whatever the tensor
+    types, so a size target can be split before the types are chosen (`repq distill --target-size`)."""
+    ftype = mix.ftype_from_name(cfg.ftype or "Q8_0")
+    with gguf_file.GGUFModel(src) as model:
+        plans = plan_model(model, ftype, replace(cfg.mix, has_imatrix=True))
+        return len(_writer(os.devnull, model, cfg, ftype, None, {}, extra_kv, plans).meta_bytes())
+
+
+def dominant_ftype(types: dict[str, int], src: str | os.PathLike) -> str:
+    """The ftype label of an allocated mix (:func:`_dominant_ftype`) for the model at ``src``."""
+    with gguf_file.GGUFModel(src) as model:
+        return _dominant_ftype(types, model).name
+
+
 def _dominant_ftype(types: dict[str, int], model: gguf_file.GGUFModel) -> mix.FType:
     """The first ftype (llama-quantize's order) whose default type holds the most allocated bytes."""
     held: dict[int, int] = {}

@@ -23,7 +23,7 @@ from repq.distill.kl import fused_kl, reference_kl
 from repq.distill.recipe import Distiller
 from repq.errors import UsageError
 from repq.ggml import quants
-from repq.ggml.types import is_quantized
+from repq.ggml.types import is_quantized, type_id
 from repq.io.gguf_file import GGUFModel
 from repq.model.config import ModelConfig
 
@@ -550,3 +550,40 @@ def test_sharded_checkpoint_metadata_never_runs_code(tmp_path):
     (esc / ".metadata").write_bytes(pickle.dumps(md, protocol=4))
     with pytest.raises(InputFileError, match="outside its directory"):
         dcp_reader(esc).read_metadata()
+
+
+def test_distill_to_a_size_target(tiny, tmp_path):
+    """--target-size: the allocated mix (from a `repq sensitivity` file) is what the groups quantize
+    to, the file is at most the target and records the pins; bad combinations exit 2."""
+    src, text, _ = tiny
+    h, sens = tmp_path / "h", tmp_path / "sens.json"
+    assert _cli("hessian", src, "--data", text, "-o", h, "-c", SEQ, "--chunks", 4, "-t", 1, "-q").returncode == 0
+    r = _cli("sensitivity", src, "--hessian", h, "-o", sens, "--allow-types", "Q4_0,Q8_0", "-t", 1, "-q")
+    assert r.returncode == 0, r.stderr
+    sizes = {}
+    for ft in ("Q4_0", "Q8_0"):
+        assert _cli("quantize", src, tmp_path / f"{ft}.gguf", "--fmt", ft, "--pure", "-q").returncode == 0
+        sizes[ft] = (tmp_path / f"{ft}.gguf").stat().st_size
+    target = (sizes["Q4_0"] + sizes["Q8_0"]) // 2
+    out = tmp_path / "q.gguf"
+    common = ["--data", text, "--seq-len", SEQ, "--batch", 4, "--steps-per-group", 1, "--hessian-chunks", 4,
+              "--warmup", 1, "--device", "cpu", "--threads", 1]
+    r = _cli("distill", src, out, "--target-size", target, "--sensitivity", sens, *common, "--json")
+    assert r.returncode == 0, r.stderr
+    obj = json.loads(r.stdout)
+    assert obj["file_bytes"] == out.stat().st_size <= target
+    a = obj["allocation"]
+    assert a["target_bytes"] == target and a["lower_bound"] <= a["predicted_cost"]
+    pins = {p.strip("^$").replace("\\", ""): t for p, t in obj["config"]["mix"]["tensor_types"]}
+    with GGUFModel(out) as g:
+        written = {n: t.type for n, t in g.tensors.items() if n in pins}
+    assert written == pins and set(pins.values()) == {type_id("Q4_0"), type_id("Q8_0")}   # a real mix
+    assert sizes["Q4_0"] < out.stat().st_size
+    base = ["distill", src, tmp_path / "bad.gguf", *common]
+    for extra, msg in ((["--target-size", target], "needs --sensitivity"),
+                       (["--fmt", "Q4_0", "--sensitivity", sens], "only apply with --target-size"),
+                       (["--target-size", sizes["Q4_0"] // 2, "--sensitivity", sens], "below the smallest possible"),
+                       ([], "pass --fmt FTYPE, or a size target")):
+        r = _cli(*base, *extra)
+        assert r.returncode == 2 and msg in r.stderr.replace("\n", " "), (extra, r.stderr)
+        assert not (tmp_path / "bad.gguf").exists()
