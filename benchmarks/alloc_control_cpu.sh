@@ -7,7 +7,8 @@
 # Q4_K and Q5_K excluded as well as Q4_1/Q5_1, at the sizes of llama.cpp's files, LDLQ with Hessians
 # of the same data (computed here), every file scored like the H200 run (llama-perplexity
 # --kl-divergence, 20 x 512 tokens, three domains).
-#   bash benchmarks/alloc_control_cpu.sh [TARGET_FTYPE ...]
+# LABEL=alloc EXCLUDE=Q4_1,Q5_1 runs the H200 run's allocation itself (all types) at more sizes.
+#   [LABEL=control] [EXCLUDE=Q4_1,Q5_1,Q4_K,Q5_K] bash benchmarks/alloc_control_cpu.sh [TARGET_FTYPE ...]
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 C=${REPQ_CACHE:-$HOME/.cache/repq}
@@ -16,6 +17,7 @@ REPQ=$ROOT/.venv/bin/repq B=$C/build/bin
 [ -x $B/llama-perplexity ] || B=$ROOT/native/build/bin
 F=$C/models/smollm2-135m-f32.gguf W=$C/alloc-control DATA=$C/calibmix/mixlib-52k.jsonl
 R=$RES/control_cpu.txt
+LABEL=${LABEL:-control} EXCLUDE=${EXCLUDE:-Q4_1,Q5_1,Q4_K,Q5_K}
 TYPES=IQ2_XS,IQ2_S,IQ3_XXS,IQ3_S,Q2_K,Q3_K,IQ4_XS,IQ4_NL,Q4_0,Q4_K,Q5_0,Q5_K,Q6_K,Q8_0
 mkdir -p $W
 [ -f $W/hess/hessians.json ] || $REPQ hessian $F --data $DATA --chunks 100 -c 512 -o $W/hess -t 2 -q > $W/hess.log 2>&1 \
@@ -26,18 +28,18 @@ for d in tutorial sysadmin fortunes; do
 done
 size_of() { grep -m1 "^ggml-imatrix $1 tutorial" $RES/results.txt | awk '{print $4}'; }
 for ft in ${@:-IQ2_XS IQ3_S IQ4_XS Q3_K_M Q4_K_M}; do
-  o=$W/control-$ft.gguf
+  o=$W/$LABEL-$ft.gguf
   if [ ! -f $o ]; then
     t0=$(date +%s)
     $REPQ quantize $F $o --target-size $(size_of $ft) --hessian $W/hess --sensitivity $RES/sens.json \
-      --allow-types $TYPES --exclude-types Q4_1,Q5_1,Q4_K,Q5_K -t 2 --json > $W/control-$ft.json 2> $W/control-$ft.log \
-      || { echo "control $ft failed: $(tail -1 $W/control-$ft.log)" >> $R; rm -f $o; continue; }
-    echo "control $ft quantized in $(( $(date +%s) - t0 )) s (2 CPU cores)" >> $R
-    cp $W/control-$ft.json $RES/
+      --allow-types $TYPES --exclude-types $EXCLUDE -t 2 --json > $W/$LABEL-$ft.json 2> $W/$LABEL-$ft.log \
+      || { echo "$LABEL $ft failed: $(tail -1 $W/$LABEL-$ft.log)" >> $R; rm -f $o; continue; }
+    echo "$LABEL $ft quantized in $(( $(date +%s) - t0 )) s (2 CPU cores)" >> $R
+    cp $W/$LABEL-$ft.json $RES/
   fi
   for d in tutorial sysadmin fortunes; do
     $B/llama-perplexity -m $o -f $C/data/$d.txt -c 512 --chunks 20 -t 2 --kl-divergence-base $W/base_$d.kld \
       --kl-divergence > $o.$d.log 2>&1
-    echo "control $ft $d $(stat -c %s $o) bytes: $(grep -E 'Mean +KLD|Same top' $o.$d.log | tr -s ' ' | tr '\n' ' ')" >> $R
+    echo "$LABEL $ft $d $(stat -c %s $o) bytes: $(grep -E 'Mean +KLD|Same top' $o.$d.log | tr -s ' ' | tr '\n' ' ')" >> $R
   done
 done
