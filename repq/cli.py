@@ -16,7 +16,7 @@ import typer
 
 from . import __version__
 from ._output import Output
-from .commands import calib, distill, evaluate, quantize, sensitivity
+from .commands import calib, distill, evaluate, quantize, sensitivity, taskeval
 from .commands.common import JsonOpt, meta, run_command
 
 app = typer.Typer(
@@ -57,8 +57,8 @@ def version(json_out: JsonOpt = False):
 
 # The commands, in the order `repq --help` lists them.
 for command in (quantize.quantize, sensitivity.sensitivity, distill.distill, calib.imatrix, calib.hessian, calib.tokenize, calib.calib,
-                evaluate.ppl, evaluate.kld, evaluate.bench, evaluate.report, version):
-    app.command()(command)
+                evaluate.ppl, evaluate.kld, evaluate.bench, taskeval.eval_, evaluate.report, version):
+    app.command(name=getattr(command, "command_name", None))(command)
 
 
 def main() -> None:  # pragma: no cover

@@ -1,0 +1,137 @@
+"""`repq eval`: task accuracy of GGUF files in llama.cpp's kernels, against a base model problem by problem."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .._output import Output
+from ..errors import InputFileError, UsageError
+from .common import JsonOpt, NglOpt, QuietOpt, ThreadsOpt, meta, run_command
+
+
+def eval_(
+    models: Annotated[list[Path], typer.Argument(metavar="MODEL.gguf...", help="GGUF files to evaluate.")],
+    task: Annotated[list[str] | None, typer.Option("--task", help="builtin (every built-in task) or a built-in task: arith, count, units; repeatable.")] = None,
+    levels: Annotated[str, typer.Option(help="Difficulty levels of the built-in tasks: e.g. 1-5, 1,3.")] = "1-5",
+    limit: Annotated[int, typer.Option(help="Problems per task and level.")] = 100,
+    base: Annotated[Path | None, typer.Option(help="Base GGUF: paired outcomes (lost / gained, McNemar), greedy agreement, output lengths.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Token budget per answer.")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 = greedy; else seeded sampling (llama.cpp's top-k 40 / top-p 0.95 chain).", min=0.0)] = 0.0,
+    seed: Annotated[int, typer.Option(help="Problem generation and sampling seed.")] = 0,
+    template: Annotated[str, typer.Option(help="auto (the model's chat template if it has one) | chat | plain (Question: … Answer:).")] = "auto",
+    parallel: Annotated[int, typer.Option(help="Sequences decoded together.", min=1)] = 16,
+    ctx_size: Annotated[int, typer.Option("--ctx-size", "-c", help="Context per sequence (prompt + answer).")] = 512,
+    ngl: NglOpt = 0,
+    threads: ThreadsOpt = 0,
+    outputs: Annotated[Path | None, typer.Option("--outputs", help="Also write every problem's output and score as JSONL.")] = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Solve generated problems with each model and report accuracy by task and difficulty level.
+
+    Answers are decoded in batches in llama.cpp's kernels (the file users run), the final number
+    is extracted (a `\\boxed{}` first; a `<think>` section is measured, not searched) and compared
+    with the known answer. With --base, each model is compared with the base problem by problem.
+
+    Examples:
+
+        repq eval q3_k_s.gguf --task builtin --limit 200
+
+        repq eval q.gguf q-llama.gguf --base model-f32.gguf --task arith --levels 1-3 --json
+
+        repq eval q.gguf --task count --ngl 99 --parallel 64 --outputs answers.jsonl
+    """
+    out = Output(json_out, quiet)
+
+    def body():
+        from ..data.selfgen import GenerateConfig
+        from ..eval import generative, tasks
+
+        names = _tasks(task or ["builtin"])
+        lv = _levels(levels)
+        if template not in ("auto", "chat", "plain"):
+            raise UsageError(f"--template {template!r}: use auto, chat or plain")
+        for p in [*models, *([base] if base else [])]:
+            if not p.is_file():
+                raise InputFileError(f"{p}: no such file")
+        probs = [q for t in names for level in lv for q in tasks.problems(t, level, limit, seed=seed)]
+        gen = GenerateConfig(max_tokens=max_tokens, seed=seed, temperature=temperature, n_ctx=ctx_size,
+                             parallel=parallel, threads=threads, n_gpu_layers=ngl)
+        if outputs is not None:
+            outputs.parent.mkdir(parents=True, exist_ok=True)
+
+        def run(path: Path) -> list:
+            with out.progress(f"eval {path.name}", total=len(probs)) as advance:
+                return generative.run_model(path, probs, gen, template=template,
+                                            on_answer=lambda i, n: advance(1))
+
+        base_out = run(base) if base else None
+        results, rows, lines = [], [], []
+        for m in models:
+            res = run(m)
+            entry = {"model": str(m), "tasks": generative.summarize(res)}
+            if base_out is not None:
+                entry["paired"] = {t: {str(level): generative.paired(
+                    [o for o in base_out if o.task == t and o.level == level],
+                    [o for o in res if o.task == t and o.level == level]) for level in lv} for t in names}
+                entry["paired_all"] = generative.paired(base_out, res)
+            results.append(entry)
+            lines += [{"model": str(m), **o.to_dict()} for o in res]
+            for t, by_level in entry["tasks"].items():
+                for level, s in by_level.items():
+                    pr = entry.get("paired", {}).get(t, {}).get(level)
+                    rows.append([m.name, t, level, str(s["n"]),
+                                 f"{100 * s['accuracy']:.1f} [{100 * s['ci95'][0]:.1f}, {100 * s['ci95'][1]:.1f}]",
+                                 f"{s['mean_output_tokens']:.1f}"]
+                                + ([f"{pr['lost']}/{pr['gained']}", f"{pr['mcnemar_p']:.3g}",
+                                    f"{pr['agreement_median_tokens']:.0f}"] if pr else []))
+        if outputs is not None:
+            import json
+
+            from ..io.atomic import atomic_write_bytes
+
+            lines += [{"model": str(base), **o.to_dict()} for o in base_out or []]
+            atomic_write_bytes(outputs, "".join(json.dumps(x) + "\n" for x in lines).encode())
+        base_summary = generative.summarize(base_out) if base_out is not None else None
+        out.table("task accuracy (%, Wilson 95 % interval)",
+                  ["model", "task", "level", "n", "accuracy", "mean tokens"]
+                  + (["lost/gained", "McNemar p", "agree (tok)"] if base else []), rows)
+        out.result({**meta(), "command": "eval", "tasks": names, "levels": lv, "limit": limit, "seed": seed,
+                    "generation": gen.to_dict(), "template": template, "models": results,
+                    "base": {"model": str(base), "tasks": base_summary} if base else None},
+                   human=f"evaluated {len(models)} model(s) on {len(probs)} problems"
+                         + (f" against {base.name}" if base else ""))
+
+    run_command(out, body)
+
+
+eval_.command_name = "eval"
+
+
+def _tasks(spec: list[str]) -> list[str]:
+    from ..eval.tasks import TASKS
+
+    names: list[str] = []
+    for s in spec:
+        for t in (TASKS if s == "builtin" else [s]):
+            if t not in TASKS:
+                raise UsageError(f"--task {s}: unknown task", hint=f"use builtin or one of {', '.join(TASKS)}")
+            if t not in names:
+                names.append(t)
+    return names
+
+
+def _levels(spec: str) -> list[int]:
+    from ..eval.tasks import LEVELS
+
+    out: list[int] = []
+    try:
+        for part in spec.split(","):
+            a, _, b = part.partition("-")
+            out += range(int(a), int(b or a) + 1)
+    except ValueError:
+        raise UsageError(f"--levels {spec!r}: expected e.g. 1-5 or 1,3") from None
+    if not out or any(x not in LEVELS for x in out):
+        raise UsageError(f"--levels {spec!r}: levels are {LEVELS[0]}…{LEVELS[-1]}")
+    return sorted(set(out))

@@ -1,0 +1,148 @@
+"""Generative task evaluation in llama.cpp's kernels (`repq eval`): answers decoded in batches
+(many sequences per ``llama_decode``, :func:`repq.data.selfgen.generate_answers`), scored, and
+compared with a base model problem by problem.
+
+* :func:`run_model`: every problem's prompt rendered with the model's chat template (or a plain
+  ``Question: … Answer:`` prompt for a model without one), greedy decoding (or seeded sampling)
+  to an end-of-generation token or the token budget; one :class:`Outcome` per problem.
+* :func:`summarize`: accuracy with a Wilson 95 % interval and output lengths, per task and level.
+* :func:`paired`: against the base model's outcomes on the same problems — both right, lost,
+  gained, both wrong, an exact McNemar test on the discordant pairs (the paired test two
+  independent accuracy intervals would miss), and greedy agreement: tokens generated before the
+  quantized model's output first differs from the base's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .tasks import INSTRUCTION, Problem, extract_answer, split_reasoning
+
+
+@dataclass
+class Outcome:
+    key: str
+    task: str
+    level: int
+    answer: int
+    extracted: float | None
+    correct: bool
+    output_tokens: int
+    reasoning_bytes: int
+    tokens: list[int]
+    text: str
+
+    def to_dict(self, *, with_tokens: bool = False) -> dict:
+        d = asdict(self)
+        if not with_tokens:
+            d.pop("tokens")
+        return d
+
+
+def prompt_tokens(tok, problem: Problem, template: str) -> np.ndarray:
+    """The prompt of a problem: the chat template's user turn (``template`` chat, or auto with a
+    template in the model), else ``Question: …\\nAnswer:`` with BOS."""
+    from ..data.chat import chat_tokens
+
+    text = f"{problem.question}\n{INSTRUCTION}"
+    if template == "chat" or (template == "auto" and tok.chat_template):
+        return chat_tokens(tok, [{"role": "user", "content": text}], add_generation_prompt=True)
+    return tok.tokenize(f"Question: {text}\nAnswer:", add_special=True, parse_special=False)
+
+
+def run_model(model_path: str | os.PathLike, problems: list[Problem], gen, *, template: str = "auto",
+              on_answer=None) -> list[Outcome]:
+    """Every problem answered by the model at ``model_path`` (a GGUF) with
+    :class:`repq.data.selfgen.GenerateConfig` ``gen``; outcomes in problem order.
+
+    Raises:
+        UsageError: a chat template was asked for and the model has none, or a prompt is too long.
+    """
+    from ..data.selfgen import generate_answers
+    from ..data.tokenizer import Tokenizer
+
+    with Tokenizer(model_path) as tok:
+        prompts = [prompt_tokens(tok, p, template) for p in problems]
+    out: list[Outcome] = []
+    for i, toks, raw in generate_answers(model_path, prompts, gen):
+        if i >= len(problems):
+            break
+        p, text = problems[i], raw.decode("utf-8", errors="replace")
+        got = extract_answer(text)
+        out.append(Outcome(p.key, p.task, p.level, p.answer, got, got is not None and got == p.answer, len(toks),
+                           len(split_reasoning(text)[0].encode()), list(toks), text))
+        if on_answer:
+            on_answer(i, len(problems))
+        if len(out) == len(problems):
+            break
+    return out
+
+
+def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score 95 % interval of a proportion k / n."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+def summarize(outcomes: list[Outcome]) -> dict:
+    """task → level → {n, correct, accuracy, ci95, mean_output_tokens, mean_reasoning_bytes}."""
+    groups: dict[str, dict[int, list[Outcome]]] = {}
+    for o in outcomes:
+        groups.setdefault(o.task, {}).setdefault(o.level, []).append(o)
+    res: dict = {}
+    for task, levels in groups.items():
+        for level, os_ in sorted(levels.items()):
+            k = sum(o.correct for o in os_)
+            res.setdefault(task, {})[str(level)] = {
+                "n": len(os_), "correct": k, "accuracy": k / len(os_), "ci95": list(wilson(k, len(os_))),
+                "mean_output_tokens": float(np.mean([o.output_tokens for o in os_])),
+                "mean_reasoning_bytes": float(np.mean([o.reasoning_bytes for o in os_]))}
+    return res
+
+
+def mcnemar_exact(lost: int, gained: int) -> float:
+    """Two-sided exact McNemar p-value: the discordant pairs against Binomial(lost + gained, ½)."""
+    n = lost + gained
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(lost, gained) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def paired(base: list[Outcome], quant: list[Outcome]) -> dict:
+    """Problem-by-problem comparison with the base model's outcomes on the same problems.
+
+    Raises:
+        ValueError: the two lists are not the same problems in the same order.
+    """
+    if [o.key for o in base] != [o.key for o in quant]:
+        raise ValueError("paired outcomes need the same problems in the same order")
+    both = sum(b.correct and q.correct for b, q in zip(base, quant, strict=True))
+    lost = sum(b.correct and not q.correct for b, q in zip(base, quant, strict=True))
+    gained = sum(q.correct and not b.correct for b, q in zip(base, quant, strict=True))
+    agree = [common_prefix(b.tokens, q.tokens) for b, q in zip(base, quant, strict=True)]
+    same = sum(b.tokens == q.tokens for b, q in zip(base, quant, strict=True))
+    return {"n": len(base), "both_right": both, "lost": lost, "gained": gained,
+            "both_wrong": len(base) - both - lost - gained, "mcnemar_p": mcnemar_exact(lost, gained),
+            "accuracy_delta": (gained - lost) / len(base) if base else 0.0,
+            "agreement_median_tokens": float(np.median(agree)) if agree else 0.0,
+            "identical_outputs": same,
+            "mean_output_tokens": {"base": float(np.mean([b.output_tokens for b in base])) if base else 0.0,
+                                   "model": float(np.mean([q.output_tokens for q in quant])) if quant else 0.0}}

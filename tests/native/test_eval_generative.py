@@ -1,0 +1,69 @@
+"""`repq eval` end to end on a tiny model in llama.cpp (issue 18): JSON per task and level, the
+model against itself as base (no lost or gained problem, identical greedy outputs), the outputs
+file, and bad input (exit 2, one line, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from support.models import random_model, save_gguf
+from support.vocab import byte_vocab_kv
+
+from repq.model.config import ModelConfig
+
+REPQ = [sys.executable, "-m", "repq"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, native):
+    d = tmp_path_factory.mktemp("eval-gen")
+    cfg = ModelConfig(arch="llama", n_layer=2, n_embd=128, n_ff=256, n_head=4, n_head_kv=2, n_vocab=262,
+                      rms_eps=1e-5, tied=True)
+    save_gguf(random_model(cfg, seed=2), d / "m.gguf", kv=byte_vocab_kv())                # ChatML template
+    save_gguf(random_model(cfg, seed=2), d / "plain.gguf", kv=byte_vocab_kv(chat_template=False))
+    return d / "m.gguf"
+
+
+def _eval(*args):
+    return subprocess.run(REPQ + ["eval", *map(str, args)], capture_output=True, text=True)
+
+
+def test_eval_json_base_and_outputs(tiny, tmp_path):
+    r = _eval(tiny, "--task", "arith", "--task", "units", "--levels", "1-2", "--limit", 3, "--max-tokens", 6,
+              "--base", tiny, "--parallel", 4, "-t", 2, "--outputs", tmp_path / "o.jsonl", "--json")
+    assert r.returncode == 0, r.stderr
+    obj = json.loads(r.stdout)
+    assert obj["tasks"] == ["arith", "units"] and obj["levels"] == [1, 2]
+    (m,) = obj["models"]
+    for task in ("arith", "units"):
+        for level in ("1", "2"):
+            s = m["tasks"][task][level]
+            assert s["n"] == 3 and 0 <= s["accuracy"] <= 1 and 0 < s["mean_output_tokens"] <= 6
+            p = m["paired"][task][level]
+            assert p["lost"] == p["gained"] == 0 and p["identical_outputs"] == 3 and p["mcnemar_p"] == 1.0
+    assert m["paired_all"]["n"] == 12
+    assert obj["base"]["tasks"] == m["tasks"]
+    lines = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    r = _eval(tiny.with_name("plain.gguf"), "--task", "count", "--levels", 1, "--limit", 2, "--max-tokens", 4,
+              "--json")                                     # no template: the plain Question/Answer prompt
+    assert r.returncode == 0 and json.loads(r.stdout)["models"][0]["tasks"]["count"]["1"]["n"] == 2, r.stderr
+    assert len(lines) == 24 and {x["key"] for x in lines} == {f"{t}/{lv}/{i}" for t in ("arith", "units")
+                                                              for lv in (1, 2) for i in range(3)}
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--task", "trivia"], "--task trivia: unknown task"),
+    (["--levels", "0-2"], "--levels '0-2'"),
+    (["--levels", "x"], "--levels 'x'"),
+    (["--limit", 0], "--limit 0"),
+    (["--template", "chat"], "has none"),                   # plain.gguf has no chat template
+    (["--template", "fancy"], "--template 'fancy'"),
+    (["--base", "/nonexistent.gguf"], "no such file"),
+])
+def test_bad_input_exit_2(tiny, tmp_path, args, match):
+    r = _eval(tiny.with_name("plain.gguf"), "--limit", 2, "--levels", 1, "--max-tokens", 4, "--outputs", tmp_path / "o.jsonl", *args)
+    assert r.returncode == 2 and match in r.stderr.replace("\n", " "), r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "o.jsonl").exists()

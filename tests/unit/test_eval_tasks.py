@@ -1,0 +1,95 @@
+"""`repq eval`'s built-in tasks and statistics (issue 18): every generated answer is re-derived from
+the question text by an independent parser; problems are reproducible and --limit takes a prefix;
+answer extraction; the Wilson interval and the exact McNemar test against known values; paired
+outcomes and greedy agreement."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from repq.errors import UsageError
+from repq.eval.generative import Outcome, common_prefix, mcnemar_exact, paired, summarize, wilson
+from repq.eval.tasks import LEVELS, TASKS, extract_answer, problems, split_reasoning
+
+
+def _solve(task: str, q: str) -> int:
+    """The answer from the question's words alone (not the generator's state)."""
+    if task == "count":
+        target = re.search(r'word "(\w+)"', q).group(1)
+        return q.split(": ", 1)[1].rstrip("?").split(", ").count(target)
+    if task == "units":
+        terms = q.removeprefix("How many minutes are ").removesuffix(" in total?").split(" plus ")
+        return sum(int(n) * (60 if u.startswith("hour") else 1) for n, u in (t.split() for t in terms))
+    n = int(re.match(r"\w+ has (\d+) ", q).group(1))
+    for s in re.findall(r"Then [^.]*\.", q):
+        if "gives away" in s:
+            n -= int(re.search(r"gives away (\d+)", s).group(1))
+        elif "doubles" in s:
+            n *= 2
+        else:
+            n += int(re.search(r"gets (\d+) more", s).group(1))
+    return n
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("level", LEVELS)
+def test_answers_follow_from_the_question(task, level):
+    ps = problems(task, level, 40, seed=3)
+    assert all(p.answer == _solve(task, p.question) for p in ps)
+    assert all(p.answer >= 0 for p in ps)
+    if task == "arith":
+        assert all(len(re.findall(r"Then ", p.question)) == level for p in ps)
+    assert len({p.question for p in ps}) > 20                       # varied, not one problem repeated
+
+
+def test_reproducible_and_prefix_stable():
+    a = problems("arith", 3, 10, seed=1)
+    assert problems("arith", 3, 4, seed=1) == a[:4] and problems("arith", 3, 10, seed=1) == a
+    assert problems("arith", 3, 10, seed=2) != a
+    assert [p.key for p in a[:2]] == ["arith/3/0", "arith/3/1"]
+    for bad, match in ((("nope", 1, 5), "unknown built-in task"), (("arith", 6, 5), "level 6"),
+                       (("arith", 1, 0), "--limit 0")):
+        with pytest.raises(UsageError, match=match):
+            problems(*bad)
+
+
+def test_extract_answer():
+    assert extract_answer("3 + 4 = 7 apples.\nThe answer is 7.") == 7
+    assert extract_answer("so \\boxed{1,250} then 3 more words 9") == 1250
+    assert extract_answer("It is -12.5 degrees") == -12.5
+    assert extract_answer("no number here") is None
+    assert extract_answer("<think>maybe 4? or 5</think>The answer: 6") == 6
+    assert extract_answer("<think>only 4 inside</think>no answer") is None
+    assert split_reasoning("<think>abc</think>x") == ("abc", "x") and split_reasoning("x") == ("", "x")
+
+
+def test_wilson_and_mcnemar_known_values():
+    lo, hi = wilson(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == pytest.approx(1.0)
+    assert mcnemar_exact(1, 9) == pytest.approx(2 * 11 / 1024)      # 2 · P(X ≤ 1), X ~ Bin(10, ½)
+    assert mcnemar_exact(5, 5) == 1.0 and mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(0, 6) == pytest.approx(2 / 64)
+
+
+def _o(key, correct, tokens):
+    t, lv, _ = key.split("/")
+    return Outcome(key, t, int(lv), 1, 1.0 if correct else None, correct, len(tokens), 0, tokens, "")
+
+
+def test_paired_outcomes_and_agreement():
+    base = [_o("arith/1/0", True, [1, 2, 3]), _o("arith/1/1", True, [4, 5]), _o("arith/1/2", False, [6]),
+            _o("arith/1/3", False, [7, 8, 9, 10])]
+    quant = [_o("arith/1/0", True, [1, 2, 3]), _o("arith/1/1", False, [4, 9]), _o("arith/1/2", True, [7]),
+             _o("arith/1/3", False, [7, 8, 1])]
+    p = paired(base, quant)
+    assert (p["both_right"], p["lost"], p["gained"], p["both_wrong"]) == (1, 1, 1, 1)
+    assert p["identical_outputs"] == 1 and p["agreement_median_tokens"] == 1.5    # prefixes 3, 1, 0, 2
+    assert p["mcnemar_p"] == 1.0 and p["accuracy_delta"] == 0
+    assert common_prefix([1, 2], [1, 2, 3]) == 2
+    with pytest.raises(ValueError):
+        paired(base, quant[::-1])
+    s = summarize(quant)["arith"]["1"]
+    assert s["n"] == 4 and s["correct"] == 2 and s["mean_output_tokens"] == 2.25
