@@ -1,5 +1,6 @@
 """`repq eval`: task accuracy of GGUF files in llama.cpp's kernels, against a base model problem by problem."""
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -24,7 +25,8 @@ def eval_(
     ctx_size: Annotated[int, typer.Option("--ctx-size", "-c", help="Context per sequence (prompt + answer).")] = 512,
     ngl: NglOpt = 0,
     threads: ThreadsOpt = 0,
-    outputs: Annotated[Path | None, typer.Option("--outputs", help="Also write every problem's output and score as JSONL.")] = None,
+    outputs: Annotated[Path | None, typer.Option("--outputs", help="Write every problem's output and score as JSONL, as they come (what --resume continues from).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Keep the problems already in --outputs (same models and settings) and answer only the rest.")] = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -41,6 +43,8 @@ def eval_(
         repq eval q.gguf q-llama.gguf --base model-f32.gguf --task arith --levels 1-3 --json
 
         repq eval q.gguf --task count --ngl 99 --parallel 64 --outputs answers.jsonl
+
+        repq eval q.gguf --base f32.gguf --task builtin --limit 500 --outputs a.jsonl --resume   # after Ctrl-C
     """
     out = Output(json_out, quiet)
 
@@ -58,41 +62,61 @@ def eval_(
         probs = [q for t in names for level in lv for q in tasks.problems(t, level, limit, seed=seed)]
         gen = GenerateConfig(max_tokens=max_tokens, seed=seed, temperature=temperature, n_ctx=ctx_size,
                              parallel=parallel, threads=threads, n_gpu_layers=ngl)
-        if outputs is not None:
-            outputs.parent.mkdir(parents=True, exist_ok=True)
+        if resume and outputs is None:
+            raise UsageError("--resume continues from --outputs FILE: pass it")
+        done = generative.load_outputs(outputs) if resume and outputs.exists() else {}
+        import json
+
+        sink = []   # the outputs file, opened at the first answer (bad input leaves no file)
 
         def run(path: Path) -> list:
+            rid = generative.run_id(path, gen, template)
+            prior = done.get(rid, {})
+
+            def record(o):
+                advance(1)
+                if outputs is not None:
+                    if not sink:
+                        outputs.parent.mkdir(parents=True, exist_ok=True)
+                        if resume and outputs.exists():   # drop a last line an interruption cut short
+                            data = outputs.read_bytes()
+                            if data and not data.endswith(b"\n"):
+                                os.truncate(outputs, data.rfind(b"\n") + 1)
+                        sink.append(open(outputs, "a" if resume else "w", encoding="utf-8"))  # noqa: SIM115
+                    sink[0].write(json.dumps({"run": rid, "model": str(path), **o.to_dict(with_tokens=True)}) + "\n")
+                    sink[0].flush()
+
             with out.progress(f"eval {path.name}", total=len(probs)) as advance:
-                return generative.run_model(path, probs, gen, template=template,
-                                            on_answer=lambda i, n: advance(1))
+                advance(sum(p.key in prior for p in probs))
+                return generative.run_model(path, probs, gen, template=template, done=prior, on_outcome=record)
 
-        base_out = run(base) if base else None
-        results, rows, lines = [], [], []
-        for m in models:
-            res = run(m)
-            entry = {"model": str(m), "tasks": generative.summarize(res)}
-            if base_out is not None:
-                entry["paired"] = {t: {str(level): generative.paired(
-                    [o for o in base_out if o.task == t and o.level == level],
-                    [o for o in res if o.task == t and o.level == level]) for level in lv} for t in names}
-                entry["paired_all"] = generative.paired(base_out, res)
-            results.append(entry)
-            lines += [{"model": str(m), **o.to_dict()} for o in res]
-            for t, by_level in entry["tasks"].items():
-                for level, s in by_level.items():
-                    pr = entry.get("paired", {}).get(t, {}).get(level)
-                    rows.append([m.name, t, level, str(s["n"]),
-                                 f"{100 * s['accuracy']:.1f} [{100 * s['ci95'][0]:.1f}, {100 * s['ci95'][1]:.1f}]",
-                                 f"{s['mean_output_tokens']:.1f}"]
-                                + ([f"{pr['lost']}/{pr['gained']}", f"{pr['mcnemar_p']:.3g}",
-                                    f"{pr['agreement_median_tokens']:.0f}"] if pr else []))
-        if outputs is not None:
-            import json
-
-            from ..io.atomic import atomic_write_bytes
-
-            lines += [{"model": str(base), **o.to_dict()} for o in base_out or []]
-            atomic_write_bytes(outputs, "".join(json.dumps(x) + "\n" for x in lines).encode())
+        try:
+            base_out = run(base) if base else None
+            results, rows = [], []
+            for m in models:
+                res = run(m)
+                entry = {"model": str(m), "tasks": generative.summarize(res)}
+                if base_out is not None:
+                    entry["paired"] = {t: {str(level): generative.paired(
+                        [o for o in base_out if o.task == t and o.level == level],
+                        [o for o in res if o.task == t and o.level == level]) for level in lv} for t in names}
+                    entry["paired_all"] = generative.paired(base_out, res)
+                results.append(entry)
+                for t, by_level in entry["tasks"].items():
+                    for level, s in by_level.items():
+                        pr = entry.get("paired", {}).get(t, {}).get(level)
+                        rows.append([m.name, t, level, str(s["n"]),
+                                     f"{100 * s['accuracy']:.1f} [{100 * s['ci95'][0]:.1f}, {100 * s['ci95'][1]:.1f}]",
+                                     f"{s['mean_output_tokens']:.1f}"]
+                                    + ([f"{pr['lost']}/{pr['gained']}", f"{pr['mcnemar_p']:.3g}",
+                                        f"{pr['agreement_median_tokens']:.0f}"] if pr else []))
+        except KeyboardInterrupt:
+            if outputs is not None:
+                out.log(f"interrupted: the answers so far are in {outputs}; rerun with --resume to continue")
+            raise
+        finally:
+            for f in sink:
+                f.close()
         base_summary = generative.summarize(base_out) if base_out is not None else None
         out.table("task accuracy (%, Wilson 95 % interval)",
                   ["model", "task", "level", "n", "accuracy", "mean tokens"]

@@ -120,8 +120,12 @@ class _Slot:
 
 
 def generate_answers(model_path: str | os.PathLike, prompt_tokens: list[np.ndarray], cfg: GenerateConfig,
-                     start: int = 0) -> Iterator[tuple[int, list[int], bytes]]:
+                     start: int = 0, seed_keys: list[int] | None = None) -> Iterator[tuple[int, list[int], bytes]]:
     """Answers ``start, start + 1, ...`` (without end): ``(i, tokens, utf-8 bytes of the text)``.
+
+    ``seed_keys``: answer ``i`` samples with a generator seeded by ``(seed, seed_keys[i % n])``
+    instead of ``(seed, i)``, so that a subset of a larger prompt list (a resumed evaluation)
+    samples each prompt as the whole list would.
 
     Raises:
         UsageError: a prompt leaves no room for an answer in ``cfg.n_ctx`` tokens.
@@ -167,8 +171,9 @@ def generate_answers(model_path: str | os.PathLike, prompt_tokens: list[np.ndarr
                 p = prompt_tokens[nxt % len(prompt_tokens)]
                 if len(toks) + len(p) > n_batch:
                     break
+                key = nxt if seed_keys is None else seed_keys[nxt % len(prompt_tokens)]
                 slots[k] = sl = _Slot(nxt, min(cfg.max_tokens, cfg.n_ctx - len(p)),
-                                      np.random.default_rng([cfg.seed, nxt]), [], len(p))
+                                      np.random.default_rng([cfg.seed, key]), [], len(p))
                 nxt += 1
                 toks += p.tolist()
                 pos += range(len(p))

@@ -55,9 +55,13 @@ def prompt_tokens(tok, problem: Problem, template: str) -> np.ndarray:
 
 
 def run_model(model_path: str | os.PathLike, problems: list[Problem], gen, *, template: str = "auto",
-              on_answer=None) -> list[Outcome]:
+              done: dict[str, Outcome] | None = None, on_outcome=None) -> list[Outcome]:
     """Every problem answered by the model at ``model_path`` (a GGUF) with
     :class:`repq.data.selfgen.GenerateConfig` ``gen``; outcomes in problem order.
+
+    ``done``: outcomes already known (a resumed run), by problem key: only the other problems are
+    decoded, each sampled as in the whole run (seeded by its index in ``problems``).
+    ``on_outcome``: called with each new outcome as it is scored (in problem order).
 
     Raises:
         UsageError: a chat template was asked for and the model has none, or a prompt is too long.
@@ -65,21 +69,69 @@ def run_model(model_path: str | os.PathLike, problems: list[Problem], gen, *, te
     from ..data.selfgen import generate_answers
     from ..data.tokenizer import Tokenizer
 
-    with Tokenizer(model_path) as tok:
-        prompts = [prompt_tokens(tok, p, template) for p in problems]
-    out: list[Outcome] = []
-    for i, toks, raw in generate_answers(model_path, prompts, gen):
-        if i >= len(problems):
-            break
-        p, text = problems[i], raw.decode("utf-8", errors="replace")
-        got = extract_answer(text)
-        out.append(Outcome(p.key, p.task, p.level, p.answer, got, got is not None and got == p.answer, len(toks),
-                           len(split_reasoning(text)[0].encode()), list(toks), text))
-        if on_answer:
-            on_answer(i, len(problems))
-        if len(out) == len(problems):
-            break
-    return out
+    done = done or {}
+    todo = [i for i, p in enumerate(problems) if p.key not in done]
+    new: dict[str, Outcome] = {}
+    if todo:
+        with Tokenizer(model_path) as tok:
+            prompts = [prompt_tokens(tok, problems[i], template) for i in todo]
+        for j, toks, raw in generate_answers(model_path, prompts, gen, seed_keys=todo):
+            p, text = problems[todo[j]], raw.decode("utf-8", errors="replace")
+            got = extract_answer(text)
+            o = Outcome(p.key, p.task, p.level, p.answer, got, got is not None and got == p.answer, len(toks),
+                        len(split_reasoning(text)[0].encode()), list(toks), text)
+            new[p.key] = o
+            if on_outcome:
+                on_outcome(o)
+            if len(new) == len(todo):
+                break
+    return [done.get(p.key) or new[p.key] for p in problems]
+
+
+def run_id(model_path: str | os.PathLike, gen, template: str) -> str:
+    """Names one model's run in an outputs file: the file (path, size) and every setting that
+    changes its answers."""
+    import hashlib
+    import json
+
+    st = os.stat(model_path)
+    cfg = {k: v for k, v in gen.to_dict().items() if k not in ("parallel", "threads", "n_gpu_layers")}
+    return hashlib.sha256(json.dumps([os.fspath(model_path), st.st_size, cfg, template], sort_keys=True)
+                          .encode()).hexdigest()[:16]
+
+
+def load_outputs(path: str | os.PathLike) -> dict[str, dict[str, Outcome]]:
+    """An outputs file (JSONL of `repq eval --outputs`) → run id → problem key → outcome.  A last
+    line cut short by an interruption is dropped.
+
+    Raises:
+        InputFileError: an unreadable file or a malformed line before the last.
+    """
+    import json
+
+    from ..errors import InputFileError
+
+    try:
+        lines = open(path, "rb").read().decode("utf-8").split("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputFileError(f"{path}: cannot read the outputs to resume from ({e})") from None
+    runs: dict[str, dict[str, Outcome]] = {}
+    fields = set(Outcome.__dataclass_fields__)
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            o = Outcome(**{k: d[k] for k in fields})
+            if not (isinstance(o.tokens, list) and isinstance(o.key, str)):
+                raise TypeError("bad tokens or key")
+            runs.setdefault(str(d["run"]), {})[o.key] = o
+        except (ValueError, KeyError, TypeError) as e:
+            if n == len(lines) or (n == len(lines) - 1 and not lines[-1].strip()):
+                continue   # the line an interruption cut short
+            raise InputFileError(f"{path}: line {n} is not a repq eval output record ({e})",
+                                 hint="pass another --outputs file, or drop --resume to start over") from None
+    return runs
 
 
 def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:

@@ -67,3 +67,33 @@ def test_bad_input_exit_2(tiny, tmp_path, args, match):
     r = _eval(tiny.with_name("plain.gguf"), "--limit", 2, "--levels", 1, "--max-tokens", 4, "--outputs", tmp_path / "o.jsonl", *args)
     assert r.returncode == 2 and match in r.stderr.replace("\n", " "), r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "o.jsonl").exists()
+
+
+def test_resume_keeps_answers_and_finishes_the_rest(tiny, tmp_path):
+    """The outputs file as an interruption leaves it (some records, the last one cut short):
+    --resume answers only the missing problems and reports what an uninterrupted run reports."""
+    args = [tiny, "--task", "arith", "--task", "count", "--levels", "1-2", "--limit", 4, "--max-tokens", 6,
+            "--temperature", 0.7, "--parallel", 3, "-t", 2, "--json"]
+    full = _eval(*args, "--outputs", tmp_path / "full.jsonl")
+    assert full.returncode == 0, full.stderr
+    records = (tmp_path / "full.jsonl").read_text().splitlines()
+    assert len(records) == 16
+    part = tmp_path / "part.jsonl"
+    part.write_text("\n".join(records[:5]) + "\n" + records[5][:30])      # 5 answers, the 6th cut short
+    r = _eval(*args, "--outputs", part, "--resume")
+    assert r.returncode == 0, r.stderr
+    strip = ("repq_version", "ggml_version", "ggml_commit")
+    assert {k: v for k, v in json.loads(r.stdout).items() if k not in strip} == \
+        {k: v for k, v in json.loads(full.stdout).items() if k not in strip}
+    lines = part.read_text().splitlines()
+    assert lines[:5] == records[:5] and len(lines) == 5 + 11    # kept, the cut line dropped, 11 new answers
+    assert sorted(json.loads(x)["key"] for x in lines[5:]) == sorted(json.loads(x)["key"] for x in records[5:])
+    # other settings are another run: nothing is reused
+    r = _eval(*args[:-1], "--max-tokens", 5, "--outputs", part, "--resume", "--json")
+    assert r.returncode == 0 and len(part.read_text().splitlines()) == 16 + 16
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n" + records[0] + "\n")
+    r = _eval(*args, "--outputs", bad, "--resume")
+    assert r.returncode == 2 and "line 1 is not a repq eval output record" in r.stderr
+    r = _eval(*args, "--resume")
+    assert r.returncode == 2 and "--resume continues from --outputs" in r.stderr
