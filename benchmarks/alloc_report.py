@@ -43,6 +43,12 @@ def _text(d: Path) -> str:
     return (d / "results.txt").read_text() + ("\n" + extra.read_text() if extra.exists() else "")
 
 
+def _cpu_allocs(d: Path) -> set[str]:
+    """Ladder sizes whose allocation ran on CPU (`LABEL=alloc benchmarks/alloc_control_cpu.sh`)."""
+    f = d / "control_cpu.txt"
+    return set(re.findall(r"^alloc (\S+) quantized", f.read_text(), re.M)) if f.exists() else set()
+
+
 def parse(d: Path) -> dict[tuple[str, str, str], dict]:
     """(method, ftype, domain) → {bytes, mean_kld, kld_err, same_top}; the last line of a key wins."""
     rows = {}
@@ -90,6 +96,8 @@ def build(d: Path) -> dict:
                 same = rows.get(("ggml-imatrix", ft, dom))
                 e[dom] = {**r, "best": b[0] if b else None, "x_best": r["mean_kld"] / b[1]["mean_kld"] if b else None,
                           "x_same": r["mean_kld"] / same["mean_kld"] if same else None}
+            if method == "alloc" and ft in _cpu_allocs(d):
+                e["hessians"] = "cpu"   # benchmarks/alloc_control_cpu.sh: Hessians of the same data, on CPU
             out[key].append(e)
     for dom in DOMAINS:
         pts = [(e["predicted_kl"], e[dom]["mean_kld"]) for e in out["alloc"]
@@ -133,9 +141,13 @@ def table(r: dict) -> str:
         cells = [f"{e[d]['mean_kld']:.4f} ({_f(e[d]['x_best'], '{:.2f}')}× {e[d]['best']})" if d in e else "–"
                  for d in DOMAINS]
         rr = rec.get(e["ftype"], {}).get("tutorial")
-        lines.append(f"| {e['ftype']} {_f(e['target_bytes'], '{:,}')} | {e['tutorial']['bytes']:,} | "
+        cpu = " (CPU ‡)" if e.get("hessians") == "cpu" else ""
+        lines.append(f"| {e['ftype']} {_f(e['target_bytes'], '{:,}')}{cpu} | {e['tutorial']['bytes']:,} | "
                      f"{_f(e.get('predicted_kl'))} | " + " | ".join(cells) + " | "
                      + (f"{rr['mean_kld']:.4f} ({_f(rr['x_best'], '{:.2f}')}×)" if rr else "–") + " |")
+    if any(e.get("hessians") == "cpu" for e in r["alloc"]):
+        lines += ["", "‡ allocated on CPU by `LABEL=alloc EXCLUDE=Q4_1,Q5_1 benchmarks/alloc_control_cpu.sh` with the "
+                  "same sensitivity file and Hessians of the same data computed there (no recipe arm)."]
     ctl = [e for e in r["alloc"] if e["method"] == "control"]
     if ctl:
         lines += ["", "### Artefact control: allocation without Q4_K and Q5_K", "",
