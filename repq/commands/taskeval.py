@@ -13,7 +13,7 @@ from .common import JsonOpt, NglOpt, QuietOpt, ThreadsOpt, meta, run_command
 
 def eval_(
     models: Annotated[list[Path], typer.Argument(metavar="MODEL.gguf...", help="GGUF files to evaluate.")],
-    task: Annotated[list[str] | None, typer.Option("--task", help="builtin (every built-in task) or a built-in task: arith, count, units; repeatable.")] = None,
+    task: Annotated[list[str] | None, typer.Option("--task", help="builtin (every built-in task) or a built-in task: arith, largest, units; repeatable.")] = None,
     levels: Annotated[str, typer.Option(help="Difficulty levels of the built-in tasks: e.g. 1-5, 1,3.")] = "1-5",
     limit: Annotated[int, typer.Option(help="Problems per task and level.")] = 100,
     base: Annotated[Path | None, typer.Option(help="Base GGUF: paired outcomes (lost / gained, McNemar), greedy agreement, output lengths.")] = None,
@@ -42,7 +42,7 @@ def eval_(
 
         repq eval q.gguf q-llama.gguf --base model-f32.gguf --task arith --levels 1-3 --json
 
-        repq eval q.gguf --task count --ngl 99 --parallel 64 --outputs answers.jsonl
+        repq eval q.gguf --task largest --ngl 99 --parallel 64 --outputs answers.jsonl
 
         repq eval q.gguf --base f32.gguf --task builtin --limit 500 --outputs a.jsonl --resume   # after Ctrl-C
     """
@@ -87,7 +87,7 @@ def eval_(
                     sink[0].flush()
 
             with out.progress(f"eval {path.name}", total=len(probs)) as advance:
-                advance(sum(p.key in prior for p in probs))
+                advance(sum(p.key in prior and prior[p.key].question_id == p.question_id for p in probs))
                 return generative.run_model(path, probs, gen, template=template, done=prior, on_outcome=record)
 
         try:

@@ -26,6 +26,7 @@ from .tasks import INSTRUCTION, Problem, extract_answer, split_reasoning
 @dataclass
 class Outcome:
     key: str
+    question_id: str
     task: str
     level: int
     answer: int
@@ -70,6 +71,7 @@ def run_model(model_path: str | os.PathLike, problems: list[Problem], gen, *, te
     from ..data.tokenizer import Tokenizer
 
     done = done or {}
+    done = {k: o for k, o in done.items() if o.question_id == _qids(problems).get(k)}
     todo = [i for i, p in enumerate(problems) if p.key not in done]
     new: dict[str, Outcome] = {}
     if todo:
@@ -78,7 +80,7 @@ def run_model(model_path: str | os.PathLike, problems: list[Problem], gen, *, te
         for j, toks, raw in generate_answers(model_path, prompts, gen, seed_keys=todo):
             p, text = problems[todo[j]], raw.decode("utf-8", errors="replace")
             got = extract_answer(text)
-            o = Outcome(p.key, p.task, p.level, p.answer, got, got is not None and got == p.answer, len(toks),
+            o = Outcome(p.key, p.question_id, p.task, p.level, p.answer, got, got is not None and got == p.answer, len(toks),
                         len(split_reasoning(text)[0].encode()), list(toks), text)
             new[p.key] = o
             if on_outcome:
@@ -86,6 +88,10 @@ def run_model(model_path: str | os.PathLike, problems: list[Problem], gen, *, te
             if len(new) == len(todo):
                 break
     return [done.get(p.key) or new[p.key] for p in problems]
+
+
+def _qids(problems: list[Problem]) -> dict[str, str]:
+    return {p.key: p.question_id for p in problems}
 
 
 def run_id(model_path: str | os.PathLike, gen, template: str) -> str:

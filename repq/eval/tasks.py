@@ -4,8 +4,9 @@ at graded difficulty, seeded and reproducible, needing no download.
 Every answer is an integer, so one extractor scores every task (:func:`extract_answer`):
 
 * ``arith``: a word problem of ``level`` steps (add, take away, double) on a starting count;
-* ``count``: how often one word occurs in a list of ``2·level + 3`` words;
-* ``units``: a sum of ``level`` durations in hours and minutes, asked in minutes.
+* ``largest``: the largest of ``level + 1`` distinct numbers below 100;
+* ``units``: at level 1 one well-known conversion (minutes in N hours, eggs in N dozens, …), above
+  it a sum of ``level`` durations in hours and minutes, asked in minutes.
 
 Problem ``i`` of a task and level depends only on (seed, task, level, i), so ``--limit`` takes a
 prefix of the same problems and two runs agree problem by problem.
@@ -20,13 +21,14 @@ import numpy as np
 
 from ..errors import UsageError
 
-TASKS = ("arith", "count", "units")
+TASKS = ("arith", "largest", "units")
 LEVELS = (1, 2, 3, 4, 5)
 INSTRUCTION = "Give the final answer as a number on the last line."
 
 _NAMES = ("Ann", "Ben", "Cleo", "Dev", "Ema", "Finn", "Gus", "Hana", "Ivo", "Jade")
 _ITEMS = ("apples", "marbles", "stickers", "coins", "books", "shells", "pencils", "cards")
-_WORDS = ("cat", "dog", "sun", "tree", "cup", "star", "fish", "bird")
+_CONVERSIONS = (("minutes", 60, "hours"), ("seconds", 60, "minutes"), ("hours", 24, "days"),
+                ("days", 7, "weeks"), ("months", 12, "years"), ("eggs", 12, "dozens"))
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,14 @@ class Problem:
     def key(self) -> str:
         """Names the problem across runs: ``task/level/index``."""
         return f"{self.task}/{self.level}/{self.index}"
+
+    @property
+    def question_id(self) -> str:
+        """A hash of the question and answer: a stored outcome is reused only for the same problem
+        (a later repq may generate other problems under the same key)."""
+        import hashlib
+
+        return hashlib.sha256(f"{self.question}\0{self.answer}".encode()).hexdigest()[:12]
 
 
 def _rng(seed: int, task: str, level: int, index: int) -> np.random.Generator:
@@ -68,10 +78,9 @@ def _arith(rng: np.random.Generator, level: int) -> tuple[str, int]:
     return " ".join(text), n
 
 
-def _count(rng: np.random.Generator, level: int) -> tuple[str, int]:
-    words = [str(w) for w in rng.choice(_WORDS, 2 * level + 3)]
-    target = words[int(rng.integers(len(words)))]
-    return f"How many times does the word \"{target}\" appear in this list: {', '.join(words)}?", words.count(target)
+def _largest(rng: np.random.Generator, level: int) -> tuple[str, int]:
+    nums = [int(x) for x in rng.choice(np.arange(1, 100), level + 1, replace=False)]
+    return f"Which number is the largest in this list: {', '.join(map(str, nums))}?", max(nums)
 
 
 def _units(rng: np.random.Generator, level: int) -> tuple[str, int]:
@@ -85,13 +94,14 @@ def _units(rng: np.random.Generator, level: int) -> tuple[str, int]:
             m = int(rng.integers(5, 60))
             parts.append(f"{m} minutes")
             total += m
-    if level == 1:   # one term: a conversion of 1..99 hours
-        h = int(rng.integers(1, 100))
-        parts, total = [f"{h} hour{'s' if h > 1 else ''}"], 60 * h
+    if level == 1:   # one well-known conversion
+        small, per, big = _CONVERSIONS[int(rng.integers(len(_CONVERSIONS)))]
+        n = int(rng.integers(2, 13))
+        return f"How many {small} are in {n} {big}?", n * per
     return f"How many minutes are {' plus '.join(parts)} in total?", total
 
 
-_MAKERS = {"arith": _arith, "count": _count, "units": _units}
+_MAKERS = {"arith": _arith, "largest": _largest, "units": _units}
 
 
 def problems(task: str, level: int, n: int, *, seed: int = 0) -> list[Problem]:

@@ -47,9 +47,9 @@ def test_eval_json_base_and_outputs(tiny, tmp_path):
     assert m["paired_all"]["n"] == 12
     assert obj["base"]["tasks"] == m["tasks"]
     lines = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
-    r = _eval(tiny.with_name("plain.gguf"), "--task", "count", "--levels", 1, "--limit", 2, "--max-tokens", 4,
+    r = _eval(tiny.with_name("plain.gguf"), "--task", "largest", "--levels", 1, "--limit", 2, "--max-tokens", 4,
               "--json")                                     # no template: the plain Question/Answer prompt
-    assert r.returncode == 0 and json.loads(r.stdout)["models"][0]["tasks"]["count"]["1"]["n"] == 2, r.stderr
+    assert r.returncode == 0 and json.loads(r.stdout)["models"][0]["tasks"]["largest"]["1"]["n"] == 2, r.stderr
     assert len(lines) == 24 and {x["key"] for x in lines} == {f"{t}/{lv}/{i}" for t in ("arith", "units")
                                                               for lv in (1, 2) for i in range(3)}
 
@@ -72,7 +72,7 @@ def test_bad_input_exit_2(tiny, tmp_path, args, match):
 def test_resume_keeps_answers_and_finishes_the_rest(tiny, tmp_path):
     """The outputs file as an interruption leaves it (some records, the last one cut short):
     --resume answers only the missing problems and reports what an uninterrupted run reports."""
-    args = [tiny, "--task", "arith", "--task", "count", "--levels", "1-2", "--limit", 4, "--max-tokens", 6,
+    args = [tiny, "--task", "arith", "--task", "largest", "--levels", "1-2", "--limit", 4, "--max-tokens", 6,
             "--temperature", 0.7, "--parallel", 3, "-t", 2, "--json"]
     full = _eval(*args, "--outputs", tmp_path / "full.jsonl")
     assert full.returncode == 0, full.stderr
@@ -91,6 +91,13 @@ def test_resume_keeps_answers_and_finishes_the_rest(tiny, tmp_path):
     # other settings are another run: nothing is reused
     r = _eval(*args[:-1], "--max-tokens", 5, "--outputs", part, "--resume", "--json")
     assert r.returncode == 0 and len(part.read_text().splitlines()) == 16 + 16
+    # a stored answer to another question under the same key (another repq's problems) is not reused
+    other = tmp_path / "other.jsonl"
+    first = json.loads(records[0]) | {"question_id": "0" * 12}
+    other.write_text(json.dumps(first) + "\n" + "\n".join(records[1:]) + "\n")
+    r = _eval(*args, "--outputs", other, "--resume")
+    assert r.returncode == 0 and len(other.read_text().splitlines()) == 17
+    assert json.loads(other.read_text().splitlines()[-1])["key"] == first["key"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text("not json\n" + records[0] + "\n")
     r = _eval(*args, "--outputs", bad, "--resume")

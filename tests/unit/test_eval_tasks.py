@@ -16,9 +16,11 @@ from repq.eval.tasks import LEVELS, TASKS, extract_answer, problems, split_reaso
 
 def _solve(task: str, q: str) -> int:
     """The answer from the question's words alone (not the generator's state)."""
-    if task == "count":
-        target = re.search(r'word "(\w+)"', q).group(1)
-        return q.split(": ", 1)[1].rstrip("?").split(", ").count(target)
+    if task == "largest":
+        return max(int(x) for x in q.split(": ", 1)[1].rstrip("?").split(", "))
+    if task == "units" and " are in " in q:
+        n, big = re.search(r"are in (\d+) (\w+)\?", q).groups()
+        return int(n) * {"hours": 60, "minutes": 60, "days": 24, "weeks": 7, "years": 12, "dozens": 12}[big]
     if task == "units":
         terms = q.removeprefix("How many minutes are ").removesuffix(" in total?").split(" plus ")
         return sum(int(n) * (60 if u.startswith("hour") else 1) for n, u in (t.split() for t in terms))
@@ -76,7 +78,7 @@ def test_wilson_and_mcnemar_known_values():
 
 def _o(key, correct, tokens):
     t, lv, _ = key.split("/")
-    return Outcome(key, t, int(lv), 1, 1.0 if correct else None, correct, len(tokens), 0, tokens, "")
+    return Outcome(key, "q", t, int(lv), 1, 1.0 if correct else None, correct, len(tokens), 0, tokens, "")
 
 
 def test_paired_outcomes_and_agreement():
