@@ -13,9 +13,9 @@ from .common import JsonOpt, NglOpt, QuietOpt, ThreadsOpt, meta, run_command
 
 def eval_(
     models: Annotated[list[Path], typer.Argument(metavar="MODEL.gguf...", help="GGUF files to evaluate.")],
-    task: Annotated[list[str] | None, typer.Option("--task", help="builtin (every built-in task) or a built-in task: arith, largest, units; repeatable.")] = None,
+    task: Annotated[list[str] | None, typer.Option("--task", help="builtin (every built-in task), a built-in task (arith, largest, units), or FORMAT:FILE with FORMAT gsm8k, math, aime or jsonl; repeatable.")] = None,
     levels: Annotated[str, typer.Option(help="Difficulty levels of the built-in tasks: e.g. 1-5, 1,3.")] = "1-5",
-    limit: Annotated[int, typer.Option(help="Problems per task and level.")] = 100,
+    limit: Annotated[int, typer.Option(help="Problems per task and level (a task file: its first N).")] = 100,
     base: Annotated[Path | None, typer.Option(help="Base GGUF: paired outcomes (lost / gained, McNemar), greedy agreement, output lengths.")] = None,
     max_tokens: Annotated[int, typer.Option(help="Token budget per answer.")] = 128,
     temperature: Annotated[float, typer.Option(help="0 = greedy; else seeded sampling (llama.cpp's top-k 40 / top-p 0.95 chain).", min=0.0)] = 0.0,
@@ -44,6 +44,8 @@ def eval_(
 
         repq eval q.gguf --task largest --ngl 99 --parallel 64 --outputs answers.jsonl
 
+        repq eval q.gguf --base f32.gguf --task gsm8k:gsm8k_test.jsonl --limit 500 --max-tokens 512
+
         repq eval q.gguf --base f32.gguf --task builtin --limit 500 --outputs a.jsonl --resume   # after Ctrl-C
     """
     out = Output(json_out, quiet)
@@ -52,14 +54,21 @@ def eval_(
         from ..data.selfgen import GenerateConfig
         from ..eval import generative, tasks
 
-        names = _tasks(task or ["builtin"])
+        specs = _tasks(task or ["builtin"])
         lv = _levels(levels)
+        if limit < 1:
+            raise UsageError(f"--limit {limit}: must be at least 1")
         if template not in ("auto", "chat", "plain"):
             raise UsageError(f"--template {template!r}: use auto, chat or plain")
         for p in [*models, *([base] if base else [])]:
             if not p.is_file():
                 raise InputFileError(f"{p}: no such file")
-        probs = [q for t in names for level in lv for q in tasks.problems(t, level, limit, seed=seed)]
+        probs = []
+        for kind, path in specs:
+            probs += (tasks.read_task_file(kind, path, limit) if path is not None
+                      else [q for level in lv for q in tasks.problems(kind, level, limit, seed=seed)])
+        names = list(dict.fromkeys(p.task for p in probs))
+        groups = list(dict.fromkeys((p.task, p.level) for p in probs))
         gen = GenerateConfig(max_tokens=max_tokens, seed=seed, temperature=temperature, n_ctx=ctx_size,
                              parallel=parallel, threads=threads, n_gpu_layers=ngl)
         if resume and outputs is None:
@@ -97,9 +106,11 @@ def eval_(
                 res = run(m)
                 entry = {"model": str(m), "tasks": generative.summarize(res)}
                 if base_out is not None:
-                    entry["paired"] = {t: {str(level): generative.paired(
-                        [o for o in base_out if o.task == t and o.level == level],
-                        [o for o in res if o.task == t and o.level == level]) for level in lv} for t in names}
+                    entry["paired"] = {}
+                    for t, level in groups:
+                        entry["paired"].setdefault(t, {})[str(level)] = generative.paired(
+                            [o for o in base_out if o.task == t and o.level == level],
+                            [o for o in res if o.task == t and o.level == level])
                     entry["paired_all"] = generative.paired(base_out, res)
                 results.append(entry)
                 for t, by_level in entry["tasks"].items():
@@ -133,17 +144,17 @@ def eval_(
 eval_.command_name = "eval"
 
 
-def _tasks(spec: list[str]) -> list[str]:
-    from ..eval.tasks import TASKS
+def _tasks(spec: list[str]) -> list[tuple[str, str | None]]:
+    """--task values → (built-in task or format, file or None), ``builtin`` expanded, repeats dropped."""
+    from ..eval.tasks import TASKS, parse_task
 
-    names: list[str] = []
+    out: list[tuple[str, str | None]] = []
     for s in spec:
-        for t in (TASKS if s == "builtin" else [s]):
-            if t not in TASKS:
-                raise UsageError(f"--task {s}: unknown task", hint=f"use builtin or one of {', '.join(TASKS)}")
-            if t not in names:
-                names.append(t)
-    return names
+        kind, path = parse_task(s)
+        for t in ([(x, None) for x in TASKS] if kind == "builtin" else [(kind, path)]):
+            if t not in out:
+                out.append(t)
+    return out
 
 
 def _levels(spec: str) -> list[int]:

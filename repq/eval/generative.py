@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .tasks import INSTRUCTION, Problem, extract_answer, split_reasoning
+from .tasks import INSTRUCTION, Problem, score, split_reasoning
 
 
 @dataclass
@@ -29,8 +29,8 @@ class Outcome:
     question_id: str
     task: str
     level: int
-    answer: int
-    extracted: float | None
+    answer: int | float | str
+    extracted: float | str | None
     correct: bool
     output_tokens: int
     reasoning_bytes: int
@@ -79,8 +79,8 @@ def run_model(model_path: str | os.PathLike, problems: list[Problem], gen, *, te
             prompts = [prompt_tokens(tok, problems[i], template) for i in todo]
         for j, toks, raw in generate_answers(model_path, prompts, gen, seed_keys=todo):
             p, text = problems[todo[j]], raw.decode("utf-8", errors="replace")
-            got = extract_answer(text)
-            o = Outcome(p.key, p.question_id, p.task, p.level, p.answer, got, got is not None and got == p.answer, len(toks),
+            got, right = score(p, text)
+            o = Outcome(p.key, p.question_id, p.task, p.level, p.answer, got, right, len(toks),
                         len(split_reasoning(text)[0].encode()), list(toks), text)
             new[p.key] = o
             if on_outcome:

@@ -1,7 +1,7 @@
-"""Built-in generative tasks for `repq eval`: procedurally generated problems with known answers,
-at graded difficulty, seeded and reproducible, needing no download.
+"""Generative tasks for `repq eval`: built-in problems with known answers at graded difficulty
+(seeded, reproducible, no download), and readers for the common public formats.
 
-Every answer is an integer, so one extractor scores every task (:func:`extract_answer`):
+Built-in answers are integers (scored by :func:`extract_answer`):
 
 * ``arith``: a word problem of ``level`` steps (add, take away, double) on a starting count;
 * ``largest``: the largest of ``level + 1`` distinct numbers below 100;
@@ -10,6 +10,15 @@ Every answer is an integer, so one extractor scores every task (:func:`extract_a
 
 Problem ``i`` of a task and level depends only on (seed, task, level, i), so ``--limit`` takes a
 prefix of the same problems and two runs agree problem by problem.
+
+Task files (:func:`read_task_file`, ``--task FORMAT:FILE``), JSONL, one problem per line:
+
+* ``gsm8k``: ``question`` and ``answer`` ending in ``#### N`` (the number is the answer);
+* ``math``: ``problem`` and ``solution`` with a ``\\boxed{…}`` answer (compared as text after
+  light normalisation, or as numbers when both are numbers);
+* ``aime``: ``problem`` and an integer ``answer``;
+* ``jsonl``: ``question`` and ``answer`` (a number, or a string matched against the boxed answer
+  or the output's last line, case- and space-insensitively); an optional integer ``level``.
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ class Problem:
     level: int
     index: int
     question: str
-    answer: int
+    answer: int | float | str
 
     @property
     def key(self) -> str:
@@ -138,11 +147,144 @@ def extract_answer(text: str) -> float | None:
     """The answer of an output: the last ``\\boxed{N}``, else the last number (thousands
     separators dropped); None when there is no number.  A reasoning section is not searched."""
     _, text = split_reasoning(text)
-    boxed = _BOXED.findall(text)
-    nums = boxed or _NUMBER.findall(text)
+    in_box = _BOXED.findall(text)
+    nums = in_box or _NUMBER.findall(text)
     if not nums:
         return None
     try:
         return float(nums[-1].replace(",", ""))
     except ValueError:
         return None
+
+
+FORMATS = ("gsm8k", "math", "aime", "jsonl")
+_GSM_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)\s*$")
+
+
+def boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{…}`` (balanced braces), or None."""
+    i = text.rfind("\\boxed{")
+    if i < 0:
+        return None
+    depth, j = 0, i + len("\\boxed")
+    for k in range(j, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[k], 0)
+        if depth == 0:
+            return text[j + 1:k]
+    return None
+
+
+def _number(x) -> float | None:
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, int | float):
+        return float(x)
+    try:
+        return float(str(x).replace(",", "").strip().strip("$"))
+    except ValueError:
+        return None
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"\s+", "", text.strip().strip("$").strip(".")).casefold()
+
+
+def score(problem: Problem, text: str) -> tuple[float | str | None, bool]:
+    """(what was extracted from the output, whether it is right): numbers compare as numbers
+    (:func:`extract_answer`); a text answer against the boxed answer, else the output's last
+    non-empty line."""
+    want = _number(problem.answer)
+    if want is not None:
+        got = extract_answer(text)
+        return got, got is not None and got == want
+    _, tail = split_reasoning(text)
+    got_text = boxed(tail)
+    if got_text is None:
+        lines = [ln for ln in tail.splitlines() if ln.strip()]
+        got_text = lines[-1] if lines else None
+    return got_text, got_text is not None and _norm(got_text) == _norm(str(problem.answer))
+
+
+def parse_task(spec: str) -> tuple[str, str | None]:
+    """``--task`` → (format or built-in task, file or None).
+
+    Raises:
+        UsageError: an unknown task or format.
+    """
+    kind, sep, path = spec.partition(":")
+    if sep:
+        if kind not in FORMATS:
+            raise UsageError(f"--task {spec}: unknown format {kind!r}", hint=f"formats: {', '.join(FORMATS)}")
+        if not path:
+            raise UsageError(f"--task {spec}: no file after {kind}:")
+        return kind, path
+    if spec != "builtin" and spec not in TASKS:
+        raise UsageError(f"--task {spec}: unknown task", hint=f"use builtin, one of {', '.join(TASKS)}, "
+                                                              f"or FORMAT:FILE with a format of {', '.join(FORMATS)}")
+    return spec, None
+
+
+def read_task_file(kind: str, path: str, limit: int) -> list[Problem]:
+    """The first ``limit`` problems (per level) of a task file; the task is named ``kind:stem``.
+
+    Raises:
+        InputFileError: unreadable, not JSONL, or a record without its question or answer (the
+            message names the file and line).
+    """
+    import json
+    from pathlib import Path
+
+    from ..data.tokenizer import read_utf8
+    from ..errors import InputFileError
+
+    p = Path(path)
+    name = f"{kind}:{p.stem}"
+    text = read_utf8(p)
+    out: list[Problem] = []
+    per_level: dict[int, int] = {}
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{p}:{i}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputFileError(f"{where}: not JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise InputFileError(f"{where}: a record must be a JSON object")
+        q_field = "question" if kind in ("gsm8k", "jsonl") else "problem"
+        q = rec.get(q_field)
+        if not isinstance(q, str) or not q.strip():
+            raise InputFileError(f"{where}: no {q_field!r} string ({kind} format)")
+        level = rec.get("level", 1) if kind == "jsonl" else 1
+        if not isinstance(level, int) or isinstance(level, bool):
+            raise InputFileError(f"{where}: 'level' must be an integer")
+        if kind == "gsm8k":
+            m = _GSM_ANSWER.search(str(rec.get("answer", "")))
+            if not m:
+                raise InputFileError(f"{where}: 'answer' must end in '#### N' (gsm8k format)")
+            ans: int | float | str = _number(m.group(1))
+        elif kind == "math":
+            b = boxed(str(rec.get("solution", "")))
+            if b is None:
+                raise InputFileError(f"{where}: 'solution' has no \\boxed{{...}} answer (math format)")
+            ans = b
+        elif kind == "aime":
+            a = rec.get("answer")
+            if _number(a) is None:
+                raise InputFileError(f"{where}: 'answer' must be a number (aime format)")
+            ans = _number(a)
+        else:
+            a = rec.get("answer")
+            if a is None or isinstance(a, bool) or not isinstance(a, int | float | str) or (isinstance(a, str) and not a.strip()):
+                raise InputFileError(f"{where}: no 'answer' (a number or a non-empty string)")
+            ans = a
+        if isinstance(ans, float) and ans.is_integer():
+            ans = int(ans)
+        n = per_level.get(level, 0)
+        if n < limit:
+            out.append(Problem(name, level, n, q, ans))
+            per_level[level] = n + 1
+    if not out:
+        raise InputFileError(f"{p}: no problems")
+    return out

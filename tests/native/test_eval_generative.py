@@ -104,3 +104,18 @@ def test_resume_keeps_answers_and_finishes_the_rest(tiny, tmp_path):
     assert r.returncode == 2 and "line 1 is not a repq eval output record" in r.stderr
     r = _eval(*args, "--resume")
     assert r.returncode == 2 and "--resume continues from --outputs" in r.stderr
+
+
+def test_task_files(tiny, tmp_path):
+    """A GSM8K-style file end to end; a JSONL line without its answer is exit 2 naming the line."""
+    gsm = tmp_path / "gsm.jsonl"
+    gsm.write_text("".join(json.dumps({"question": f"What is {i} plus {i}?", "answer": f"#### {2 * i}"}) + "\n"
+                           for i in range(5)))
+    r = _eval(tiny, "--task", f"gsm8k:{gsm}", "--limit", 3, "--max-tokens", 4, "--base", tiny, "--json")
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)["models"][0]
+    assert m["tasks"]["gsm8k:gsm"]["1"]["n"] == 3 and m["paired"]["gsm8k:gsm"]["1"]["identical_outputs"] == 3
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "answer": 1}) + "\n" + json.dumps({"question": "q2"}) + "\n")
+    r = _eval(tiny, "--task", f"jsonl:{bad}", "--limit", 3, "--outputs", tmp_path / "o.jsonl")
+    assert r.returncode == 2 and "bad.jsonl:2: no 'answer'" in r.stderr and not (tmp_path / "o.jsonl").exists()

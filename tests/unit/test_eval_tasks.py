@@ -95,3 +95,62 @@ def test_paired_outcomes_and_agreement():
         paired(base, quant[::-1])
     s = summarize(quant)["arith"]["1"]
     assert s["n"] == 4 and s["correct"] == 2 and s["mean_output_tokens"] == 2.25
+
+
+def _write(path, records):
+    import json
+
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def test_task_file_readers(tmp_path):
+    from repq.eval.tasks import read_task_file
+
+    g = read_task_file("gsm8k", _write(tmp_path / "g.jsonl", [
+        {"question": "2+2?", "answer": "two and two\n#### 4"},
+        {"question": "Sum?", "answer": "#### 1,250"}]), 10)
+    assert [(p.task, p.level, p.index, p.answer) for p in g] == [("gsm8k:g", 1, 0, 4), ("gsm8k:g", 1, 1, 1250)]
+    m = read_task_file("math", _write(tmp_path / "m.jsonl", [
+        {"problem": "Simplify", "solution": "so \\boxed{\\frac{1}{2}}."}]), 10)
+    assert m[0].answer == "\\frac{1}{2}"
+    a = read_task_file("aime", _write(tmp_path / "a.jsonl", [{"problem": "p", "answer": "073"}]), 10)
+    assert a[0].answer == 73
+    j = read_task_file("jsonl", _write(tmp_path / "j.jsonl", [
+        {"question": "Capital of France?", "answer": "Paris", "level": 2}, {"question": "q", "answer": 3},
+        {"question": "q2", "answer": 5}]), 1)                         # --limit 1 per level
+    assert [(p.level, p.answer) for p in j] == [(2, "Paris"), (1, 3)]
+
+
+@pytest.mark.parametrize("kind,record,match", [
+    ("jsonl", {"question": "q"}, "j.jsonl:2: no 'answer'"),
+    ("jsonl", {"question": "q", "answer": ""}, "j.jsonl:2: no 'answer'"),
+    ("jsonl", {"answer": 3}, "j.jsonl:2: no 'question'"),
+    ("gsm8k", {"question": "q", "answer": "42"}, "'#### N'"),
+    ("math", {"problem": "p", "solution": "42"}, "no \\\\boxed"),
+    ("aime", {"problem": "p", "answer": "x"}, "must be a number"),
+    ("jsonl", "{not json", "j.jsonl:2: not JSON"),
+    ("jsonl", {"question": "q", "answer": 1, "level": "hard"}, "'level' must be an integer"),
+])
+def test_task_file_errors_name_the_line(tmp_path, kind, record, match):
+    from repq.errors import InputFileError
+    from repq.eval.tasks import read_task_file
+
+    good = {"jsonl": {"question": "q", "answer": 1}, "gsm8k": {"question": "q", "answer": "#### 1"},
+            "math": {"problem": "p", "solution": "\\boxed{1}"}, "aime": {"problem": "p", "answer": 1}}[kind]
+    with pytest.raises(InputFileError, match=match):
+        read_task_file(kind, _write(tmp_path / "j.jsonl", [good, record]), 10)
+
+
+def test_scoring_text_and_numbers():
+    from repq.eval.tasks import Problem, boxed, parse_task, score
+
+    assert boxed("a \\boxed{\\frac{1}{2}} b") == "\\frac{1}{2}" and boxed("none") is None
+    assert score(Problem("t", 1, 0, "q", "Paris"), "I think...\nParis.") == ("Paris.", True)
+    assert score(Problem("t", 1, 0, "q", "\\frac{1}{2}"), "x = \\boxed{ \\frac{1}{2} }")[1]
+    assert score(Problem("t", 1, 0, "q", 1250), "the total is 1,250 apples")[1]
+    assert not score(Problem("t", 1, 0, "q", "Paris"), "London")[1]
+    assert parse_task("gsm8k:x.jsonl") == ("gsm8k", "x.jsonl") and parse_task("arith") == ("arith", None)
+    for bad, match in (("hellaswag:f.txt", "unknown format"), ("gsm8k:", "no file"), ("trivia", "unknown task")):
+        with pytest.raises(UsageError, match=match):
+            parse_task(bad)
