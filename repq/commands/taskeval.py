@@ -16,6 +16,7 @@ def eval_(
     task: Annotated[list[str] | None, typer.Option("--task", help="builtin (every built-in task), a built-in task (arith, largest, units), or FORMAT:FILE with FORMAT gsm8k, math, aime or jsonl; repeatable.")] = None,
     levels: Annotated[str, typer.Option(help="Difficulty levels of the built-in tasks: e.g. 1-5, 1,3.")] = "1-5",
     limit: Annotated[int, typer.Option(help="Problems per task and level (a task file: its first N).")] = 100,
+    hellaswag_tasks: Annotated[int, typer.Option("--hellaswag-tasks", help="hellaswag:FILE: tasks drawn as llama-perplexity --hellaswag-tasks draws them.", min=1)] = 400,
     base: Annotated[Path | None, typer.Option(help="Base GGUF: paired outcomes (lost / gained, McNemar), greedy agreement, output lengths.")] = None,
     max_tokens: Annotated[int, typer.Option(help="Token budget per answer.")] = 128,
     temperature: Annotated[float, typer.Option(help="0 = greedy; else seeded sampling (llama.cpp's top-k 40 / top-p 0.95 chain).", min=0.0)] = 0.0,
@@ -63,6 +64,10 @@ def eval_(
         for p in [*models, *([base] if base else [])]:
             if not p.is_file():
                 raise InputFileError(f"{p}: no such file")
+        mc = [(k, p) for k, p in specs if k == "hellaswag"]
+        specs = [(k, p) for k, p in specs if k != "hellaswag"]
+        if mc:
+            return _hellaswag(out, models, mc, hellaswag_tasks, ctx_size, threads, ngl, base)
         probs = []
         for kind, path in specs:
             probs += (tasks.read_task_file(kind, path, limit) if path is not None
@@ -142,6 +147,26 @@ def eval_(
 
 
 eval_.command_name = "eval"
+
+
+def _hellaswag(out, models, specs, n_tasks, n_ctx, threads, ngl, base):
+    """--task hellaswag:FILE: llama-perplexity --hellaswag's method and printed result per model."""
+    from ..eval import hellaswag
+
+    if base is not None:
+        raise UsageError("--base applies to generative tasks; hellaswag:FILE reports each model's acc_norm")
+    results = []
+    for _, path in specs:
+        tasks = hellaswag.select(hellaswag.read_hellaswag(path), n_tasks)
+        for m in models:
+            with out.progress(f"hellaswag {m.name}", total=len(tasks)) as advance:
+                res = hellaswag.score(m, tasks, n_ctx=n_ctx, threads=threads, n_gpu_layers=ngl,
+                                      on_task=lambda i, n: advance(1))
+            last = res[-1]
+            results.append({"model": str(m), "task": f"hellaswag:{path}", "tasks": last.n, "correct": last.correct,
+                            "acc_norm": last.acc, "ci95": [last.lo, last.hi], "line": last.line()})
+    out.result({**meta(), "command": "eval", "hellaswag": results},
+               human="\n".join(f"{Path(r['model']).name}: {r['line']}" for r in results))
 
 
 def _tasks(spec: list[str]) -> list[tuple[str, str | None]]:

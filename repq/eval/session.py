@@ -64,7 +64,7 @@ class Session:
 
     def __init__(self, model_path: str | os.PathLike, *, n_ctx: int, n_batch: int, n_ubatch: int = 512,
                  n_seq_max: int = 1, threads: int = 0, n_gpu_layers: int = -1,
-                 cache_type_k: str = "f16", cache_type_v: str = "f16"):
+                 cache_type_k: str = "f16", cache_type_v: str = "f16", kv_unified: bool = False):
         from ..io.gguf_file import GGUFModel
 
         self.path = Path(model_path)
@@ -74,12 +74,14 @@ class Session:
         self._resources = ExitStack()
         self._resources.enter_context(capture_llama_log())
         try:
-            self._open(n_ctx, n_batch, n_ubatch, n_seq_max, threads, n_gpu_layers, cache_type_k, cache_type_v)
+            self._open(n_ctx, n_batch, n_ubatch, n_seq_max, threads, n_gpu_layers, cache_type_k, cache_type_v,
+                       kv_unified)
         except BaseException:
             self.close()
             raise
 
-    def _open(self, n_ctx, n_batch, n_ubatch, n_seq_max, threads, n_gpu_layers, cache_type_k, cache_type_v):
+    def _open(self, n_ctx, n_batch, n_ubatch, n_seq_max, threads, n_gpu_layers, cache_type_k, cache_type_v,
+              kv_unified=False):
         L = self._L = llama_cpp()
         L.llama_backend_init()   # idempotent (llama.cpp's tools call it once per process)
         self.threads = threads or default_threads()
@@ -89,7 +91,7 @@ class Session:
         if not self.model:
             raise InputFileError(f"{self.path}: llama.cpp cannot load this model ({last_llama_log()})")
         self._kv_types = (KV_CACHE_TYPES[cache_type_k.lower()], KV_CACHE_TYPES[cache_type_v.lower()])
-        self.new_context(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_seq_max=n_seq_max)
+        self.new_context(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_seq_max=n_seq_max, kv_unified=kv_unified)
         self.vocab = L.llama_model_get_vocab(self.model)
         #: the model's layers run on a GPU: decoding leaves the CPU free for scoring
         self.offloaded = bool(n_gpu_layers != 0 and L.llama_supports_gpu_offload())
@@ -100,7 +102,8 @@ class Session:
             raise InputFileError(f"{self.path}: the vocabulary adds EOS to every text; "
                                  "llama-perplexity's method does not apply")
 
-    def new_context(self, *, n_ctx: int, n_batch: int, n_ubatch: int = 512, n_seq_max: int = 1) -> None:
+    def new_context(self, *, n_ctx: int, n_batch: int, n_ubatch: int = 512, n_seq_max: int = 1,
+                    kv_unified: bool = False) -> None:
         """(Re)create the context on the loaded model (llama-bench makes one per test)."""
         L = self._L
         if self.ctx:
@@ -111,6 +114,7 @@ class Session:
         cp.n_threads = cp.n_threads_batch = self.threads
         cp.type_k, cp.type_v = self._kv_types
         cp.swa_full = False
+        cp.kv_unified = kv_unified
         cp.no_perf = False
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
@@ -149,20 +153,34 @@ class Session:
     def seq_pos_max(self, seq: int = 0) -> int:
         return int(self._L.llama_memory_seq_pos_max(self._L.llama_get_memory(self.ctx), seq))
 
-    def decode(self, tokens: np.ndarray, pos: np.ndarray, seq: np.ndarray, output: np.ndarray) -> int:
-        """One ``llama_decode`` of ``len(tokens)`` entries; returns the number of outputs."""
+    def decode(self, tokens: np.ndarray, pos: np.ndarray, seq: np.ndarray, output: np.ndarray,
+               seq_sets: list[tuple[int, ...]] | None = None) -> int:
+        """One ``llama_decode`` of ``len(tokens)`` entries; returns the number of outputs.
+
+        ``seq_sets``: each token's sequence ids, for tokens shared by several sequences (a common
+        prefix, as llama-perplexity's multiple-choice scorers batch it; needs ``kv_unified``);
+        ``seq`` is then ignored."""
         L = self._L
         n = len(tokens)
         if n > self.n_batch:
             raise OperationError(f"internal: batch of {n} tokens exceeds n_batch {self.n_batch}")
-        self._tok[:n], self._pos[:n], self._sid[:n], self._out[:n] = tokens, pos, seq, output
+        self._tok[:n], self._pos[:n], self._out[:n] = tokens, pos, output
+        if seq_sets is None:
+            self._sid[:n] = seq
+            nsq, sidp = self._nsq, self._sidp
+        else:
+            flat = np.fromiter((s for ss in seq_sets for s in ss), np.int32)
+            counts = np.fromiter((len(ss) for ss in seq_sets), np.int32, count=n)
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.uint64)
+            nsq, sidp = counts, (flat.ctypes.data + 4 * starts).astype(np.uint64)
+            self._keep = (flat, counts, sidp)          # alive until the next decode
         b = L.llama_batch()
         b.n_tokens = n
         b.token = self._tok.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
         b.embd = None
         b.pos = self._pos.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-        b.n_seq_id = self._nsq.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-        b.seq_id = ctypes.cast(self._sidp.ctypes.data, ctypes.POINTER(ctypes.POINTER(ctypes.c_int32)))
+        b.n_seq_id = nsq.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        b.seq_id = ctypes.cast(sidp.ctypes.data, ctypes.POINTER(ctypes.POINTER(ctypes.c_int32)))
         b.logits = self._out.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
         ret = L.llama_decode(self.ctx, b)
         if ret != 0:
