@@ -17,6 +17,7 @@ def eval_(
     levels: Annotated[str, typer.Option(help="Difficulty levels of the built-in tasks: e.g. 1-5, 1,3.")] = "1-5",
     limit: Annotated[int, typer.Option(help="Problems per task and level (a task file: its first N).")] = 100,
     hellaswag_tasks: Annotated[int, typer.Option("--hellaswag-tasks", help="hellaswag:FILE: tasks drawn as llama-perplexity --hellaswag-tasks draws them.", min=1)] = 400,
+    winogrande_tasks: Annotated[int, typer.Option("--winogrande-tasks", help="winogrande:FILE: tasks drawn as llama-perplexity --winogrande-tasks draws them (0 = all).", min=0)] = 0,
     base: Annotated[Path | None, typer.Option(help="Base GGUF: paired outcomes (lost / gained, McNemar), greedy agreement, output lengths.")] = None,
     max_tokens: Annotated[int, typer.Option(help="Token budget per answer.")] = 128,
     temperature: Annotated[float, typer.Option(help="0 = greedy; else seeded sampling (llama.cpp's top-k 40 / top-p 0.95 chain).", min=0.0)] = 0.0,
@@ -64,10 +65,13 @@ def eval_(
         for p in [*models, *([base] if base else [])]:
             if not p.is_file():
                 raise InputFileError(f"{p}: no such file")
-        mc = [(k, p) for k, p in specs if k == "hellaswag"]
-        specs = [(k, p) for k, p in specs if k != "hellaswag"]
+        mc = [(k, p) for k, p in specs if k in ("hellaswag", "winogrande")]
+        specs = [(k, p) for k, p in specs if k not in ("hellaswag", "winogrande")]
+        if mc and specs:
+            raise UsageError("hellaswag:/winogrande: files are scored by log-likelihood: run them apart from "
+                             "generative tasks")
         if mc:
-            return _hellaswag(out, models, mc, hellaswag_tasks, ctx_size, threads, ngl, base)
+            return _choice(out, models, mc, hellaswag_tasks, winogrande_tasks, ctx_size, threads, ngl, base)
         probs = []
         for kind, path in specs:
             probs += (tasks.read_task_file(kind, path, limit) if path is not None
@@ -149,24 +153,32 @@ def eval_(
 eval_.command_name = "eval"
 
 
-def _hellaswag(out, models, specs, n_tasks, n_ctx, threads, ngl, base):
-    """--task hellaswag:FILE: llama-perplexity --hellaswag's method and printed result per model."""
-    from ..eval import hellaswag
+def _choice(out, models, specs, n_hs, n_wg, n_ctx, threads, ngl, base):
+    """hellaswag:FILE / winogrande:FILE: llama-perplexity's method and printed lines per model."""
+    from ..eval import choice
 
     if base is not None:
-        raise UsageError("--base applies to generative tasks; hellaswag:FILE reports each model's acc_norm")
+        raise UsageError("--base applies to generative tasks; hellaswag:/winogrande: report each model's accuracy")
+    loaded = {}
+    for kind, path in specs:   # every file read (and refused) before any model runs
+        loaded[(kind, path)] = (choice.select(choice.read_hellaswag(path), n_hs) if kind == "hellaswag"
+                                else choice.select_winogrande(choice.read_winogrande(path)[0], n_wg))
     results = []
-    for _, path in specs:
-        tasks = hellaswag.select(hellaswag.read_hellaswag(path), n_tasks)
+    for (kind, path), tasks in loaded.items():
         for m in models:
-            with out.progress(f"hellaswag {m.name}", total=len(tasks)) as advance:
-                res = hellaswag.score(m, tasks, n_ctx=n_ctx, threads=threads, n_gpu_layers=ngl,
-                                      on_task=lambda i, n: advance(1))
-            last = res[-1]
-            results.append({"model": str(m), "task": f"hellaswag:{path}", "tasks": last.n, "correct": last.correct,
-                            "acc_norm": last.acc, "ci95": [last.lo, last.hi], "line": last.line()})
-    out.result({**meta(), "command": "eval", "hellaswag": results},
-               human="\n".join(f"{Path(r['model']).name}: {r['line']}" for r in results))
+            with out.progress(f"{kind} {m.name}", total=len(tasks)) as advance:
+                kw = dict(n_ctx=n_ctx, threads=threads, n_gpu_layers=ngl, on_task=lambda i, n: advance(1))
+                if kind == "hellaswag":
+                    last = choice.score(m, tasks, **kw)[-1]
+                    r = {"tasks": last.n, "correct": last.correct, "accuracy": last.acc, "ci95": [last.lo, last.hi],
+                         "line": last.line()}
+                else:
+                    wg = choice.winogrande(m, tasks, **kw)
+                    r = {"tasks": wg.n, "correct": wg.correct, "accuracy": 100.0 * wg.correct / wg.n,
+                         "line": wg.lines[-1], "final": wg.final}
+            results.append({"model": str(m), "task": f"{kind}:{path}", **r})
+    out.result({**meta(), "command": "eval", "choice": results},
+               human="\n".join(f"{Path(r['model']).name} {r['task']}: {r.get('final') or r['line']}" for r in results))
 
 
 def _tasks(spec: list[str]) -> list[tuple[str, str | None]]:

@@ -213,8 +213,8 @@ def parse_task(spec: str) -> tuple[str, str | None]:
     """
     kind, sep, path = spec.partition(":")
     if sep:
-        if kind not in FORMATS + ("hellaswag",):
-            raise UsageError(f"--task {spec}: unknown format {kind!r}", hint=f"formats: {', '.join(FORMATS)}, hellaswag")
+        if kind not in FORMATS + ("hellaswag", "winogrande"):
+            raise UsageError(f"--task {spec}: unknown format {kind!r}", hint=f"formats: {', '.join(FORMATS)}, hellaswag, winogrande")
         if not path:
             raise UsageError(f"--task {spec}: no file after {kind}:")
         return kind, path

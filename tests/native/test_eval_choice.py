@@ -1,0 +1,142 @@
+"""`repq eval --task hellaswag:FILE / winogrande:FILE` against llama-perplexity --hellaswag / --winogrande (issue 18): the same task
+selection (std::mt19937 + libstdc++'s uniform_int_distribution), the same batching (a common prefix
+shared by 4 sequences in a unified KV cache) and scoring, so every running line llama-perplexity
+prints — task count, acc_norm and its Wilson interval — is equal; bad files exit 2."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from support.models import random_model, save_gguf
+from support.vocab import byte_vocab_kv
+
+from repq.eval import choice as hellaswag
+from repq.model.config import ModelConfig
+
+REPQ = [sys.executable, "-m", "repq"]
+WORDS = "the a cat dog ran over under house tree sun moon quick slow red blue green".split()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, native):
+    d = tmp_path_factory.mktemp("hellaswag")
+    cfg = ModelConfig(arch="llama", n_layer=2, n_embd=128, n_ff=256, n_head=4, n_head_kv=2, n_vocab=262,
+                      rms_eps=1e-5, tied=True)
+    save_gguf(random_model(cfg, seed=2), d / "m.gguf", kv=byte_vocab_kv())
+    rng = np.random.default_rng(0)
+    lines = []
+    for _ in range(30):
+        lines += [" ".join(rng.choice(WORDS, rng.integers(3, 8))), str(rng.integers(0, 4))]
+        lines += [" ".join(rng.choice(WORDS, rng.integers(1, 5))) for _ in range(4)]
+    (d / "hs.txt").write_text("\n".join(lines) + "\n")
+    return d
+
+
+def _llama_lines(llama_tool, model, path, n, expected):
+    """llama-perplexity's running lines.  Its log goes through a writer thread that exit can cut
+    short (the last lines missing now and then): rerun until every line came out."""
+    for _ in range(5):
+        r = subprocess.run([llama_tool("llama-perplexity"), "-m", model, "-f", path, "--hellaswag",
+                            "--hellaswag-tasks", str(n), "-t", "2"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        lines = [ln for ln in (r.stdout + r.stderr).splitlines() if re.match(r"^\d+\t", ln)]
+        if len(lines) == expected:
+            return lines
+    raise AssertionError(f"llama-perplexity printed {len(lines)} of {expected} lines five times")
+
+
+@pytest.mark.parametrize("n", [12, 30, 400])        # a subset, all tasks, and more than the file has
+def test_every_running_line_equals_llama_perplexity(files, llama_tool, n):
+    theirs = _llama_lines(llama_tool, files / "m.gguf", files / "hs.txt", n, min(n, 30))
+    tasks = hellaswag.select(hellaswag.read_hellaswag(files / "hs.txt"), n)
+    ours = [r.line() for r in hellaswag.score(files / "m.gguf", tasks, threads=2)]
+    assert len(ours) == min(n, 30) and ours == theirs
+    r = subprocess.run(REPQ + ["eval", str(files / "m.gguf"), "--task", f"hellaswag:{files / 'hs.txt'}",
+                               "--hellaswag-tasks", str(n), "-t", "2", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    (res,) = json.loads(r.stdout)["choice"]
+    assert res["line"] == theirs[-1] and res["tasks"] == min(n, 30)
+
+
+def test_selection_is_libstdcxx():
+    """std::mt19937(1)'s first outputs (the C++ standard's 10000th-output check is for seed 5489)."""
+    g = hellaswag._MT19937(5489)
+    for _ in range(9999):
+        g()
+    assert g() == 4123659995
+    picks = [t.context for t in hellaswag.select([hellaswag.HsTask(str(i), 0, ("", "", "", "")) for i in range(10)], 10)]
+    assert sorted(picks, key=int) == [str(i) for i in range(10)]   # a permutation: every task once
+
+
+@pytest.mark.parametrize("text,match", [("a\n0\nb\nc\nd\ne\nf\n", "not a multiple of 6"),
+                                        ("a\nx\nb\nc\nd\ne\n", "gold ending index 'x'"),
+                                        ("a\n4\nb\nc\nd\ne\n", "gold ending index '4'")])
+def test_bad_files_exit_2(files, tmp_path, text, match):
+    bad = tmp_path / "bad.txt"
+    bad.write_text(text)
+    r = subprocess.run(REPQ + ["eval", str(files / "m.gguf"), "--task", f"hellaswag:{bad}"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and match in r.stderr.replace("\n", " ") and "Traceback" not in r.stderr
+
+
+def test_base_does_not_apply(files):
+    r = subprocess.run(REPQ + ["eval", str(files / "m.gguf"), "--task", f"hellaswag:{files / 'hs.txt'}", "--base",
+                               str(files / "m.gguf")], capture_output=True, text=True)
+    assert r.returncode == 2 and "--base applies to generative tasks" in r.stderr
+
+
+NAMES = ["Sarah", "Maria", "John", "Bob", "Alice", "Tom"]
+
+
+def _winogrande_csv(path, n, *, final_newline=True):
+    rng = np.random.default_rng(3)
+    rows = ["index,sentence,option1,option2,answer"]          # a header: skipped, as llama.cpp skips it
+    for i in range(n):
+        a, b = rng.choice(NAMES, 2, replace=False)
+        sent = f"{a} {' '.join(rng.choice(WORDS, rng.integers(2, 6)))} {b} so _ {' '.join(rng.choice(WORDS, rng.integers(1, 7)))}."
+        if i % 7 == 0:
+            sent = '"' + sent.replace(" so ", " so, then ") + '"'      # a quoted sentence with a comma
+        rows.append(f"{i},{sent},{a},{b},{rng.integers(1, 3)}")
+    path.write_text("\n".join(rows) + ("\n" if final_newline else ""))
+    return path
+
+
+@pytest.mark.parametrize("n,final_newline", [(0, True), (50, True), (0, False)])
+def test_winogrande_lines_and_final_equal_llama_perplexity(files, llama_tool, tmp_path, n, final_newline):
+    from repq.eval import choice
+
+    csv = _winogrande_csv(tmp_path / "wg.csv", 120, final_newline=final_newline)
+    for _ in range(5):   # rerun when exit cut llama.cpp's log short (see _llama_lines)
+        r = subprocess.run([llama_tool("llama-perplexity"), "-m", files / "m.gguf", "-f", csv, "--winogrande",
+                            "--winogrande-tasks", str(n), "-t", "2"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        text = r.stdout + r.stderr
+        theirs = [ln for ln in text.splitlines() if re.match(r"^\d+\t\d", ln)]
+        final = [ln[ln.index("Final"):] for ln in text.splitlines() if "Final Winogrande" in ln]
+        if len(theirs) == (n or 119) and (final or (n or 119) < 100):
+            break
+    tasks, skipped = choice.read_winogrande(csv)
+    res = choice.winogrande(files / "m.gguf", choice.select_winogrande(tasks, n), threads=2)
+    assert res.lines == theirs and len(theirs) == (n or 119)       # llama.cpp never reads the last line
+    assert [res.final] == final if res.n >= 100 else (res.final is None and final == [])
+    r = subprocess.run(REPQ + ["eval", str(files / "m.gguf"), "--task", f"winogrande:{csv}", "--winogrande-tasks",
+                               str(n), "-t", "2", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    (obj,) = json.loads(r.stdout)["choice"]
+    assert obj["line"] == theirs[-1] and obj["final"] == (final[0] if final else None)
+
+
+def test_winogrande_without_tasks_and_mixed_kinds_exit_2(files, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("index,sentence,option1,option2,answer\n0,no blank here,a,b,1\n1,x _ y,a,b,3\n")
+    r = subprocess.run(REPQ + ["eval", str(files / "m.gguf"), "--task", f"winogrande:{bad}"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "no Winogrande task" in r.stderr
+    r = subprocess.run(REPQ + ["eval", str(files / "m.gguf"), "--task", f"winogrande:{bad}", "--task", "arith"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "apart from generative tasks" in r.stderr
