@@ -18,6 +18,7 @@ def eval_(
     limit: Annotated[int, typer.Option(help="Problems per task and level (a task file: its first N).")] = 100,
     hellaswag_tasks: Annotated[int, typer.Option("--hellaswag-tasks", help="hellaswag:FILE: tasks drawn as llama-perplexity --hellaswag-tasks draws them.", min=1)] = 400,
     winogrande_tasks: Annotated[int, typer.Option("--winogrande-tasks", help="winogrande:FILE: tasks drawn as llama-perplexity --winogrande-tasks draws them (0 = all).", min=0)] = 0,
+    multiple_choice_tasks: Annotated[int, typer.Option("--multiple-choice-tasks", help="multiple-choice:FILE: tasks drawn as llama-perplexity --multiple-choice-tasks draws them (0 = all).", min=0)] = 0,
     base: Annotated[Path | None, typer.Option(help="Base GGUF: paired outcomes (lost / gained, McNemar), greedy agreement, output lengths.")] = None,
     max_tokens: Annotated[int, typer.Option(help="Token budget per answer.")] = 128,
     temperature: Annotated[float, typer.Option(help="0 = greedy; else seeded sampling (llama.cpp's top-k 40 / top-p 0.95 chain).", min=0.0)] = 0.0,
@@ -65,13 +66,14 @@ def eval_(
         for p in [*models, *([base] if base else [])]:
             if not p.is_file():
                 raise InputFileError(f"{p}: no such file")
-        mc = [(k, p) for k, p in specs if k in ("hellaswag", "winogrande")]
-        specs = [(k, p) for k, p in specs if k not in ("hellaswag", "winogrande")]
+        mc = [(k, p) for k, p in specs if k in tasks.CHOICE_FORMATS]
+        specs = [(k, p) for k, p in specs if k not in tasks.CHOICE_FORMATS]
         if mc and specs:
-            raise UsageError("hellaswag:/winogrande: files are scored by log-likelihood: run them apart from "
-                             "generative tasks")
+            raise UsageError("hellaswag:/winogrande:/multiple-choice: files are scored by log-likelihood: run them "
+                             "apart from generative tasks")
         if mc:
-            return _choice(out, models, mc, hellaswag_tasks, winogrande_tasks, ctx_size, threads, ngl, base)
+            return _choice(out, models, mc, (hellaswag_tasks, winogrande_tasks, multiple_choice_tasks), ctx_size,
+                           threads, ngl, base)
         probs = []
         for kind, path in specs:
             probs += (tasks.read_task_file(kind, path, limit) if path is not None
@@ -153,16 +155,18 @@ def eval_(
 eval_.command_name = "eval"
 
 
-def _choice(out, models, specs, n_hs, n_wg, n_ctx, threads, ngl, base):
-    """hellaswag:FILE / winogrande:FILE: llama-perplexity's method and printed lines per model."""
+def _choice(out, models, specs, counts, n_ctx, threads, ngl, base):
+    """hellaswag: / winogrande: / multiple-choice: files: llama-perplexity's method and printed lines."""
     from ..eval import choice
 
     if base is not None:
-        raise UsageError("--base applies to generative tasks; hellaswag:/winogrande: report each model's accuracy")
+        raise UsageError("--base applies to generative tasks; log-likelihood tasks report each model's accuracy")
+    n_hs, n_wg, n_mc = counts
     loaded = {}
     for kind, path in specs:   # every file read (and refused) before any model runs
         loaded[(kind, path)] = (choice.select(choice.read_hellaswag(path), n_hs) if kind == "hellaswag"
-                                else choice.select_winogrande(choice.read_winogrande(path)[0], n_wg))
+                                else choice.select_winogrande(choice.read_winogrande(path)[0], n_wg)
+                                if kind == "winogrande" else choice.read_multiple_choice(path, n_mc))
     results = []
     for (kind, path), tasks in loaded.items():
         for m in models:
@@ -171,14 +175,18 @@ def _choice(out, models, specs, n_hs, n_wg, n_ctx, threads, ngl, base):
                 if kind == "hellaswag":
                     last = choice.score(m, tasks, **kw)[-1]
                     r = {"tasks": last.n, "correct": last.correct, "accuracy": last.acc, "ci95": [last.lo, last.hi],
-                         "line": last.line()}
-                else:
+                         "line": last.line(), "final": None}
+                elif kind == "winogrande":
                     wg = choice.winogrande(m, tasks, **kw)
                     r = {"tasks": wg.n, "correct": wg.correct, "accuracy": 100.0 * wg.correct / wg.n,
                          "line": wg.lines[-1], "final": wg.final}
+                else:
+                    mc = choice.multiple_choice(m, tasks, **kw)
+                    r = {"tasks": mc.n, "correct": mc.correct, "accuracy": 100.0 * mc.correct / mc.n,
+                         "line": mc.lines[-1], "final": mc.final()[0], "random_chance": mc.final()[1]}
             results.append({"model": str(m), "task": f"{kind}:{path}", **r})
     out.result({**meta(), "command": "eval", "choice": results},
-               human="\n".join(f"{Path(r['model']).name} {r['task']}: {r.get('final') or r['line']}" for r in results))
+               human="\n".join(f"{Path(r['model']).name} {r['task']}: {r['final'] or r['line']}" for r in results))
 
 
 def _tasks(spec: list[str]) -> list[tuple[str, str | None]]:

@@ -158,6 +158,8 @@ def extract_answer(text: str) -> float | None:
 
 
 FORMATS = ("gsm8k", "math", "aime", "jsonl")
+#: llama-perplexity's log-likelihood task files (repq.eval.choice)
+CHOICE_FORMATS = ("hellaswag", "winogrande", "multiple-choice")
 _GSM_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)\s*$")
 
 
@@ -213,8 +215,8 @@ def parse_task(spec: str) -> tuple[str, str | None]:
     """
     kind, sep, path = spec.partition(":")
     if sep:
-        if kind not in FORMATS + ("hellaswag", "winogrande"):
-            raise UsageError(f"--task {spec}: unknown format {kind!r}", hint=f"formats: {', '.join(FORMATS)}, hellaswag, winogrande")
+        if kind not in FORMATS + CHOICE_FORMATS:
+            raise UsageError(f"--task {spec}: unknown format {kind!r}", hint=f"formats: {', '.join(FORMATS + CHOICE_FORMATS)}")
         if not path:
             raise UsageError(f"--task {spec}: no file after {kind}:")
         return kind, path

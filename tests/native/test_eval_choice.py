@@ -1,4 +1,4 @@
-"""`repq eval --task hellaswag:FILE / winogrande:FILE` against llama-perplexity --hellaswag / --winogrande (issue 18): the same task
+"""`repq eval --task hellaswag: / winogrande: / multiple-choice:FILE` against llama-perplexity (issue 18): the same task
 selection (std::mt19937 + libstdc++'s uniform_int_distribution), the same batching (a common prefix
 shared by 4 sequences in a unified KV cache) and scoring, so every running line llama-perplexity
 prints — task count, acc_norm and its Wilson interval — is equal; bad files exit 2."""
@@ -140,3 +140,77 @@ def test_winogrande_without_tasks_and_mixed_kinds_exit_2(files, tmp_path):
     r = subprocess.run(REPQ + ["eval", str(files / "m.gguf"), "--task", f"winogrande:{bad}", "--task", "arith"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "apart from generative tasks" in r.stderr
+
+
+def _mc_file(path, tasks):
+    """llama-perplexity's --multiple-choice binary file: task count, task positions, then each task
+    (question, mc1 answers + int32 labels, mc2 answers + labels), strings as uint32 length + bytes."""
+    import struct
+
+    def s(x):
+        b = x.encode()
+        return struct.pack("<I", len(b)) + b
+
+    def answers(ans, labels):
+        return struct.pack("<I", len(ans)) + b"".join(s(a) for a in ans) + struct.pack(f"<{len(labels)}i", *labels)
+
+    blobs = [s(q) + answers(a, lab) + answers([], []) for q, a, lab in tasks]
+    head = 4 + 4 * len(blobs)
+    pos, off = [], head
+    for b in blobs:
+        pos.append(off)
+        off += len(b)
+    path.write_bytes(struct.pack("<I", len(blobs)) + struct.pack(f"<{len(pos)}I", *pos) + b"".join(blobs))
+    return path
+
+
+def _mc_tasks(n, seed=4):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        k = int(rng.choice([2, 3, 4]))
+        answers = [" ".join(rng.choice(WORDS, rng.integers(1, 5))) for _ in range(k)]
+        labels = [0] * k
+        labels[int(rng.integers(k))] = 1
+        out.append((" ".join(rng.choice(WORDS, rng.integers(3, 9))), answers, labels))
+    return out
+
+
+@pytest.mark.parametrize("n", [0, 40, 130])
+def test_multiple_choice_lines_and_final_equal_llama_perplexity(files, llama_tool, tmp_path, n):
+    from repq.eval import choice
+
+    f = _mc_file(tmp_path / "mc.bin", _mc_tasks(120))
+    expected = n if 0 < n < 120 else 120
+    for _ in range(5):   # rerun when exit cut llama.cpp's log short (see _llama_lines)
+        r = subprocess.run([llama_tool("llama-perplexity"), "-m", files / "m.gguf", "-bf", f, "--multiple-choice",
+                            "--multiple-choice-tasks", str(n), "-t", "2"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        text = r.stdout + r.stderr
+        theirs = [ln for ln in text.splitlines() if re.match(r"^\d+\t\d", ln)]
+        final = [ln[ln.index(k):] for ln in text.splitlines() for k in ("Final result", "Random chance") if k in ln]
+        if len(theirs) == expected and len(final) == 2:
+            break
+    res = choice.multiple_choice(files / "m.gguf", choice.read_multiple_choice(f, n), threads=2)
+    assert res.lines == theirs and len(theirs) == expected
+    assert res.final() == final
+    r = subprocess.run(REPQ + ["eval", str(files / "m.gguf"), "--task", f"multiple-choice:{f}",
+                               "--multiple-choice-tasks", str(n), "-t", "2", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    (obj,) = json.loads(r.stdout)["choice"]
+    assert (obj["line"], obj["final"], obj["random_chance"]) == (theirs[-1], *final)
+
+
+def test_multiple_choice_crafted_files_exit_2(files, tmp_path):
+    import struct
+
+    good = _mc_file(tmp_path / "good.bin", _mc_tasks(3)).read_bytes()
+    cases = {"truncated": good[:-7], "huge count": struct.pack("<I", 2**31) + good[4:],
+             "huge string": good[:16] + struct.pack("<I", 2**31) + good[20:], "empty": b"",
+             "many answers": _mc_file(tmp_path / "x.bin", [("q", ["a"] * 101, [1] + [0] * 100)]).read_bytes()}
+    for name, data in cases.items():
+        p = tmp_path / f"{name}.bin"
+        p.write_bytes(data)
+        r = subprocess.run(REPQ + ["eval", str(files / "m.gguf"), "--task", f"multiple-choice:{p}"],
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and "multiple-choice" in r.stderr and "Traceback" not in r.stderr, (name, r.stderr)
