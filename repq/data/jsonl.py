@@ -23,13 +23,12 @@ def check_messages(msgs, where: str) -> list[dict]:
     return msgs
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Records of a JSONL file, each with a ``text`` string or a ``messages`` list.
+def json_objects(path: str | os.PathLike, not_object: str = "a record must be a JSON object"):
+    """(``file:line``, object) for each non-blank line of a UTF-8 JSONL file.
 
     Raises:
-        InputFileError: not UTF-8, a line is not JSON, or has neither field.
+        InputFileError: not UTF-8, a line that is not JSON or not an object (``not_object``).
     """
-    out = []
     for i, line in enumerate(read_utf8(path).splitlines(), 1):
         if not line.strip():
             continue
@@ -39,7 +38,18 @@ def read_jsonl(path: Path) -> list[dict]:
         except json.JSONDecodeError as e:
             raise InputFileError(f"{where}: not JSON ({e.msg})") from None
         if not isinstance(rec, dict):
-            raise InputFileError(f"{where}: expected an object with 'text' or 'messages'")
+            raise InputFileError(f"{where}: {not_object}")
+        yield where, rec
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a JSONL file, each with a ``text`` string or a ``messages`` list.
+
+    Raises:
+        InputFileError: not UTF-8, a line is not JSON, or has neither field.
+    """
+    out = []
+    for where, rec in json_objects(path, "expected an object with 'text' or 'messages'"):
         if isinstance(rec.get("text"), str):
             out.append({"text": rec["text"]})
         elif "messages" in rec:

@@ -51,6 +51,88 @@ def prompt_lines(text: str, *, stop_at_eof: bool = False) -> list[str]:
     return pieces
 
 
+def _session(model_path, total_ctx: int, n_batch: int, threads: int, n_gpu_layers: int):
+    """The context llama-perplexity sets up for its multiple-choice scorers: 4 sequences of the
+    per-sequence context, a unified KV cache."""
+    from .session import Session
+
+    return Session(model_path, n_ctx=total_ctx, n_batch=n_batch, n_ubatch=min(512, n_batch), n_seq_max=4,
+                   threads=threads, n_gpu_layers=n_gpu_layers, kv_unified=True)
+
+
+def _add_task(batch: tuple[list, list, list, list], seqs: list, cp: int, s0: int, *, last_logits: bool) -> int:
+    """One task's entries (perplexity.cpp's batch.add calls): the common prefix once in sequences
+    s0 … s0 + len(seqs) − 1 with the logits of its last token, then each sequence's own tokens in
+    its sequence, with logits for every token (``last_logits``, Winogrande) or all but the last.
+    Returns the number of logits the task asks for."""
+    toks, pos, sets, outp = batch
+    ids = tuple(range(s0, s0 + len(seqs)))
+    for k in range(cp):
+        toks.append(seqs[0][k]), pos.append(k), sets.append(ids), outp.append(0)
+    outp[-1] = 1
+    n = 1
+    for si, x in enumerate(seqs):
+        for k in range(cp, len(x)):
+            want = last_logits or k < len(x) - 1
+            toks.append(x[k]), pos.append(k), sets.append((s0 + si,)), outp.append(int(want))
+            n += want
+    return n
+
+
+def _decode(s, toks, pos, sets, outp, n_batch: int) -> np.ndarray:
+    """perplexity.cpp's ``decode_helper``: the KV cache cleared, the batch decoded in pieces of
+    ``n_batch``, the logits of every output row in order."""
+    s.clear()
+    rows = []
+    for b0 in range(0, len(toks), n_batch):
+        sl = slice(b0, b0 + n_batch)
+        n_out = s.decode(np.asarray(toks[sl], np.int32), np.asarray(pos[sl], np.int32), None,
+                         np.asarray(outp[sl], np.int8), seq_sets=sets[sl])
+        rows.append(np.array(s.logits(n_out), copy=True))
+    return np.concatenate(rows)
+
+
+def _prep(s, texts: list[str]) -> tuple[list[list[int]], int, int]:
+    """A task's sequences (``common_tokenize`` with BOS), their common prefix and the tokens the
+    task needs in a batch."""
+    seqs = [[int(x) for x in s.tokenize(t.encode())] for t in texts]
+    cp = 0
+    while cp < min(len(x) for x in seqs) and all(x[cp] == seqs[0][cp] for x in seqs):
+        cp += 1
+    return seqs, cp, cp + sum(len(x) - cp for x in seqs)
+
+
+def _batches(s, prep: list, total_ctx: int, n_batch: int, *, last_logits: bool):
+    """llama-perplexity's batches: tasks added while they fit in the context and in the 4
+    sequences; yields (i0, i1, each task's first logit row, the logits) per decode.
+
+    Raises:
+        UsageError: a task with more answers than sequences, or longer than the context.
+    """
+    from ..errors import UsageError
+
+    i0 = 0
+    while i0 < len(prep):
+        batch, offs = ([], [], [], []), []
+        n_cur, i1, i_logits, s0 = 0, i0, 0, 0
+        while i1 < len(prep) and n_cur + prep[i1][2] <= total_ctx:
+            seqs, cp, req = prep[i1][:3]
+            if s0 + len(seqs) > 4:
+                if s0 == 0:
+                    raise UsageError(f"task {i0 + 1} has {len(seqs)} answers: llama-perplexity's multiple-choice "
+                                     "context holds 4 sequences")
+                break
+            offs.append(i_logits)
+            i_logits += _add_task(batch, seqs, cp, s0, last_logits=last_logits)
+            s0 += len(seqs)
+            n_cur += req
+            i1 += 1
+        if i1 == i0:
+            raise UsageError(f"task {i0 + 1} does not fit in the context window (requires {prep[i0][2]} tokens)")
+        yield i0, i1, offs, _decode(s, *batch, n_batch)
+        i0 = i1
+
+
 def read_hellaswag(path: str | os.PathLike) -> list[HsTask]:
     """llama-perplexity's HellaSwag text file.
 
@@ -162,53 +244,32 @@ def score(model_path: str | os.PathLike, tasks: list[HsTask], *, n_ctx: int = 51
           threads: int = 0, n_gpu_layers: int = 0, on_task=None) -> list[HsResult]:
     """The running result after each task (the last is llama-perplexity's final line)."""
     from ..errors import UsageError
-    from .session import Session
 
     total_ctx = 4 * n_ctx
     n_batch = min(n_batch, total_ctx)
     out, correct = [], 0
-    with Session(model_path, n_ctx=total_ctx, n_batch=n_batch, n_ubatch=min(512, n_batch), n_seq_max=4,
-                 threads=threads, n_gpu_layers=n_gpu_layers, kv_unified=True) as s:
-        for i, t in enumerate(tasks):
-            seqs = [s.tokenize(f"{t.context} {e}".encode()) for e in t.endings]
-            cp = 0
-            while cp < min(len(x) for x in seqs) and all(x[cp] == seqs[0][cp] for x in seqs):
-                cp += 1
+    with _session(model_path, total_ctx, n_batch, threads, n_gpu_layers) as s:
+        prep = [_prep(s, [f"{t.context} {e}" for e in t.endings]) for t in tasks]
+        for i, (seqs, cp, _) in enumerate(prep):
             if cp == 0 or any(len(x) <= cp for x in seqs):
                 raise UsageError(f"task {i + 1}: an ending adds no token after the common prefix")
-            need = cp + sum(len(x) - cp for x in seqs)
-            if need > total_ctx:
-                raise UsageError(f"task {i + 1} does not fit in the context window (requires {need} tokens)")
-            toks, pos, sets, outp = [], [], [], []
-            for k in range(cp):
-                toks.append(seqs[0][k]), pos.append(k), sets.append((0, 1, 2, 3)), outp.append(0)
-            outp[-1] = 1
-            for si, x in enumerate(seqs):
-                for k in range(cp, len(x)):
-                    toks.append(x[k]), pos.append(k), sets.append((si,)), outp.append(int(k < len(x) - 1))
-            s.clear()
-            rows = []
-            for b0 in range(0, len(toks), n_batch):
-                sl = slice(b0, b0 + n_batch)
-                n_out = s.decode(np.asarray(toks[sl], np.int32), np.asarray(pos[sl], np.int32), None,
-                                 np.asarray(outp[sl], np.int8), seq_sets=sets[sl])
-                rows.append(np.array(s.logits(n_out), copy=True))
-            logits = np.concatenate(rows)
-            best, best_v, li = 0, None, 1
-            for si, x in enumerate(seqs):
-                lp = _first_prob(logits[0], int(x[cp]))
-                cnt = 1
-                for j in range(cp, len(x) - 1):
-                    lp += float(_log_softmax_at(logits[li], int(x[j + 1])))
-                    li += 1
-                    cnt += 1
-                lp /= cnt
-                if best_v is None or lp > best_v:
-                    best, best_v = si, lp
-            correct += best == t.gold
-            out.append(wilson_line(correct, i + 1))
-            if on_task:
-                on_task(i, len(tasks))
+        for i0, i1, offs, logits in _batches(s, prep, total_ctx, n_batch, last_logits=False):
+            for i in range(i0, i1):
+                seqs, cp, _ = prep[i]
+                base, li, best, best_v = offs[i - i0], 1, 0, None
+                for si, x in enumerate(seqs):
+                    lp, cnt = _first_prob(logits[base], x[cp]), 1
+                    for j in range(cp, len(x) - 1):
+                        lp += float(_log_softmax_at(logits[base + li], x[j + 1]))
+                        li += 1
+                        cnt += 1
+                    lp /= cnt
+                    if best_v is None or lp > best_v:
+                        best, best_v = si, lp
+                correct += best == tasks[i].gold
+                out.append(wilson_line(correct, i + 1))
+                if on_task:
+                    on_task(i, len(tasks))
     return out
 
 
@@ -303,54 +364,13 @@ class WgResult:
 def winogrande(model_path: str | os.PathLike, tasks: list[WgTask], *, n_ctx: int = 512, n_batch: int = 2048,
                threads: int = 0, n_gpu_layers: int = 0, on_task=None) -> WgResult:
     """Every task scored as ``winogrande_score`` does, in its batches (2 tasks per decode)."""
-    from ..errors import UsageError
-    from .session import Session
-
     total_ctx = 4 * n_ctx
     n_batch = min(n_batch, total_ctx)
     res = WgResult(0, 0, [])
-    with Session(model_path, n_ctx=total_ctx, n_batch=n_batch, n_ubatch=min(512, n_batch), n_seq_max=4,
-                 threads=threads, n_gpu_layers=n_gpu_layers, kv_unified=True) as s:
-        def tok(text: str) -> list[int]:
-            return [int(t) for t in s.tokenize(text.encode())]
-
-        prep = []
-        for t in tasks:
-            seqs = [tok(t.first + c + t.second) for c in t.choices]
-            cp = 0
-            while cp < min(len(x) for x in seqs) and seqs[0][cp] == seqs[1][cp]:
-                cp += 1
-            prep.append((seqs, cp, cp + len(seqs[0]) - cp + len(seqs[1]) - cp,
-                         len(tok(t.first + t.choices[0])), len(tok(t.first + t.choices[1]))))
-        i0 = 0
-        while i0 < len(tasks):
-            toks, pos, sets, outp, offs = [], [], [], [], []
-            n_cur, i1, i_logits = 0, i0, 0
-            while i1 < len(tasks) and n_cur + prep[i1][2] <= total_ctx and 2 * (i1 - i0) + 2 <= 4:
-                seqs, cp, req, _, _ = prep[i1]
-                s0 = 2 * (i1 - i0)
-                for k in range(cp):
-                    toks.append(seqs[0][k]), pos.append(k), sets.append((s0, s0 + 1)), outp.append(0)
-                outp[-1] = 1
-                n_logits = 1
-                for si in range(2):
-                    for k in range(cp, len(seqs[si])):
-                        toks.append(seqs[si][k]), pos.append(k), sets.append((s0 + si,)), outp.append(1)
-                        n_logits += 1
-                offs.append(i_logits)
-                i_logits += n_logits
-                n_cur += req
-                i1 += 1
-            if i1 == i0:
-                raise UsageError(f"task {i0} does not fit in the context window (requires {prep[i0][2]} tokens)")
-            s.clear()
-            rows = []
-            for b0 in range(0, len(toks), n_batch):
-                sl = slice(b0, b0 + n_batch)
-                n_out = s.decode(np.asarray(toks[sl], np.int32), np.asarray(pos[sl], np.int32), None,
-                                 np.asarray(outp[sl], np.int8), seq_sets=sets[sl])
-                rows.append(np.array(s.logits(n_out), copy=True))
-            logits = np.concatenate(rows)
+    with _session(model_path, total_ctx, n_batch, threads, n_gpu_layers) as s:
+        prep = [_prep(s, [t.first + c + t.second for c in t.choices])
+                + tuple(len(s.tokenize((t.first + c).encode())) for c in t.choices) for t in tasks]
+        for i0, i1, offs, logits in _batches(s, prep, total_ctx, n_batch, last_logits=True):
             for i in range(i0, i1):
                 (seq0, seq1), cp, _, nb1, nb2 = prep[i]
                 skip = len(seq0) - cp > K_MIN_TRAILING_CTX and len(seq1) - cp > K_MIN_TRAILING_CTX
@@ -372,7 +392,6 @@ def winogrande(model_path: str | os.PathLike, tasks: list[WgTask], *, n_ctx: int
                                  f"{float(scores[1]):10.6f}  {result}  {tasks[i].answer}")
                 if on_task:
                     on_task(i, len(tasks))
-            i0 = i1
     return res
 
 
@@ -496,56 +515,12 @@ def multiple_choice(model_path: str | os.PathLike, tasks: list[McTask], *, n_ctx
                     n_batch: int = 2048, threads: int = 0, n_gpu_layers: int = 0, on_task=None) -> McResult:
     """Every task scored as ``multiple_choice_score`` does: as many tasks per decode as 4 sequences
     and the context hold, each answer's mean log-probability in float."""
-    from ..errors import UsageError
-    from .session import Session
-
-    total_ctx, max_seq = 4 * n_ctx, 4
+    total_ctx = 4 * n_ctx
     n_batch = min(n_batch, total_ctx)
     res = McResult(0, 0, 0, [])
-    with Session(model_path, n_ctx=total_ctx, n_batch=n_batch, n_ubatch=min(512, n_batch), n_seq_max=max_seq,
-                 threads=threads, n_gpu_layers=n_gpu_layers, kv_unified=True) as s:
-        prep = []
-        for t in tasks:
-            seqs = [[int(x) for x in s.tokenize(f"{t.question} {a}".encode())] for a in t.answers]
-            cp = 0
-            while cp < min(len(x) for x in seqs) and all(x[cp] == seqs[0][cp] for x in seqs):
-                cp += 1
-            prep.append((seqs, cp, cp + sum(len(x) - cp for x in seqs)))
-        i0 = 0
-        while i0 < len(tasks):
-            toks, pos, sets, outp, offs = [], [], [], [], []
-            n_cur, i1, i_logits, s0 = 0, i0, 0, 0
-            while i1 < len(tasks) and n_cur + prep[i1][2] <= total_ctx:
-                seqs, cp, req = prep[i1]
-                if s0 + len(seqs) > max_seq:
-                    if s0 == 0:
-                        raise UsageError(f"task {i0} has {len(seqs)} answers: llama-perplexity's multiple-choice "
-                                         f"context holds {max_seq}")
-                    break
-                ids = tuple(range(s0, s0 + len(seqs)))
-                for k in range(cp):
-                    toks.append(seqs[0][k]), pos.append(k), sets.append(ids), outp.append(0)
-                outp[-1] = 1
-                n_logits = 1
-                for si, x in enumerate(seqs):
-                    for k in range(cp, len(x)):
-                        toks.append(x[k]), pos.append(k), sets.append((s0 + si,)), outp.append(int(k < len(x) - 1))
-                        n_logits += k < len(x) - 1
-                s0 += len(seqs)
-                offs.append(i_logits)
-                i_logits += n_logits
-                n_cur += req
-                i1 += 1
-            if i1 == i0:
-                raise UsageError(f"task {i0} does not fit in the context window (requires {prep[i0][2]} tokens)")
-            s.clear()
-            rows = []
-            for b0 in range(0, len(toks), n_batch):
-                sl = slice(b0, b0 + n_batch)
-                n_out = s.decode(np.asarray(toks[sl], np.int32), np.asarray(pos[sl], np.int32), None,
-                                 np.asarray(outp[sl], np.int8), seq_sets=sets[sl])
-                rows.append(np.array(s.logits(n_out), copy=True))
-            logits = np.concatenate(rows)
+    with _session(model_path, total_ctx, n_batch, threads, n_gpu_layers) as s:
+        prep = [_prep(s, [f"{t.question} {a}" for a in t.answers]) for t in tasks]
+        for i0, i1, offs, logits in _batches(s, prep, total_ctx, n_batch, last_logits=False):
             for i in range(i0, i1):
                 seqs, cp, _ = prep[i]
                 base, li, best, best_v = offs[i - i0], 1, 0, None
@@ -564,5 +539,4 @@ def multiple_choice(model_path: str | os.PathLike, tasks: list[McTask], *, n_ctx
                 res.lines.append(f"{res.n}\t{100.0 * res.correct / res.n:.8f}")
                 if on_task:
                     on_task(i, len(tasks))
-            i0 = i1
     return res

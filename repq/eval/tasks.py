@@ -233,27 +233,16 @@ def read_task_file(kind: str, path: str, limit: int) -> list[Problem]:
         InputFileError: unreadable, not JSONL, or a record without its question or answer (the
             message names the file and line).
     """
-    import json
     from pathlib import Path
 
-    from ..data.tokenizer import read_utf8
+    from ..data.jsonl import json_objects
     from ..errors import InputFileError
 
     p = Path(path)
     name = f"{kind}:{p.stem}"
-    text = read_utf8(p)
     out: list[Problem] = []
     per_level: dict[int, int] = {}
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{p}:{i}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputFileError(f"{where}: not JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise InputFileError(f"{where}: a record must be a JSON object")
+    for where, rec in json_objects(p):
         q_field = "question" if kind in ("gsm8k", "jsonl") else "problem"
         q = rec.get(q_field)
         if not isinstance(q, str) or not q.strip():

@@ -37,17 +37,25 @@ def files(tmp_path_factory, native):
     return d
 
 
-def _llama_lines(llama_tool, model, path, n, expected):
-    """llama-perplexity's running lines.  Its log goes through a writer thread that exit can cut
-    short (the last lines missing now and then): rerun until every line came out."""
+def _llama_run(llama_tool, args, complete) -> str:
+    """llama-perplexity's output (stdout + stderr).  Its log goes through a writer thread that exit
+    can cut short (the last lines missing now and then): rerun until ``complete(text)``."""
     for _ in range(5):
-        r = subprocess.run([llama_tool("llama-perplexity"), "-m", model, "-f", path, "--hellaswag",
-                            "--hellaswag-tasks", str(n), "-t", "2"], capture_output=True, text=True)
+        r = subprocess.run([llama_tool("llama-perplexity"), *map(str, args), "-t", "2"], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-2000:]
-        lines = [ln for ln in (r.stdout + r.stderr).splitlines() if re.match(r"^\d+\t", ln)]
-        if len(lines) == expected:
-            return lines
-    raise AssertionError(f"llama-perplexity printed {len(lines)} of {expected} lines five times")
+        if complete(r.stdout + r.stderr):
+            return r.stdout + r.stderr
+    raise AssertionError(f"llama-perplexity's output was incomplete five times:\n{(r.stdout + r.stderr)[-2000:]}")
+
+
+def _running(text: str, pattern: str = r"^\d+\t") -> list[str]:
+    return [ln for ln in text.splitlines() if re.match(pattern, ln)]
+
+
+def _llama_lines(llama_tool, model, path, n, expected):
+    text = _llama_run(llama_tool, ["-m", model, "-f", path, "--hellaswag", "--hellaswag-tasks", n],
+                      lambda t: len(_running(t)) == expected)
+    return _running(text)
 
 
 @pytest.mark.parametrize("n", [12, 30, 400])        # a subset, all tasks, and more than the file has
@@ -111,15 +119,11 @@ def test_winogrande_lines_and_final_equal_llama_perplexity(files, llama_tool, tm
     from repq.eval import choice
 
     csv = _winogrande_csv(tmp_path / "wg.csv", 120, final_newline=final_newline)
-    for _ in range(5):   # rerun when exit cut llama.cpp's log short (see _llama_lines)
-        r = subprocess.run([llama_tool("llama-perplexity"), "-m", files / "m.gguf", "-f", csv, "--winogrande",
-                            "--winogrande-tasks", str(n), "-t", "2"], capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr[-2000:]
-        text = r.stdout + r.stderr
-        theirs = [ln for ln in text.splitlines() if re.match(r"^\d+\t\d", ln)]
-        final = [ln[ln.index("Final"):] for ln in text.splitlines() if "Final Winogrande" in ln]
-        if len(theirs) == (n or 119) and (final or (n or 119) < 100):
-            break
+    text = _llama_run(llama_tool, ["-m", files / "m.gguf", "-f", csv, "--winogrande", "--winogrande-tasks", n],
+                      lambda t: len(_running(t, r"^\d+\t\d")) == (n or 119)
+                      and ("Final Winogrande" in t or (n or 119) < 100))
+    theirs = _running(text, r"^\d+\t\d")
+    final = [ln[ln.index("Final"):] for ln in text.splitlines() if "Final Winogrande" in ln]
     tasks, skipped = choice.read_winogrande(csv)
     res = choice.winogrande(files / "m.gguf", choice.select_winogrande(tasks, n), threads=2)
     assert res.lines == theirs and len(theirs) == (n or 119)       # llama.cpp never reads the last line
@@ -182,15 +186,10 @@ def test_multiple_choice_lines_and_final_equal_llama_perplexity(files, llama_too
 
     f = _mc_file(tmp_path / "mc.bin", _mc_tasks(120))
     expected = n if 0 < n < 120 else 120
-    for _ in range(5):   # rerun when exit cut llama.cpp's log short (see _llama_lines)
-        r = subprocess.run([llama_tool("llama-perplexity"), "-m", files / "m.gguf", "-bf", f, "--multiple-choice",
-                            "--multiple-choice-tasks", str(n), "-t", "2"], capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr[-2000:]
-        text = r.stdout + r.stderr
-        theirs = [ln for ln in text.splitlines() if re.match(r"^\d+\t\d", ln)]
-        final = [ln[ln.index(k):] for ln in text.splitlines() for k in ("Final result", "Random chance") if k in ln]
-        if len(theirs) == expected and len(final) == 2:
-            break
+    text = _llama_run(llama_tool, ["-m", files / "m.gguf", "-bf", f, "--multiple-choice", "--multiple-choice-tasks", n],
+                      lambda t: len(_running(t, r"^\d+\t\d")) == expected and "Random chance" in t)
+    theirs = _running(text, r"^\d+\t\d")
+    final = [ln[ln.index(k):] for ln in text.splitlines() for k in ("Final result", "Random chance") if k in ln]
     res = choice.multiple_choice(files / "m.gguf", choice.read_multiple_choice(f, n), threads=2)
     assert res.lines == theirs and len(theirs) == expected
     assert res.final() == final

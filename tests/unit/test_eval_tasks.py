@@ -151,6 +151,6 @@ def test_scoring_text_and_numbers():
     assert score(Problem("t", 1, 0, "q", 1250), "the total is 1,250 apples")[1]
     assert not score(Problem("t", 1, 0, "q", "Paris"), "London")[1]
     assert parse_task("gsm8k:x.jsonl") == ("gsm8k", "x.jsonl") and parse_task("arith") == ("arith", None)
-    for bad, match in (("winogrande:f.csv", "unknown format"), ("gsm8k:", "no file"), ("trivia", "unknown task")):
+    for bad, match in (("nope:f.csv", "unknown format"), ("gsm8k:", "no file"), ("trivia", "unknown task")):
         with pytest.raises(UsageError, match=match):
             parse_task(bad)
