@@ -157,7 +157,7 @@ eval_.command_name = "eval"
 
 def _choice(out, models, specs, counts, n_ctx, threads, ngl, base):
     """hellaswag: / winogrande: / multiple-choice: files: llama-perplexity's method and printed lines."""
-    from ..eval import choice
+    from ..eval import choice, multiple_choice
 
     if base is not None:
         raise UsageError("--base applies to generative tasks; log-likelihood tasks report each model's accuracy")
@@ -166,7 +166,7 @@ def _choice(out, models, specs, counts, n_ctx, threads, ngl, base):
     for kind, path in specs:   # every file read (and refused) before any model runs
         loaded[(kind, path)] = (choice.select(choice.read_hellaswag(path), n_hs) if kind == "hellaswag"
                                 else choice.select_winogrande(choice.read_winogrande(path)[0], n_wg)
-                                if kind == "winogrande" else choice.read_multiple_choice(path, n_mc))
+                                if kind == "winogrande" else multiple_choice.read_multiple_choice(path, n_mc))
     results = []
     for (kind, path), tasks in loaded.items():
         for m in models:
@@ -181,7 +181,7 @@ def _choice(out, models, specs, counts, n_ctx, threads, ngl, base):
                     r = {"tasks": wg.n, "correct": wg.correct, "accuracy": 100.0 * wg.correct / wg.n,
                          "line": wg.lines[-1], "final": wg.final}
                 else:
-                    mc = choice.multiple_choice(m, tasks, **kw)
+                    mc = multiple_choice.multiple_choice(m, tasks, **kw)
                     r = {"tasks": mc.n, "correct": mc.correct, "accuracy": 100.0 * mc.correct / mc.n,
                          "line": mc.lines[-1], "final": mc.final()[0], "random_chance": mc.final()[1]}
             results.append({"model": str(m), "task": f"{kind}:{path}", **r})

@@ -1,6 +1,7 @@
 """llama-perplexity's multiple-choice scorers, operation by operation, on the same libraries
 (tools/perplexity/perplexity.cpp): ``--hellaswag`` (:func:`score`) and ``--winogrande``
-(:func:`winogrande`).
+(:func:`winogrande`) here, ``--multiple-choice`` in :mod:`repq.eval.multiple_choice`, with the
+machinery they share (the ``-f`` line reading, the batches, the log-softmax arithmetic).
 
 HellaSwag:
 
@@ -51,7 +52,7 @@ def prompt_lines(text: str, *, stop_at_eof: bool = False) -> list[str]:
     return pieces
 
 
-def _session(model_path, total_ctx: int, n_batch: int, threads: int, n_gpu_layers: int):
+def session(model_path, total_ctx: int, n_batch: int, threads: int, n_gpu_layers: int):
     """The context llama-perplexity sets up for its multiple-choice scorers: 4 sequences of the
     per-sequence context, a unified KV cache."""
     from .session import Session
@@ -92,7 +93,7 @@ def _decode(s, toks, pos, sets, outp, n_batch: int) -> np.ndarray:
     return np.concatenate(rows)
 
 
-def _prep(s, texts: list[str]) -> tuple[list[list[int]], int, int]:
+def prepare(s, texts: list[str]) -> tuple[list[list[int]], int, int]:
     """A task's sequences (``common_tokenize`` with BOS), their common prefix and the tokens the
     task needs in a batch."""
     seqs = [[int(x) for x in s.tokenize(t.encode())] for t in texts]
@@ -102,7 +103,7 @@ def _prep(s, texts: list[str]) -> tuple[list[list[int]], int, int]:
     return seqs, cp, cp + sum(len(x) - cp for x in seqs)
 
 
-def _batches(s, prep: list, total_ctx: int, n_batch: int, *, last_logits: bool):
+def batches(s, prep: list, total_ctx: int, n_batch: int, *, last_logits: bool):
     """llama-perplexity's batches: tasks added while they fit in the context and in the 4
     sequences; yields (i0, i1, each task's first logit row, the logits) per decode.
 
@@ -157,7 +158,7 @@ def read_hellaswag(path: str | os.PathLike) -> list[HsTask]:
     return tasks
 
 
-class _MT19937:
+class MT19937:
     """``std::mt19937`` (32-bit Mersenne Twister, the standard's seeding)."""
 
     def __init__(self, seed: int):
@@ -182,7 +183,7 @@ class _MT19937:
         return y ^ (y >> 18)
 
 
-def _uniform(g: _MT19937, n: int) -> int:
+def _uniform(g: MT19937, n: int) -> int:
     """libstdc++'s ``uniform_int_distribution<size_t>(0, n - 1)(g)`` for a 32-bit generator and
     n ≤ 2³²: Lemire's nearly-divisionless reduction (``_S_nd``)."""
     product = g() * n
@@ -197,20 +198,20 @@ def _uniform(g: _MT19937, n: int) -> int:
 
 def select(tasks: list[HsTask], n: int) -> list[HsTask]:
     """llama-perplexity's randomized choice of ``min(n, len(tasks))`` tasks, in its order."""
-    left, g, out = list(tasks), _MT19937(1), []
+    left, g, out = list(tasks), MT19937(1), []
     for _ in range(min(n, len(tasks))):
         out.append(left.pop(_uniform(g, len(left))))
     return out
 
 
-def _log_softmax_at(logits: np.ndarray, tok: int) -> np.float32:
+def log_softmax_at(logits: np.ndarray, tok: int) -> np.float32:
     """compute_logprobs: ``logits[tok] - max - log(Σ expf(logit - max))``, the sum in float, in order."""
     mx = logits.max()
     sum_p = np.add.accumulate(expf(logits - mx), dtype=F32)[-1]
     return F32(F32(logits[tok] - mx) - F32(math.log(sum_p)))
 
 
-def _first_prob(logits: np.ndarray, tok: int) -> float:
+def first_logprob(logits: np.ndarray, tok: int) -> float:
     """perplexity.cpp's ``softmax`` (float exps, double sum) at ``tok``, then ``std::log`` of the float."""
     e = expf(logits - logits.max())
     p = F32(F64(e[tok]) / np.add.accumulate(e.astype(F64))[-1])
@@ -248,19 +249,19 @@ def score(model_path: str | os.PathLike, tasks: list[HsTask], *, n_ctx: int = 51
     total_ctx = 4 * n_ctx
     n_batch = min(n_batch, total_ctx)
     out, correct = [], 0
-    with _session(model_path, total_ctx, n_batch, threads, n_gpu_layers) as s:
-        prep = [_prep(s, [f"{t.context} {e}" for e in t.endings]) for t in tasks]
+    with session(model_path, total_ctx, n_batch, threads, n_gpu_layers) as s:
+        prep = [prepare(s, [f"{t.context} {e}" for e in t.endings]) for t in tasks]
         for i, (seqs, cp, _) in enumerate(prep):
             if cp == 0 or any(len(x) <= cp for x in seqs):
                 raise UsageError(f"task {i + 1}: an ending adds no token after the common prefix")
-        for i0, i1, offs, logits in _batches(s, prep, total_ctx, n_batch, last_logits=False):
+        for i0, i1, offs, logits in batches(s, prep, total_ctx, n_batch, last_logits=False):
             for i in range(i0, i1):
                 seqs, cp, _ = prep[i]
                 base, li, best, best_v = offs[i - i0], 1, 0, None
                 for si, x in enumerate(seqs):
-                    lp, cnt = _first_prob(logits[base], x[cp]), 1
+                    lp, cnt = first_logprob(logits[base], x[cp]), 1
                     for j in range(cp, len(x) - 1):
-                        lp += float(_log_softmax_at(logits[base + li], x[j + 1]))
+                        lp += float(log_softmax_at(logits[base + li], x[j + 1]))
                         li += 1
                         cnt += 1
                     lp /= cnt
@@ -335,7 +336,7 @@ def select_winogrande(tasks: list[WgTask], n: int) -> list[WgTask]:
     ``std::mt19937(1)``'s outputs, swap-with-last removal), else all in file order."""
     if not 0 < n < len(tasks):
         return list(tasks)
-    g, aux, out = _MT19937(1), list(range(len(tasks))), []
+    g, aux, out = MT19937(1), list(range(len(tasks))), []
     scale = F32(1) / (F32(1) + F32(4294967295))
     for _ in range(n):
         j = int(F32(F32(scale * F32(g())) * F32(len(aux))))
@@ -367,10 +368,10 @@ def winogrande(model_path: str | os.PathLike, tasks: list[WgTask], *, n_ctx: int
     total_ctx = 4 * n_ctx
     n_batch = min(n_batch, total_ctx)
     res = WgResult(0, 0, [])
-    with _session(model_path, total_ctx, n_batch, threads, n_gpu_layers) as s:
-        prep = [_prep(s, [t.first + c + t.second for c in t.choices])
+    with session(model_path, total_ctx, n_batch, threads, n_gpu_layers) as s:
+        prep = [prepare(s, [t.first + c + t.second for c in t.choices])
                 + tuple(len(s.tokenize((t.first + c).encode())) for c in t.choices) for t in tasks]
-        for i0, i1, offs, logits in _batches(s, prep, total_ctx, n_batch, last_logits=True):
+        for i0, i1, offs, logits in batches(s, prep, total_ctx, n_batch, last_logits=True):
             for i in range(i0, i1):
                 (seq0, seq1), cp, _, nb1, nb2 = prep[i]
                 skip = len(seq0) - cp > K_MIN_TRAILING_CTX and len(seq1) - cp > K_MIN_TRAILING_CTX
@@ -381,7 +382,7 @@ def winogrande(model_path: str | os.PathLike, tasks: list[WgTask], *, n_ctx: int
                     li = n_base - cp if si == 0 else len(seq0) - cp + n_base - cp   # perplexity.cpp's indices
                     sc = F32(0)
                     for j in range(n_base - 1, len(seq) - 1 - last):
-                        sc = F32(sc + _log_softmax_at(logits[offs[i - i0] + li], seq[j + 1]))
+                        sc = F32(sc + log_softmax_at(logits[offs[i - i0] + li], seq[j + 1]))
                         li += 1
                     with np.errstate(divide="ignore", invalid="ignore"):   # 0 / 0 as in C: nan
                         scores.append(F32(sc / F32(len(seq) - n_base - last)))
@@ -390,153 +391,6 @@ def winogrande(model_path: str | os.PathLike, tasks: list[WgTask], *, n_ctx: int
                 res.n += 1
                 res.lines.append(f"{i + 1}\t{100.0 * res.correct / res.n:.4f}\t{float(scores[0]):10.6f}  "
                                  f"{float(scores[1]):10.6f}  {result}  {tasks[i].answer}")
-                if on_task:
-                    on_task(i, len(tasks))
-    return res
-
-
-# ------------------------------------------------------------------------------------------------
-# Multiple choice (llama-perplexity --multiple-choice: its binary task file)
-# ------------------------------------------------------------------------------------------------
-
-MAX_ANSWERS = 100   #: perplexity.cpp's bound on the answers of one task
-
-
-@dataclass
-class McTask:
-    question: str
-    answers: list[str]
-    labels: list[int]    #: 1 marks a correct answer (mc1: exactly one)
-
-
-class _Reader:
-    """Bounds-checked reads of a task file that comes from outside: every length is checked
-    against the bytes left before anything is allocated."""
-
-    def __init__(self, data: bytes, path):
-        self.data, self.pos, self.path = data, 0, path
-
-    def fail(self, what: str):
-        raise InputFileError(f"{self.path}: {what} at byte {self.pos} (llama-perplexity --multiple-choice format)")
-
-    def u32(self) -> int:
-        if self.pos + 4 > len(self.data):
-            self.fail("truncated")
-        v = int.from_bytes(self.data[self.pos:self.pos + 4], "little")
-        self.pos += 4
-        return v
-
-    def string(self) -> str:
-        n = self.u32()
-        if self.pos + n > len(self.data):
-            self.fail(f"a string of {n} bytes runs past the end")
-        raw = self.data[self.pos:self.pos + n]
-        self.pos += n
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            self.fail("a string that is not UTF-8")
-
-    def answers(self) -> tuple[list[str], list[int]]:
-        n = self.u32()
-        if n > MAX_ANSWERS:
-            self.fail(f"{n} answers (at most {MAX_ANSWERS})")
-        answers = [self.string() for _ in range(n)]
-        if self.pos + 4 * n > len(self.data):
-            self.fail("truncated labels")
-        labels = [int.from_bytes(self.data[self.pos + 4 * i:self.pos + 4 * i + 4], "little", signed=True)
-                  for i in range(n)]
-        self.pos += 4 * n
-        return answers, labels
-
-    def task(self) -> McTask:
-        q = self.string()
-        answers, labels = self.answers()
-        self.answers()                       # mc2 (multiple correct answers): read, not scored
-        return McTask(q, answers, labels)
-
-
-def read_multiple_choice(path: str | os.PathLike, n: int = 0) -> list[McTask]:
-    """The tasks llama-perplexity ``--multiple-choice --multiple-choice-tasks n`` scores: all in file
-    order (n = 0 or ≥ the tasks in the file), else n drawn with ``std::mt19937(1)`` and float
-    scaling, each read at its recorded position.
-
-    Raises:
-        InputFileError: a malformed or truncated file, a task with an empty question or answer.
-    """
-    from pathlib import Path
-
-    data = Path(path).read_bytes()
-    r = _Reader(data, path)
-    n_task = r.u32()
-    if n_task == 0:
-        r.fail("no tasks")
-    if 4 * n_task > len(data) - 4:
-        r.fail(f"{n_task} task positions run past the end")
-    task_pos = [r.u32() for _ in range(n_task)]
-    if n == 0 or n >= n_task:
-        tasks = [r.task() for _ in range(n_task)]
-    else:
-        g, aux, tasks = _MT19937(1), list(range(n_task)), []
-        scale = F32(1) / (F32(1) + F32(4294967295))
-        for _ in range(n):
-            j = int(F32(F32(scale * F32(g())) * F32(len(aux))))
-            idx = aux[j]
-            aux[j] = aux[-1]
-            aux.pop()
-            if task_pos[idx] >= len(data):
-                r.fail(f"task {idx} at position {task_pos[idx]} past the end")
-            r.pos = task_pos[idx]
-            tasks.append(r.task())
-    for i, t in enumerate(tasks):
-        if not t.question or not t.answers or any(not a for a in t.answers):
-            raise InputFileError(f"{path}: task {i + 1}: an empty question or answer")
-    return tasks
-
-
-@dataclass
-class McResult:
-    n: int
-    correct: int
-    n_answers: int
-    lines: list[str]
-
-    def final(self) -> list[str]:
-        """llama-perplexity's "Final result" and "Random chance" lines."""
-        out = []
-        for p in (F32(self.correct) / F32(self.n), F32(self.n) / F32(self.n_answers)):
-            sigma = F32(np.sqrt(F32(F32(p * F32(1 - p)) / F32(self.n - 1)))) if self.n > 1 else F32("nan")
-            out.append((float(F32(100) * p), float(F32(100) * sigma)))
-        return [f"Final result: {out[0][0]:.4f} +/- {out[0][1]:.4f}",
-                f"Random chance: {out[1][0]:.4f} +/- {out[1][1]:.4f}"]
-
-
-def multiple_choice(model_path: str | os.PathLike, tasks: list[McTask], *, n_ctx: int = 512,
-                    n_batch: int = 2048, threads: int = 0, n_gpu_layers: int = 0, on_task=None) -> McResult:
-    """Every task scored as ``multiple_choice_score`` does: as many tasks per decode as 4 sequences
-    and the context hold, each answer's mean log-probability in float."""
-    total_ctx = 4 * n_ctx
-    n_batch = min(n_batch, total_ctx)
-    res = McResult(0, 0, 0, [])
-    with _session(model_path, total_ctx, n_batch, threads, n_gpu_layers) as s:
-        prep = [_prep(s, [f"{t.question} {a}" for a in t.answers]) for t in tasks]
-        for i0, i1, offs, logits in _batches(s, prep, total_ctx, n_batch, last_logits=False):
-            for i in range(i0, i1):
-                seqs, cp, _ = prep[i]
-                base, li, best, best_v = offs[i - i0], 1, 0, None
-                for si, x in enumerate(seqs):
-                    lp, count = F32(_first_prob(logits[base], x[cp])), 1
-                    for j in range(cp, len(x) - 1):
-                        lp = F32(lp + _log_softmax_at(logits[base + li], x[j + 1]))
-                        li += 1
-                        count += 1
-                    lp = F32(lp / F32(count))
-                    if best_v is None or lp > best_v:
-                        best, best_v = si, lp
-                res.n_answers += len(seqs)
-                res.correct += tasks[i].labels[best] == 1
-                res.n += 1
-                res.lines.append(f"{res.n}\t{100.0 * res.correct / res.n:.8f}")
                 if on_task:
                     on_task(i, len(tasks))
     return res

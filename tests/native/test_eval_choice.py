@@ -73,7 +73,7 @@ def test_every_running_line_equals_llama_perplexity(files, llama_tool, n):
 
 def test_selection_is_libstdcxx():
     """std::mt19937(1)'s first outputs (the C++ standard's 10000th-output check is for seed 5489)."""
-    g = hellaswag._MT19937(5489)
+    g = hellaswag.MT19937(5489)
     for _ in range(9999):
         g()
     assert g() == 4123659995
@@ -182,7 +182,7 @@ def _mc_tasks(n, seed=4):
 
 @pytest.mark.parametrize("n", [0, 40, 130])
 def test_multiple_choice_lines_and_final_equal_llama_perplexity(files, llama_tool, tmp_path, n):
-    from repq.eval import choice
+    from repq.eval import multiple_choice
 
     f = _mc_file(tmp_path / "mc.bin", _mc_tasks(120))
     expected = n if 0 < n < 120 else 120
@@ -190,7 +190,7 @@ def test_multiple_choice_lines_and_final_equal_llama_perplexity(files, llama_too
                       lambda t: len(_running(t, r"^\d+\t\d")) == expected and "Random chance" in t)
     theirs = _running(text, r"^\d+\t\d")
     final = [ln[ln.index(k):] for ln in text.splitlines() for k in ("Final result", "Random chance") if k in ln]
-    res = choice.multiple_choice(files / "m.gguf", choice.read_multiple_choice(f, n), threads=2)
+    res = multiple_choice.multiple_choice(files / "m.gguf", multiple_choice.read_multiple_choice(f, n), threads=2)
     assert res.lines == theirs and len(theirs) == expected
     assert res.final() == final
     r = subprocess.run(REPQ + ["eval", str(files / "m.gguf"), "--task", f"multiple-choice:{f}",
