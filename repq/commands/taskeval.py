@@ -71,6 +71,8 @@ def eval_(
         if mc and specs:
             raise UsageError("hellaswag:/winogrande:/multiple-choice: files are scored by log-likelihood: run them "
                              "apart from generative tasks")
+        if mc and (outputs is not None or resume):
+            raise UsageError("--outputs/--resume keep generative answers; log-likelihood tasks report with --json")
         if mc:
             return _choice(out, models, mc, (hellaswag_tasks, winogrande_tasks, multiple_choice_tasks), ctx_size,
                            threads, ngl, base)

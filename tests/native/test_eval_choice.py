@@ -96,6 +96,10 @@ def test_base_does_not_apply(files):
     r = subprocess.run(REPQ + ["eval", str(files / "m.gguf"), "--task", f"hellaswag:{files / 'hs.txt'}", "--base",
                                str(files / "m.gguf")], capture_output=True, text=True)
     assert r.returncode == 2 and "--base applies to generative tasks" in r.stderr
+    r = subprocess.run(REPQ + ["eval", str(files / "m.gguf"), "--task", f"hellaswag:{files / 'hs.txt'}", "--outputs",
+                               str(files / "o.jsonl")], capture_output=True, text=True)
+    assert r.returncode == 2 and "--outputs/--resume keep generative answers" in r.stderr
+    assert not (files / "o.jsonl").exists()
 
 
 NAMES = ["Sarah", "Maria", "John", "Bob", "Alice", "Tom"]
