@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# GPU lease, inside run.sh (carry .carry/b and .carry/c; setup.sh with the CUDA build): the task
+# fidelity study of issue 18 and the allocated distillation of issue 15 on the reference model.
+#   prep     llama.cpp's imatrix and repq's Hessians on the same 100 x 512 tokens of DATA (the
+#            repq calib mixture + library text), llama-quantize --imatrix and repq LDLQ at Q3_K_S
+#            and Q4_0, the F32 base's logits for the KLD on three domains, and a 3-problem
+#            `repq eval --ngl 99` smoke test.
+#   distill  three `repq distill --device cuda` runs side by side on the GPU, STEPS steps per group
+#            on the library text's token chunks: Q4_0, Q3_K_S (llama.cpp's fixed mix) and
+#            --target-size at the Q3_K_S file's bytes with the committed sensitivity file
+#            (benchmarks/results/alloc_frontier_h200/sens.json, --exclude-types Q4_1,Q5_1); each
+#            is cut at DISTILL_TIMEOUT seconds and resumed (--resume) by the next call.
+#   kld      every file scored with llama-perplexity --kl-divergence against the F32 base on
+#            40 x 512 tokens of the tutorial and 20 x 512 of each held-out domain.
+#   eval     `repq eval --task builtin --levels LEVELS --limit LIMIT --base F32 --ngl 99
+#            --parallel 64` on every file, answers kept in answers.jsonl (--resume continues).
+# Work in /tmp/wd/study is reused; results are packed into $OUT/study.tgz after every phase.
+#   bash benchmarks/gpu/eval_study.sh PHASE [PHASE ...]
+set -uo pipefail
+export PYTHONPATH=/tmp/site:$PWD REPQ_CACHE=/tmp/rc PYTHONUNBUFFERED=1 LLAMA_CPP_LIB_PATH=$PWD/native/build/bin
+F=/tmp/rc/models/smollm2-135m-f32.gguf W=/tmp/wd/study B=native/build/bin
+DATA=${DATA:-.carry/c/mixlib-52k.jsonl}
+STEPS=${STEPS:-300} LIMIT=${LIMIT:-500} LEVELS=${LEVELS:-1-5} DISTILL_TIMEOUT=${DISTILL_TIMEOUT:-540}
+SENS=benchmarks/results/alloc_frontier_h200/sens.json
+R=$W/results.txt
+mkdir -p $W; cp /tmp/rc/data/tutorial.txt .carry/c/ 2>/dev/null
+[ -f $W/started ] || { date > $W/started; sha256sum $DATA .carry/b/library-512.npy $SENS .carry/c/*.txt >> $R; }
+
+kld() {   # file label: one line per domain in $R
+  for d in tutorial sysadmin fortunes; do
+    n=20; [ $d = tutorial ] && n=40
+    [ -f /tmp/wd/base_$d.$n.kld ] || $B/llama-perplexity -m $F -f .carry/c/$d.txt -c 512 --chunks $n -ngl 99 \
+      --kl-divergence-base /tmp/wd/base_$d.$n.kld > /tmp/wd/base_$d.$n.log 2>&1
+    [ -f $1.$d.log ] && grep -q "Mean *KLD" $1.$d.log || $B/llama-perplexity -m $1 -f .carry/c/$d.txt -c 512 \
+      --chunks $n -ngl 99 --kl-divergence-base /tmp/wd/base_$d.$n.kld --kl-divergence > $1.$d.log 2>&1
+    echo "$2 $d $n $(stat -c %s $1) bytes: $(grep -E 'Mean +KLD|Same top' $1.$d.log | tr -s ' ' | tr '\n' ' ')" >> $R
+  done
+}
+
+prep() {
+  [ -f $W/imatrix.gguf ] || python3 -m repq imatrix $F --data $DATA --chunks 100 -c 512 --device cuda --dtype float32 \
+    -o $W/imatrix.gguf -q > $W/imatrix.log 2>&1 || { tail -5 $W/imatrix.log; return 1; }
+  [ -f $W/hess/hessians.json ] || python3 -m repq hessian $F --data $DATA --chunks 100 -c 512 --device cuda \
+    -o $W/hess -q > $W/hess.log 2>&1 || { tail -5 $W/hess.log; return 1; }
+  for ft in Q3_K_S Q4_0; do
+    [ -f $W/llama-$ft.gguf ] || $B/llama-quantize --imatrix $W/imatrix.gguf $F $W/llama-$ft.gguf $ft 8 \
+      > $W/llama-$ft.log 2>&1 || echo "llama-quantize $ft failed" >> $R
+    [ -f $W/ldlq-$ft.gguf ] || python3 -m repq quantize $F $W/ldlq-$ft.gguf --fmt $ft --hessian $W/hess \
+      --device cuda -t 8 -q > $W/ldlq-$ft.log 2>&1 || echo "ldlq $ft failed: $(tail -2 $W/ldlq-$ft.log)" >> $R
+  done
+  python3 -m repq eval $F --task builtin --levels 1 --limit 3 --ngl 99 --parallel 8 --json > $W/smoke.json \
+    2> $W/smoke.log && echo "eval smoke ok" >> $R || { echo "eval smoke FAILED" >> $R; tail -20 $W/smoke.log; }
+}
+
+distill_one() {   # tag, then distill options
+  local tag=$1; shift
+  local o=$W/$tag.gguf res=
+  grep -q "distill exit 0" $W/$tag.status 2>/dev/null && return
+  [ -d $o.distill ] && res=--resume
+  t1=$(date +%s)
+  timeout -s INT -k 60 $DISTILL_TIMEOUT python3 -m repq distill $F $o --data .carry/b/library-512.npy --device cuda \
+    --steps-per-group $STEPS --checkpoint-every 100 --threads 5 --json $res "$@" > $W/$tag.distill.json 2>> $W/$tag.distill.log
+  rc=$?
+  echo "$tag distill exit $rc after $(( $(date +%s) - t1 )) s ($res)" | tee -a $R > $W/$tag.status
+}
+
+distill() {
+  size=$(stat -c %s $W/llama-Q3_K_S.gguf)
+  distill_one distill-Q4_0 --fmt Q4_0 &
+  distill_one distill-Q3_K_S --fmt Q3_K_S &
+  distill_one distill-alloc-Q3_K_S --target-size $size --sensitivity $SENS --exclude-types Q4_1,Q5_1 &
+  wait
+}
+
+kld_all() {
+  for f in $W/llama-*.gguf $W/ldlq-*.gguf $W/distill-*.gguf; do
+    case $f in *distill*) grep -q "distill exit 0" ${f%.gguf}.status 2>/dev/null || continue;; esac
+    kld $f "$(basename $f .gguf)"
+  done
+}
+
+evaluate() {
+  files=$(ls $W/llama-Q3_K_S.gguf $W/llama-Q4_0.gguf $W/ldlq-Q3_K_S.gguf $W/ldlq-Q4_0.gguf 2>/dev/null)
+  for t in distill-Q3_K_S distill-Q4_0 distill-alloc-Q3_K_S; do
+    grep -q "distill exit 0" $W/$t.status 2>/dev/null && files="$files $W/$t.gguf"
+  done
+  t1=$(date +%s)
+  timeout -s INT -k 30 ${EVAL_TIMEOUT:-560} python3 -m repq eval $files --base $F --task builtin --levels $LEVELS --limit $LIMIT \
+    --ngl 99 --parallel 64 --outputs $W/answers.jsonl --resume --json > $W/eval.json 2>> $W/eval.log
+  echo "eval exit $? after $(( $(date +%s) - t1 )) s: $(echo $files | wc -w) files + base" >> $R
+}
+
+for phase in "$@"; do
+  t0=$(date +%s); case $phase in kld) kld_all;; *) $phase;; esac
+  echo "phase $phase $(( $(date +%s) - t0 )) s" >> $R
+  ( cd $W && tar czf $OUT/study.tgz results.txt *.json *.log *.status answers.jsonl distill-*.gguf.distill/metrics.jsonl \
+      2>/dev/null )
+done
+cat $R
