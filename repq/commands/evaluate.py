@@ -238,6 +238,7 @@ def report(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the Markdown table here.")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of mean KLD vs bits per weight.")] = None,
     speed: Annotated[bool, typer.Option("--speed", help="Add llama-bench pp/tg tokens/s columns.")] = False,
+    evals: Annotated[list[Path] | None, typer.Option("--eval", help="A `repq eval --json` output: add task accuracy, lost/gained, output and agreement lengths columns (and with --plot a second plot, PLOT-tasks.png, of accuracy by level); repeatable.")] = None,
     n_ctx: CtxOpt = None,
     chunks: ChunksOpt = -1,
     threads: ThreadsOpt = 0,
@@ -246,39 +247,52 @@ def report(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
-    """One table (size, bpw, PPL, KLD, same-top, optional speed) for several quantizations of BASE.
+    """One table (size, bpw, PPL, KLD, same-top, optional task accuracy and speed) for several quantizations of BASE.
 
-    Results are cached in REPQ_CACHE/eval-cache by file hash, text hash and settings.
+    Results are cached in REPQ_CACHE/eval-cache by file hash, text hash and settings. --eval files
+    are matched to the models (and BASE) by path, else by file name; a model in an eval file that
+    is not in the report is an error, a report file without task results gets blank cells.
 
     Examples:
 
         repq report q4_0.gguf q4_k_m.gguf iq4_xs.gguf --base f32.gguf --data wiki.test.raw -o report.md --plot report.png
 
         repq report q*.gguf --base f32.gguf --data text.txt -c 256 --chunks 40 --speed --json
+
+        repq report q4_0.gguf q3_k_s.gguf --base f32.gguf --data text.txt --eval eval.json --plot r.png   # + r-tasks.png
     """
     out = Output(json_out, quiet)
 
     def body():
         from ..eval import report as R
+        from ..eval import report_tasks as RT
         from ..io.atomic import atomic_write_bytes
 
         cfg = _cfg(n_ctx, chunks, threads, ngl, batch, 512)
         text = _need_data(data, "repq report")
         if plot:
             R.check_plot_available()
-        for target in (p for p in (output, plot) if p):   # before minutes of evaluation, not after
+        task_res = RT.match_evals([RT.read_eval(e) for e in evals], models, base, log=out.log) if evals else None
+        task_plot = RT.task_plot_path(plot) if plot and evals else None
+        for target in (p for p in (output, plot, task_plot) if p):   # before minutes of evaluation, not after
             _writable_dir(target)
         with _eval_process():
             rows = R.build_report(models, base, text, cfg, speed=speed,
                                   bench_opts={"threads": threads, "n_gpu_layers": ngl}, log=out.log)
-        md = R.markdown(rows, speed=speed)
+        for r in rows:
+            r.tasks = task_res.get(r.file) if task_res is not None else None
+        md = R.markdown(rows, speed=speed, tasks=task_res is not None)
         if output:
             atomic_write_bytes(output, md.encode())
         if plot:
             R.plot(rows, plot, title=f"{Path(base).name} on {text.name}")
+        if task_plot:
+            RT.plot_tasks([(Path(r.file).stem + (" (base)" if r.is_base else ""), r.tasks) for r in rows], task_plot,
+                          title=f"task accuracy by level, against {Path(base).name}")
         out.result({**meta(), "command": "report", "config": cfg.to_dict(), "base": str(base),
                     "data": str(text), "markdown": str(output) if output else None,
-                    "plot": str(plot) if plot else None, "rows": [r.to_dict() for r in rows]},
+                    "plot": str(plot) if plot else None, "task_plot": str(task_plot) if task_plot else None,
+                    "eval": [str(e) for e in evals] if evals else None, "rows": [r.to_dict() for r in rows]},
                    human=md.rstrip())
 
     run_command(out, body)

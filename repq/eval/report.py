@@ -1,4 +1,5 @@
-"""Several quantizations of one model side by side: size, bits per weight, PPL, KLD, speed.
+"""Several quantizations of one model side by side: size, bits per weight, PPL, KLD, speed, and
+task accuracy read from `repq eval --json` outputs (:mod:`repq.eval.report_tasks`).
 
 For each model the quality numbers come from one ``llama-perplexity --kl-divergence`` style run
 against the base model's log-probabilities (:func:`repq.eval.kld.kl_divergence`): PPL is its
@@ -29,6 +30,7 @@ from .config import EvalConfig
 from .kld import check_same_tokenizer, kl_divergence
 from .logits_file import BaseLogits, temp_base_path
 from .ppl import perplexity
+from .report_tasks import TASK_HEAD, task_cells
 
 CACHE_VERSION = 1
 PLOT_NEEDS_MATPLOTLIB = "--plot needs matplotlib: pip install 'repq[plot]'"
@@ -48,6 +50,8 @@ class ReportRow:
     pp_ts: float | None = None
     tg_ts: float | None = None
     is_base: bool = False
+    tasks: dict | None = None
+    """Task results from `repq eval --json` (:meth:`repq.eval.report_tasks.TaskResult.summary`)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -201,9 +205,12 @@ def _speed(model, cache: ResultCache, opts: dict, say) -> tuple[float | None, fl
     return hit["pp"], hit["tg"]
 
 
-def markdown(rows: list[ReportRow], *, speed: bool = False) -> str:
-    """One Markdown table: file, size, bpw, PPL, mean KLD, 99.9 % KLD, same top (and pp/tg t/s)."""
+def markdown(rows: list[ReportRow], *, speed: bool = False, tasks: bool = False) -> str:
+    """One Markdown table: file, size, bpw, PPL, mean KLD, 99.9 % KLD, same top (and with ``tasks``
+    pooled task accuracy, lost/gained, output and agreement lengths; with ``speed`` pp/tg t/s)."""
     head = ["file", "size (bytes)", "bpw", "PPL", "mean KLD", "99.9% KLD", "same top %"]
+    if tasks:
+        head += TASK_HEAD
     if speed:
         head += ["pp t/s", "tg t/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
@@ -213,6 +220,8 @@ def markdown(rows: list[ReportRow], *, speed: bool = False) -> str:
                  "—" if r.kld_mean is None else f"{r.kld_mean:.6f}",
                  "—" if r.kld_p99_9 is None else f"{r.kld_p99_9:.6f}",
                  "—" if r.same_top is None else f"{100 * r.same_top:.3f}"]
+        if tasks:
+            cells += task_cells(r.tasks)
         if speed:
             cells += ["—" if r.pp_ts is None else f"{r.pp_ts:.2f}", "—" if r.tg_ts is None else f"{r.tg_ts:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")

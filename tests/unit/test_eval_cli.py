@@ -280,6 +280,29 @@ def test_report_markdown_plot_and_cache(files, tmp_path, monkeypatch):
     assert ok_json(*args)["rows"] == d["rows"]
 
 
+def test_report_with_eval_task_columns_and_plot(files, tmp_path, monkeypatch):
+    """--eval: the task columns beside the KLD ones for the same files, and the accuracy-by-level plot."""
+    pytest.importorskip("matplotlib")
+    monkeypatch.setenv("REPQ_CACHE", str(tmp_path / "cache"))
+    cell = {"n": 4, "correct": 1, "accuracy": 0.25, "ci95": [0.05, 0.7], "mean_output_tokens": 12.0}
+    ev = tmp_path / "eval.json"
+    ev.write_text(json.dumps({
+        "command": "eval", "tasks": ["arith"], "levels": [1, 2], "limit": 4, "seed": 0,
+        "models": [{"model": str(files["b"]), "tasks": {"arith": {"1": cell, "2": {**cell, "correct": 3, "accuracy": 0.75}}},
+                    "paired_all": {"lost": 2, "gained": 1, "mcnemar_p": 1.0, "agreement_median_tokens": 3.0}}],
+        "base": {"model": str(files["a"]), "tasks": {"arith": {"1": cell, "2": cell}}}}))
+    md, png = tmp_path / "r.md", tmp_path / "r.png"
+    d = ok_json("report", files["b"], "--base", files["a"], "--data", files["text"], "-c", 64, "-t", 2,
+                "-o", md, "--plot", png, "--eval", ev)
+    base, q = d["rows"]
+    assert q["kld_mean"] > 0 and (q["tasks"]["correct"], q["tasks"]["n"], q["tasks"]["lost"]) == (4, 8, 2)
+    assert base["tasks"]["correct"] == 2 and base["tasks"]["lost"] is None
+    assert d["task_plot"] == str(tmp_path / "r-tasks.png") and d["eval"] == [str(ev)]
+    assert (tmp_path / "r-tasks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    line = md.read_text().splitlines()[3]
+    assert line.startswith("| b.gguf |") and line.endswith("| 50.0 [21.5, 78.5] | 2/1 (p=1) | 12.0 | 3 |")
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: exit 2, a message naming the problem, nothing on stdout
 # ---------------------------------------------------------------------------------------------
