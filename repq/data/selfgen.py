@@ -120,8 +120,12 @@ class _Slot:
 
 
 def generate_answers(model_path: str | os.PathLike, prompt_tokens: list[np.ndarray], cfg: GenerateConfig,
-                     start: int = 0, seed_keys: list[int] | None = None) -> Iterator[tuple[int, list[int], bytes]]:
-    """Answers ``start, start + 1, ...`` (without end): ``(i, tokens, utf-8 bytes of the text)``.
+                     start: int = 0, seed_keys: list[int] | None = None,
+                     end: int | None = None) -> Iterator[tuple[int, list[int], bytes]]:
+    """Answers ``start, start + 1, ...``: ``(i, tokens, utf-8 bytes of the text)``; without end, or
+    up to ``end`` (excluded): no answer from ``end`` on is started, so the last answers decode with
+    no wasted sequence beside them (a consumer that stops at answer ``end - 1`` gets the same answers
+    either way).
 
     ``seed_keys``: answer ``i`` samples with a generator seeded by ``(seed, seed_keys[i % n])``
     instead of ``(seed, i)``, so that a subset of a larger prompt list (a resumed evaluation)
@@ -155,7 +159,7 @@ def generate_answers(model_path: str | os.PathLike, prompt_tokens: list[np.ndarr
 
         slots: list[_Slot | None] = [None] * S
         nxt, emit, done = start, start, {}
-        while True:
+        while end is None or emit < end:
             toks, pos, seq, outp, rows = [], [], [], [], []
             for k, sl in enumerate(slots):   # running answers: their last token
                 if sl is not None and sl.out:
@@ -168,6 +172,8 @@ def generate_answers(model_path: str | os.PathLike, prompt_tokens: list[np.ndarr
             for k in range(S):                # free sequences: start the next answers
                 if slots[k] is not None:
                     continue
+                if end is not None and nxt >= end:
+                    break
                 p = prompt_tokens[nxt % len(prompt_tokens)]
                 if len(toks) + len(p) > n_batch:
                     break

@@ -77,7 +77,7 @@ def run_model(model_path: str | os.PathLike, problems: list[Problem], gen, *, te
     if todo:
         with Tokenizer(model_path) as tok:
             prompts = [prompt_tokens(tok, problems[i], template) for i in todo]
-        for j, toks, raw in generate_answers(model_path, prompts, gen, seed_keys=todo):
+        for j, toks, raw in generate_answers(model_path, prompts, gen, seed_keys=todo, end=len(todo)):
             p, text = problems[todo[j]], raw.decode("utf-8", errors="replace")
             got, right = score(p, text)
             o = Outcome(p.key, p.question_id, p.task, p.level, p.answer, got, right, len(toks),
