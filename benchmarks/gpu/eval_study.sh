@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU lease, inside run.sh (carry .carry/b and .carry/c; setup.sh with the CUDA build): the task
+# GPU lease, inside run.sh (carry .carry/b and .carry/d; setup.sh with the CUDA build): the task
 # fidelity study of issue 18 and the allocated distillation of issue 15 on the reference model.
 #   prep     llama.cpp's imatrix and repq's Hessians on the same 100 x 512 tokens of DATA (the
 #            repq calib mixture + library text), llama-quantize --imatrix and repq LDLQ at Q3_K_S
@@ -19,19 +19,19 @@
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD REPQ_CACHE=/tmp/rc PYTHONUNBUFFERED=1 LLAMA_CPP_LIB_PATH=$PWD/native/build/bin
 F=/tmp/rc/models/smollm2-135m-f32.gguf W=/tmp/wd/study B=native/build/bin
-DATA=${DATA:-.carry/c/mixlib-52k.jsonl}
+DATA=${DATA:-.carry/d/mixlib-52k.jsonl}
 STEPS=${STEPS:-300} LIMIT=${LIMIT:-500} LEVELS=${LEVELS:-1-5} DISTILL_TIMEOUT=${DISTILL_TIMEOUT:-540}
 SENS=benchmarks/results/alloc_frontier_h200/sens.json
 R=$W/results.txt
-mkdir -p $W; cp /tmp/rc/data/tutorial.txt .carry/c/ 2>/dev/null
-[ -f $W/started ] || { date > $W/started; sha256sum $DATA .carry/b/library-512.npy $SENS .carry/c/*.txt >> $R; }
+mkdir -p $W; T=.carry/b
+[ -f $W/started ] || { date > $W/started; sha256sum $DATA .carry/b/library-512.npy $SENS $T/*.txt >> $R; }
 
 kld() {   # file label: one line per domain in $R
   for d in tutorial sysadmin fortunes; do
     n=20; [ $d = tutorial ] && n=40
-    [ -f /tmp/wd/base_$d.$n.kld ] || $B/llama-perplexity -m $F -f .carry/c/$d.txt -c 512 --chunks $n -ngl 99 \
+    [ -f /tmp/wd/base_$d.$n.kld ] || $B/llama-perplexity -m $F -f $T/$d.txt -c 512 --chunks $n -ngl 99 \
       --kl-divergence-base /tmp/wd/base_$d.$n.kld > /tmp/wd/base_$d.$n.log 2>&1
-    [ -f $1.$d.log ] && grep -q "Mean *KLD" $1.$d.log || $B/llama-perplexity -m $1 -f .carry/c/$d.txt -c 512 \
+    [ -f $1.$d.log ] && grep -q "Mean *KLD" $1.$d.log || $B/llama-perplexity -m $1 -f $T/$d.txt -c 512 \
       --chunks $n -ngl 99 --kl-divergence-base /tmp/wd/base_$d.$n.kld --kl-divergence > $1.$d.log 2>&1
     echo "$2 $d $n $(stat -c %s $1) bytes: $(grep -E 'Mean +KLD|Same top' $1.$d.log | tr -s ' ' | tr '\n' ' ')" >> $R
   done
