@@ -13,12 +13,12 @@ from .common import JsonOpt, NglOpt, QuietOpt, ThreadsOpt, meta, run_command
 
 def eval_(
     models: Annotated[list[Path], typer.Argument(metavar="MODEL.gguf...", help="GGUF files to evaluate.")],
-    task: Annotated[list[str] | None, typer.Option("--task", help="builtin (every built-in task), a built-in task (arith, largest, units), or FORMAT:FILE with FORMAT gsm8k, math, aime or jsonl; repeatable.")] = None,
+    task: Annotated[list[str] | None, typer.Option("--task", help="builtin (every built-in task), a built-in task (arith, largest, units), or FORMAT:FILE with FORMAT gsm8k, math, aime or jsonl (generated answers), hellaswag, winogrande or multiple-choice (log-likelihood); repeatable.")] = None,
     levels: Annotated[str, typer.Option(help="Difficulty levels of the built-in tasks: e.g. 1-5, 1,3.")] = "1-5",
     limit: Annotated[int, typer.Option(help="Problems per task and level (a task file: its first N).")] = 100,
     hellaswag_tasks: Annotated[int, typer.Option("--hellaswag-tasks", help="hellaswag:FILE: tasks drawn as llama-perplexity --hellaswag-tasks draws them.", min=1)] = 400,
     winogrande_tasks: Annotated[int, typer.Option("--winogrande-tasks", help="winogrande:FILE: tasks drawn as llama-perplexity --winogrande-tasks draws them (0 = all).", min=0)] = 0,
-    multiple_choice_tasks: Annotated[int, typer.Option("--multiple-choice-tasks", help="multiple-choice:FILE: tasks drawn as llama-perplexity --multiple-choice-tasks draws them (0 = all).", min=0)] = 0,
+    multiple_choice_tasks: Annotated[int, typer.Option("--multiple-choice-tasks", help="multiple-choice:FILE (llama-perplexity's binary file, or JSONL of {question, choices, answer}): tasks drawn as llama-perplexity --multiple-choice-tasks draws them (0 = all).", min=0)] = 0,
     base: Annotated[Path | None, typer.Option(help="Base GGUF: paired outcomes (lost / gained, McNemar), greedy agreement, output lengths.")] = None,
     max_tokens: Annotated[int, typer.Option(help="Token budget per answer.")] = 128,
     temperature: Annotated[float, typer.Option(help="0 = greedy; else seeded sampling (llama.cpp's top-k 40 / top-p 0.95 chain).", min=0.0)] = 0.0,
@@ -50,6 +50,10 @@ def eval_(
         repq eval q.gguf --base f32.gguf --task gsm8k:gsm8k_test.jsonl --limit 500 --max-tokens 512
 
         repq eval q.gguf --base f32.gguf --task builtin --limit 500 --outputs a.jsonl --resume   # after Ctrl-C
+
+        repq eval q.gguf --task hellaswag:hellaswag_val_full.txt --hellaswag-tasks 400
+
+        repq eval q.gguf --task multiple-choice:quiz.jsonl --json
     """
     out = Output(json_out, quiet)
 

@@ -97,9 +97,13 @@ def prepare(s, texts: list[str]) -> tuple[list[list[int]], int, int]:
     """A task's sequences (``common_tokenize`` with BOS), their common prefix and the tokens the
     task needs in a batch."""
     seqs = [[int(x) for x in s.tokenize(t.encode())] for t in texts]
-    cp = 0
-    while cp < min(len(x) for x in seqs) and all(x[cp] == seqs[0][cp] for x in seqs):
+    cp, shortest = 0, min(len(x) for x in seqs)
+    while cp < shortest and all(x[cp] == seqs[0][cp] for x in seqs):
         cp += 1
+    # An answer whose tokens all lie in the common prefix (two equal answers, or "the" beside "the
+    # cat") has no token left to score: llama-perplexity reads past its token array there
+    # (undefined behaviour).  The prefix stops one token short, so every answer's last token is scored.
+    cp = min(cp, shortest - 1)
     return seqs, cp, cp + sum(len(x) - cp for x in seqs)
 
 

@@ -1,6 +1,7 @@
 """llama-perplexity ``--multiple-choice`` (tools/perplexity/perplexity.cpp, ``multiple_choice_score``):
 its binary task file, read with every count and length checked against the file before anything is
-allocated, its task selection, batches and float scoring, on the machinery of :mod:`repq.eval.choice`.
+allocated, or the same tasks as JSONL records; its task selection, batches and float scoring, on the
+machinery of :mod:`repq.eval.choice`.
 """
 
 from __future__ import annotations
@@ -70,10 +71,27 @@ class _Reader:
         return McTask(q, answers, labels)
 
 
+def draw(n_task: int, n: int) -> list[int]:
+    """The task indices llama-perplexity ``--multiple-choice-tasks n`` scores, in its order: all in
+    file order (n = 0 or ≥ n_task), else n drawn without replacement with ``std::mt19937(1)`` and
+    float scaling."""
+    if n == 0 or n >= n_task:
+        return list(range(n_task))
+    g, aux, out = MT19937(1), list(range(n_task)), []
+    scale = F32(1) / (F32(1) + F32(4294967295))
+    for _ in range(n):
+        j = int(F32(F32(scale * F32(g())) * F32(len(aux))))
+        out.append(aux[j])
+        aux[j] = aux[-1]
+        aux.pop()
+    return out
+
+
 def read_multiple_choice(path: str | os.PathLike, n: int = 0) -> list[McTask]:
-    """The tasks llama-perplexity ``--multiple-choice --multiple-choice-tasks n`` scores: all in file
-    order (n = 0 or ≥ the tasks in the file), else n drawn with ``std::mt19937(1)`` and float
-    scaling, each read at its recorded position.
+    """The tasks llama-perplexity ``--multiple-choice --multiple-choice-tasks n`` scores (see
+    :func:`draw`), from its binary task file — each task read at its recorded position — or from a
+    JSONL file of ``{"question", "choices", "answer"}`` records (:func:`read_choice_jsonl`), which
+    scores as the binary file holding the same tasks would.
 
     Raises:
         InputFileError: a malformed or truncated file, a task with an empty question or answer.
@@ -81,6 +99,9 @@ def read_multiple_choice(path: str | os.PathLike, n: int = 0) -> list[McTask]:
     from pathlib import Path
 
     data = Path(path).read_bytes()
+    if _is_jsonl(data):
+        tasks = read_choice_jsonl(path)
+        return [tasks[i] for i in draw(len(tasks), n)]
     r = _Reader(data, path)
     n_task = r.u32()
     if n_task == 0:
@@ -91,13 +112,8 @@ def read_multiple_choice(path: str | os.PathLike, n: int = 0) -> list[McTask]:
     if n == 0 or n >= n_task:
         tasks = [r.task() for _ in range(n_task)]
     else:
-        g, aux, tasks = MT19937(1), list(range(n_task)), []
-        scale = F32(1) / (F32(1) + F32(4294967295))
-        for _ in range(n):
-            j = int(F32(F32(scale * F32(g())) * F32(len(aux))))
-            idx = aux[j]
-            aux[j] = aux[-1]
-            aux.pop()
+        tasks = []
+        for idx in draw(n_task, n):
             if task_pos[idx] >= len(data):
                 r.fail(f"task {idx} at position {task_pos[idx]} past the end")
             r.pos = task_pos[idx]
@@ -105,6 +121,44 @@ def read_multiple_choice(path: str | os.PathLike, n: int = 0) -> list[McTask]:
     for i, t in enumerate(tasks):
         if not t.question or not t.answers or any(not a for a in t.answers):
             raise InputFileError(f"{path}: task {i + 1}: an empty question or answer")
+    return tasks
+
+
+def _is_jsonl(data: bytes) -> bool:
+    """Whether the file's first line is a JSON object (a binary file of 123 tasks starts with "{" too)."""
+    import json
+
+    try:
+        return isinstance(json.loads(data.lstrip().split(b"\n", 1)[0].decode("utf-8")), dict)
+    except (UnicodeDecodeError, ValueError):
+        return False
+
+
+def read_choice_jsonl(path: str | os.PathLike) -> list[McTask]:
+    """Multiple-choice tasks from JSONL: ``{"question": str, "choices": [str, ...], "answer": i}``
+    with ``answer`` the index of the right choice (or the right choice's text), 2 to
+    :data:`MAX_ANSWERS` choices.
+
+    Raises:
+        InputFileError: a line that is not such a record (the message names the file and line).
+    """
+    from ..data.jsonl import json_objects
+
+    tasks = []
+    for where, rec in json_objects(path):
+        q, ch, a = rec.get("question"), rec.get("choices"), rec.get("answer")
+        if not isinstance(q, str) or not q.strip():
+            raise InputFileError(f"{where}: no 'question' string (multiple-choice JSONL)")
+        if (not isinstance(ch, list) or not 2 <= len(ch) <= MAX_ANSWERS
+                or not all(isinstance(c, str) and c.strip() for c in ch)):
+            raise InputFileError(f"{where}: 'choices' must be a list of 2 to {MAX_ANSWERS} non-empty strings")
+        if isinstance(a, str) and a in ch:
+            a = ch.index(a)
+        if isinstance(a, bool) or not isinstance(a, int) or not 0 <= a < len(ch):
+            raise InputFileError(f"{where}: 'answer' must be the index (0 to {len(ch) - 1}) or the text of a choice")
+        tasks.append(McTask(q, list(ch), [int(i == a) for i in range(len(ch))]))
+    if not tasks:
+        raise InputFileError(f"{path}: no tasks")
     return tasks
 
 

@@ -217,3 +217,65 @@ def test_multiple_choice_crafted_files_exit_2(files, tmp_path):
         r = subprocess.run(REPQ + ["eval", str(files / "m.gguf"), "--task", f"multiple-choice:{p}"],
                            capture_output=True, text=True)
         assert r.returncode == 2 and "multiple-choice" in r.stderr and "Traceback" not in r.stderr, (name, r.stderr)
+
+
+@pytest.mark.parametrize("n", [0, 25])
+def test_multiple_choice_jsonl_scores_as_the_same_binary_file(files, llama_tool, tmp_path, n):
+    """The JSONL form ({"question", "choices", "answer"}) prints llama-perplexity's lines on the binary
+    file holding the same tasks, with the same --multiple-choice-tasks draw."""
+    tasks = [t for t in _mc_tasks(60, seed=9)
+             if len(t[1]) >= 2 and not any(b.startswith(a) for a in t[1] for b in t[1] if b is not a)]
+    # (no answer that is a prefix of another: llama-perplexity reads past its token array there)
+    f = _mc_file(tmp_path / "mc.bin", tasks)
+    j = tmp_path / "mc.jsonl"
+    j.write_text("".join(json.dumps({"question": q, "choices": a, "answer": a[lab.index(1)]
+                                     if i % 2 and a.count(a[lab.index(1)]) == 1 else lab.index(1)}) + "\n"
+                         for i, (q, a, lab) in enumerate(tasks)))
+    expected = n or len(tasks)
+    text = _llama_run(llama_tool, ["-m", files / "m.gguf", "-bf", f, "--multiple-choice", "--multiple-choice-tasks", n],
+                      lambda t: len(_running(t, r"^\d+\t\d")) == expected and "Random chance" in t)
+    final = [ln[ln.index(k):] for ln in text.splitlines() for k in ("Final result", "Random chance") if k in ln]
+    r = subprocess.run(REPQ + ["eval", str(files / "m.gguf"), "--task", f"multiple-choice:{j}",
+                               "--multiple-choice-tasks", str(n), "-t", "2", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    (obj,) = json.loads(r.stdout)["choice"]
+    assert (obj["tasks"], obj["line"], obj["final"], obj["random_chance"]) == (
+        expected, _running(text, r"^\d+\t\d")[-1], *final)
+
+
+def test_multiple_choice_binary_of_123_tasks_is_not_taken_for_jsonl(tmp_path):
+    from repq.eval import multiple_choice
+
+    f = _mc_file(tmp_path / "mc.bin", _mc_tasks(123))
+    assert f.read_bytes()[:1] == b"{"
+    assert len(multiple_choice.read_multiple_choice(f)) == 123
+
+
+@pytest.mark.parametrize("record, match", [
+    ({"choices": ["a", "b"], "answer": 0}, "no 'question'"),
+    ({"question": "q", "choices": ["a"], "answer": 0}, "'choices' must be"),
+    ({"question": "q", "choices": ["a", ""], "answer": 0}, "'choices' must be"),
+    ({"question": "q", "choices": ["a", "b"], "answer": 2}, "'answer' must be"),
+    ({"question": "q", "choices": ["a", "b"], "answer": "c"}, "'answer' must be"),
+    ({"question": "q", "choices": ["a", "b"], "answer": True}, "'answer' must be"),
+    ({"question": "q", "choices": ["a", "b"]}, "'answer' must be"),
+])
+def test_multiple_choice_jsonl_bad_records_exit_2(files, tmp_path, record, match):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(json.dumps({"question": "fine", "choices": ["x", "y"], "answer": 1}) + "\n" + json.dumps(record) + "\n")
+    r = subprocess.run(REPQ + ["eval", str(files / "m.gguf"), "--task", f"multiple-choice:{p}"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and match in r.stderr and "bad.jsonl:2" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_an_answer_inside_the_common_prefix_is_scored(files, tmp_path):
+    """Equal answers, or one answer a prefix of all others: every answer keeps a scored token (the
+    shared prefix stops one short), where llama-perplexity reads past the sequence's end."""
+    from repq.eval import multiple_choice
+
+    tasks = [multiple_choice.McTask("the cat ran over the", ["red", "red"], [0, 1]),
+             multiple_choice.McTask("a dog", ["sun", "sun moon", "sun moon tree"], [1, 0, 0])]
+    res = multiple_choice.multiple_choice(files / "m.gguf", tasks, threads=2)
+    assert res.n == 2 and res.n_answers == 5
+    assert res.lines[0] == "1\t0.00000000"   # equal answers score equal: the first wins, as in llama-perplexity
+    assert res.lines[-1].startswith("2\t")
