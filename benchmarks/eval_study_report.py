@@ -127,10 +127,13 @@ def main(d: Path) -> None:
          "the base's. KLD: llama-perplexity --kl-divergence against the F32 base (tutorial 40 × 512 tokens, "
          "held-out sysadmin and fortunes 20 × 512).", "",
          "| file | bytes | KLD tutorial | KLD sysadmin | KLD fortunes | accuracy | lost/gained (p) | agree | "
-         "identical | mean tokens (Δ vs base) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+         "identical | mean tokens (Δ vs base) | tokens p10 / p50 / p90 |",
+         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     b = ev.base.summary()
+    q = generative.length_quantiles(base)
     L.append(f"| F32 base | 539,845,696 | | | | {100 * b['accuracy']:.1f} [{100 * b['ci95'][0]:.1f}, "
-             f"{100 * b['ci95'][1]:.1f}] | | | | {b['mean_output_tokens']:.1f} |")
+             f"{100 * b['ci95'][1]:.1f}] | | | | {b['mean_output_tokens']:.1f} | "
+             f"{q['p10']:.0f} / {q['p50']:.0f} / {q['p90']:.0f} |")
     for n, e, (_, s) in zip(names, entries, rows[1:], strict=True):
         k = kl.get(n, {})
         pa = e["paired_all"]
@@ -139,13 +142,14 @@ def main(d: Path) -> None:
                  ("tutorial", "sysadmin", "fortunes")) + f" | {100 * s['accuracy']:.1f} [{100 * s['ci95'][0]:.1f}, "
                  f"{100 * s['ci95'][1]:.1f}] | −{pa['lost']}/+{pa['gained']} ({pa['mcnemar_p']:.2g}) | "
                  f"{pa['agreement_median_tokens']:.0f} | {pa['identical_outputs']} | "
-                 f"{s['mean_output_tokens']:.1f} ({dl:+.1f} ± {hl:.1f}) |")
+                 f"{s['mean_output_tokens']:.1f} ({dl:+.1f} ± {hl:.1f}) | "
+                 + " / ".join(f"{pa['output_tokens_quantiles']['model'][k]:.0f}" for k in ("p10", "p50", "p90")) + " |")
     for n, have in missing.items():
         if n in kl:
             k = kl[n]
             L.append(f"| {LABELS[n]} | {k['tutorial'][0]:,} | " + " | ".join(f"{k[dom][1]:.4f}" for dom in
                      ("tutorial", "sysadmin", "fortunes")) + f" | not evaluated ({have} of {len(probs)} answered "
-                     "before the device time ran out) | | | | |")
+                     "before the device time ran out) | | | | | |")
     L += ["", "**By level, pooled over the three tasks** — base accuracy; per file the share of the base's "
           "right answers it loses, P(lost | base right) % [Wilson 95 %], and the accuracy change in points "
           "[paired 95 %]:", "",

@@ -151,8 +151,16 @@ def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
     return (max(0.0, c - h), min(1.0, c + h))
 
 
+def length_quantiles(outcomes: list[Outcome]) -> dict[str, float]:
+    """The output-length distribution: its 10th, 50th and 90th percentile and maximum, in tokens."""
+    n = np.array([o.output_tokens for o in outcomes], dtype=float)
+    return {"p10": float(np.percentile(n, 10)), "p50": float(np.percentile(n, 50)),
+            "p90": float(np.percentile(n, 90)), "max": float(n.max())} if len(n) else {}
+
+
 def summarize(outcomes: list[Outcome]) -> dict:
-    """task → level → {n, correct, accuracy, ci95, mean_output_tokens, mean_reasoning_bytes}."""
+    """task → level → {n, correct, accuracy, ci95, mean_output_tokens, output_tokens_quantiles,
+    mean_reasoning_bytes}."""
     groups: dict[str, dict[int, list[Outcome]]] = {}
     for o in outcomes:
         groups.setdefault(o.task, {}).setdefault(o.level, []).append(o)
@@ -163,6 +171,7 @@ def summarize(outcomes: list[Outcome]) -> dict:
             res.setdefault(task, {})[str(level)] = {
                 "n": len(os_), "correct": k, "accuracy": k / len(os_), "ci95": list(wilson(k, len(os_))),
                 "mean_output_tokens": float(np.mean([o.output_tokens for o in os_])),
+                "output_tokens_quantiles": length_quantiles(os_),
                 "mean_reasoning_bytes": float(np.mean([o.reasoning_bytes for o in os_]))}
     return res
 
@@ -203,4 +212,5 @@ def paired(base: list[Outcome], quant: list[Outcome]) -> dict:
             "agreement_median_tokens": float(np.median(agree)) if agree else 0.0,
             "identical_outputs": same,
             "mean_output_tokens": {"base": float(np.mean([b.output_tokens for b in base])) if base else 0.0,
-                                   "model": float(np.mean([q.output_tokens for q in quant])) if quant else 0.0}}
+                                   "model": float(np.mean([q.output_tokens for q in quant])) if quant else 0.0},
+            "output_tokens_quantiles": {"base": length_quantiles(base), "model": length_quantiles(quant)}}

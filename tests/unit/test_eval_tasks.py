@@ -95,6 +95,9 @@ def test_paired_outcomes_and_agreement():
         paired(base, quant[::-1])
     s = summarize(quant)["arith"]["1"]
     assert s["n"] == 4 and s["correct"] == 2 and s["mean_output_tokens"] == 2.25
+    # lengths 3, 2, 1, 3 (quant) and 3, 2, 1, 4 (base): numpy's linear percentiles by hand
+    assert s["output_tokens_quantiles"] == {"p10": 1.3, "p50": 2.5, "p90": 3.0, "max": 3.0}
+    assert p["output_tokens_quantiles"]["base"] == {"p10": 1.3, "p50": 2.5, "p90": 3.7, "max": 4.0}
 
 
 def _write(path, records):
