@@ -10,6 +10,7 @@ from .. import runtime
 from .._output import Output
 from ..errors import UsageError
 from .common import JsonOpt, NglOpt, QuietOpt, ThreadsOpt, meta, rank_is_zero, run_command, stepper
+from .planning import GpuMemoryOpt, IgnorePlanOpt, NprocOpt, PlanConfigOpt, PlanOpt
 
 DataOpt = Annotated[Path, typer.Option("--data", "-d", help="Calibration data: text file, or JSONL with 'text' or chat 'messages'.")]
 ChunksOpt = Annotated[int, typer.Option("--chunks", help="Use at most N chunks (-1 = all the data holds).")]
@@ -134,6 +135,11 @@ def hessian(
     merge: Annotated[list[Path] | None, typer.Option("--merge", help="Merge these Hessian directories into -o (repeat; no MODEL).")] = None,
     stream: Annotated[bool, typer.Option("--stream", help="One block on the device at a time, read from the GGUF (models larger than the device); checkpoints after every block.")] = False,
     vocab: VocabOpt = None,
+    plan: PlanOpt = False,
+    plan_config: PlanConfigOpt = None,
+    nproc: NprocOpt = 0,
+    gpu_memory: GpuMemoryOpt = None,
+    ignore_plan: IgnorePlanOpt = False,
     threads: ThreadsOpt = 0,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -154,6 +160,8 @@ def hessian(
         repq hessian llama-70b-bf16.gguf --data calib.jsonl -o hess/ --device cuda --stream --checkpoint-every 1 --acc-device cpu
 
         repq hessian --merge hess-a/ --merge hess-b/ -o hess-ab/
+
+        repq hessian --plan --plan-config llama3-70b --stream --chunks 128 --acc-device cpu   # memory per GPU
     """
     out = Output(json_out, quiet or not rank_is_zero())  # torchrun: rank 0 reports
 
@@ -162,6 +170,27 @@ def hessian(
         from ..calib.hessian.collect import HessianConfig, collect_hessians
         from ..calib.hessian.merge import merge_hessians
 
+        def memory_plan(mcfg, world: int, cuda: bool, n_chunks: int):
+            from ..calib.hessian.memory import hessian_plan
+
+            dt_bytes = 4 if dtype == "float32" or (dtype == "auto" and not cuda) else 2
+            return hessian_plan(mcfg, stream=stream, batch=batch, ctx=ctx, chunks=max(n_chunks, 0), dtype_bytes=dt_bytes,
+                                acc_on_device=acc_device != "cpu", world=world, head=head, layers=_parse_layers(layers))
+
+        if plan:
+            from .planning import gpu_memory as budget_of
+            from .planning import nproc as nproc_of
+            from .planning import plan_model, report
+
+            mcfg, source = plan_model(model, plan_config)
+            world, cuda = nproc_of(nproc), device != "cpu"
+            budget, where = budget_of(gpu_memory)
+            report(out, "hessian", source, memory_plan(mcfg, world, cuda, chunks), budget, where,
+                   {"nproc": world, "stream": stream, "batch": batch, "ctx": ctx, "chunks": chunks,
+                    "acc_device": acc_device or "device", "device": "cuda" if cuda else "cpu"})
+            return
+        if plan_config or nproc:
+            raise UsageError("--plan-config and --nproc only apply with --plan")
         if out_dir is None:
             raise UsageError("missing -o/--output DIR")
         if merge:
@@ -183,6 +212,14 @@ def hessian(
                             layers=_parse_layers(layers))
         if stream and cfg.layers:
             raise UsageError("--stream collects every block; drop --layers")
+        if (dev.startswith("cuda") or gpu_memory) and not ignore_plan:   # before the model is loaded
+            from ..model.loader import load_config
+            from .planning import gpu_memory as budget_of
+            from .planning import refuse_if_too_big
+
+            budget, where = budget_of(gpu_memory)
+            refuse_if_too_big(out, "hessian", str(model), memory_plan(load_config(model)[0], world, dev.startswith("cuda"),
+                                                                      chunks), budget, where)
         lm, cal = _load(model, data, vocab, dev, dt, ctx, chunks, out, stream=stream)
         if cfg.layers and max(cfg.layers) >= lm.config.n_layer:
             raise UsageError(f"--layers {layers}: the model has blocks 0-{lm.config.n_layer - 1}")

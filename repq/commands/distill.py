@@ -8,12 +8,13 @@ import typer
 from .._output import Output
 from ..errors import UsageError
 from .common import JsonOpt, QuietOpt, ThreadsOpt, meta, rank_is_zero, run_command
+from .planning import GpuMemoryOpt, IgnorePlanOpt, NprocOpt, PlanConfigOpt, PlanOpt
 from .sensitivity import AllowTypesOpt, ExcludeTypesOpt
 
 
 def distill(
-    model: Annotated[Path, typer.Argument(help="Original model: F32/F16/BF16 GGUF (teacher and starting student).")],
-    out_path: Annotated[Path, typer.Argument(metavar="OUT", help="Output GGUF path.")],
+    model: Annotated[Path | None, typer.Argument(help="Original model: F32/F16/BF16 GGUF (teacher and starting student).")] = None,
+    out_path: Annotated[Path | None, typer.Argument(metavar="OUT", help="Output GGUF path.")] = None,
     fmt: Annotated[str | None, typer.Option("--fmt", "-f", help="llama-quantize ftype: Q3_K_S, Q4_0, IQ4_XS, Q4_K_M, ... (with a size target: only the file's label).")] = None,
     data: Annotated[Path | None, typer.Option("--data", "-d", help="Training + Hessian data: text, JSONL ('text' or chat 'messages', e.g. from `repq calib`), or token chunks from `repq tokenize` (.npy).")] = None,
     steps_per_group: Annotated[int, typer.Option(help="Training steps after each group is quantized.", min=0)] = 100,
@@ -45,6 +46,11 @@ def distill(
     sensitivity: Annotated[Path | None, typer.Option(help="--target-size: costs from `repq sensitivity MODEL --hessian DIR` (with --kl-data: measured KL).")] = None,
     allow_types: AllowTypesOpt = None,
     exclude_types: ExcludeTypesOpt = None,
+    plan: PlanOpt = False,
+    plan_config: PlanConfigOpt = None,
+    nproc: NprocOpt = 0,
+    gpu_memory: GpuMemoryOpt = None,
+    ignore_plan: IgnorePlanOpt = False,
     threads: ThreadsOpt = 0,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -70,6 +76,8 @@ def distill(
         repq distill model-f32.gguf q.gguf --fmt IQ3_S --on-policy 100000 --device cuda   # teacher-generated data
 
         repq distill model-f32.gguf q.gguf --target-size 88MB --sensitivity sens.json --exclude-types Q4_1,Q5_1 --data d.txt
+
+        repq distill --plan --plan-config llama3-8b --seq-len 2048 --batch 2 --nproc 2 --shard   # memory per GPU
     """
     out = Output(json_out, quiet or not rank_is_zero())  # torchrun: rank 0 reports
 
@@ -79,11 +87,37 @@ def distill(
         runtime.spin_less()
         from ..data.calibration import load_calibration_with, load_token_chunks
         from ..distill.config import DistillConfig, RunOptions
-        from ..distill.groups import parse_groups
+        from ..distill.groups import format_groups, parse_groups
         from ..distill.recipe import Distiller
         from ..model.loader import load_config
         from ..quant.pipeline import check_output_path
 
+        n_batch = batch_tokens // seq_len if batch_tokens else batch
+        groups_ = parse_groups(groups)
+
+        def memory_plan(world: int, cuda: bool):
+            from ..distill.memory import distill_plan
+
+            return distill_plan(mcfg, groups_, batch=max(n_batch, world), seq_len=seq_len, kl_chunk=kl_chunk,
+                                hessian_chunks=hessian_chunks, world=world, shard=shard, cuda=cuda)
+
+        if plan:
+            from .planning import gpu_memory as budget_of
+            from .planning import nproc as nproc_of
+            from .planning import plan_model, report
+
+            mcfg, source = plan_model(model, plan_config)
+            world, cuda = nproc_of(nproc), device != "cpu"
+            budget, where = budget_of(gpu_memory)
+            report(out, "distill", source, memory_plan(world, cuda), budget, where,
+                   {"nproc": world, "shard": shard, "batch": n_batch, "seq_len": seq_len, "kl_chunk": kl_chunk,
+                    "hessian_chunks": hessian_chunks, "groups": format_groups(groups_),
+                    "device": "cuda" if cuda else "cpu"})
+            return
+        if plan_config or nproc:
+            raise UsageError("--plan-config and --nproc only apply with --plan")
+        if model is None or out_path is None:
+            raise UsageError("give MODEL and OUT (or --plan)")
         check_output_path(model, out_path)
         targeted = target_size is not None or target_bpw is not None
         if not fmt and not targeted:
@@ -97,10 +131,9 @@ def distill(
                                      ("--exclude-types", exclude_types)) if v]
         if alloc_only and not targeted:
             raise UsageError(f"{', '.join(alloc_only)} only apply with --target-size or --target-bpw")
-        n_batch = batch_tokens // seq_len if batch_tokens else batch
         if batch_tokens and n_batch < 1:
             raise UsageError(f"--batch-tokens {batch_tokens} is less than one sequence of {seq_len}")
-        cfg = DistillConfig(ftype=(fmt or "Q8_0").upper(), groups=parse_groups(groups), steps_per_group=steps_per_group,
+        cfg = DistillConfig(ftype=(fmt or "Q8_0").upper(), groups=groups_, steps_per_group=steps_per_group,
                             lr=lr, warmup=warmup, batch=n_batch, seq_len=seq_len, hessian_chunks=hessian_chunks,
                             damp=damp, kl_chunk=kl_chunk, seed=seed, on_policy=on_policy, prompts=prompts,
                             temperature=temperature)
@@ -137,6 +170,12 @@ def distill(
             out.log(f"allocated a mix for {alloc.target:,} bytes: predicted cost {alloc.result.cost:.4g} ({cfg.ftype} label)")
         dev, _ = runtime.configure_torch(device, "auto", threads)
         rank, world, dev = runtime.init_distributed(dev, always=shard)
+        if (dev.startswith("cuda") or gpu_memory) and not ignore_plan:   # before any model is loaded
+            from .planning import gpu_memory as budget_of
+            from .planning import refuse_if_too_big
+
+            budget, where = budget_of(gpu_memory)
+            refuse_if_too_big(out, "distill", str(model), memory_plan(world, dev.startswith("cuda")), budget, where)
         ckdir = checkpoint_dir or Path(str(out_path) + ".distill")
         total = cfg.total_steps()
         with out.progress("distill", total=total) as advance:

@@ -239,8 +239,9 @@ class Distiller:
 
     def _optimizer(self):
         ps = self._trainable()
-        for p in self.student.parameters():
+        for p in self.student.parameters():   # a frozen tensor keeps no gradient (repq.distill.memory)
             p.requires_grad_(False)
+            p.grad = None
         for p in ps:
             p.requires_grad_(True)
         if not ps:
@@ -336,6 +337,7 @@ class Distiller:
         lr = lr_at(self.cfg, step, n_steps)
         for pg in opt.param_groups:
             pg["lr"] = lr
+        opt.zero_grad(set_to_none=True)   # before the forward: no old gradients beside the activations
         idx = batch_indices(self.cfg, len(self.chunks), gstep)
         per = self.cfg.batch // self.world
         mine = idx[self.rank * per:(self.rank + 1) * per]
@@ -349,7 +351,6 @@ class Distiller:
             mask = self.mask[torch.from_numpy(mine)].to(tokens.device)
             n_total = max(1, int(self.mask[torch.from_numpy(idx)].sum()))
             loss = self._loss(tokens, n_total, mask) * self.world
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for pg in opt.param_groups for p in pg["params"]]
         if self._averager is not None:
@@ -432,6 +433,7 @@ class Distiller:
             if cfg.on_policy:
                 self._on_policy_data(gi)
             if gi > gi0 or phase == "quantize":
+                opt = None   # the last group's AdamW state is not kept through the quantization
                 self._quantize_group(gi, g)
                 step0, opt_state = 0, None
                 self._checkpoint(gi, "train", 0, gstep, None)

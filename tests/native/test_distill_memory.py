@@ -1,0 +1,134 @@
+"""The memory plans (repq.distill.memory, repq.calib.hessian.memory) against the bytes of tensors
+actually alive during a run on CPU (support.memory.LiveBytes), and the refusal of a run that does
+not fit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from support.memory import LiveBytes
+from support.models import random_model, save_gguf
+from support.vocab import byte_vocab_kv
+
+from repq.distill.config import DistillConfig, RunOptions
+from repq.distill.groups import parse_groups
+from repq.distill.memory import distill_plan
+from repq.distill.recipe import Distiller
+from repq.model.config import ModelConfig
+
+REPQ = [sys.executable, "-m", "repq"]
+SEQ, BATCH = 64, 4
+
+
+def _model(path: Path, *, tied: bool, n_ff: int = 512) -> tuple[Path, ModelConfig]:
+    cfg = ModelConfig(arch="llama", n_layer=2, n_embd=256, n_ff=n_ff, n_head=4, n_head_kv=2, n_vocab=262, tied=tied)
+    m = random_model(cfg, seed=1)
+    with torch.no_grad():
+        m.token_embd.weight.mul_(0.1)
+    save_gguf(m, path, kv=byte_vocab_kv())
+    return path, cfg
+
+
+def _distiller(tmp_path: Path, cfg_kw: dict, *, tied: bool, n_ff: int = 512):
+    src, mcfg = _model(tmp_path / "m.gguf", tied=tied, n_ff=n_ff)
+    chunks = np.random.default_rng(0).integers(0, 262, (16, SEQ))
+    dc = DistillConfig(**({"ftype": "Q4_0", "batch": BATCH, "seq_len": SEQ, "steps_per_group": 3, "kl_chunk": 32,
+                           "hessian_chunks": 8} | cfg_kw))
+    torch.set_num_threads(2)
+    return Distiller(src, tmp_path / "o.gguf", chunks, dc, RunOptions()), dc, mcfg
+
+
+def _close(measured: int, terms: dict[str, int], rel: float) -> None:
+    """measured ≈ Σ terms within ``rel``, and every term larger than the tolerance (dropping any fails)."""
+    total = sum(terms.values())
+    assert abs(measured - total) <= rel * total, (measured, total, terms)
+    small = {k: v for k, v in terms.items() if v <= 2 * rel * total}
+    assert not small, f"terms below the test's resolution: {small}"
+
+
+ALL = "ffn_up,ffn_gate,ffn_down,attn_output,attn_qk,attn_v,embd"
+
+
+@pytest.mark.parametrize(("groups", "tied", "k"), [("ffn_up,attn_v", False, 1), ("ffn_up,attn_v", True, 1),
+                                                   (ALL, False, 3), (ALL, False, 5), (ALL, True, 6)])
+def test_training_step_bytes_equal_the_plan(tmp_path, native, groups, tied, k):
+    """One training step of the real Distiller after its first k groups are frozen: the resident
+    terms exactly, and the bytes alive at the forward pass's end, early in backward and at the
+    optimizer step within 0.5 % of the plan (each term of the plan is larger than 1 %)."""
+    d, dc, mcfg = _distiller(tmp_path, {"groups": parse_groups(groups)}, tied=tied)
+    for g in dc.groups[:k]:
+        for n in g.members(d.names):
+            d.frozen[n] = b""              # quantized and frozen
+    opt = d._optimizer()
+    for s in range(2):                     # AdamW's moments exist from the first step on
+        d._train_step(opt, s, 3, s)
+    opt.zero_grad(set_to_none=True)
+    with LiveBytes() as lb:
+        d._train_step(opt, 2, 3, 2)
+    plan = distill_plan(mcfg, dc.groups, batch=BATCH, seq_len=SEQ, kl_chunk=32, hessian_chunks=8, cuda=False)
+    train = plan[2 * k - 1]
+    assert train.phase == "train" and train.group == dc.groups[k - 1].name
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    assert train.resident["teacher"] == nbytes(d.teacher.parameters())
+    assert train.resident["student (fp32)"] == nbytes(d.student.parameters())
+    assert train.resident["AdamW moments"] == nbytes(t for st in opt.state.values() for t in st.values() if t.dim())
+    _close(lb.peaks["forward"], train.peaks["forward"], 0.005)
+    _close(lb.peaks["backward"], train.peaks["backward"], 0.005)
+    _close(lb.peaks["after"], train.peaks["step"], 0.005)
+    assert train.peak == sum(train.resident.values()) + max(sum(v.values()) for v in train.peaks.values())
+
+
+def test_frozen_tensors_keep_no_gradient_or_optimizer_state(tmp_path, native):
+    """The plan counts gradients and moments of trainable tensors only: a frozen tensor's gradient of
+    the previous group is released (it used to stay, so memory did not fall group by group)."""
+    d, dc, _ = _distiller(tmp_path, {"groups": parse_groups("ffn_up,ffn_gate")}, tied=False)
+    opt = d._optimizer()
+    d._train_step(opt, 0, 3, 0)
+    gate = [n for n in d.names if ".ffn_gate." in n]
+    assert all(d.params[n].grad is not None for n in gate)
+    for n in gate:
+        d.frozen[n] = b""
+    d._optimizer()
+    assert all(d.params[n].grad is None for n in gate)
+
+
+@pytest.mark.parametrize("groups", ["ffn_down", "attn_v", "embd"])
+def test_hessian_phase_bytes_match_the_plan(tmp_path, native, groups):
+    """A group's online Hessians: fp32 bands, float64 sums and H = sums / n exactly as planned, the
+    forward pass's working set (an estimate) within 10 % of the whole."""
+    d, dc, mcfg = _distiller(tmp_path, {"groups": parse_groups(groups)}, tied=False, n_ff=1024)
+    with LiveBytes() as lb:
+        d._hessians(0, dc.groups[0].members(d.names))
+    ph = distill_plan(mcfg, dc.groups, batch=BATCH, seq_len=SEQ, hessian_chunks=8, cuda=False)[0]
+    assert ph.phase == "hessian"
+    predicted = max(sum(ph.peaks[k].values()) for k in ("forward", "H"))
+    assert abs(lb.peak - predicted) <= 0.1 * predicted, (lb.peaks, ph.peaks)
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(REPQ + [str(a) for a in args], capture_output=True, text=True)
+
+
+def test_a_run_that_does_not_fit_is_refused_before_loading(tmp_path, native):
+    src, _ = _model(tmp_path / "m.gguf", tied=True)
+    np.save(tmp_path / "d.npy", np.random.default_rng(0).integers(0, 262, (16, SEQ)).astype(np.int32))
+    out = tmp_path / "q.gguf"
+    r = _cli("distill", src, out, "--fmt", "Q4_0", "--data", tmp_path / "d.npy", "--seq-len", SEQ, "--batch", BATCH,
+             "--device", "cpu", "--gpu-memory", "1MB")
+    assert r.returncode == 2, r.stderr
+    assert "memory plan predicts" in r.stderr and "ffn_up" in r.stderr and "--ignore-plan" in r.stderr
+    assert not out.exists() and not Path(str(out) + ".distill").exists()
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat " * 400)
+    r = _cli("hessian", src, "--data", text, "-o", tmp_path / "h", "--device", "cpu", "--gpu-memory", "10KB")
+    assert r.returncode == 2 and "memory plan predicts" in r.stderr, r.stderr
+    assert not (tmp_path / "h").exists()
+    r = _cli("hessian", src, "--data", text, "-o", tmp_path / "h", "--device", "cpu", "--gpu-memory", "10KB",
+             "--ignore-plan", "--chunks", "2", "-c", "64", "-q")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "h" / "hessians.json").is_file()
