@@ -9,7 +9,7 @@ from datetime import datetime
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import InputFileError, UsageError
 from .tokenizer import Tokenizer
 
 
@@ -54,7 +54,11 @@ def chat_tokens(tok: Tokenizer, messages: list[dict], *, add_generation_prompt: 
         raise UsageError(f"{where or tok.path}: chat messages need a chat template, and {tok.path} has none "
                          "(no tokenizer.chat_template)", hint="use {\"text\": ...} records or plain text instead")
     bos_text = tok.token_text(tok.bos) if tok.bos >= 0 else ""
-    text = render_chat(tok.chat_template, messages, bos_token=bos_text, eos_token=tok.token_text(tok.eos),
-                       add_generation_prompt=add_generation_prompt)
+    try:
+        text = render_chat(tok.chat_template, messages, bos_token=bos_text, eos_token=tok.token_text(tok.eos),
+                           add_generation_prompt=add_generation_prompt)
+    except UsageError as e:   # name the file whose template it is
+        raise InputFileError(f"{tok.path}: {e}", hint="pass --template plain (repq eval) or fix "
+                                                      "tokenizer.chat_template") from None
     add_special = not (bos_text and text.startswith(bos_text))
     return tok.tokenize(text, add_special=add_special, parse_special=True)

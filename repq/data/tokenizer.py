@@ -95,12 +95,17 @@ class Tokenizer:
         # Through the high-level class: building llama_model_params by hand from
         # llama_model_default_params() segfaults with the CUDA build (seen on an H100).  llama.cpp's
         # log (its context warns that a vocab-only model has no training context) is captured.
+        import jinja2
+
         try:
             with capture_llama_log():
                 self._llm = lc.Llama(model_path=str(self.path), vocab_only=True, verbose=False)
         except (ValueError, RuntimeError) as e:
             raise InputFileError(f"{self.path}: llama.cpp could not load this model's vocabulary "
                                  f"({e}; {last_llama_log()})") from None
+        except jinja2.exceptions.TemplateError as e:   # llama-cpp-python compiles the chat templates
+            raise InputFileError(f"{self.path}: its chat template (tokenizer.chat_template) is not valid "
+                                 f"jinja: {e}", hint="fix or remove the template in the GGUF's metadata") from None
         self._vocab = lc.llama_model_get_vocab(self._llm.model)
         self.n_vocab = int(lc.llama_vocab_n_tokens(self._vocab))
         self.add_bos = bool(lc.llama_vocab_get_add_bos(self._vocab))

@@ -62,10 +62,28 @@ def test_eval_json_base_and_outputs(tiny, tmp_path):
     (["--template", "chat"], "has none"),                   # plain.gguf has no chat template
     (["--template", "fancy"], "--template 'fancy'"),
     (["--base", "/nonexistent.gguf"], "no such file"),
+    (["--max-tokens", 0], "--max-tokens and --parallel must be at least 1"),
 ])
 def test_bad_input_exit_2(tiny, tmp_path, args, match):
     r = _eval(tiny.with_name("plain.gguf"), "--limit", 2, "--levels", 1, "--max-tokens", 4, "--outputs", tmp_path / "o.jsonl", *args)
     assert r.returncode == 2 and match in r.stderr.replace("\n", " "), r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.parametrize("template, match", [
+    ("{% if messages %}{{ messages[0].content }", "unexpected"),                      # not jinja
+    ("{{ raise_exception('only system turns') }}", "only system turns"),            # the template refuses
+])
+def test_chat_template_that_cannot_be_rendered_exit_2(tmp_path, native, template, match):
+    from repq.io import gguf_file as G
+
+    cfg = ModelConfig(arch="llama", n_layer=1, n_embd=64, n_ff=128, n_head=2, n_head_kv=1, n_vocab=262,
+                      rms_eps=1e-5, tied=True)
+    m = tmp_path / "broken.gguf"
+    save_gguf(random_model(cfg, seed=1), m,
+              kv=byte_vocab_kv(chat_template=False) + [("tokenizer.chat_template", G.STRING, template, None)])
+    r = _eval(m, "--task", "arith", "--levels", 1, "--limit", 1, "--max-tokens", 2, "--outputs", tmp_path / "o.jsonl")
+    assert r.returncode == 2 and "broken.gguf" in r.stderr and match in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "o.jsonl").exists()
 
 
