@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU lease, inside run.sh (carry .carry/b and .carry/d; setup.sh with the CUDA build): the task
-# fidelity study of issue 18 and the allocated distillation of issue 15 on the reference model.
+# fidelity study of issue 18, the allocated distillation of issue 15 and the distillation data of
+# issue 16 on the reference model.
 #   prep     llama.cpp's imatrix and repq's Hessians on the same 100 x 512 tokens of DATA (the
 #            repq calib mixture + library text), llama-quantize --imatrix and repq LDLQ at Q3_K_S
 #            and Q4_0, the F32 base's logits for the KLD on three domains, and a 3-problem
@@ -10,6 +11,10 @@
 #            --target-size at the Q3_K_S file's bytes with the committed sensitivity file
 #            (benchmarks/results/alloc_frontier_h200/sens.json, --exclude-types Q4_1,Q5_1); each
 #            is cut at DISTILL_TIMEOUT seconds and resumed (--resume) by the next call.
+#   calib    (issue 16) `repq calib --ngl 99` answers + library text 1:1, MIX_TOKENS tokens (mix.jsonl)
+#   distill_data  (issues 16, 15) Q3_K_S distillation on the library text, mix.jsonl and on-policy
+#            teacher answers (--on-policy ONPOLICY_TOKENS) at each of DATA_STEPS steps per group, and
+#            --target-size without Q4_K/Q5_K (the Q4_1-source artefact control), side by side
 #   kld      every file scored with llama-perplexity --kl-divergence against the F32 base on
 #            40 x 512 tokens of the tutorial and 20 x 512 of each held-out domain.
 #   eval     `repq eval --task builtin --levels LEVELS --limit LIMIT --base F32 --ngl 99
@@ -52,23 +57,45 @@ prep() {
     2> $W/smoke.log && echo "eval smoke ok" >> $R || { echo "eval smoke FAILED" >> $R; tail -20 $W/smoke.log; }
 }
 
-distill_one() {   # tag, then distill options
-  local tag=$1; shift
+distill_one() {   # tag steps, then distill options (--data or --on-policy first)
+  local tag=$1 steps=$2; shift 2
   local o=$W/$tag.gguf res=
   grep -q "distill exit 0" $W/$tag.status 2>/dev/null && return
   [ -d $o.distill ] && res=--resume
   t1=$(date +%s)
-  timeout -s INT -k 60 $DISTILL_TIMEOUT python3 -m repq distill $F $o --data .carry/b/library-512.npy --device cuda \
-    --steps-per-group $STEPS --checkpoint-every 100 --threads 5 --json $res "$@" > $W/$tag.distill.json 2>> $W/$tag.distill.log
+  timeout -s INT -k 60 $DISTILL_TIMEOUT python3 -m repq distill $F $o --device cuda --steps-per-group $steps \
+    --checkpoint-every 100 --threads ${DISTILL_THREADS:-5} --json $res "$@" > $W/$tag.distill.json 2>> $W/$tag.distill.log
   rc=$?
   echo "$tag distill exit $rc after $(( $(date +%s) - t1 )) s ($res)" | tee -a $R > $W/$tag.status
 }
 
+LIB=.carry/b/library-512.npy
+
 distill() {
   size=$(stat -c %s $W/llama-Q3_K_S.gguf)
-  distill_one distill-Q4_0 --fmt Q4_0 &
-  distill_one distill-Q3_K_S --fmt Q3_K_S &
-  distill_one distill-alloc-Q3_K_S --target-size $size --sensitivity $SENS --exclude-types Q4_1,Q5_1 &
+  distill_one distill-Q4_0 $STEPS --data $LIB --fmt Q4_0 &
+  distill_one distill-Q3_K_S $STEPS --data $LIB --fmt Q3_K_S &
+  distill_one distill-alloc-Q3_K_S $STEPS --data $LIB --target-size $size --sensitivity $SENS --exclude-types Q4_1,Q5_1 &
+  wait
+}
+
+calib() {   # issue 16: the default mixture (repq calib answers + library text 1:1) at distillation scale
+  [ -f $W/mix.jsonl ] || { t1=$(date +%s); python3 -m repq calib $F -o $W/mix.jsonl --tokens ${MIX_TOKENS:-400000} \
+    --mix .carry/d/library-head.txt:0.5 --ngl 99 --parallel 64 --json > $W/calib.json 2> $W/calib.log \
+    && echo "calib ${MIX_TOKENS:-400000} tokens $(( $(date +%s) - t1 )) s" >> $R || tail -5 $W/calib.log; }
+}
+
+distill_data() {   # issue 16: Q3_K_S distillation on library text, the mixture and on-policy data, at
+                   # each of DATA_STEPS steps per group (KLD against training tokens); issue 15: the
+                   # allocated distillation without Q4_K/Q5_K (the Q4_1-source artefact control)
+  size=$(stat -c %s $W/llama-Q3_K_S.gguf)
+  for s in ${DATA_STEPS:-100 300}; do
+    distill_one distill-lib-$s $s --data $LIB --fmt Q3_K_S &
+    [ -f $W/mix.jsonl ] && distill_one distill-mix-$s $s --data $W/mix.jsonl --fmt Q3_K_S &
+    distill_one distill-onp-$s $s --on-policy ${ONPOLICY_TOKENS:-200000} --fmt Q3_K_S &
+  done
+  distill_one distill-alloc-ctl-Q3_K_S $STEPS --data $LIB --target-size $size --sensitivity $SENS \
+    --exclude-types Q4_1,Q5_1,Q4_K,Q5_K &
   wait
 }
 
