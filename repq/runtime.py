@@ -92,12 +92,13 @@ def check_device(device: str) -> None:
         raise UnsupportedError(f"--device {device}: LDLQ runs on cpu or cuda only")
 
 
-def init_distributed(device: str, *, always: bool = False) -> tuple[int, int, str]:
+def init_distributed(device: str, *, always: bool = False, cpu_collectives: bool = False) -> tuple[int, int, str]:
     """Join the process group torchrun describes (WORLD_SIZE > 1); returns (rank, world, device).
 
     NCCL for CUDA devices (each rank on ``cuda:LOCAL_RANK``, made the current device), gloo
     otherwise.  A single process (no torchrun) gets ``(0, 1, device)`` and no process group, unless
-    ``always`` (FSDP2 on one device): then a group of one, in-process.
+    ``always`` (FSDP2 on one device): then a group of one, in-process.  ``cpu_collectives`` (FSDP2's
+    CPU offload: gradient norms and gathers of host-resident shards): gloo beside NCCL for CPU tensors.
     """
     single = int(os.environ.get("WORLD_SIZE", "1")) <= 1
     if single and not always:
@@ -111,10 +112,11 @@ def init_distributed(device: str, *, always: bool = False) -> tuple[int, int, st
     if cuda:
         torch.cuda.set_device(torch.device(device if device != "cuda" else "cuda:0"))
     if not dist.is_initialized():
+        backend = ("cuda:nccl,cpu:gloo" if cpu_collectives else "nccl") if cuda else "gloo"
         if single:
-            dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         else:
-            dist.init_process_group("nccl" if cuda else "gloo")
+            dist.init_process_group(backend)
         # torn down before the interpreter's: gloo's worker threads (or NCCL's) outliving it abort
         # the process at exit ("terminate called without an active exception", seen with FSDP2)
         atexit.register(_destroy_process_group)

@@ -40,6 +40,7 @@ def distill(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (torchrun: cuda:LOCAL_RANK).")] = "auto",
     compile_: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the student's blocks (CUDA only).")] = True,
     shard: Annotated[bool, typer.Option("--shard", help="FSDP2: shard the student, its gradients and AdamW state over torchrun's processes (one process: a group of one); checkpoints reshard on resume.")] = False,
+    offload_optimizer: Annotated[bool, typer.Option("--offload-optimizer", help="FSDP2 with CPU offload (implies --shard): the fp32 master weights, gradients and AdamW state live in host memory and the optimizer steps there; the GPU holds the teacher, one gathered bf16 block at a time and the activations.")] = False,
     vocab: Annotated[Path | None, typer.Option("--vocab", help="A GGUF of the same model to tokenize with.")] = None,
     target_size: Annotated[str | None, typer.Option(help="Distill the type mix allocated for this file size (bytes, 900MB, 3.5GiB); needs --sensitivity.")] = None,
     target_bpw: Annotated[float | None, typer.Option(help="The same as a size: bits per weight of the whole file.")] = None,
@@ -78,8 +79,11 @@ def distill(
         repq distill model-f32.gguf q.gguf --target-size 88MB --sensitivity sens.json --exclude-types Q4_1,Q5_1 --data d.txt
 
         repq distill --plan --plan-config llama3-8b --seq-len 2048 --batch 2 --nproc 2 --shard   # memory per GPU
+
+        repq distill m.gguf q.gguf --fmt Q4_0 --data d.npy --device cuda --offload-optimizer   # one GPU, AdamW on the host
     """
     out = Output(json_out, quiet or not rank_is_zero())  # torchrun: rank 0 reports
+    shard = shard or offload_optimizer
 
     def body():
         from .. import runtime
@@ -99,7 +103,8 @@ def distill(
             from ..distill.memory import distill_plan
 
             return distill_plan(mcfg, groups_, batch=max(n_batch, world), seq_len=seq_len, kl_chunk=kl_chunk,
-                                hessian_chunks=hessian_chunks, world=world, shard=shard, cuda=cuda)
+                                hessian_chunks=hessian_chunks, world=world, shard=shard, cuda=cuda,
+                                offload=offload_optimizer)
 
         if plan:
             from .planning import gpu_memory as budget_of
@@ -110,7 +115,8 @@ def distill(
             world, cuda = nproc_of(nproc), device != "cpu"
             budget, where = budget_of(gpu_memory)
             report(out, "distill", source, memory_plan(world, cuda), budget, where,
-                   {"nproc": world, "shard": shard, "batch": n_batch, "seq_len": seq_len, "kl_chunk": kl_chunk,
+                   {"nproc": world, "shard": shard, "offload_optimizer": offload_optimizer, "batch": n_batch,
+                    "seq_len": seq_len, "kl_chunk": kl_chunk,
                     "hessian_chunks": hessian_chunks, "groups": format_groups(groups_),
                     "device": "cuda" if cuda else "cpu"})
             return
@@ -169,7 +175,7 @@ def distill(
                                           data_fingerprints=[cal.fingerprint] if cal else [])
             out.log(f"allocated a mix for {alloc.target:,} bytes: predicted cost {alloc.result.cost:.4g} ({cfg.ftype} label)")
         dev, _ = runtime.configure_torch(device, "auto", threads)
-        rank, world, dev = runtime.init_distributed(dev, always=shard)
+        rank, world, dev = runtime.init_distributed(dev, always=shard, cpu_collectives=offload_optimizer)
         if (dev.startswith("cuda") or gpu_memory) and not ignore_plan:   # before any model is loaded
             from .planning import gpu_memory as budget_of
             from .planning import refuse_if_too_big
@@ -179,8 +185,21 @@ def distill(
         ckdir = checkpoint_dir or Path(str(out_path) + ".distill")
         total = cfg.total_steps()
         with out.progress("distill", total=total) as advance:
+            predicted = {(p.group, p.phase): p.peak for p in memory_plan(world, dev.startswith("cuda"))}
+            measured: list[dict] = []   # CUDA: each phase's peak allocation beside the plan's
+
             def on_event(ev: dict) -> None:
                 kind = ev["event"]
+                if kind in ("quantized", "group_done") and dev.startswith("cuda"):
+                    import torch
+
+                    phase = "hessian" if kind == "quantized" else "train"
+                    m = {"group": ev["group"], "phase": phase, "peak_bytes": torch.cuda.max_memory_allocated(dev),
+                         "plan_bytes": predicted.get((ev["group"], phase))}
+                    torch.cuda.reset_peak_memory_stats(dev)
+                    measured.append(m)
+                    out.log(f"memory: {m['group']} {phase} peak {m['peak_bytes'] / 2**30:.2f} GiB "
+                            f"(plan {(m['plan_bytes'] or 0) / 2**30:.2f} GiB)")
                 if kind == "step":
                     advance(1, desc=f"{ev['group']:<11} {ev['step']:>4}/{ev['steps']}  KL {ev['loss']:.4f}  "
                                     f"{ev['tok_s']:,.0f} tok/s")
@@ -196,6 +215,7 @@ def distill(
 
             rt = RunOptions(device=dev, threads=threads or None, checkpoint_dir=str(ckdir),
                          checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes, resume=resume, compile=compile_, shard=shard,
+                         offload_optimizer=offload_optimizer,
                          log_path=str(ckdir / "metrics.jsonl"), keep_checkpoint=keep_checkpoint, on_event=on_event)
             try:
                 res = Distiller(model, out_path, cal.chunks if cal else None, cfg, rt,
@@ -214,7 +234,7 @@ def distill(
                     "config": cfg.to_dict(), "world": world, "device": dev, "file_bytes": res.file_bytes,
                     "tokens": res.tokens, "seconds": round(res.seconds, 3), "resumed_from": res.resumed_from,
                     "final_loss": last.get("loss"), "metrics_log": str(ckdir / "metrics.jsonl"),
-                    "tensors": res.tensors}
+                    "tensors": res.tensors, "gpu_memory": measured}
                    | ({"allocation": {"target_bytes": alloc.target, "predicted_cost": alloc.result.cost,
                                       "lower_bound": alloc.result.lower_bound, "solver": alloc.result.method,
                                       "source": alloc.sens.source}} if alloc else {}),

@@ -96,6 +96,7 @@ class RunOptions:
     resume: bool = False
     compile: bool = False            #: torch.compile the student's blocks (CUDA)
     shard: bool = False              #: FSDP2: shard the student, its gradients and AdamW state over the ranks
+    offload_optimizer: bool = False  #: with shard: FSDP2's CPUOffloadPolicy (parameters, gradients, AdamW on the host)
     log_path: str | None = None      #: JSONL of per-step metrics (rewritten from the checkpoint on resume)
     keep_checkpoint: bool = False    #: keep state.pt after the GGUF is written
     on_event: Callable[[dict], None] | None = None

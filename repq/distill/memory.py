@@ -109,8 +109,12 @@ def _kind(name: str) -> str:
 
 
 def distill_plan(cfg: ModelConfig, groups: tuple[Group, ...], *, batch: int, seq_len: int, kl_chunk: int = 1024,
-                 hessian_chunks: int = 64, world: int = 1, shard: bool = False, cuda: bool = True) -> list[Phase]:
-    """The phases of a run, in order: each group's Hessians + quantization, then its training."""
+                 hessian_chunks: int = 64, world: int = 1, shard: bool = False, cuda: bool = True,
+                 offload: bool = False) -> list[Phase]:
+    """The phases of a run, in order: each group's Hessians + quantization, then its training.
+    ``offload`` (FSDP2's CPU offload, implies ``shard``): master weights, gradients, AdamW moments
+    and the optimizer step in host memory."""
+    shard = shard or offload
     shapes = cfg.tensor_shapes()
     names = list(shapes)
     head = "token_embd.weight" if cfg.tied else "output.weight"
@@ -174,6 +178,11 @@ def distill_plan(cfg: ModelConfig, groups: tuple[Group, ...], *, batch: int, seq
         tr.peaks = {"forward": fwd, "backward": bwd, "step": step} if trainable else {}
         if not trainable:
             tr.resident.pop("AdamW moments")
+        if offload:   # on the host: the shards, their gradients, the moments and the step's temporary
+            tr.host = {k: tr.resident.pop(k) for k in ("student (fp32)", "AdamW moments") if k in tr.resident}
+            if trainable:
+                tr.host |= {k: step.pop(k) for k in ("gradients", "optimizer temp")}
+            ph.host["student (fp32)"] = ph.resident.pop("student (fp32)")
         phases.append(tr)
     return phases
 

@@ -96,14 +96,18 @@ class GradAverager:
 
 # ------------------------------------------------------------------------------------------------ FSDP2
 
-def shard_student(student: torch.nn.Module, cuda: bool) -> None:
+def shard_student(student: torch.nn.Module, cuda: bool, offload: bool = False) -> None:
     """FSDP2 (``fully_shard``): every block its own unit, the rest (embedding, head, final norm) the
     root's; parameters, gradients and AdamW moments sharded over the ranks.  Master parameters stay
     fp32; on CUDA forward/backward compute in bf16 with fp32 gradient reduction (the mixed-precision
-    policy, instead of autocast's casts)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy, instead of autocast's casts).  ``offload`` (``--offload-optimizer``): FSDP2's
+    CPUOffloadPolicy keeps the sharded fp32 parameters, their gradients and so AdamW's moments and
+    step in host memory; each unit is copied to the device for its forward and backward."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-    kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)} if cuda else {}
+    kw: dict = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)} if cuda else {}
+    if offload:
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=cuda)
     for blk in student.blk:
         fully_shard(blk, **kw)
     fully_shard(student, **kw)
@@ -118,14 +122,25 @@ def is_sharded(p: torch.Tensor) -> bool:
 def full_value(p: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a (possibly sharded) parameter; a collective when sharded: every rank
     must call it, for the same parameters in the same order."""
-    return p.full_tensor() if is_sharded(p) else p
+    if not is_sharded(p):
+        return p
+    if p.device.type != p.device_mesh.device_type:   # CPU-offloaded shards of a CUDA mesh
+        from torch.distributed.tensor import DTensor
+
+        p = DTensor.from_local(p.to_local().to(p.device_mesh.device_type), p.device_mesh, p.placements,
+                               shape=p.shape, stride=p.stride())
+    return p.full_tensor()
 
 
 def set_value(p: torch.Tensor, values: torch.Tensor) -> None:
     """``p ← values`` (the whole tensor, the same on every rank); a sharded parameter takes its
     own shard, without communication."""
     with torch.no_grad():
-        if is_sharded(p):
+        if is_sharded(p) and p.device.type != p.device_mesh.device_type:   # CPU-offloaded: this rank's rows
+            local, world = p.to_local(), p.device_mesh.size()
+            start = p.device_mesh.get_local_rank() * -(-values.shape[0] // world)   # FSDP2: Shard(0), chunked
+            local.copy_(values[start:start + local.shape[0]].to(local.device, local.dtype))
+        elif is_sharded(p):
             from torch.distributed.tensor import distribute_tensor
 
             p.copy_(distribute_tensor(values.to(p.device, p.dtype), p.device_mesh, p.placements, src_data_rank=None))

@@ -115,7 +115,7 @@ class Distiller:
         if self.sharded:
             if self.dist is None:
                 raise UsageError("--shard needs a process group (the command makes one, or torchrun's)")
-            shard_student(self.student, dev.startswith("cuda"))
+            shard_student(self.student, dev.startswith("cuda"), self.rt.offload_optimizer)
         self.names = list(self.plans)
         self.params = dict(self.student.named_parameters())       # GGUF name → Parameter (tied: token_embd)
         self.frozen: dict[str, np.ndarray] = {}                   # GGUF name → ggml bytes

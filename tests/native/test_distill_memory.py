@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 from support.memory import LiveBytes
-from support.models import random_model, save_gguf
-from support.vocab import byte_vocab_kv
+from support.models import random_model, save_gguf, save_random_gguf
+from support.vocab import byte_vocab_kv, padded_vocab_kv
 
 from repq.distill.config import DistillConfig, RunOptions
 from repq.distill.groups import parse_groups
@@ -132,3 +132,21 @@ def test_a_run_that_does_not_fit_is_refused_before_loading(tmp_path, native):
              "--ignore-plan", "--chunks", "2", "-c", "64", "-q")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "h" / "hessians.json").is_file()
+
+
+def test_random_gguf_of_a_real_shape_loads_and_tokenizes(tmp_path, native):
+    """benchmarks/gpu/fsdp_8b.sh and stream_70b.sh make their models with save_random_gguf (BF16,
+    written tensor by tensor) and a byte vocabulary padded to the real size."""
+    from repq.data.tokenizer import Tokenizer
+    from repq.model.loader import load_model
+    from repq.model.shapes import shape_config
+
+    cfg = shape_config("llama3-8b", n_layer=1, n_embd=128, n_ff=256, n_head=4, n_head_kv=2, n_vocab=1000)
+    save_random_gguf(cfg, tmp_path / "r.gguf", kv=padded_vocab_kv(cfg.n_vocab))
+    lm = load_model(tmp_path / "r.gguf", dtype=torch.float32)
+    assert lm.config.tensor_shapes() == cfg.tensor_shapes()
+    w = lm.model.blk[0].ffn_up.weight
+    assert float(w.std()) == pytest.approx(1 / 128**0.5, rel=0.1)
+    assert torch.equal(w, w.to(torch.bfloat16).float())                  # stored as BF16
+    with Tokenizer(tmp_path / "r.gguf") as tok:
+        assert tok.n_vocab == 1000 and len(tok.tokenize("the cat sat")) > 2

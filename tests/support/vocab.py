@@ -37,3 +37,16 @@ def byte_vocab_kv(*, chat_template: bool = True, add_bos: bool = True) -> list[t
     if chat_template:
         kv.append(("tokenizer.chat_template", G.STRING, CHATML_TEMPLATE, None))
     return kv
+
+
+def padded_vocab_kv(n_vocab: int) -> list[tuple[str, int, object, int | None]]:
+    """:func:`byte_vocab_kv` padded with unused tokens to ``n_vocab`` (a random model of a real
+    vocabulary size that llama.cpp can still tokenize text for, e.g. 128256 for Llama-3 shapes)."""
+    out = []
+    for key, vt, val, sub in byte_vocab_kv(chat_template=False):
+        if key == "tokenizer.ggml.tokens":
+            val = val + [f"<|unused_{i}|>" for i in range(n_vocab - len(val))]
+        elif key == "tokenizer.ggml.token_type":
+            val = val + [5] * (n_vocab - len(val))   # LLAMA_TOKEN_TYPE_UNUSED
+        out.append((key, vt, val, sub))
+    return out
