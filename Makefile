@@ -16,7 +16,7 @@ DATA_DIR := $(REPQ_CACHE)/data
 REF_F32 := $(MODEL_DIR)/smollm2-135m-f32.gguf
 export LLAMA_CPP_LIB_PATH := $(CURDIR)/native/build/bin
 
-.PHONY: help setup vendor native model data data-core demo test test-fast test-slow test-gpu bench bench-ldlq bench-distill-cpu lint fmt clean
+.PHONY: help setup vendor native model data data-core demo demo-inputs demo-q4 test test-fast test-slow test-gpu bench bench-ldlq bench-distill-cpu lint fmt clean
 
 help:
 	@echo "make setup      venv + Python deps + vendored llama.cpp + native build (cached)"
@@ -60,22 +60,33 @@ DEMO := $(REPQ_CACHE)/demo
 
 # The main job on the built-in default: calibration data as repq recommends it (the model's own
 # answers to repq calib's prompts, half library text: the set that held up best on held-out
-# domains), Hessians from it, LDLQ Q4_0 of the reference model, llama.cpp's own Q4_0 (imatrix from
-# the same data) for comparison, and a report of both on the tutorial and on the held-out sysadmin
-# text (about 10 minutes on 2 busy cores once the model and data are cached).
-demo: model data
+# domains), Hessians from it, repq LDLQ at IQ3_S against llama.cpp's best files of the same bytes
+# (IQ3_S and Q3_K_S with an imatrix from the same data), and a report of all three on the tutorial
+# and on the held-out sysadmin text (about 15 minutes on 2 busy cores once the model and data are
+# cached).
+demo: demo-inputs
+	$(VENV)/bin/repq quantize $(REF_F32) $(DEMO)/llama-imatrix-q3_k_s.gguf --fmt Q3_K_S --imatrix $(DEMO)/imatrix.gguf -q
+	$(VENV)/bin/repq quantize $(REF_F32) $(DEMO)/llama-imatrix-iq3_s.gguf --fmt IQ3_S --imatrix $(DEMO)/imatrix.gguf -q
+	$(VENV)/bin/repq quantize $(REF_F32) $(DEMO)/repq-ldlq-iq3_s.gguf --fmt IQ3_S --hessian $(DEMO)/hess
+	$(VENV)/bin/repq report $(DEMO)/llama-imatrix-q3_k_s.gguf $(DEMO)/llama-imatrix-iq3_s.gguf $(DEMO)/repq-ldlq-iq3_s.gguf \
+		--base $(REF_F32) --data $(DATA_DIR)/tutorial.txt --chunks 20 -o $(DEMO)/report.md --plot $(DEMO)/report.png
+	$(VENV)/bin/repq report $(DEMO)/llama-imatrix-q3_k_s.gguf $(DEMO)/llama-imatrix-iq3_s.gguf $(DEMO)/repq-ldlq-iq3_s.gguf \
+		--base $(REF_F32) --data $(DATA_DIR)/sysadmin.txt --chunks 20 -o $(DEMO)/report-sysadmin.md
+	@echo "report: $(DEMO)/report.md (tutorial), $(DEMO)/report-sysadmin.md (held-out)  plot: $(DEMO)/report.png"
+
+demo-inputs: model data
 	mkdir -p $(DEMO)
 	test -f $(DEMO)/calib.jsonl || $(VENV)/bin/repq calib $(REF_F32) -o $(DEMO)/calib.jsonl --tokens 17000 \
 		--mix $(DATA_DIR)/library.txt:0.5
 	test -f $(DEMO)/hess/hessians.json || $(VENV)/bin/repq hessian $(REF_F32) --data $(DEMO)/calib.jsonl --chunks 32 -o $(DEMO)/hess
 	test -f $(DEMO)/imatrix.gguf || $(VENV)/bin/repq imatrix $(REF_F32) --data $(DEMO)/calib.jsonl --chunks 32 -o $(DEMO)/imatrix.gguf
-	$(VENV)/bin/repq quantize $(REF_F32) $(DEMO)/llama-imatrix-q4_0.gguf --fmt Q4_0 --imatrix $(DEMO)/imatrix.gguf -q
-	$(VENV)/bin/repq quantize $(REF_F32) $(DEMO)/repq-ldlq-q4_0.gguf --fmt Q4_0 --hessian $(DEMO)/hess
-	$(VENV)/bin/repq report $(DEMO)/llama-imatrix-q4_0.gguf $(DEMO)/repq-ldlq-q4_0.gguf --base $(REF_F32) \
-		--data $(DATA_DIR)/tutorial.txt --chunks 20 -o $(DEMO)/report.md --plot $(DEMO)/report.png
-	$(VENV)/bin/repq report $(DEMO)/llama-imatrix-q4_0.gguf $(DEMO)/repq-ldlq-q4_0.gguf --base $(REF_F32) \
-		--data $(DATA_DIR)/sysadmin.txt --chunks 20 -o $(DEMO)/report-sysadmin.md
-	@echo "report: $(DEMO)/report.md (tutorial), $(DEMO)/report-sysadmin.md (held-out)  plot: $(DEMO)/report.png"
+
+# the Q4_0 pair of the same data (the CPU eval pilot and `bench_eval_speed.py --q4` read them)
+demo-q4: demo-inputs
+	test -f $(DEMO)/llama-imatrix-q4_0.gguf || $(VENV)/bin/repq quantize $(REF_F32) $(DEMO)/llama-imatrix-q4_0.gguf \
+		--fmt Q4_0 --imatrix $(DEMO)/imatrix.gguf -q
+	test -f $(DEMO)/repq-ldlq-q4_0.gguf || $(VENV)/bin/repq quantize $(REF_F32) $(DEMO)/repq-ldlq-q4_0.gguf \
+		--fmt Q4_0 --hessian $(DEMO)/hess -q
 
 test-fast: setup
 	$(PY) -m pytest tests/unit -q

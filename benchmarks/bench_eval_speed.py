@@ -336,7 +336,7 @@ def main() -> None:
     text = cache_dir() / "data" / "tutorial.txt"
     for p in (*models, text):
         if not p.exists():
-            raise SystemExit(f"missing {p}: run `make model data` (and the demo for --q4)")
+            raise SystemExit(f"missing {p}: run `make model data` (and `make demo-q4` for --q4)")
     exe = ensure_batched_bench() if "gen" not in a.skip else None
     res = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                        "python": platform.python_version(), "load_average_at_start": os.getloadavg()},

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Pilot of the task-fidelity study (issue 18) on 2 CPU cores: the F32 reference model as base against
-# llama.cpp's Q4_0 (imatrix), repq LDLQ Q4_0 (both from `make demo`, calibrated on the same repq calib
+# llama.cpp's Q4_0 (imatrix), repq LDLQ Q4_0 (both from `make demo-q4`, calibrated on the same repq calib
 # mixture) and repq's allocated file at the Q3_K_M size without Q4_K/Q5_K
 # (benchmarks/alloc_control_cpu.sh): the built-in tasks, levels 1-3, LIMIT problems per task and level,
 # greedy.  Writes benchmarks/results/eval_pilot_cpu/eval.json (repq eval --json) and eval.md.
