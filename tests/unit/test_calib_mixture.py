@@ -120,6 +120,10 @@ def test_batched_decoding_gives_the_answers_of_one_sequence_at_a_time(models):
     assert [i for i, _, _ in many] == list(range(9))
     assert [t for _, t, _ in one] == [t for _, t, _ in many]
     assert len({tuple(t) for _, t, _ in one}) > 1
+    # end=7: the generator ends after answers 0..6 (unbounded, it never ends), equal to the unbounded run's
+    bounded = list(generate_answers(models["chatml"], pt, GenerateConfig(max_tokens=10, n_ctx=128, parallel=4,
+                                                                         temperature=0.9, seed=4), end=7))
+    assert [(i, t) for i, t, _ in bounded] == [(i, t) for i, t, _ in many[:7]]
 
 
 @pytest.mark.parametrize("template", list(TEMPLATES))
