@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from support.dist import gloo_env, torchrun
 from support.interrupt import interrupt_before_step
 from support.models import random_model, save_gguf
 from support.vocab import byte_vocab_kv
@@ -289,10 +290,8 @@ def _one_and_two_processes(src, text, tmp_path, extra: list[str]) -> tuple[dict,
     one = subprocess.run(REPQ + ["distill", str(src), str(tmp_path / "one.gguf")] + common,
                          capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                str(29500 + os.getpid() % 1000), "-m", "repq"]
-    two = subprocess.run(torchrun + ["distill", str(src), str(tmp_path / "two.gguf")] + common,
-                         capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    two = subprocess.run(torchrun("-m", "repq", "distill", src, tmp_path / "two.gguf", *common),
+                         capture_output=True, text=True, env=gloo_env())
     assert two.returncode == 0, two.stderr
     r1, r2 = json.loads(one.stdout), json.loads(two.stdout.strip().splitlines()[-1])
     assert r2["world"] == 2 and r1["file_bytes"] == r2["file_bytes"]
@@ -343,11 +342,6 @@ def test_two_gloo_processes_match_one_over_all_groups(tiny, tmp_path):
             np.testing.assert_allclose(a[n], b[n], rtol=1e-2, err_msg=n)
 
 
-def _torchrun(*args, port_offset: int = 0) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-            str(29500 + (os.getpid() + port_offset) % 1000), *args]
-
-
 def test_fsdp2_shard_writes_the_data_parallel_runs_bytes(tiny, tmp_path):
     """--shard (FSDP2: parameters, gradients and AdamW state sharded) on 2 gloo processes against the
     data-parallel run on 2: the same per-rank batches, Hessians, rounds of LDLQ and mean gradients,
@@ -357,10 +351,10 @@ def test_fsdp2_shard_writes_the_data_parallel_runs_bytes(tiny, tmp_path):
               "--lr", "2e-5", "--warmup", "1", "--device", "cpu", "--threads", "1", "--json",
               "--groups", "ffn_up:4,ffn_gate:3,attn_v:2"]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    dp = subprocess.run(_torchrun("-m", "repq", "distill", str(src), str(tmp_path / "dp.gguf"), *common),
+    dp = subprocess.run(torchrun("-m", "repq", "distill", str(src), str(tmp_path / "dp.gguf"), *common),
                         capture_output=True, text=True, env=env)
     assert dp.returncode == 0, dp.stderr[-3000:]
-    sh = subprocess.run(_torchrun("-m", "repq", "distill", str(src), str(tmp_path / "sh.gguf"), *common, "--shard",
+    sh = subprocess.run(torchrun("-m", "repq", "distill", str(src), str(tmp_path / "sh.gguf"), *common, "--shard",
                                   port_offset=7), capture_output=True, text=True, env=env)
     assert sh.returncode == 0, sh.stderr[-3000:]
     assert (tmp_path / "dp.gguf").read_bytes() == (tmp_path / "sh.gguf").read_bytes()
@@ -377,17 +371,17 @@ def test_fsdp2_shard_killed_and_resumed_from_distributed_checkpoint(tiny, tmp_pa
             "--device", "cpu", "--shard", "--groups", "ffn_up:4,ffn_down:4"]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
-    full = subprocess.run(_torchrun("-m", "repq", *[str(x) if x else str(a) for x in args]), capture_output=True,
+    full = subprocess.run(torchrun("-m", "repq", *[str(x) if x else str(a) for x in args]), capture_output=True,
                           text=True, env=env)
     assert full.returncode == 0, full.stderr[-3000:]
-    cut = subprocess.run(_torchrun(str(SUPPORT / "interrupt.py"), "6", *[str(x) if x else str(b) for x in args],
+    cut = subprocess.run(torchrun(str(SUPPORT / "interrupt.py"), "6", *[str(x) if x else str(b) for x in args],
                                    port_offset=3), capture_output=True, text=True, env=env,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert cut.returncode != 0 and not b.exists()
     ck = Path(str(b) + ".distill")
     state = torch.load(ck / "state.pt", weights_only=True)
     assert state["global_step"] == 6 and state["has_optimizer"] and (ck / state["dcp"] / ".metadata").is_file()
-    again = subprocess.run(_torchrun("-m", "repq", *[str(x) if x else str(b) for x in args], "--resume",
+    again = subprocess.run(torchrun("-m", "repq", *[str(x) if x else str(b) for x in args], "--resume",
                                      port_offset=5), capture_output=True, text=True, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert a.read_bytes() == b.read_bytes()
@@ -404,7 +398,7 @@ def test_fsdp2_checkpoint_reshards_between_process_counts(tiny, tmp_path, first,
     env = os.environ | {"OMP_NUM_THREADS": "1"}
 
     def launch(n: int, *extra, script=False):
-        head = (_torchrun(port_offset=11 + n) if n > 1 else [sys.executable])
+        head = (torchrun(port_offset=11 + n) if n > 1 else [sys.executable])
         body = [str(SUPPORT / "interrupt.py"), "2"] if script else ["-m", "repq"]
         return subprocess.run(head + body + args + list(extra), capture_output=True, text=True, env=env,
                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -433,11 +427,11 @@ def test_fsdp2_shard_sigkill_mid_group_resumes_to_the_same_bytes(tiny, tmp_path)
             "--device", "cpu", "--shard", "--groups", "ffn_up:12"]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
-    full = subprocess.run(_torchrun("-m", "repq", *[str(x) if x else str(a) for x in args], port_offset=21),
+    full = subprocess.run(torchrun("-m", "repq", *[str(x) if x else str(a) for x in args], port_offset=21),
                           capture_output=True, text=True, env=env)
     assert full.returncode == 0, full.stderr[-3000:]
     log = Path(str(b) + ".distill") / "metrics.jsonl"
-    p = subprocess.Popen(_torchrun("-m", "repq", *[str(x) if x else str(b) for x in args], port_offset=23),
+    p = subprocess.Popen(torchrun("-m", "repq", *[str(x) if x else str(b) for x in args], port_offset=23),
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     deadline = time.time() + 240
     while time.time() < deadline and p.poll() is None:
@@ -448,7 +442,7 @@ def test_fsdp2_shard_sigkill_mid_group_resumes_to_the_same_bytes(tiny, tmp_path)
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
     assert not b.exists()
-    again = subprocess.run(_torchrun("-m", "repq", *[str(x) if x else str(b) for x in args], "--resume", port_offset=25),
+    again = subprocess.run(torchrun("-m", "repq", *[str(x) if x else str(b) for x in args], "--resume", port_offset=25),
                            capture_output=True, text=True, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert a.read_bytes() == b.read_bytes()

@@ -9,12 +9,12 @@ wiring runs and that the arithmetic is FSDP2's unchanged: the same bytes as --sh
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import torch
+from support.dist import gloo_env, torchrun
 from support.models import random_model, save_gguf
 from support.vocab import byte_vocab_kv
 from typer.testing import CliRunner
@@ -56,13 +56,11 @@ def test_offload_in_a_group_of_one_writes_the_shard_runs_bytes(tmp_path, native)
 def test_offload_on_two_gloo_processes_writes_the_shard_runs_bytes(tmp_path, native):
     src, data = _inputs(tmp_path)
     common = [*_common(data), "--groups", "ffn_up:3,ffn_gate:2"]
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
     out = {}
     for i, (name, extra) in enumerate((("shard", ["--shard"]), ("offload", ["--offload-optimizer"]))):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-               str(29500 + (os.getpid() + 13 * i + 3) % 1000), "-m", "repq", "distill", str(src),
-               str(tmp_path / f"{name}.gguf"), *common, *extra]
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        cmd = torchrun("-m", "repq", "distill", src, tmp_path / f"{name}.gguf", *common, *extra,
+                       port_offset=13 * i + 3)
+        r = subprocess.run(cmd, capture_output=True, text=True, env=gloo_env())
         assert r.returncode == 0, r.stderr[-3000:]
         out[name] = json.loads(r.stdout.strip().splitlines()[-1])
         assert out[name]["world"] == 2

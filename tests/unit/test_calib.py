@@ -8,14 +8,12 @@ single-process runs for resumed / merged / two-process runs.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from support.dist import gloo_env, torchrun
 from support.models import random_model, save_gguf
 from support.vocab import byte_vocab_kv
 from typer.testing import CliRunner
@@ -345,11 +343,8 @@ def test_two_processes_gloo_equal_one(files, tmp_path):
     args = [files / "tiny.gguf", "--data", files / "text.txt", "-c", 64, "--chunks", 5, "-t", 1, "--quiet"]
     r, _ = invoke("hessian", *args, "-o", tmp_path / "one")
     assert r.exit_code == 0, r.output
-    repq = Path(sys.executable).parent / "repq"
-    env = os.environ | {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        "--no-python", str(repq), "hessian", *map(str, args), "-o", str(tmp_path / "two"), "--json"],
-                       capture_output=True, text=True, env=env, timeout=180)
+    p = subprocess.run(torchrun("-m", "repq", "hessian", *args, "-o", tmp_path / "two", "--json"),
+                       capture_output=True, text=True, env=gloo_env(), timeout=180)
     assert p.returncode == 0, p.stderr[-3000:]
     j = json.loads(p.stdout.strip().splitlines()[-1])
     assert j["world"] == 2 and j["tokens"] == 5 * 64

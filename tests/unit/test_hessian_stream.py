@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from support.dist import gloo_env, torchrun
 from support.models import random_model, save_gguf
 from support.vocab import byte_vocab_kv
 from typer.testing import CliRunner
@@ -128,21 +129,15 @@ def test_cli_stream(model_path, tmp_path):
 def test_two_processes_gloo_streamed_equal_one(model_path, tmp_path):
     """torchrun, 2 CPU processes (gloo), --stream: chunks split by rank, each block's sums all-reduced
     before its shard is written; equals one process; checkpoints on (a barrier per block)."""
-    import os
     import subprocess
-    import sys
-    from pathlib import Path
 
     text = tmp_path / "t.txt"
     text.write_text(" ".join(np.random.default_rng(1).choice(["alpha", "beta", "gamma", "delta"], 800)) + "\n")
     args = [model_path, "--data", text, "-c", 32, "--chunks", 5, "-t", 1, "--quiet", "--stream", "--checkpoint-every", 1]
     r = CliRunner().invoke(app, ["hessian", *map(str, args), "-o", str(tmp_path / "one")])
     assert r.exit_code == 0, r.output
-    repq = Path(sys.executable).parent / "repq"
-    env = os.environ | {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        "--no-python", str(repq), "hessian", *map(str, args), "-o", str(tmp_path / "two"), "--json"],
-                       capture_output=True, text=True, env=env, timeout=180)
+    p = subprocess.run(torchrun("-m", "repq", "hessian", *args, "-o", tmp_path / "two", "--json"),
+                       capture_output=True, text=True, env=gloo_env(), timeout=180)
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads(p.stdout.strip().splitlines()[-1])["world"] == 2
     one, two = HessianSet(tmp_path / "one"), HessianSet(tmp_path / "two")
