@@ -9,6 +9,10 @@ one), the tensor is quantized through repq's one per-tensor path,
 * with Hessians (``source = "hessian"``): LDLQ's proxy loss ``tr(ΔW H ΔWᵀ)``, H = E[x xᵀ] of the
   tensor's input (= E‖ΔW x‖², the expected squared error of the layer's output), the tensor
   quantized by LDLQ on that type as `repq quantize --hessian` would;
+  With ``proxy="estimate"`` (``--proxy estimate``) LDLQ runs on one reference type per tensor and
+  on every type of a few sample tensors only; the other costs are estimated from ggml's quantizer
+  (:mod:`repq.alloc.estimate`; ``config.proxy`` records the mode, ``method`` says which costs are
+  estimates);
 * with an imatrix only (``source = "imatrix"``): ``Σ_j imp_j ‖ΔW_:,j‖²``, the diagonal of the same
   loss, the tensor quantized by ggml's imatrix quantizer as llama-quantize would.
 
@@ -36,7 +40,7 @@ import numpy as np
 from .. import __version__, mix
 from ..errors import InputFileError, MismatchError, UnsupportedError, UsageError
 from ..ggml.types import F16, GGML_TYPES, row_size, type_id, type_name
-from . import calibrate
+from . import calibrate, estimate
 from .solver import Candidate
 
 FORMAT = "repq.sensitivity"
@@ -206,6 +210,7 @@ def predicted(c: dict, e: dict) -> float:
 def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | None = None,
             imatrix_path: str | None = None, ldlq=None, device: str = "cpu", threads: int | None = None,
             probe=None, measure: str = "probe", probe_bpw: float = 4.0, kl_config: dict | None = None,
+            proxy: str = "ldlq", sample_per_group: int = 1,
             on_tensor: Callable[[str, int, int], None] | None = None) -> Sensitivity:
     """Quantize every quantizable tensor of ``src`` (a GGUF) to every candidate type and measure the cost.
 
@@ -220,6 +225,10 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
             candidate closest to ``probe_bpw`` bits per weight) and sets the tensor's ``scale``;
             ``measure="all"`` measures every candidate (the solver then uses the measured KLs).
         kl_config: what the probe measured on (recorded in the file's config).
+        proxy: Hessian mode: ``ldlq`` (LDLQ on every tensor × type: exact costs) or ``estimate``
+            (LDLQ on the type nearest ``probe_bpw`` and on every type of ``sample_per_group``
+            tensors per candidate list, ggml's quantizer scaled by the measured LDLQ gain on the
+            rest: :mod:`repq.alloc.estimate`).
         on_tensor: progress: (tensor name, index, total).
 
     Raises:
@@ -233,6 +242,11 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
     if (hessian_dir is None) == (imatrix_path is None):
         raise UsageError("pass exactly one of --hessian DIR and --imatrix FILE")
     types = list(types)
+    if proxy not in ("ldlq", "estimate"):
+        raise UsageError(f"--proxy {proxy!r}: use ldlq or estimate")
+    if proxy == "estimate" and probe is not None and measure == "all":
+        raise UsageError("--proxy estimate measures KL at one type per tensor; --kl-measure all needs --proxy ldlq")
+    estimating = proxy == "estimate" and hessian_dir is not None
     with GGUFModel(src) as g:
         fp = model_fingerprint(g)
         plans = [p for p in plan_model(g, mix.FTYPES["Q8_0"], mix.MixOptions(has_imatrix=True)) if p.allows_quantization]
@@ -254,9 +268,19 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
                            if hessian_dir else "sum_j imp_j |dW_:,j|^2; ggml imatrix quantization",
                            config={"types": types, "ldlq": ldlq.to_dict() if hessian_dir else None,
                                    "kl": ({**(kl_config or {}), "measure": measure, "probe_bpw": probe_bpw}
-                                          if probe is not None else None)})
+                                          if probe is not None else None),
+                                   "proxy": proxy if hessian_dir else "ggml"})
         if measure not in ("probe", "all"):
             raise UsageError(f"KL measurement {measure!r}: use probe or all")
+        groups: dict[tuple, list[str]] = {}
+        for p in plans:
+            if p.name in stats:
+                t = g.tensors[p.name]
+                groups.setdefault(tuple(candidate_types(p.name, t.n_per_row, types, has_importance=True)),
+                                  []).append(p.name)
+        sample = estimate.sample_names(groups, sample_per_group) if estimating else set()
+        ggml_costs: dict[str, dict[str, float]] = {}
+        refs: dict[str, str] = {}
         for i, p in enumerate(plans):
             t = g.tensors[p.name]
             if on_tensor:
@@ -272,18 +296,40 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
             measured = set()
             if probe is not None and p.name in probe.names():
                 measured = set(ctypes) if measure == "all" else {calibrate.probe_type(ctypes, t.n_per_row, probe_bpw)}
+            ref = calibrate.probe_type(ctypes, t.n_per_row, probe_bpw)
+            if estimating:
+                refs[p.name], ggml_costs[p.name] = ref, {}
+                diag = importance_rules.from_hessian(h)
+                h32 = np.asarray(h.cpu().numpy() if hasattr(h, "cpu") else h, np.float32)
             for ty in ctypes:
                 tid = type_id(ty)
-                res = quantize_tensor(_plan(p, tid), w, hessian=h, importance=imp, ldlq=ldlq if hessian_dir else None,
-                                      experts=_experts(t), device=device, threads=threads)
-                cost = proxy_cost(w, res.values, hessian=h, importance=None if h is not None else imp)
-                cands[ty] = {"bytes": t.n_rows * row_size(tid, t.n_per_row), "cost": cost, "method": res.method}
+                exact = not estimating or ty == ref or p.name in sample or tid == F16   # F16: no LDLQ grid
+                if exact:
+                    res = quantize_tensor(_plan(p, tid), w, hessian=h, importance=imp,
+                                          ldlq=ldlq if hessian_dir else None, experts=_experts(t), device=device,
+                                          threads=threads)
+                    cost = proxy_cost(w, res.values, hessian=h, importance=None if h is not None else imp)
+                    cands[ty] = {"bytes": t.n_rows * row_size(tid, t.n_per_row), "cost": cost, "method": res.method}
+                if estimating:   # ggml's quantizer, importance diag(H), its error under the full H
+                    g_res = quantize_tensor(_plan(p, tid), w, importance=diag, threads=threads)
+                    ggml_costs[p.name][ty] = _cost32(w, g_res.values, h32)
+                    if not exact:
+                        cands[ty] = {"bytes": t.n_rows * row_size(tid, t.n_per_row), "cost": 0.0,
+                                     "method": "estimate"}
                 if ty in measured:
                     cands[ty]["kl"] = probe.kl(p.name, res.values.reshape(tuple(reversed(t.shape))))
             sens.tensors[p.name] = {"shape": list(t.shape), "scale": 1.0, "candidates": cands}
+        if estimating:
+            sens.config["estimate"] = estimate.fill(sens.tensors, ggml_costs, refs, groups, sample)
         if probe is not None:
             calibrate.apply_scales(sens.tensors)
     return sens
+
+
+def _cost32(w: np.ndarray, values: np.ndarray, h32: np.ndarray) -> float:
+    """tr(ΔW H ΔWᵀ) with float32 products, float64 sum (ggml's errors: an estimate's input)."""
+    dw = values - w
+    return float(np.einsum("rj,rj->", dw @ h32, dw, dtype=np.float64))
 
 
 def _plan(p: mix.TensorPlan, tid: int) -> mix.TensorPlan:

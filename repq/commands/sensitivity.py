@@ -26,6 +26,7 @@ def sensitivity(
     ctx_size: Annotated[int, typer.Option("--ctx-size", "-c", help="--kl-data: tokens per chunk.")] = 512,
     kl_measure: Annotated[str, typer.Option("--kl-measure", help="--kl-data: probe (each tensor at the candidate nearest --kl-bpw; scales its costs) | all (every candidate measured; the allocator uses those KLs).")] = "probe",
     kl_bpw: Annotated[float, typer.Option("--kl-bpw", help="--kl-measure probe: bits per weight of the probe type.")] = 4.0,
+    proxy: Annotated[str, typer.Option("--proxy", help="--hessian: ldlq (LDLQ on every tensor × type: the exact costs) | estimate (LDLQ on the type nearest --kl-bpw and on every type of one sample tensor per candidate list; the other types' costs are ggml's quantizer's error under H times the LDLQ gain measured there: ~4× faster on CPU, see repq/alloc/estimate.py).")] = "ldlq",
     device: Annotated[str, typer.Option(help="LDLQ and the KL probe: torch device (cpu, cuda, cuda:1).")] = "cpu",
     threads: ThreadsOpt = 0,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Convert a Hugging Face folder whose JSON names custom code.")] = False,
@@ -45,6 +46,8 @@ def sensitivity(
 
         repq sensitivity model-f32.gguf --hessian hess/ -o sens-kl.json --kl-data calib.txt --kl-chunks 16 --device cuda
 
+        repq sensitivity model-f32.gguf --hessian hess/ -o sens-fast.json --proxy estimate
+
         repq quantize model-f32.gguf q.gguf --target-size 90MB --hessian hess/ --sensitivity sens.json
     """
     out = Output(json_out, quiet)
@@ -58,6 +61,10 @@ def sensitivity(
         check_device(device)
         if kl_measure not in ("probe", "all"):
             raise UsageError(f"--kl-measure {kl_measure!r}: use probe or all")
+        if proxy not in ("ldlq", "estimate"):
+            raise UsageError(f"--proxy {proxy!r}: use ldlq or estimate")
+        if proxy == "estimate" and kl_data is not None and kl_measure == "all":
+            raise UsageError("--proxy estimate measures KL at one type per tensor; --kl-measure all needs --proxy ldlq")
         if kl_chunks < 1:
             raise UsageError(f"--kl-chunks {kl_chunks}: must be at least 1")
         t0 = time.perf_counter()
@@ -69,14 +76,14 @@ def sensitivity(
             s = sens_mod.compute(src, types=types, hessian_dir=str(hessian) if hessian else None,
                                  imatrix_path=str(imatrix) if imatrix else None, device=device,
                                  threads=threads or None, probe=probe, measure=kl_measure, probe_bpw=kl_bpw,
-                                 kl_config=kl_config,
+                                 kl_config=kl_config, proxy=proxy,
                                  on_tensor=lambda name, i, n: advance(1 if i else 0, name, total=n))
         s.save(output)
         rows = [[n, str(len(e["candidates"])), ", ".join(e["candidates"])] for n, e in s.tensors.items()]
         out.table(f"{output.name}: {s.source} costs", ["tensor", "types", "candidates"], rows)
         out.result({**meta(), "command": "sensitivity", "output": str(output), "source": s.source,
                     "tensors": len(s.tensors), "unallocated": s.unallocated, "types": types,
-                    "kl": s.config.get("kl"),
+                    "kl": s.config.get("kl"), "proxy": s.config.get("proxy"),
                     "seconds": round(time.perf_counter() - t0, 3)},
                    human=f"wrote {output}: {len(s.tensors)} tensors × up to {len(types)} types ({s.source}"
                          + (", calibrated against measured KL" if probe is not None else "") + ")"

@@ -291,3 +291,39 @@ def test_sensitivity_calibrated_against_measured_kl(hfiles, tmp_path):
                          (["-c", 100000], "too short for one chunk")):
         r = repq(*base, "-o", tmp_path / "bad.json", *extra)
         assert r.exit_code == 2 and match in r.stderr.replace("\n", " ") and not (tmp_path / "bad.json").exists()
+
+
+def test_estimated_proxy_costs(hfiles, tmp_path):
+    """--proxy estimate: the reference type (nearest --kl-bpw) and the sample tensor keep the exact
+    LDLQ costs, the others are estimates and say so; bytes as exact; the file records its mode and
+    allocates within the target; --kl-measure all with it is refused."""
+    base = ["sensitivity", hfiles / "m.gguf", "--hessian", hfiles / "h", "--allow-types", "Q4_0,Q5_0,Q8_0"]
+    for mode in ("ldlq", "estimate"):
+        r = repq(*base, "-o", tmp_path / f"{mode}.json", "--proxy", mode, "--json")
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["proxy"] == mode
+    exact, est = (json.loads((tmp_path / f"{m}.json").read_text()) for m in ("ldlq", "estimate"))
+    assert exact["config"]["proxy"] == "ldlq" and "estimate" not in exact["config"]
+    assert est["config"]["proxy"] == "estimate" and len(est["config"]["estimate"]["sample"]) == 1
+    sample = set(est["config"]["estimate"]["sample"])
+    n_est = 0
+    for n, e in est["tensors"].items():
+        for t, c in e["candidates"].items():
+            x = exact["tensors"][n]["candidates"][t]
+            assert c["bytes"] == x["bytes"]
+            if t == "Q4_0" or n in sample:                      # 4.5 bpw: nearest 4
+                assert c["method"] == x["method"] == "ldlq" and c["cost"] == pytest.approx(x["cost"], rel=1e-9)
+            else:
+                n_est += 1
+                assert c["method"] == "estimate" and 0 < c["cost"] < 2 * e["candidates"]["Q4_0"]["cost"]
+    assert n_est == 2 * (len(est["tensors"]) - 1)
+    out = tmp_path / "q.gguf"
+    r = repq("quantize", hfiles / "m.gguf", out, "--target-size", 900_000, "--hessian", hfiles / "h",
+             "--sensitivity", tmp_path / "estimate.json", "--tensor-type", "token_embd=q4_0", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["file_bytes"] == out.stat().st_size <= 900_000
+    for extra, match in ((["--proxy", "fast"], "--proxy 'fast'"),
+                         (["--proxy", "estimate", "--kl-data", hfiles / "text.txt", "--kl-measure", "all"],
+                          "--kl-measure all needs --proxy ldlq")):
+        r = repq(*base, "-o", tmp_path / "bad.json", *extra)
+        assert r.exit_code == 2 and match in r.stderr.replace("\n", " ") and not (tmp_path / "bad.json").exists()

@@ -1,0 +1,67 @@
+"""Profile `repq sensitivity` (issue 15, cost): seconds and calls per phase — quantize_tensor per
+type, proxy_cost, KLProbe.kl, the probe's setup — as JSON on stderr and in $PROF_OUT.  ONLY=REGEX
+limits the tensors (a sample to extrapolate from).  Used for benchmarks/results/alloc_cost_cpu.json:
+
+    ONLY='^blk\\.0\\.|^blk\\.29\\.attn_q' PROF_OUT=p.json \\
+        python benchmarks/profile_sensitivity.py sensitivity MODEL --hessian DIR -o s.json ...
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import sys
+import time
+
+import repq.alloc.calibrate as cal
+import repq.alloc.sensitivity as sm
+import repq.commands.sensitivity as cs
+import repq.quant.pipeline as pl
+import repq.quant.tensor as qt
+from repq.cli import app
+from repq.ggml.types import type_name
+
+SECONDS: dict[str, float] = collections.defaultdict(float)
+CALLS: collections.Counter = collections.Counter()
+
+
+def wrap(obj, name, key=None):
+    f = getattr(obj, name)
+
+    def timed(*a, **k):
+        t = time.perf_counter()
+        try:
+            return f(*a, **k)
+        finally:
+            kk = key(a, k) if key else name
+            SECONDS[kk] += time.perf_counter() - t
+            CALLS[kk] += 1
+
+    setattr(obj, name, timed)
+
+
+def main() -> None:
+    wrap(qt, "quantize_tensor", lambda a, k: "quant:" + type_name(a[0].dst_type))
+    wrap(sm, "proxy_cost")
+    wrap(cal.KLProbe, "kl")
+    wrap(cal.KLProbe, "__init__", lambda a, k: "probe_init")
+    wrap(cs, "kl_probe")
+    only = os.environ.get("ONLY")
+    if only:
+        plan = pl.plan_model
+        pl.plan_model = lambda *a, **k: [p for p in plan(*a, **k) if re.search(only, p.name)]
+    t0 = time.perf_counter()
+    try:
+        app(sys.argv[1:], standalone_mode=False)
+    finally:
+        out = {"total_s": time.perf_counter() - t0,
+               "phases": {k: [round(v, 2), CALLS[k]] for k, v in sorted(SECONDS.items())}}
+        print(json.dumps(out, indent=1), file=sys.stderr)
+        with open(os.environ.get("PROF_OUT", "profile_sensitivity.json"), "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
