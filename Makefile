@@ -62,7 +62,7 @@ DEMO := $(REPQ_CACHE)/demo
 # answers to repq calib's prompts, half library text: the set that held up best on held-out
 # domains), Hessians from it, repq LDLQ at IQ3_S against llama.cpp's best files of the same bytes
 # (IQ3_S and Q3_K_S with an imatrix from the same data), and a report of all three on the tutorial
-# and on the held-out sysadmin text (about 15 minutes on 2 busy cores once the model and data are
+# and on the held-out sysadmin text (about 20 minutes on 2 busy cores once the model and data are
 # cached).
 demo: demo-inputs
 	$(VENV)/bin/repq quantize $(REF_F32) $(DEMO)/llama-imatrix-q3_k_s.gguf --fmt Q3_K_S --imatrix $(DEMO)/imatrix.gguf -q
