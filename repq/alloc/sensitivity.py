@@ -242,10 +242,7 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
     if (hessian_dir is None) == (imatrix_path is None):
         raise UsageError("pass exactly one of --hessian DIR and --imatrix FILE")
     types = list(types)
-    if proxy not in ("ldlq", "estimate"):
-        raise UsageError(f"--proxy {proxy!r}: use ldlq or estimate")
-    if proxy == "estimate" and probe is not None and measure == "all":
-        raise UsageError("--proxy estimate measures KL at one type per tensor; --kl-measure all needs --proxy ldlq")
+    check_proxy(proxy, measure, probe is not None)
     estimating = proxy == "estimate" and hessian_dir is not None
     with GGUFModel(src) as g:
         fp = model_fingerprint(g)
@@ -324,6 +321,18 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
         if probe is not None:
             calibrate.apply_scales(sens.tensors)
     return sens
+
+
+def check_proxy(proxy: str, measure: str, kl: bool) -> None:
+    """``--proxy`` and ``--kl-measure`` together.
+
+    Raises:
+        UsageError: an unknown proxy, or ``estimate`` with every candidate's KL measured.
+    """
+    if proxy not in ("ldlq", "estimate"):
+        raise UsageError(f"--proxy {proxy!r}: use ldlq or estimate")
+    if proxy == "estimate" and kl and measure == "all":
+        raise UsageError("--proxy estimate measures KL at one type per tensor; --kl-measure all needs --proxy ldlq")
 
 
 def _cost32(w: np.ndarray, values: np.ndarray, h32: np.ndarray) -> float:

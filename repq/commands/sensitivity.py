@@ -61,10 +61,7 @@ def sensitivity(
         check_device(device)
         if kl_measure not in ("probe", "all"):
             raise UsageError(f"--kl-measure {kl_measure!r}: use probe or all")
-        if proxy not in ("ldlq", "estimate"):
-            raise UsageError(f"--proxy {proxy!r}: use ldlq or estimate")
-        if proxy == "estimate" and kl_data is not None and kl_measure == "all":
-            raise UsageError("--proxy estimate measures KL at one type per tensor; --kl-measure all needs --proxy ldlq")
+        sens_mod.check_proxy(proxy, kl_measure, kl_data is not None)   # before the probe loads the model
         if kl_chunks < 1:
             raise UsageError(f"--kl-chunks {kl_chunks}: must be at least 1")
         t0 = time.perf_counter()
