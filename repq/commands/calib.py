@@ -214,12 +214,14 @@ def hessian(
             raise UsageError("--stream collects every block; drop --layers")
         if (dev.startswith("cuda") or gpu_memory) and not ignore_plan:   # before the model is loaded
             from ..model.loader import load_config
+            from ..model.shapes import check_shape
             from .planning import gpu_memory as budget_of
             from .planning import refuse_if_too_big
 
             budget, where = budget_of(gpu_memory)
-            refuse_if_too_big(out, "hessian", str(model), memory_plan(load_config(model)[0], world, dev.startswith("cuda"),
-                                                                      chunks), budget, where)
+            mcfg = check_shape(load_config(model)[0], str(model))
+            refuse_if_too_big(out, "hessian", str(model), memory_plan(mcfg, world, dev.startswith("cuda"), chunks),
+                              budget, where)
         lm, cal = _load(model, data, vocab, dev, dt, ctx, chunks, out, stream=stream)
         if cfg.layers and max(cfg.layers) >= lm.config.n_layer:
             raise UsageError(f"--layers {layers}: the model has blocks 0-{lm.config.n_layer - 1}")

@@ -177,10 +177,12 @@ def distill(
         dev, _ = runtime.configure_torch(device, "auto", threads)
         rank, world, dev = runtime.init_distributed(dev, always=shard, cpu_collectives=offload_optimizer)
         if (dev.startswith("cuda") or gpu_memory) and not ignore_plan:   # before any model is loaded
+            from ..model.shapes import check_shape
             from .planning import gpu_memory as budget_of
             from .planning import refuse_if_too_big
 
             budget, where = budget_of(gpu_memory)
+            check_shape(mcfg, str(model))
             refuse_if_too_big(out, "distill", str(model), memory_plan(world, dev.startswith("cuda")), budget, where)
         ckdir = checkpoint_dir or Path(str(out_path) + ".distill")
         total = cfg.total_steps()

@@ -43,15 +43,17 @@ def nproc(n: int) -> int:
 
 def plan_model(model: Path | None, plan_config: str | None):
     """The ModelConfig a plan is for: --plan-config, else MODEL's GGUF or HF config (no weights read)."""
+    from ..model.shapes import check_shape
+
     if plan_config:
         from ..model.shapes import shape_config
 
-        return shape_config(plan_config), plan_config
+        return check_shape(shape_config(plan_config), plan_config), plan_config
     if model is None:
         raise UsageError("--plan needs MODEL or --plan-config SHAPE")
     from ..model.loader import load_config
 
-    return load_config(model)[0], str(model)
+    return check_shape(load_config(model)[0], str(model)), str(model)
 
 
 def _rows(phases, budget: int) -> list[list[str]]:

@@ -31,8 +31,26 @@ SHAPES: dict[str, dict] = {
                        attn_bias=True, rope_base=1000000.0),
 }
 
+LIMITS = {"n_layer": 2048, "n_embd": 1 << 18, "n_ff": 1 << 20, "n_head": 4096, "n_head_kv": 4096,
+          "n_vocab": 1 << 24}
+"""Bounds on a planned model's shape (far above any published model): a plan loops over the blocks,
+so a shape that comes from a file must not ask for a billion of them."""
+
 _SPEC_KEYS = {"arch", "n_layer", "n_embd", "n_ff", "n_head", "n_head_kv", "n_vocab", "vocab", "head_dim", "tied",
               "attn_bias", "qk_norm"}
+
+
+def check_shape(cfg: ModelConfig, source: str) -> ModelConfig:
+    """``cfg`` if every dimension is within :data:`LIMITS`.
+
+    Raises:
+        InputFileError: a dimension beyond its bound (``source`` names the file).
+    """
+    for k, bound in LIMITS.items():
+        v = getattr(cfg, k)
+        if v > bound:
+            raise InputFileError(f"{source}: {k} = {v:,} is beyond any model repq plans for (at most {bound:,})")
+    return cfg
 
 
 def shape_config(spec: str, **override) -> ModelConfig:

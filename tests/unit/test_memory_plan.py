@@ -108,3 +108,18 @@ def test_hessian_plan_cli_whole_and_streamed():
     assert two["phases"][0]["resident"]["hidden states"] == blk["resident"]["hidden states"] // 2
     r = runner.invoke(app, ["hessian", "--plan", "--plan-config", "llama3-70b", "--stream"])
     assert r.exit_code == 0 and "blk.0-79" in r.output
+
+
+@pytest.mark.parametrize("doc", [
+    {"n_embd": 64, "n_ff": 128, "n_layer": 10**9, "n_head": 2, "vocab": 100},
+    {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+     "num_hidden_layers": 10**8, "num_attention_heads": 2, "vocab_size": 100},
+    {"n_embd": 64, "n_ff": 128, "n_layer": 2, "n_head": 2, "vocab": 2**40},
+])
+@pytest.mark.parametrize("command", ["distill", "hessian"])
+def test_a_shape_file_beyond_any_model_is_refused_before_planning(tmp_path, doc, command):
+    """A few bytes of JSON must not make the plan loop over a billion blocks."""
+    p = tmp_path / "shape.json"
+    p.write_text(json.dumps(doc))
+    r = runner.invoke(app, [command, "--plan", "--plan-config", str(p)])
+    assert r.exit_code == 2 and "shape.json" in r.output and "beyond any model" in r.output, r.output
