@@ -33,7 +33,8 @@ from repq.eval.report_tasks import plot_tasks, read_eval
 LEVELS = (1, 2, 3)
 LIMIT = 500
 LABELS = {"smollm2-135m-f32": "F32 base", "llama-Q3_K_S": "llama.cpp imatrix Q3_K_S",
-          "llama-Q4_0": "llama.cpp imatrix Q4_0", "ldlq-Q3_K_S": "repq LDLQ Q3_K_S", "ldlq-Q4_0": "repq LDLQ Q4_0",
+          "llama-Q4_0": "llama.cpp imatrix Q4_0", "llama-IQ3_S": "llama.cpp imatrix IQ3_S (best ≤ Q3_K_S size)",
+          "llama-IQ4_NL": "llama.cpp imatrix IQ4_NL (best ≤ Q4_0 size)", "ldlq-Q3_K_S": "repq LDLQ Q3_K_S", "ldlq-Q4_0": "repq LDLQ Q4_0",
           "distill-Q3_K_S": "repq distill Q3_K_S", "distill-Q4_0": "repq distill Q4_0",
           "distill-alloc-Q3_K_S": "repq distill, allocated at the Q3_K_S size"}
 ORDER = list(LABELS)[1:]
@@ -91,8 +92,9 @@ def main(d: Path) -> None:
             outcomes[name] = have
         else:
             missing[name] = sum(o is not None for o in have)
+    kl = kld_lines(d)
     for name in LABELS:
-        if name not in by_name:
+        if name not in by_name and name in kl:   # a file of the run with no answers
             missing[name] = 0
     base = outcomes.pop("smollm2-135m-f32")
     names = [n for n in ORDER if n in outcomes]
@@ -118,7 +120,6 @@ def main(d: Path) -> None:
         (LABELS[Path(m.model).name.removesuffix(".gguf")], m.summary()) for m in ev.models]
     plot_tasks(rows, d / "eval.png", title="SmolLM2-135M-Instruct: built-in tasks by level "
                                            f"({LIMIT} problems per task and level, greedy, one H200)")
-    kl = kld_lines(d)
     L = [f"`bash benchmarks/gpu/eval_study.sh prep distill kld evaluate` on one NVIDIA H200, then "
          f"`python benchmarks/eval_study_report.py`: `repq eval --task builtin --levels 1-3 --limit {LIMIT} "
          "--base F32 --ngl 99` (greedy, 128-token budget, the model's chat template); "

@@ -4,7 +4,8 @@
 # issue 16 on the reference model.
 #   prep     llama.cpp's imatrix and repq's Hessians on the same 100 x 512 tokens of DATA (the
 #            repq calib mixture + library text), llama-quantize --imatrix and repq LDLQ at Q3_K_S
-#            and Q4_0, the F32 base's logits for the KLD on three domains, and a 3-problem
+#            and Q4_0 (and BEST_OF_SIZE: llama.cpp's IQ3_S and IQ4_NL, its best files of those sizes),
+#            the F32 base's logits for the KLD on three domains, and a 3-problem
 #            `repq eval --ngl 99` smoke test.
 #   distill  three `repq distill --device cuda` runs side by side on the GPU, STEPS steps per group
 #            on the library text's token chunks: Q4_0, Q3_K_S (llama.cpp's fixed mix) and
@@ -27,6 +28,7 @@ F=/tmp/rc/models/smollm2-135m-f32.gguf W=/tmp/wd/study B=native/build/bin
 DATA=${DATA:-.carry/d/mixlib-52k.jsonl}
 STEPS=${STEPS:-300} LIMIT=${LIMIT:-500} LEVELS=${LEVELS:-1-5} DISTILL_TIMEOUT=${DISTILL_TIMEOUT:-540}
 SENS=benchmarks/results/alloc_frontier_h200/sens.json
+BEST_OF_SIZE=${BEST_OF_SIZE-IQ3_S IQ4_NL}   # llama.cpp files beside Q3_K_S / Q4_0 in the study (empty: none)
 R=$W/results.txt
 mkdir -p $W; T=.carry/b
 [ -f $W/started ] || { date > $W/started; sha256sum $DATA .carry/b/library-512.npy $SENS $T/*.txt >> $R; }
@@ -52,6 +54,10 @@ prep() {
       > $W/llama-$ft.log 2>&1 || echo "llama-quantize $ft failed" >> $R
     [ -f $W/ldlq-$ft.gguf ] || python3 -m repq quantize $F $W/ldlq-$ft.gguf --fmt $ft --hessian $W/hess \
       --device cuda -t 8 -q > $W/ldlq-$ft.log 2>&1 || echo "ldlq $ft failed: $(tail -2 $W/ldlq-$ft.log)" >> $R
+  done
+  for ft in $BEST_OF_SIZE; do   # llama.cpp's best files of the Q3_K_S and Q4_0 sizes on this model
+    [ -f $W/llama-$ft.gguf ] || $B/llama-quantize --imatrix $W/imatrix.gguf $F $W/llama-$ft.gguf $ft 8 \
+      > $W/llama-$ft.log 2>&1 || echo "llama-quantize $ft failed" >> $R
   done
   python3 -m repq eval $F --task builtin --levels 1 --limit 3 --ngl 99 --parallel 8 --json > $W/smoke.json \
     2> $W/smoke.log && echo "eval smoke ok" >> $R || { echo "eval smoke FAILED" >> $R; tail -20 $W/smoke.log; }
@@ -107,7 +113,8 @@ kld_all() {
 }
 
 evaluate() {
-  files=$(ls $W/llama-Q3_K_S.gguf $W/llama-Q4_0.gguf $W/ldlq-Q3_K_S.gguf $W/ldlq-Q4_0.gguf 2>/dev/null)
+  files=$(ls $W/llama-Q3_K_S.gguf $W/llama-Q4_0.gguf $W/ldlq-Q3_K_S.gguf $W/ldlq-Q4_0.gguf \
+    $(for ft in $BEST_OF_SIZE; do echo $W/llama-$ft.gguf; done) 2>/dev/null)
   for t in distill-Q3_K_S distill-Q4_0 distill-alloc-Q3_K_S; do
     grep -q "distill exit 0" $W/$t.status 2>/dev/null && files="$files $W/$t.gguf"
   done
