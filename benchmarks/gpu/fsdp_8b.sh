@@ -1,25 +1,37 @@
 #!/usr/bin/env bash
-# GPU lease on nvidia-h200-x2 (carry .carry/g: llama.tgz + wheels, from make_carry.sh), written, not yet run:
+# GPU lease on nvidia-h200-x2 (carry .carry/g: llama.tgz + wheels, from make_carry.sh):
 # `repq distill` of a random Llama-3-8B-shaped model (n_embd 4096, n_ff 14336, 32 blocks, GQA 32/8, vocab
 # 128256; BF16 GGUF made here by support.models.save_random_gguf, no download), seq 2048, a few steps per group:
 #   setup    native CPU build + wheels (once per machine)
 #   gen      the model (16 GB, drawn on the GPU) and 64 random sequences of 2048 tokens
 #   plan     `repq distill --plan --json` for both runs below
-#   shard2   torchrun --nproc-per-node 2 ... --shard (FSDP2 over NCCL), batch 2, ffn_up + ffn_gate
-#   offload1 one GPU, --offload-optimizer (FSDP2 CPUOffloadPolicy, group of one), batch 1, ffn_up + ffn_gate
+#   shard2   torchrun --nproc-per-node 2 ... --shard (FSDP2 over NCCL), batch 2 (1 per GPU), every group
+#   shard1   one GPU, FSDP2 as a group of one, batch 1, ffn_up + ffn_gate: the baseline of the 1 → 2 scaling
+#   offload1 one GPU, --offload-optimizer (FSDP2 CPUOffloadPolicy, group of one), batch 1, every group
 #   report   per group: measured peak (torch.cuda.max_memory_allocated, rank 0) beside the plan's, peak
 #            nvidia-smi memory.used, host peak RSS, tokens/s, MFU = (2N teacher + 6N student) × tokens/s
 #            / (GPUs × 989e12); results.md + everything in $OUT/fsdp_8b.tgz
-# Each phase stays under 540 s per call: a run cut by its `timeout` leaves a checkpoint (every 3 minutes
+# Each phase stays under 540 s per call: a run cut by its `timeout` leaves a checkpoint (every 10 minutes
 # and after each group) and the next call resumes it; finished phases are skipped (work in /tmp/wd/fsdp8b).
 #   bash benchmarks/gpu/fsdp_8b.sh [PHASE ...]      (one or two phases per call)
 set -uo pipefail
-W=/tmp/wd/fsdp8b; mkdir -p $W
+# DEADLINE (epoch seconds, optional): no command runs past it (the device call's own limit), so that the
+# results are packed before the call ends
+budget() { local t=520; [ -n "${DEADLINE:-}" ] && t=$(( DEADLINE - $(date +%s) < t ? DEADLINE - $(date +%s) : t )); echo $(( t > 10 ? t : 10 )); }
+# SHAPE_KW / DEV / W: a dry run of the whole script on CPU with a small shape, e.g.
+#   SHAPE_KW="n_layer=2, n_embd=256, n_ff=512, n_head=4, n_head_kv=2" DEV=cpu W=/tmp/fsdp-dry OUT=/tmp/fsdp-dry/out \
+#   bash benchmarks/gpu/fsdp_8b.sh gen plan shard2 offload1 report
+W=${W:-/tmp/wd/fsdp8b}; mkdir -p $W; export W
+SHAPE_KW=${SHAPE_KW:-}; DEV=${DEV:-cuda}; export SHAPE_KW
 export PYTHONPATH=/tmp/site:$PWD:$PWD/tests LLAMA_CPP_LIB_PATH=$PWD/native/build/bin PYTHONUNBUFFERED=1 REPQ_CACHE=/tmp/rc
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_NUM_THREADS=8
-STEPS=${STEPS:-4} GROUPS_=${GROUPS_:-ffn_up,ffn_gate} SEQ=2048
-COMMON="--fmt Q4_0 --data $W/d.npy --seq-len $SEQ --hessian-chunks 8 --steps-per-group $STEPS --groups $GROUPS_"
-COMMON="$COMMON --device cuda --checkpoint-minutes 3 --json"
+# STEPS: steps per group of the sharded run (12: the tokens/s of steps 11-12 leave the first steps' warm-up
+# out); OFFLOAD_STEPS: of the offloaded run (its optimizer steps on the host take seconds each); GROUPS_:
+# empty = every group of the default order
+STEPS=${STEPS:-12} OFFLOAD_STEPS=${OFFLOAD_STEPS:-3} GROUPS_=${GROUPS_:-} SEQ=${SEQ:-2048}
+GARG=${GROUPS_:+--groups $GROUPS_}
+COMMON="--fmt Q4_0 --data $W/d.npy --seq-len $SEQ --hessian-chunks 8 $GARG"
+COMMON="$COMMON --device $DEV --checkpoint-minutes 10 --json"
 
 setup() {
   [ -f /tmp/site/.done ] && [ -f native/build/bin/libggml-base.so ] && return 0
@@ -36,18 +48,20 @@ from repq.model.shapes import shape_config
 from support.models import save_random_gguf
 from support.vocab import padded_vocab_kv
 t = time.time()
-cfg = shape_config("llama3-8b")
-save_random_gguf(cfg, "$W/m.gguf", device="cuda", kv=padded_vocab_kv(cfg.n_vocab))
+cfg = shape_config("llama3-8b", $SHAPE_KW)
+save_random_gguf(cfg, "$W/m.gguf", device="$DEV", kv=padded_vocab_kv(cfg.n_vocab))
 np.save("$W/d.npy", np.random.default_rng(0).integers(0, cfg.n_vocab, size=(64, $SEQ)).astype(np.int32))
 print(f"model + data in {time.time() - t:.0f} s")
 PY
 }
 
 plan() {
-  python3 -m repq distill $W/m.gguf $W/x.gguf --plan --seq-len $SEQ --batch 2 --nproc 2 --shard --groups $GROUPS_ \
+  python3 -m repq distill $W/m.gguf $W/x.gguf --plan --seq-len $SEQ --hessian-chunks 8 --batch 2 --nproc 2 --shard $GARG \
     --json > $W/plan_shard2.json
-  python3 -m repq distill $W/m.gguf $W/x.gguf --plan --seq-len $SEQ --batch 1 --offload-optimizer --groups $GROUPS_ \
+  python3 -m repq distill $W/m.gguf $W/x.gguf --plan --seq-len $SEQ --hessian-chunks 8 --batch 1 --offload-optimizer $GARG \
     --json > $W/plan_offload1.json
+  python3 -m repq distill $W/m.gguf $W/x.gguf --plan --seq-len $SEQ --hessian-chunks 8 --batch 1 --nproc 1 --shard \
+    --groups ffn_up,ffn_gate --json > $W/plan_shard1.json
   tail -c 300 $W/plan_*.json
 }
 
@@ -64,45 +78,66 @@ distill_run() {   # tag nproc batch extra...: resumes a cut run; the result JSON
   local smi=$!
   local t0=$(date +%s)
   if [ $np = 1 ]; then
-    CUDA_VISIBLE_DEVICES=0 timeout 520 bash -c "$(declare -f rss); rss python3 -m repq distill $W/m.gguf $W/$tag.gguf \
+    CUDA_VISIBLE_DEVICES=0 timeout -s INT $(budget) bash -c "$(declare -f rss); rss python3 -m repq distill $W/m.gguf $W/$tag.gguf \
       $COMMON --batch $b $resume $*" > $W/$tag.out 2>> $W/$tag.err
   else
-    timeout 520 bash -c "$(declare -f rss); rss torchrun --nproc-per-node $np --master-port $((29600 + RANDOM % 100)) \
+    timeout -s INT $(budget) bash -c "$(declare -f rss); rss torchrun --nproc-per-node $np --master-port $((29600 + RANDOM % 100)) \
       -m repq distill $W/m.gguf $W/$tag.gguf $COMMON --batch $b $resume $*" > $W/$tag.out 2>> $W/$tag.err
   fi
   local rc=$?
   kill $smi 2>/dev/null
   echo "$tag call rc=$rc $(( $(date +%s) - t0 )) s $resume" >> $W/calls.txt
-  [ $rc = 0 ] && tail -1 $W/$tag.out > $W/$tag.json
+  # done: its result line; the checkpoints (32 GB each) and the file go, the disk holds one run's
+  [ $rc = 0 ] && tail -1 $W/$tag.out > $W/$tag.json && rm -rf $W/$tag.gguf $W/$tag.gguf.distill/dcp-* $W/$tag.gguf.distill/state.pt
   grep -E "^memory:|peak_rss|Error|error" $W/$tag.err | tail -8
 }
 
-shard2() { distill_run shard2 2 2 --shard; }
-offload1() { distill_run offload1 1 1 --offload-optimizer; }
+shard2() { distill_run shard2 2 2 --shard --steps-per-group $STEPS; }
+offload1() { distill_run offload1 1 1 --offload-optimizer --steps-per-group $OFFLOAD_STEPS; }
+# the one-GPU baseline of the scaling (per-GPU batch 1, as shard2): FSDP2 as a group of one; the first two
+# groups only (the largest trainable sets; 121.5 GiB planned)
+shard1() { distill_run shard1 1 1 --shard --steps-per-group $STEPS --groups ffn_up,ffn_gate; }
+clean() { rm -f $W/m.gguf $W/d.npy; }
 
 report() {
-  python3 - <<'PY' | tee /tmp/wd/fsdp8b/results.md
-import json, math, re
+  python3 - <<'PY' | tee $W/results.md
+import json, math, os, re
 from pathlib import Path
 from repq.model.shapes import shape_config
-W = Path("/tmp/wd/fsdp8b")
-N = sum(math.prod(s) for s in shape_config("llama3-8b").tensor_shapes().values())
+W = Path(os.environ["W"])
+N = sum(math.prod(s) for s in eval(f"shape_config('llama3-8b', {os.environ['SHAPE_KW']})").tensor_shapes().values())
 print(f"Random Llama-3-8B shape (N = {N:,} parameters), seq 2048; peak = torch.cuda.max_memory_allocated on rank 0.\n")
 print("| run | group | phase | measured GiB | plan GiB | nvidia-smi max GiB | tokens/s | MFU |")
 print("|---|---|---|---:|---:|---:|---:|---:|")
-for tag, gpus in (("shard2", 2), ("offload1", 1)):
+for tag, gpus in (("shard2", 2), ("shard1", 1), ("offload1", 1)):
     plan = json.loads((W / f"plan_{tag}.json").read_text()) if (W / f"plan_{tag}.json").exists() else {"phases": []}
     pred = {(p["group"], p["phase"]): p["peak_bytes"] for p in plan["phases"]}
     err = (W / f"{tag}.err").read_text() if (W / f"{tag}.err").exists() else ""
     mem = re.findall(r"^memory: (\S+) (\S+) peak ([0-9.]+) GiB", err, re.M)
-    tok = {}
+    # tok_s in metrics.jsonl is the mean from the group's first step to the logged one (logged every 10
+    # steps and at the end): tokens/s of the steps after the first log leave the warm-up out
+    logs = {}
     mpath = W / f"{tag}.gguf.distill" / "metrics.jsonl"
     for line in (mpath.read_text().splitlines() if mpath.exists() else []):
         m = json.loads(line)
-        tok[m["group"]] = m["tok_s"]
+        logs.setdefault(m["group"], {})[m["step"]] = m["tok_s"]
+    tok = {}
+    for g, by in logs.items():
+        steps = sorted(by)
+        st = plan.get("settings", {})
+        tps = st.get("batch", 1) * st.get("seq_len", 2048)
+        marks = sorted({s for s in steps if s % 10 == 0} | {steps[-1]})
+        if len(marks) >= 2:
+            a, b = marks[-2], marks[-1]
+            tok[g] = round((b - a) * tps / (b * tps / by[b] - a * tps / by[a]))
+        else:
+            tok[g] = round(by[steps[-1]])
     smi = [l.split(",") for l in (W / f"{tag}.smi.csv").read_text().splitlines()] if (W / f"{tag}.smi.csv").exists() else []
-    smi_max = max((float(u) for _, u in smi), default=float("nan")) / 1024
-    for g, ph, gib in mem:
+    own = {"0", "1"} if gpus == 2 else {"0"}   # offload1 runs on GPU 0 (another job may use GPU 1)
+    smi_max = max((float(u) for i, u in smi if i.strip() in own), default=float("nan")) / 1024
+    measured = {(g, ph): gib for g, ph, gib in mem}
+    for g, ph in (pred or measured):
+        gib = measured.get((g, ph), "nan")
         t = tok.get(g) if ph == "train" else None
         mfu = f"{8 * N * t / (gpus * 989e12):.3f}" if t else ""
         print(f"| {tag} | {g} | {ph} | {float(gib):.2f} | {pred.get((g, ph), 0) / 2**30:.2f} | {smi_max:.1f} | "
@@ -114,7 +149,7 @@ for tag, gpus in (("shard2", 2), ("offload1", 1)):
 PY
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 PHASE... (setup gen plan shard2 offload1 report; one or two per call: 540 s)"; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 PHASE... (setup gen plan shard2 shard1 offload1 report clean; one or two per call: 540 s)"; exit 2; }
 phases=$*
 for p in $phases; do
   echo "== $p $(date +%T)"; $p

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# GPU lease on nvidia-h200 (one GPU; carry .carry/g: llama.tgz + wheels), written, not yet run:
+# GPU lease on nvidia-h200 (one GPU; carry .carry/g: llama.tgz + wheels):
 # block streaming on random Llama-3-70B-shaped models (n_embd 8192, n_ff 28672, GQA 64/8, vocab 128256;
 # BF16 GGUFs made here by support.models.save_random_gguf with a byte vocabulary padded to 128256) of 2, 4
 # and 8 blocks:
-#   repq hessian --stream --device cuda (--acc-device cpu, float32 shards)  and
-#   repq quantize --method ldlq --sequential --device cuda (Q4_0),
+#   repq hessian --stream --device $DEV (--acc-device cpu, float32 shards)  and
+#   repq quantize --method ldlq --sequential --device $DEV (Q4_0),
 # each with its peak GPU memory (nvidia-smi memory.used, sampled every 200 ms), host peak RSS, seconds and
 # seconds per block, and `repq hessian --plan --stream` beside the Hessian run.
 #   setup   native CPU build + wheels (once per machine)
@@ -15,7 +15,14 @@
 # every block and resumes on the next call; finished steps are skipped (work in /tmp/wd/stream70b).
 #   bash benchmarks/gpu/stream_70b.sh [PHASE ...]   (one or two phases per call)
 set -uo pipefail
-W=/tmp/wd/stream70b; mkdir -p $W
+# DEADLINE (epoch seconds, optional): no command runs past it (the device call's own limit), so that the
+# results are packed before the call ends
+budget() { local t=500; [ -n "${DEADLINE:-}" ] && t=$(( DEADLINE - $(date +%s) < t ? DEADLINE - $(date +%s) : t )); echo $(( t > 10 ? t : 10 )); }
+# SHAPE_KW / DEV / W: a dry run on CPU with a small shape, e.g.
+#   SHAPE_KW="n_embd=256, n_ff=512, n_head=4, n_head_kv=2" DEV=cpu W=/tmp/stream-dry OUT=/tmp/stream-dry/out \
+#   bash benchmarks/gpu/stream_70b.sh L2 report
+W=${W:-/tmp/wd/stream70b}; mkdir -p $W; export W
+SHAPE_KW=${SHAPE_KW:-}; DEV=${DEV:-cuda}   # SMI_GPU: the nvidia-smi index of the GPU it runs on
 export PYTHONPATH=/tmp/site:$PWD:$PWD/tests LLAMA_CPP_LIB_PATH=$PWD/native/build/bin PYTHONUNBUFFERED=1 REPQ_CACHE=/tmp/rc
 CHUNKS=${CHUNKS:-32} CTX=512 R=$W/results.txt
 
@@ -28,9 +35,9 @@ setup() {
 
 measure() {   # tag command...: seconds, peak GPU memory (MiB), peak RSS (KiB) appended to $R
   local tag=$1; shift
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > $W/$tag.smi &
+  nvidia-smi -i ${SMI_GPU:-0} --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > $W/$tag.smi &
   local smi=$! t0=$(date +%s.%N)
-  timeout 500 python3 -c "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); \
+  timeout -s INT $(budget) python3 -c "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); \
 print('peak_rss_kib', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(r.returncode)" \
     "$@" > $W/$tag.out 2> $W/$tag.err
   local rc=$?
@@ -50,24 +57,24 @@ size() {   # L: one model size, start to end
 from repq.model.shapes import shape_config
 from support.models import save_random_gguf
 from support.vocab import padded_vocab_kv
-cfg = shape_config("llama3-70b", n_layer=$L)
-save_random_gguf(cfg, "$M", device="cuda", kv=padded_vocab_kv(cfg.n_vocab))
+cfg = shape_config("llama3-70b", n_layer=$L, $SHAPE_KW)
+save_random_gguf(cfg, "$M", device="$DEV", kv=padded_vocab_kv(cfg.n_vocab))
 PY
     python3 -c "
 import random; random.seed(0); w = 'the of and to in is was for on that with as by at from his her it an were are which'.split()
 open('$W/text.txt', 'w').write(' '.join(random.choice(w) for _ in range(400000)))"
   fi
   [ -f $W/plan-L$L.json ] || python3 -m repq hessian $M --plan --stream --chunks $CHUNKS -c $CTX --acc-device cpu \
-    --device cuda --json > $W/plan-L$L.json
+    --device $DEV --json > $W/plan-L$L.json
   if ! grep -q "^hessian-L$L rc=0" $R 2>/dev/null; then
     local resume=""; [ -d $W/hess-L$L/checkpoint ] && resume=--resume
     measure hessian-L$L python3 -m repq hessian $M --data $W/text.txt --chunks $CHUNKS -c $CTX -o $W/hess-L$L \
-      --device cuda --stream --acc-device cpu --store-dtype float32 --checkpoint-every 1 --json $resume || return 1
+      --device $DEV --stream --acc-device cpu --store-dtype float32 --checkpoint-every 1 --json $resume || return 1
     du -sh $W/hess-L$L | tee -a $R
     rm -rf $W/hess-L$L
   fi
   measure quantize-L$L python3 -m repq quantize $M $W/q-L$L.gguf --fmt Q4_0 --method ldlq --sequential \
-    --data $W/text.txt --chunks $CHUNKS -c $CTX --device cuda --json || return 1
+    --data $W/text.txt --chunks $CHUNKS -c $CTX --device $DEV --json || return 1
   rm -f $M $W/q-L$L.gguf
 }
 L2() { size 2; }
@@ -75,10 +82,10 @@ L4() { size 4; }
 L8() { size 8; }
 
 report() {
-  python3 - <<'PY' | tee /tmp/wd/stream70b/results.md
-import json, re
+  python3 - <<'PY' | tee $W/results.md
+import json, os, re
 from pathlib import Path
-W = Path("/tmp/wd/stream70b")
+W = Path(os.environ["W"])
 rows = {}
 for line in (W / "results.txt").read_text().splitlines():
     m = re.match(r"(hessian|quantize)-L(\d+) rc=(\d+) seconds=(\S+) gpu_peak_mib=(\S*) host_peak_rss_kib=(\S*)", line)

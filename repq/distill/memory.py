@@ -13,7 +13,8 @@ CUDA, 4: fp32 on CPU)::
     moments        8 P_t (AdamW exp_avg, exp_avg_sq; --shard: 8 P_t / N)
     gradients      4 P_t (--shard: 4 P_t / N; without --shard and N > 1 the all-reduce's flat
                    copies double them while they are averaged)
-    optimizer temp 4 P_t: foreach AdamW's sqrt(exp_avg_sq) (--shard: / N)
+    optimizer temp 4 P_t: foreach AdamW's sqrt(exp_avg_sq) (--shard: AdamW one tensor at a time, two
+                   temporaries of the largest trainable shard)
     activations    saved for backward (no activation checkpointing), per token and block, CPU:
                    24 d + 20 q + 16 f + 4 n_head bytes (fewer where a frozen weight needs no input);
                    CUDA: 26 d + 10 q + 8 f + 4 n_head (the residual and norms fp32, the rest bf16)
@@ -165,7 +166,8 @@ def distill_plan(cfg: ModelConfig, groups: tuple[Group, ...], *, batch: int, seq
             fwd["KL ∂W_head"] = 4 * V * d
         if cuda and not shard:
             fwd["bf16 weight copies"] = 2 * blk_linear + 2 * V * d + n * d * 2
-        step = {"gradients": 4 * pt, "optimizer temp": 4 * pt}
+        largest = max((_shard(shapes[k], world) if shard else numel(shapes[k]) for k in trainable), default=0)
+        step = {"gradients": 4 * pt, "optimizer temp": 2 * 4 * largest if shard else 4 * pt}
         if world > 1 and not shard:
             step["all-reduce copies"] = 4 * pt
         if shard:
