@@ -91,17 +91,29 @@ for line in (W / "results.txt").read_text().splitlines():
     m = re.match(r"(hessian|quantize)-L(\d+) rc=(\d+) seconds=(\S+) gpu_peak_mib=(\S*) host_peak_rss_kib=(\S*)", line)
     if m:
         rows[(m[1], int(m[2]))] = m
-print("Random Llama-3-70B-shaped blocks, one H200; GPU peak = nvidia-smi memory.used (context included).\n")
-print("| command | blocks | rc | seconds | s/block | GPU peak GiB | plan GiB | host peak RSS GiB |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|")
+print("Random Llama-3-70B-shaped blocks, one H200. allocated = the command's gpu_peak_bytes (torch's allocator);")
+print("nvidia-smi = memory.used sampled every 200 ms (the allocator's cache and the context included).\n")
+print("| command | blocks | rc | seconds | s per added block | allocated GiB | nvidia-smi GiB | plan GiB | host peak RSS GiB |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+prev = {}
 for (cmd, L), m in sorted(rows.items()):
     plan = ""
     p = W / f"plan-L{L}.json"
     if cmd == "hessian" and p.exists():
         plan = f"{json.loads(p.read_text())['peak_bytes'] / 2**30:.2f}"
+    alloc = ""
+    out = W / f"{cmd}-L{L}.out"
+    lines = out.read_text().strip().splitlines() if out.exists() else []
+    if lines and lines[-1].startswith("{") and "gpu_peak_bytes" in json.loads(lines[-1]):
+        alloc = f"{json.loads(lines[-1])['gpu_peak_bytes'] / 2**30:.2f}"
     gpu = f"{int(m[5]) / 1024:.2f}" if m[5] else ""
     rss = f"{int(m[6]) / 2**20:.2f}" if m[6] else ""
-    print(f"| {cmd} | {L} | {m[3]} | {m[4]} | {float(m[4]) / L:.1f} | {gpu} | {plan} | {rss} |")
+    marg = ""
+    if cmd in prev:   # the time a block adds: the difference to the next smaller model, per block
+        L0, s0 = prev[cmd]
+        marg = f"{(float(m[4]) - s0) / (L - L0):.1f}"
+    prev[cmd] = (L, float(m[4]))
+    print(f"| {cmd} | {L} | {m[3]} | {m[4]} | {marg} | {alloc} | {gpu} | {plan} | {rss} |")
 PY
 }
 

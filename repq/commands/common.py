@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from collections.abc import Callable
 from typing import Annotated, TypeVar
 
@@ -93,7 +94,9 @@ def _main_thread() -> bool:
 def meta() -> dict:
     """repq's version and the ggml it runs on, for every ``--json`` result: ``ggml_version`` and
     ``ggml_commit`` as the loaded libggml reports them (the native build stamps the pinned llama.cpp
-    commit into it); absent when the library cannot be loaded."""
+    commit into it); absent when the library cannot be loaded.  A command that used a CUDA device
+    adds ``gpu_peak_bytes``: the most bytes torch's allocator had allocated on the current device
+    (what the command needed; nvidia-smi's figure adds the allocator's cache and the context)."""
     from ..ggml import _lib
 
     d = {"repq_version": __version__}
@@ -101,6 +104,9 @@ def meta() -> dict:
         d["ggml_version"], d["ggml_commit"] = _lib.version(), _lib.commit()
     except RepqError:
         pass
+    torch = sys.modules.get("torch")   # never imported just to say that no GPU was used
+    if torch is not None and torch.cuda.is_initialized():
+        d["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
     return d
 
 

@@ -96,7 +96,7 @@ class GradAverager:
 
 # ------------------------------------------------------------------------------------------------ FSDP2
 
-def shard_student(student: torch.nn.Module, cuda: bool, offload: bool = False) -> None:
+def shard_student(student: torch.nn.Module, device: str, offload: bool = False) -> None:
     """FSDP2 (``fully_shard``): every block its own unit, the rest (embedding, head, final norm) the
     root's; parameters, gradients and AdamW moments sharded over the ranks.  Master parameters stay
     fp32; on CUDA forward/backward compute in bf16 with fp32 gradient reduction (the mixed-precision
@@ -105,12 +105,27 @@ def shard_student(student: torch.nn.Module, cuda: bool, offload: bool = False) -
     step in host memory; each unit is copied to the device for its forward and backward."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+    cuda = device.startswith("cuda")
     kw: dict = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)} if cuda else {}
     if offload:
         kw["offload_policy"] = CPUOffloadPolicy(pin_memory=cuda)
     for blk in student.blk:
         fully_shard(blk, **kw)
     fully_shard(student, **kw)
+    # FSDP2 fixes each unit's gradient dtypes at its first forward, from the parameters that need a
+    # gradient then; in torch 2.11, when none does, the bf16 compute gradient later lands on the fp32
+    # shard and backward fails (pytorch/pytorch#186998).  repq's first forwards collect Hessians with
+    # every tensor frozen, so one step of one token with every parameter trainable comes first (forward
+    # and backward: FSDP2 expects the backward of a forward that needs gradients; collectives, so every
+    # rank runs it here); its gradients are dropped.
+    flags = [p.requires_grad for p in student.parameters()]
+    for p in student.parameters():
+        p.requires_grad_(True)
+    with torch.enable_grad():
+        student(torch.zeros(1, 1, dtype=torch.long, device=device), head=False).float().sum().backward()
+    for p, f in zip(student.parameters(), flags, strict=True):
+        p.grad = None
+        p.requires_grad_(f)
 
 
 def is_sharded(p: torch.Tensor) -> bool:

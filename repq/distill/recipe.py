@@ -115,7 +115,7 @@ class Distiller:
         if self.sharded:
             if self.dist is None:
                 raise UsageError("--shard needs a process group (the command makes one, or torchrun's)")
-            shard_student(self.student, dev.startswith("cuda"), self.rt.offload_optimizer)
+            shard_student(self.student, dev, self.rt.offload_optimizer)
         self.names = list(self.plans)
         self.params = dict(self.student.named_parameters())       # GGUF name → Parameter (tied: token_embd)
         self.frozen: dict[str, np.ndarray] = {}                   # GGUF name → ggml bytes
@@ -435,7 +435,6 @@ class Distiller:
             if cfg.on_policy:
                 self._on_policy_data(gi)
             if gi > gi0 or phase == "quantize":
-                opt = None   # the last group's AdamW state is not kept through the quantization
                 self._quantize_group(gi, g)
                 step0, opt_state = 0, None
                 self._checkpoint(gi, "train", 0, gstep, None)
@@ -480,6 +479,9 @@ class Distiller:
                     self._checkpoint(gi, "train", step + 1, gstep, opt)
                     last_ck = time.monotonic()
             self._log_steps(pending, g.name, n_steps, done_here * tokens_per_step / max(time.perf_counter() - t0, 1e-9), log)
+            if opt is not None:   # the moments and the last step's gradients go before the next group's Hessians
+                opt.zero_grad(set_to_none=True)
+                opt = None
             phase = "quantize"
             self._checkpoint(gi + 1, "quantize", 0, gstep, None)
             self._event({"event": "group_done", "group": g.name, "global_step": gstep})

@@ -29,6 +29,7 @@ llama.cpp computes with, and what distillation freezes).  torch is imported only
 
 from __future__ import annotations
 
+import math
 from collections.abc import Container, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
@@ -131,13 +132,16 @@ def check_plans(plans: Iterable[mix.TensorPlan], row_length: Mapping[str, int], 
 def check_hessian(name: str, h, n_per_row: int) -> None:
     """Refuse a Hessian (torch tensor) that cannot be Σ x xᵀ / n of this tensor's input: wrong
     shape, non-finite values, asymmetric, or a negative diagonal (one-line errors, exit code 2)."""
+    import torch
+
     if tuple(h.shape) != (n_per_row, n_per_row):
         raise MismatchError(f"Hessian for {name} is {'×'.join(map(str, h.shape))}, tensor rows are {n_per_row} long "
                             "(Hessians from another model?)")
-    if not bool(h.isfinite().all()):
+    lo, hi = (float(v) for v in torch.aminmax(h))   # one pass, no n × n temporary; NaN propagates
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise InputFileError(f"Hessian for {name} contains non-finite values",
                              hint="collect it again with `repq hessian` (in --dtype float32 if the model overflows)")
-    scale = float(h.abs().max())
+    scale = max(-lo, hi)
     step = 1024  # row blocks: no n×n temporary (n_ff² float64 is GBs on big models)
     asym = max(float((h[i:i + step] - h[:, i:i + step].T).abs().max()) for i in range(0, n_per_row, step))
     if asym > 1e-4 * scale:
@@ -177,7 +181,9 @@ def quantize_tensor(plan: mix.TensorPlan, weight: np.ndarray, *, hessian=None,
     if hessian is not None:
         import torch
 
-        hessian = torch.as_tensor(hessian, dtype=torch.float64)
+        # on LDLQ's device before the checks: a 70B model's n_ff² float64 H is 6.6 GB, whose passes
+        # take seconds on a host and milliseconds on a GPU (LDLQ moves it there anyway)
+        hessian = torch.as_tensor(hessian).to(device if ldlq is not None else "cpu", torch.float64)
         check_hessian(plan.name, hessian, n)
         importance = importance_rules.from_hessian(hessian)
     reason = None
