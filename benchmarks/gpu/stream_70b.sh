@@ -10,6 +10,7 @@
 #   setup   native CPU build + wheels (once per machine)
 #   L2 L4 L8  one size each: model, plan, hessian, quantize; then the size's files are deleted (an 8-block
 #           model is 18 GB and its float32 Hessians 33 GB, on a 64 GB disk)
+#   PROFILE=1: the quantize runs under cProfile (top functions in quantize-L*.prof.txt)
 #   report  results.md; everything in $OUT/stream_70b.tgz
 # Each call stays under 540 s: every command runs under `timeout`; the Hessian run checkpoints after
 # every block and resumes on the next call; finished steps are skipped (work in /tmp/wd/stream70b).
@@ -73,8 +74,12 @@ open('$W/text.txt', 'w').write(' '.join(random.choice(w) for _ in range(400000))
     du -sh $W/hess-L$L | tee -a $R
     rm -rf $W/hess-L$L
   fi
-  measure quantize-L$L python3 -m repq quantize $M $W/q-L$L.gguf --fmt Q4_0 --method ldlq --sequential \
+  # PROFILE=1: the quantize run under cProfile ($W/quantize-L$L.prof, top functions in .prof.txt)
+  local py="python3"; [ -n "${PROFILE:-}" ] && py="python3 -m cProfile -o $W/quantize-L$L.prof"
+  measure quantize-L$L $py -m repq quantize $M $W/q-L$L.gguf --fmt Q4_0 --method ldlq --sequential \
     --data $W/text.txt --chunks $CHUNKS -c $CTX --device $DEV --json || return 1
+  [ -f $W/quantize-L$L.prof ] && python3 -c "import pstats, sys; sys.stdout = open('$W/quantize-L$L.prof.txt', 'w'); \
+pstats.Stats('$W/quantize-L$L.prof').sort_stats('cumulative').print_stats(60)"
   rm -f $M $W/q-L$L.gguf
 }
 L2() { size 2; }
