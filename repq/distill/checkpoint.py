@@ -122,3 +122,43 @@ def dcp_reader(path: str | Path):
             return md
 
     return _Reader(str(path))
+
+
+def dcp_save(directory: Path, student: torch.nn.Module, opt) -> None:
+    """Every rank's shards of the (FSDP2) student, and of AdamW's state unless ``opt`` is None, into
+    ``directory`` through Distributed Checkpoint (a collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(student, [opt] if opt is not None else [])
+    dcp.save({"model": msd} | ({"optim": osd} if opt is not None else {}),
+             storage_writer=dcp.FileSystemWriter(str(directory), overwrite=True))
+
+
+def dcp_load_model(directory: str | Path, student: torch.nn.Module) -> None:
+    """The student's shards from ``directory`` (:func:`dcp_reader`), resharded to this run's ranks."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    msd = get_model_state_dict(student)
+    dcp.load({"model": msd}, storage_reader=dcp_reader(directory))
+    set_model_state_dict(student, msd)
+
+
+def dcp_load_optimizer(directory: str | Path, student: torch.nn.Module, opt) -> None:
+    """AdamW's sharded state from ``directory`` into ``opt``.
+
+    Raises:
+        InputFileError: state that does not fit this run's parameters.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    osd = get_optimizer_state_dict(student, opt)
+    try:
+        dcp.load({"optim": osd}, storage_reader=dcp_reader(directory))
+    except (RuntimeError, ValueError, KeyError, OSError) as e:   # torch wraps the reader's errors
+        raise InputFileError(f"{directory}: optimizer state does not fit this run "
+                             f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})",
+                             hint="delete the checkpoint directory to start over") from None
+    set_optimizer_state_dict(student, opt, osd)

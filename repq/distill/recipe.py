@@ -68,7 +68,7 @@ from ..io import gguf_file, keys
 from ..model.loader import LoadedModel, load_model
 from ..quant import pipeline
 from ..quant.tensor import TensorResult, check_plans, quantize_tensor
-from .checkpoint import STATE_FILE, dcp_reader, load_state, save_state
+from .checkpoint import STATE_FILE, dcp_load_model, dcp_load_optimizer, dcp_save, load_state, save_state
 from .config import DistillConfig, DistillResult, RunOptions, batch_indices, hessian_indices, lr_at
 from .groups import Group
 from .kl import autocast, distill_loss
@@ -189,13 +189,8 @@ class Distiller:
         """Sharded state through Distributed Checkpoint (every rank writes its shards into one of two
         alternating directories), then rank 0's ``state.pt`` (position, frozen bytes, reports) naming
         that directory, written last: an interrupted save leaves the previous checkpoint whole."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
         slot = f"dcp-{self._dcp_slot}"
-        msd, osd = get_state_dict(self.student, [opt] if opt is not None else [])
-        dcp.save({"model": msd} | ({"optim": osd} if opt is not None else {}),
-                 storage_writer=dcp.FileSystemWriter(str(path.parent / slot), overwrite=True))
+        dcp_save(path.parent / slot, self.student, opt)
         self.dist.barrier()
         if self.rank == 0:
             save_state(path, {**self._identity(), "group": group, "phase": phase, "step": step, "global_step": gstep,
@@ -209,15 +204,10 @@ class Distiller:
         """Student and frozen bytes from a checkpoint; frozen values decoded from their bytes."""
         try:
             if self.sharded:
-                import torch.distributed.checkpoint as dcp
-                from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
                 if state["dcp"] not in ("dcp-0", "dcp-1"):   # a plain name inside the checkpoint directory
                     raise ValueError(f"checkpoint slot {str(state['dcp'])[:40]!r}")
                 slot = str(self._state_path().parent / state["dcp"])
-                msd = get_model_state_dict(self.student)
-                dcp.load({"model": msd}, storage_reader=dcp_reader(slot))
-                set_model_state_dict(self.student, msd)
+                dcp_load_model(slot, self.student)
                 self._dcp_optim = slot if state["has_optimizer"] else None
                 self._dcp_slot = 1 - int(state["dcp"][-1])
             else:
@@ -417,6 +407,9 @@ class Distiller:
         finally:
             if log is not None:
                 log.close()
+            if self._averager is not None:   # its hooks and buffers go before the process group does
+                self._averager.remove()
+                self._averager = None
         values = {n: full_value(p).detach().float().cpu().numpy() for n, p in self.params.items()}  # collective
         file_bytes = self._write(values) if self.rank == 0 else 0
         if path is not None and self.rank == 0 and not self.rt.keep_checkpoint:
@@ -446,20 +439,7 @@ class Distiller:
             if opt is not None and opt_state is not None:
                 opt.load_state_dict(opt_state)
             if opt is not None and self._dcp_optim is not None:
-                import torch.distributed.checkpoint as dcp
-                from torch.distributed.checkpoint.state_dict import (
-                    get_optimizer_state_dict,
-                    set_optimizer_state_dict,
-                )
-
-                osd = get_optimizer_state_dict(self.student, opt)
-                try:
-                    dcp.load({"optim": osd}, storage_reader=dcp_reader(self._dcp_optim))
-                except (RuntimeError, ValueError, KeyError, OSError) as e:   # torch wraps the reader's errors
-                    raise InputFileError(f"{self._dcp_optim}: optimizer state does not fit this run "
-                                         f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})",
-                                         hint="delete the checkpoint directory to start over") from None
-                set_optimizer_state_dict(self.student, opt, osd)
+                dcp_load_optimizer(self._dcp_optim, self.student, opt)
             self._dcp_optim = None
             opt_state = None
             t0, done_here = time.perf_counter(), 0
