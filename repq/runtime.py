@@ -140,3 +140,25 @@ def dist_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def return_freed_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim``; nothing elsewhere).
+
+    Streamed runs free one block's tensors (a few MB each) before reading the next; glibc keeps such
+    freed chunks in its heap once its mmap threshold has grown, so without this the resident set
+    grew by about a block per block (`repq hessian --stream` on the reference model: 936 → 1261 MiB
+    over 30 blocks; flat with it)."""
+    import ctypes
+    import ctypes.util
+
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        lib = ctypes.CDLL(name) if name else None
+        _LIBC = lib if lib is not None and hasattr(lib, "malloc_trim") else False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None

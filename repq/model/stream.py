@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import InputFileError, UsageError
+from ..runtime import return_freed_memory
 from .loader import load_config, set_tensor
 from .tensors import gguf_tensor
 from .transformer import Block, Transformer
@@ -84,6 +85,7 @@ class BlockStream:
                 mod_name, _, attr = n.rpartition(".")
                 setattr(self.model.get_submodule(mod_name), attr,
                         nn.Parameter(torch.empty(self._shapes[n], device="meta"), requires_grad=False))
+            return_freed_memory()   # the block's host copies, back to the system before the next block
 
     def close(self) -> None:
         self._g.close()
