@@ -224,6 +224,13 @@ def _ggml_quantize(gtype: int, x: np.ndarray, imp: np.ndarray | None, experts: i
                            for e in range(experts)])
 
 
+LDLQ_ROW_CHUNK = 1 << 27
+"""Weights per LDLQ call: a larger tensor goes through in chunks of whole rows.  LDLQ's error feedback
+runs along a row, so its rows are independent given H and the chunks write the same bytes as one
+call; its working copies (float64 among them) are then a chunk's, not the tensor's: a 70B model's
+128256 × 8192 head would need tens of GB at once."""
+
+
 def _ldlq(plan: mix.TensorPlan, weight: np.ndarray, h, opts: LdlqOptions, device: str,
           threads: int | None) -> TensorResult:
     import torch
@@ -232,21 +239,28 @@ def _ldlq(plan: mix.TensorPlan, weight: np.ndarray, h, opts: LdlqOptions, device
     from .iq_ldlq import ldlq_quantize_iq
     from .kquant import ldlq_quantize
 
+    if iq_grids.supported(plan.dst_type):   # lattice codebook: block LDLQ, 8 columns at a time
+        def call(w):
+            return ldlq_quantize_iq(w, h, plan.dst_type, damp=opts.damp, act_order=opts.act_order, device=device,
+                                    threads=threads, refit=opts.refit)
+    elif iq1_grids.supported(plan.dst_type):   # IQ1_S / IQ1_M: the same on the 1-bit codebook
+        def call(w):
+            return ldlq_quantize_iq1(w, h, plan.dst_type, damp=opts.damp, act_order=opts.act_order, device=device,
+                                     threads=threads, refit=opts.refit)
+    else:
+        def call(w):
+            return ldlq_quantize(w, h, plan.dst_type, damp=opts.damp, act_order=opts.act_order, device=device,
+                                 threads=threads, scales=opts.scales, refit=opts.refit)
+    step = max(1, LDLQ_ROW_CHUNK // weight.shape[1])
     try:
-        if iq_grids.supported(plan.dst_type):   # lattice codebook: block LDLQ, 8 columns at a time
-            r = ldlq_quantize_iq(weight, h, plan.dst_type, damp=opts.damp, act_order=opts.act_order, device=device,
-                                 threads=threads, refit=opts.refit)
-        elif iq1_grids.supported(plan.dst_type):   # IQ1_S / IQ1_M: the same on the 1-bit codebook
-            r = ldlq_quantize_iq1(weight, h, plan.dst_type, damp=opts.damp, act_order=opts.act_order, device=device,
-                                  threads=threads, refit=opts.refit)
-        else:
-            r = ldlq_quantize(weight, h, plan.dst_type, damp=opts.damp, act_order=opts.act_order, device=device,
-                              threads=threads, scales=opts.scales, refit=opts.refit)
+        parts = [call(weight[r:r + step]) for r in range(0, weight.shape[0], step)]
     except torch.linalg.LinAlgError as e:
         raise _not_factorable(plan.name, h, opts.damp) from e
-    scale = max(r.weight_energy, 1e-300)
-    return TensorResult(np.ascontiguousarray(r.raw).reshape(-1).view(np.uint8), plan.dst_type, weight.shape[1],
-                        "ldlq", r.proxy_loss / scale, r.baseline_loss / scale, decoded=r.values)
+    raw = np.concatenate([np.ascontiguousarray(r.raw).reshape(-1).view(np.uint8) for r in parts])
+    values = parts[0].values if len(parts) == 1 else np.concatenate([r.values for r in parts])
+    scale = max(sum(r.weight_energy for r in parts), 1e-300)
+    return TensorResult(raw, plan.dst_type, weight.shape[1], "ldlq", sum(r.proxy_loss for r in parts) / scale,
+                        sum(r.baseline_loss for r in parts) / scale, decoded=values)
 
 
 def _not_factorable(name: str, h, damp: float) -> Exception:
