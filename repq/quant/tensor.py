@@ -224,11 +224,14 @@ def _ggml_quantize(gtype: int, x: np.ndarray, imp: np.ndarray | None, experts: i
                            for e in range(experts)])
 
 
-LDLQ_ROW_CHUNK = 1 << 27
+LDLQ_ROW_CHUNK = 1 << 24
 """Weights per LDLQ call: a larger tensor goes through in chunks of whole rows.  LDLQ's error feedback
 runs along a row, so its rows are independent given H and the chunks write the same bytes as one
 call; its working copies (float64 among them) are then a chunk's, not the tensor's: a 70B model's
 128256 × 8192 head would need tens of GB at once."""
+LDLQ_MIN_ROWS = 1
+"""...but a chunk has at least ``LDLQ_MIN_ROWS × n_per_row`` rows: each call factors H again (n³/3
+flops against its column loop's rows · n²), which stays under a third of the chunk's work."""
 
 
 def _ldlq(plan: mix.TensorPlan, weight: np.ndarray, h, opts: LdlqOptions, device: str,
@@ -251,7 +254,7 @@ def _ldlq(plan: mix.TensorPlan, weight: np.ndarray, h, opts: LdlqOptions, device
         def call(w):
             return ldlq_quantize(w, h, plan.dst_type, damp=opts.damp, act_order=opts.act_order, device=device,
                                  threads=threads, scales=opts.scales, refit=opts.refit)
-    step = max(1, LDLQ_ROW_CHUNK // weight.shape[1])
+    step = max(1, LDLQ_ROW_CHUNK // weight.shape[1], LDLQ_MIN_ROWS * weight.shape[1])
     try:
         parts = [call(weight[r:r + step]) for r in range(0, weight.shape[0], step)]
     except torch.linalg.LinAlgError as e:

@@ -115,10 +115,12 @@ def test_plan_checks():
         LdlqOptions(scales="bogus")
 
 
-@pytest.mark.parametrize("ftype", ["Q4_0", "Q4_K", "Q6_K", "IQ4_XS", "IQ3_S", "IQ2_XS", "IQ1_S"])
+@pytest.mark.parametrize("ftype", ["Q4_0", "Q5_0", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS",
+                                   "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_S", "IQ1_M"])
 def test_ldlq_in_row_chunks_writes_the_same_bytes(native, monkeypatch, ftype):
     """A large tensor goes through LDLQ in chunks of whole rows (bounded working copies): rows are
-    independent given H, so 3 uneven chunks write the bytes, values and losses of one call."""
+    independent given H, so 3 uneven chunks write the bytes, values and losses of one call (every
+    type with an LDLQ grid)."""
     import repq.quant.tensor as qt
 
     w = np.random.default_rng(5).standard_t(5, size=(96, 256)).astype(np.float32) * 0.02
@@ -126,6 +128,7 @@ def test_ldlq_in_row_chunks_writes_the_same_bytes(native, monkeypatch, ftype):
     plan = mix.TensorPlan(NAME, F32, type_id(ftype), True, False, False)
     whole = quantize_tensor(plan, w, hessian=h, ldlq=LdlqOptions())
     monkeypatch.setattr(qt, "LDLQ_ROW_CHUNK", 40 * 256)   # 40 + 40 + 16 rows
+    monkeypatch.setattr(qt, "LDLQ_MIN_ROWS", 0)
     chunked = quantize_tensor(plan, w, hessian=h, ldlq=LdlqOptions())
     assert whole.method == chunked.method == "ldlq"
     assert bytes(whole.raw) == bytes(chunked.raw)
