@@ -224,7 +224,7 @@ def _ggml_quantize(gtype: int, x: np.ndarray, imp: np.ndarray | None, experts: i
                            for e in range(experts)])
 
 
-LDLQ_ROW_CHUNK = 1 << 24
+LDLQ_ROW_CHUNK = 1 << 22
 """Weights per LDLQ call: a larger tensor goes through in chunks of whole rows.  LDLQ's error feedback
 runs along a row, so its rows are independent given H and the chunks write the same bytes as one
 call; its working copies (float64 among them) are then a chunk's, not the tensor's: a 70B model's
