@@ -162,3 +162,22 @@ def return_freed_memory() -> None:
 
 
 _LIBC = None
+
+
+def cap_gpu_memory(device: str, budget: int) -> float | None:
+    """Hold torch's CUDA allocator on ``device`` to ``budget`` bytes (``--gpu-memory`` given on a GPU
+    that has more), so that a run behaves as on the smaller GPU: an allocation past the budget first
+    frees the allocator's cache, then fails as out of memory would there.  The CUDA context and
+    NCCL's buffers come on top, as on any GPU.  Returns the fraction set, or None (CPU, or a budget
+    at least the GPU's size)."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    dev = torch.device(device)
+    total = torch.cuda.get_device_properties(dev).total_memory
+    if budget >= total:
+        return None
+    frac = budget / total
+    torch.cuda.set_per_process_memory_fraction(frac, dev)
+    return frac

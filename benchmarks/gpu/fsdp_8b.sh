@@ -6,7 +6,7 @@
 #   gen      the model (16 GB, drawn on the GPU) and 64 random sequences of 2048 tokens
 #   plan     `repq distill --plan --json` for both runs below
 #   shard2   torchrun --nproc-per-node 2 ... --shard (FSDP2 over NCCL), batch 2 (1 per GPU), every group
-#   shard1   one GPU, FSDP2 as a group of one, batch 1, ffn_up + ffn_gate: the baseline of the 1 → 2 scaling
+#   shard1   one GPU, FSDP2 as a group of one, batch 1, SHARD1_GROUPS (ffn_up): the baseline of the 1 → 2 scaling
 #   offload1 one GPU, --offload-optimizer (FSDP2 CPUOffloadPolicy, group of one), batch 1, every group
 #   report   per group: measured peak (torch.cuda.max_memory_allocated, rank 0) beside the plan's, peak
 #            nvidia-smi memory.used, host peak RSS, tokens/s, MFU = (2N teacher + 6N student) × tokens/s
@@ -25,12 +25,16 @@ W=${W:-/tmp/wd/fsdp8b}; mkdir -p $W; export W
 SHAPE_KW=${SHAPE_KW:-}; DEV=${DEV:-cuda}; export SHAPE_KW
 export PYTHONPATH=/tmp/site:$PWD:$PWD/tests LLAMA_CPP_LIB_PATH=$PWD/native/build/bin PYTHONUNBUFFERED=1 REPQ_CACHE=/tmp/rc
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_NUM_THREADS=8
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 # STEPS: steps per group of the sharded run (12: the tokens/s of steps 11-12 leave the first steps' warm-up
 # out); OFFLOAD_STEPS: of the offloaded run (its optimizer steps on the host take seconds each); GROUPS_:
-# empty = every group of the default order
+# empty = every group of the default order; SHARD1_GROUPS: the one-GPU baseline's groups; CAP: --gpu-memory
+# of the 2-GPU run (torch's allocator held to it: the run behaves as on GPUs of that size; empty: no cap);
+# FMT: the ftype (Q4_K_M: its K-quant grids are fitted on the GPU, Q4_0's on the host)
 STEPS=${STEPS:-12} OFFLOAD_STEPS=${OFFLOAD_STEPS:-3} GROUPS_=${GROUPS_:-} SEQ=${SEQ:-2048}
+SHARD1_GROUPS=${SHARD1_GROUPS:-ffn_up} CAP=${CAP-80GB} FMT=${FMT:-Q4_K_M}
 GARG=${GROUPS_:+--groups $GROUPS_}
-COMMON="--fmt Q4_0 --data $W/d.npy --seq-len $SEQ --hessian-chunks 8 $GARG"
+COMMON="--fmt $FMT --data $W/d.npy --seq-len $SEQ --hessian-chunks 8 $GARG"
 COMMON="$COMMON --device $DEV --checkpoint-minutes 10 --json"
 
 setup() {
@@ -61,7 +65,7 @@ plan() {
   python3 -m repq distill $W/m.gguf $W/x.gguf --plan --seq-len $SEQ --hessian-chunks 8 --batch 1 --offload-optimizer $GARG \
     --json > $W/plan_offload1.json
   python3 -m repq distill $W/m.gguf $W/x.gguf --plan --seq-len $SEQ --hessian-chunks 8 --batch 1 --nproc 1 --shard \
-    --groups ffn_up,ffn_gate --json > $W/plan_shard1.json
+    --groups $SHARD1_GROUPS --json > $W/plan_shard1.json
   tail -c 300 $W/plan_*.json
 }
 
@@ -92,11 +96,12 @@ distill_run() {   # tag nproc batch extra...: resumes a cut run; the result JSON
   grep -E "^memory:|peak_rss|Error|error" $W/$tag.err | tail -8
 }
 
-shard2() { distill_run shard2 2 2 --shard --steps-per-group $STEPS; }
+# CAP: the plan is conservative (9-10 % above the measured peaks at 32 blocks), hence --ignore-plan
+shard2() { distill_run shard2 2 2 --shard --steps-per-group $STEPS ${CAP:+--gpu-memory $CAP --ignore-plan}; }
 offload1() { distill_run offload1 1 1 --offload-optimizer --steps-per-group $OFFLOAD_STEPS; }
-# the one-GPU baseline of the scaling (per-GPU batch 1, as shard2): FSDP2 as a group of one; the first two
-# groups only (the largest trainable sets; 121.5 GiB planned)
-shard1() { distill_run shard1 1 1 --shard --steps-per-group $STEPS --groups ffn_up,ffn_gate; }
+# the one-GPU baseline of the scaling (per-GPU batch 1, as shard2): FSDP2 as a group of one; SHARD1_GROUPS
+# only (ffn_up: the largest trainable set; 121.5 GiB planned)
+shard1() { distill_run shard1 1 1 --shard --steps-per-group $STEPS --groups $SHARD1_GROUPS; }
 clean() { rm -f $W/m.gguf $W/d.npy; }
 
 report() {
@@ -107,8 +112,9 @@ from repq.model.shapes import shape_config
 W = Path(os.environ["W"])
 N = sum(math.prod(s) for s in eval(f"shape_config('llama3-8b', {os.environ['SHAPE_KW']})").tensor_shapes().values())
 print(f"Random Llama-3-8B shape (N = {N:,} parameters), seq 2048; peak = torch.cuda.max_memory_allocated on rank 0.\n")
-print("| run | group | phase | measured GiB | plan GiB | nvidia-smi max GiB | tokens/s | MFU |")
-print("|---|---|---|---:|---:|---:|---:|---:|")
+print("| run | group | phase | measured GiB | plan GiB | nvidia-smi max GiB | tokens/s | MFU | KL first → last step |")
+print("|---|---|---|---:|---:|---:|---:|---:|---|")
+speed = {}
 for tag, gpus in (("shard2", 2), ("shard1", 1), ("offload1", 1)):
     plan = json.loads((W / f"plan_{tag}.json").read_text()) if (W / f"plan_{tag}.json").exists() else {"phases": []}
     pred = {(p["group"], p["phase"]): p["peak_bytes"] for p in plan["phases"]}
@@ -116,11 +122,12 @@ for tag, gpus in (("shard2", 2), ("shard1", 1), ("offload1", 1)):
     mem = re.findall(r"^memory: (\S+) (\S+) peak ([0-9.]+) GiB", err, re.M)
     # tok_s in metrics.jsonl is the mean from the group's first step to the logged one (logged every 10
     # steps and at the end): tokens/s of the steps after the first log leave the warm-up out
-    logs = {}
+    logs, kl = {}, {}
     mpath = W / f"{tag}.gguf.distill" / "metrics.jsonl"
     for line in (mpath.read_text().splitlines() if mpath.exists() else []):
         m = json.loads(line)
         logs.setdefault(m["group"], {})[m["step"]] = m["tok_s"]
+        kl.setdefault(m["group"], {})[m["step"]] = m["loss"]
     tok = {}
     for g, by in logs.items():
         steps = sorted(by)
@@ -140,12 +147,19 @@ for tag, gpus in (("shard2", 2), ("shard1", 1), ("offload1", 1)):
         gib = measured.get((g, ph), "nan")
         t = tok.get(g) if ph == "train" else None
         mfu = f"{8 * N * t / (gpus * 989e12):.3f}" if t else ""
+        if t:
+            speed[(tag, g)] = t
+        k = kl.get(g, {}) if ph == "train" else {}
+        kls = f"{k[min(k)]:.4f} → {k[max(k)]:.4f}" if k else ""
         print(f"| {tag} | {g} | {ph} | {float(gib):.2f} | {pred.get((g, ph), 0) / 2**30:.2f} | {smi_max:.1f} | "
-              f"{t or '':} | {mfu} |")
+              f"{t or '':} | {mfu} | {kls} |")
     rss = re.findall(r"peak_rss_kib (\d+)", err)
     if rss:
         print(f"\n{tag}: host peak RSS {max(map(int, rss)) / 2**20:.1f} GiB (largest process); "
               f"plan host {max((p['host_bytes'] for p in plan['phases']), default=0) / 2**30:.1f} GiB")
+for (tag, g), t in speed.items():   # 1 -> 2 GPU scaling at a fixed per-GPU batch (one sequence per GPU)
+    if tag == "shard2" and ("shard1", g) in speed:
+        print(f"\n{g}: 1 -> 2 GPU scaling {t / speed[('shard1', g)]:.2f}x ({speed[('shard1', g)]:,} -> {t:,} tokens/s)")
 PY
 }
 

@@ -4,7 +4,8 @@
 # BF16 GGUFs made here by support.models.save_random_gguf with a byte vocabulary padded to 128256) of 2, 4
 # and 8 blocks:
 #   repq hessian --stream --device $DEV (--acc-device cpu, float32 shards)  and
-#   repq quantize --method ldlq --sequential --device $DEV (Q4_0),
+#   repq quantize --method ldlq --sequential --device $DEV ($FMT, Q4_K_M by default: its K-quant grids are fitted
+#   on the GPU; Q4_0's are fitted and refitted on the host),
 # each with its peak GPU memory (nvidia-smi memory.used, sampled every 200 ms), host peak RSS, seconds and
 # seconds per block, and `repq hessian --plan --stream` beside the Hessian run.
 #   setup   native CPU build + wheels (once per machine)
@@ -25,7 +26,7 @@ budget() { local t=500; [ -n "${DEADLINE:-}" ] && t=$(( DEADLINE - $(date +%s) <
 W=${W:-/tmp/wd/stream70b}; mkdir -p $W; export W
 SHAPE_KW=${SHAPE_KW:-}; DEV=${DEV:-cuda}   # SMI_GPU: the nvidia-smi index of the GPU it runs on
 export PYTHONPATH=/tmp/site:$PWD:$PWD/tests LLAMA_CPP_LIB_PATH=$PWD/native/build/bin PYTHONUNBUFFERED=1 REPQ_CACHE=/tmp/rc
-CHUNKS=${CHUNKS:-32} CTX=512 R=$W/results.txt
+CHUNKS=${CHUNKS:-32} CTX=512 R=$W/results.txt FMT=${FMT:-Q4_K_M}
 
 setup() {
   [ -f /tmp/site/.done ] && [ -f native/build/bin/libggml-base.so ] && return 0
@@ -76,7 +77,7 @@ open('$W/text.txt', 'w').write(' '.join(random.choice(w) for _ in range(400000))
   fi
   # PROFILE=1: the quantize run under cProfile ($W/quantize-L$L.prof, top functions in .prof.txt)
   local py="python3"; [ -n "${PROFILE:-}" ] && py="python3 -m cProfile -o $W/quantize-L$L.prof"
-  measure quantize-L$L $py -m repq quantize $M $W/q-L$L.gguf --fmt Q4_0 --method ldlq --sequential \
+  measure quantize-L$L $py -m repq quantize $M $W/q-L$L.gguf --fmt $FMT --method ldlq --sequential \
     --data $W/text.txt --chunks $CHUNKS -c $CTX --device $DEV --json || return 1
   [ -f $W/quantize-L$L.prof ] && python3 -c "import pstats, sys; sys.stdout = open('$W/quantize-L$L.prof.txt', 'w'); \
 pstats.Stats('$W/quantize-L$L.prof').sort_stats('cumulative').print_stats(60)"

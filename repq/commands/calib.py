@@ -222,6 +222,10 @@ def hessian(
             mcfg = check_shape(load_config(model)[0], str(model))
             refuse_if_too_big(out, "hessian", str(model), memory_plan(mcfg, world, dev.startswith("cuda"), chunks),
                               budget, where)
+        if gpu_memory:
+            from .planning import hold_allocator
+
+            hold_allocator(out, dev, gpu_memory)
         lm, cal = _load(model, data, vocab, dev, dt, ctx, chunks, out, stream=stream)
         if cfg.layers and max(cfg.layers) >= lm.config.n_layer:
             raise UsageError(f"--layers {layers}: the model has blocks 0-{lm.config.n_layer - 1}")

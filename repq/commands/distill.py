@@ -184,6 +184,10 @@ def distill(
             budget, where = budget_of(gpu_memory)
             check_shape(mcfg, str(model))
             refuse_if_too_big(out, "distill", str(model), memory_plan(world, dev.startswith("cuda")), budget, where)
+        if gpu_memory:
+            from .planning import hold_allocator
+
+            hold_allocator(out, dev, gpu_memory)
         ckdir = checkpoint_dir or Path(str(out_path) + ".distill")
         total = cfg.total_steps()
         with out.progress("distill", total=total) as advance:

@@ -15,7 +15,7 @@ from ..errors import UsageError
 PlanOpt = Annotated[bool, typer.Option("--plan", help="Print the predicted peak memory per GPU (each group / block) and whether it fits --gpu-memory; load nothing, run nothing.")]
 PlanConfigOpt = Annotated[str | None, typer.Option("--plan-config", help="--plan for a model's shape only: llama3-8b, llama3-70b, llama2-7b, qwen2.5-7b, smollm2-135m, a shape JSON (n_embd, n_ff, n_layer, n_head, n_head_kv, vocab) or a Hugging Face config.json.")]
 NprocOpt = Annotated[int, typer.Option("--nproc", help="--plan: the number of processes (GPUs); default: torchrun's WORLD_SIZE, else 1.", min=0)]
-GpuMemoryOpt = Annotated[str | None, typer.Option("--gpu-memory", help="Memory of one GPU for the plan's fit (80GiB, 141GB; default: the visible GPU's total, else 80 GiB); given on CPU it also bounds a --device cpu run.")]
+GpuMemoryOpt = Annotated[str | None, typer.Option("--gpu-memory", help="Memory of one GPU for the plan's fit (80GiB, 141GB; default: the visible GPU's total, else 80 GiB); on a larger GPU torch's allocator is held to it (a rehearsal of the smaller GPU); given on CPU it also bounds a --device cpu run.")]
 IgnorePlanOpt = Annotated[bool, typer.Option("--ignore-plan", help="Run even when the memory plan predicts more than --gpu-memory.")]
 
 GiB = 2**30
@@ -35,6 +35,14 @@ def gpu_memory(text: str | None) -> tuple[int, str]:
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, torch.cuda.get_device_name()
     return 80 * GiB, "default (no GPU visible)"
+
+
+def hold_allocator(out, device: str, text: str) -> None:
+    """--gpu-memory on a larger GPU: torch's allocator is held to it (:func:`repq.runtime.cap_gpu_memory`)."""
+    from .. import runtime
+
+    if runtime.cap_gpu_memory(device, gpu_memory(text)[0]) is not None:
+        out.log(f"torch's CUDA allocator on {device} is held to --gpu-memory {text}")
 
 
 def nproc(n: int) -> int:

@@ -13,8 +13,6 @@ CUDA, 4: fp32 on CPU)::
     moments        8 P_t (AdamW exp_avg, exp_avg_sq; --shard: 8 P_t / N)
     gradients      4 P_t (--shard: 4 P_t / N; without --shard and N > 1 the all-reduce's flat
                    copies double them while they are averaged)
-    optimizer temp 4 P_t: foreach AdamW's sqrt(exp_avg_sq) (--shard: AdamW one tensor at a time, two
-                   temporaries of the largest trainable shard)
     activations    saved for backward (no activation checkpointing), per token and block, CPU:
                    24 d + 20 q + 16 f + 4 n_head bytes (fewer where a frozen weight needs no input);
                    CUDA: 26 d + 10 q + 8 f + 4 n_head (the residual and norms fp32, the rest bf16)
@@ -22,7 +20,7 @@ CUDA, 4: fp32 on CPU)::
                    kl_chunk tokens five (chunk × V) fp32 buffers (repq.distill.kl)
 
 A training step peaks either at the end of the forward pass (activations + KL) or at the optimizer
-step (gradients + the optimizer's temporary): peak = resident + max(forward, step).
+step (gradients; fused AdamW keeps no temporary): peak = resident + max(forward, step).
 
 Before training, each group's Hessians are collected on the student (forward passes of 8 sequences,
 no gradients) into fp32 bands on the device (Σ over the group's inputs of ≈ dim²/2 · 4 bytes) and
@@ -166,8 +164,7 @@ def distill_plan(cfg: ModelConfig, groups: tuple[Group, ...], *, batch: int, seq
             fwd["KL ∂W_head"] = 4 * V * d
         if cuda and not shard:
             fwd["bf16 weight copies"] = 2 * blk_linear + 2 * V * d + n * d * 2
-        largest = max((_shard(shapes[k], world) if shard else numel(shapes[k]) for k in trainable), default=0)
-        step = {"gradients": 4 * pt, "optimizer temp": 2 * 4 * largest if shard else 4 * pt}
+        step = {"gradients": 4 * pt}   # fused AdamW: no temporary
         if world > 1 and not shard:
             step["all-reduce copies"] = 4 * pt
         if shard:
@@ -180,10 +177,10 @@ def distill_plan(cfg: ModelConfig, groups: tuple[Group, ...], *, batch: int, seq
         tr.peaks = {"forward": fwd, "backward": bwd, "step": step} if trainable else {}
         if not trainable:
             tr.resident.pop("AdamW moments")
-        if offload:   # on the host: the shards, their gradients, the moments and the step's temporary
+        if offload:   # on the host: the shards, their gradients and the moments
             tr.host = {k: tr.resident.pop(k) for k in ("student (fp32)", "AdamW moments") if k in tr.resident}
             if trainable:
-                tr.host |= {k: step.pop(k) for k in ("gradients", "optimizer temp")}
+                tr.host["gradients"] = step.pop("gradients")
             ph.host["student (fp32)"] = ph.resident.pop("student (fp32)")
         phases.append(tr)
     return phases
