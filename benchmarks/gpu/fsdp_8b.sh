@@ -35,7 +35,7 @@ STEPS=${STEPS:-12} OFFLOAD_STEPS=${OFFLOAD_STEPS:-3} GROUPS_=${GROUPS_:-} SEQ=${
 SHARD1_GROUPS=${SHARD1_GROUPS:-ffn_up} CAP=${CAP-80GB} FMT=${FMT:-Q4_K_M}
 GARG=${GROUPS_:+--groups $GROUPS_}
 COMMON="--fmt $FMT --data $W/d.npy --seq-len $SEQ --hessian-chunks 8 $GARG"
-COMMON="$COMMON --device $DEV --checkpoint-minutes 10 --json"
+COMMON="$COMMON --device $DEV --checkpoint-minutes 10 --json ${EXTRA:-}"   # EXTRA: more distill options, e.g. --lr 5e-6"
 
 setup() {
   [ -f /tmp/site/.done ] && [ -f native/build/bin/libggml-base.so ] && return 0
@@ -77,6 +77,8 @@ print('peak_rss_kib', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, fi
 distill_run() {   # tag nproc batch extra...: resumes a cut run; the result JSON marks it done
   local tag=$1 np=$2 b=$3; shift 3
   [ -s $W/$tag.json ] && return 0
+  # CKDIR: the checkpoints elsewhere (two 32 GB slots and a 16 GB model do not fit a 64 GB disk: /dev/shm)
+  [ -n "${CKDIR:-}" ] && mkdir -p $CKDIR/$tag.gguf.distill && ln -sfn $CKDIR/$tag.gguf.distill $W/$tag.gguf.distill
   local resume=""; [ -f $W/$tag.gguf.distill/state.pt ] && resume=--resume
   nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 500 >> $W/$tag.smi.csv &
   local smi=$!
@@ -168,5 +170,5 @@ phases=$*
 for p in $phases; do
   echo "== $p $(date +%T)"; $p
 done
-cd $W && tar czf $OUT/fsdp_8b.tgz --exclude='*.gguf' --exclude='*.npy' --exclude='dcp-*' --exclude='state.pt' . 2>/dev/null
+cd $W && tar czhf $OUT/fsdp_8b.tgz --exclude='*.gguf' --exclude='*.npy' --exclude='dcp-*' --exclude='state.pt' . 2>/dev/null
 ls -la $OUT

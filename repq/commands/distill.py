@@ -196,7 +196,7 @@ def distill(
 
             def on_event(ev: dict) -> None:
                 kind = ev["event"]
-                if kind in ("quantized", "group_done") and dev.startswith("cuda"):
+                if kind in ("quantized", "trained") and dev.startswith("cuda"):
                     import torch
 
                     phase = "hessian" if kind == "quantized" else "train"

@@ -22,6 +22,10 @@ CUDA, 4: fp32 on CPU)::
 A training step peaks either at the end of the forward pass (activations + KL) or at the optimizer
 step (gradients; fused AdamW keeps no temporary): peak = resident + max(forward, step).
 
+--shard on CUDA: before the first group the student takes one forward and backward pass with every
+tensor trainable (FSDP2 fixes its gradient dtypes then), so the first Hessian phase also peaks at
+the fp32 gradients of every shard (4 P / N).
+
 Before training, each group's Hessians are collected on the student (forward passes of 8 sequences,
 no gradients) into fp32 bands on the device (Σ over the group's inputs of ≈ dim²/2 · 4 bytes) and
 float64 sums in host memory (dim² · 8 each), then every tensor is LDLQ-quantized on the device one
@@ -145,6 +149,10 @@ def distill_plan(cfg: ModelConfig, groups: tuple[Group, ...], *, batch: int, seq
         ldlq = {"ldlq (one tensor)": 5 * 8 * biggest[1] ** 2 + 3 * 4 * numel(biggest)} if biggest else {}
         if cuda:    # the float64 sums and H = sums / n live in host memory
             ph.peaks = {"forward": fwd, "ldlq": ldlq}
+            if shard and not offload and not phases:   # FSDP2's first pass (repq.distill.parallel.shard_student):
+                # one token forward and backward with every parameter trainable, fp32 gradients of all shards
+                ph.peaks["first backward"] = {"gradients (all tensors)": 4 * own(names),
+                                              "unsharded block grads": 6 * blk0}
             ph.host = {"float64 Σxxᵀ": sums, "H = Σxxᵀ / n": sums}
         else:
             ph.peaks = {"forward": fwd | {"float64 Σxxᵀ": sums},

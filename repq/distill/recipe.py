@@ -462,6 +462,7 @@ class Distiller:
             if opt is not None:   # the moments and the last step's gradients go before the next group's Hessians
                 opt.zero_grad(set_to_none=True)
                 opt = None
+            self._event({"event": "trained", "group": g.name, "global_step": gstep})   # before the checkpoint
             phase = "quantize"
             self._checkpoint(gi + 1, "quantize", 0, gstep, None)
             self._event({"event": "group_done", "group": g.name, "global_step": gstep})
