@@ -4,8 +4,9 @@
 Exit codes (and what maps to them):
 
     0    success
-    1    the operation failed: OperationError, a threshold gate, or an unexpected internal error
-         ("internal error, please report" with the one-line cause; REPQ_DEBUG=1 shows the traceback)
+    1    the operation failed: OperationError, a threshold gate, out of GPU or host memory (with what
+         to change), or an unexpected internal error ("internal error, please report" with the
+         one-line cause; REPQ_DEBUG=1 shows the traceback)
     2    bad usage or bad input: UsageError and its kinds, an unreadable file (OSError)
     130  interrupted by Ctrl-C (SIGINT); state saved where the command is resumable
     143  terminated by SIGTERM, handled like Ctrl-C (cleanup, state saved), as `kill` or a batch
@@ -76,6 +77,13 @@ def run_command(out: Output, fn: Callable[[], T]) -> T:
     except Exception as e:   # noqa: BLE001 - never a traceback for the user; the cause in one line
         if debug:
             raise
+        if type(e).__name__ == "OutOfMemoryError" or isinstance(e, MemoryError):   # torch's (CUDA) or the host's
+            where = "GPU" if type(e).__name__ == "OutOfMemoryError" else "host"
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            out.error(f"out of {where} memory{': ' + first if first else ''}",
+                      hint="`repq distill --plan` / `repq hessian --plan` predict each phase's peak; use a "
+                           "smaller --batch / --seq-len / --chunks, more GPUs (--shard) or --offload-optimizer")
+            raise typer.Exit(1) from None
         cause = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         out.error(f"internal error, please report: {type(e).__name__}{': ' + cause if cause else ''}",
                   hint="rerun with REPQ_DEBUG=1 for the traceback")

@@ -6,7 +6,8 @@ trainable after the group is frozen, N processes, n = batch / N × seq_len token
 d = n_embd, q = n_head · head_dim, f = n_ff, V = vocab, c = the compute dtype's bytes (2: bf16 on
 CUDA, 4: fp32 on CPU)::
 
-    teacher        2 P (CUDA: bf16; CPU: 4 P), whole on every process
+    teacher        2 P (CUDA: bf16; CPU: 4 P), whole on every process (--shard: its 1/N, plus its root's
+                   embedding and head, which stay gathered)
     student        4 P fp32 master weights (--shard: each process its 1/N of every tensor's rows)
     bf16 weights   CUDA without --shard: autocast's bf16 copy of every block weight, kept for backward
                    (--shard: FSDP2's gathered bf16 copies of the root and of two blocks at a time)
@@ -123,7 +124,6 @@ def distill_plan(cfg: ModelConfig, groups: tuple[Group, ...], *, batch: int, seq
     head = "token_embd.weight" if cfg.tied else "output.weight"
     n = batch // world * seq_len
     d, V, c = cfg.n_embd, cfg.n_vocab, 2 if cuda else 4
-    P = sum(numel(s) for s in shapes.values())
     blk_linear = sum(numel(s) for k, s in shapes.items() if k.startswith("blk.") and len(s) == 2)
     blk0 = sum(numel(s) for k, s in shapes.items() if k.startswith("blk.0."))
     root = sum(numel(s) for k, s in shapes.items() if not k.startswith("blk."))
@@ -131,9 +131,10 @@ def distill_plan(cfg: ModelConfig, groups: tuple[Group, ...], *, batch: int, seq
     def own(names_: list[str]) -> int:     # elements this process holds of these tensors
         return sum(_shard(shapes[k], world) if shard else numel(shapes[k]) for k in names_)
 
-    resident0 = {"teacher": c * P, "student (fp32)": 4 * own(names)}
+    resident0 = {"teacher": c * own(names), "student (fp32)": 4 * own(names)}
     if shard:   # FSDP2: the root's parameters stay gathered; blocks are gathered one (+ prefetch) at a time
         resident0["gathered root + 2 blocks"] = (2 if cuda else 4) * (root + 2 * blk0)
+        resident0["teacher's gathered root"] = c * root
     phases: list[Phase] = []
     frozen: set[str] = set()
     for g in groups:

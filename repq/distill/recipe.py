@@ -28,7 +28,9 @@ i on rank i mod world) and their bytes broadcast; rank 0 writes checkpoints and 
 ``--shard`` (FSDP2, under torchrun): the student is wrapped with ``fully_shard`` (each block a
 unit, the rest the root's), so its fp32 master parameters, gradients and AdamW moments are
 sharded over the ranks (on CUDA computed in bf16 through FSDP2's mixed-precision policy, gradients
-reduced in fp32); the teacher stays whole and bf16 on every rank.  Every rank runs the same number
+reduced in fp32); the teacher is sharded the same way (its bf16 weights as they are, no gradients:
+each rank holds 1/N of every block and gathers one block at a time in its forward; the root's
+embedding and head stay gathered after the first).  Every rank runs the same number
 of Hessian forward passes (FSDP2's all-gathers are collectives; a rank short of a batch repeats one
 and drops its statistics).  Quantization goes in rounds of ``world`` tensors: each tensor's whole
 weight is gathered on every rank, rank j quantizes the round's j-th, the bytes are broadcast, and
@@ -72,7 +74,15 @@ from .checkpoint import STATE_FILE, dcp_load_model, dcp_load_optimizer, dcp_save
 from .config import DistillConfig, DistillResult, RunOptions, batch_indices, hessian_indices, lr_at
 from .groups import Group
 from .kl import autocast, distill_loss
-from .parallel import GradAverager, full_value, lockstep, process_group, set_value, shard_student
+from .parallel import (
+    GradAverager,
+    full_value,
+    lockstep,
+    process_group,
+    set_value,
+    shard_student,
+    shard_teacher,
+)
 
 LOG_EVERY = 10   #: steps between metric logs (each costs one device sync)
 METRICS_FILE = "metrics.jsonl"
@@ -116,6 +126,7 @@ class Distiller:
             if self.dist is None:
                 raise UsageError("--shard needs a process group (the command makes one, or torchrun's)")
             shard_student(self.student, dev, self.rt.offload_optimizer)
+            shard_teacher(self.teacher)
         self.names = list(self.plans)
         self.params = dict(self.student.named_parameters())       # GGUF name → Parameter (tied: token_embd)
         self.frozen: dict[str, np.ndarray] = {}                   # GGUF name → ggml bytes

@@ -50,6 +50,13 @@ def test_error_table(capsys):
     assert _exit_code(raise_(FileNotFoundError(2, "No such file", "x.gguf")), capsys)[0] == 2
     code, err = _exit_code(raise_(ValueError("something odd\nsecond line")), capsys)
     assert code == 1 and "internal error, please report: ValueError: something odd" in err
+    import torch
+
+    code, err = _exit_code(raise_(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 502.00 MiB")), capsys)
+    assert code == 1 and "out of GPU memory: CUDA out of memory. Tried to allocate 502.00 MiB" in err
+    assert "internal error" not in err and "--plan" in err
+    code, err = _exit_code(raise_(MemoryError()), capsys)
+    assert code == 1 and "out of host memory" in err
     assert "second line" not in err and "Traceback" not in err
     assert _exit_code(raise_(KeyboardInterrupt()), capsys)[0] == 130
 

@@ -52,7 +52,8 @@ def test_named_shapes_and_shape_files(tmp_path):
 
 def test_plan_terms_follow_the_groups():
     """Moments and gradients count exactly the tensors not yet frozen; memory falls group by group;
-    sharding divides master weights, gradients and moments by N but not the teacher."""
+    sharding divides master weights, gradients, moments and the teacher by N (the teacher's gathered
+    embedding and head beside it)."""
     cfg = shape_config("llama3-8b")
     groups = parse_groups(None)
     plan = distill_plan(cfg, groups, batch=1, seq_len=2048)
@@ -64,7 +65,9 @@ def test_plan_terms_follow_the_groups():
     assert all(a.peak > b.peak for a, b in zip(train, train[1:], strict=False))
     sh = distill_plan(cfg, groups, batch=2, seq_len=2048, world=2, shard=True)
     t0 = [p for p in sh if p.phase == "train"][0]
-    assert t0.resident["teacher"] == train[0].resident["teacher"]
+    assert t0.resident["teacher"] == pytest.approx(train[0].resident["teacher"] / 2, rel=1e-3)
+    root = sum(math.prod(s) for k, s in shapes.items() if not k.startswith("blk."))
+    assert t0.resident["teacher's gathered root"] == 2 * root
     assert t0.resident["AdamW moments"] == pytest.approx(train[0].resident["AdamW moments"] / 2, rel=1e-3)
     assert t0.resident["student (fp32)"] == pytest.approx(train[0].resident["student (fp32)"] / 2, rel=1e-3)
     assert t0.peaks["forward"]["activations"] == train[0].peaks["forward"]["activations"]   # 1 sequence each

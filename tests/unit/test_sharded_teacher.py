@@ -1,0 +1,57 @@
+"""The FSDP2-sharded teacher of `repq distill --shard` (repq.distill.parallel.shard_teacher), on 2 gloo
+processes: each rank holds half of every block, a forward gives the unsharded model's output exactly,
+blocks are sharded again after it, and the head the fused KL reads is whole."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    from support.models import random_model
+    from torch.distributed.tensor import DTensor
+
+    from repq.distill.parallel import shard_teacher
+    from repq.model.config import ModelConfig
+
+    cfg = ModelConfig(arch="llama", n_layer=3, n_embd=32, n_ff=64, n_head=4, n_head_kv=2, n_vocab=50)
+    whole = random_model(cfg, seed=0).requires_grad_(False)
+    teacher = random_model(cfg, seed=0).requires_grad_(False)
+    shard_teacher(teacher)
+    blk = dict(teacher.blk[1].named_parameters())
+    res = {"sharded_before": all(isinstance(p, DTensor) for p in blk.values()),
+           "local_rows": {n: p.to_local().shape[0] for n, p in blk.items()},
+           "full_rows": {n: p.shape[0] for n, p in blk.items()}}
+    tokens = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        res["equal"] = bool(torch.equal(teacher(tokens, head=False), whole(tokens, head=False)))
+    res["sharded_after"] = all(isinstance(p, DTensor) for p in teacher.blk[1].parameters())
+    w = teacher.output.weight
+    res["head_whole"] = not isinstance(w, DTensor) and torch.equal(w, whole.output.weight)
+    if rank == 0:
+        torch.save(res, out)
+    dist.destroy_process_group()
+
+
+def test_sharded_teacher_holds_half_and_computes_the_same(tmp_path):
+    out = str(tmp_path / "res.pt")
+    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    r = torch.load(out)
+    assert r["sharded_before"] and r["sharded_after"]
+    assert r["local_rows"] == {n: -(-rows // 2) for n, rows in r["full_rows"].items()}
+    assert r["equal"]
+    assert r["head_whole"]
