@@ -125,7 +125,7 @@ def ldlq_quantize(w: np.ndarray | torch.Tensor, h: np.ndarray | torch.Tensor, gt
     raw = grid.pack(res.codes)
     tick("pack")
     if do_refit:
-        raw = refit_mod.refit_scales(raw, w_np, ht, gtype)
+        raw = refit_mod.refit_scales(raw, wt, ht, gtype, codes=res.codes)
         tick("refit")
     values = grid.decode(raw)
     tick("decode")
