@@ -6,6 +6,7 @@
 #   gen      the model (16 GB, drawn on the GPU) and 64 random sequences of 2048 tokens
 #   plan     `repq distill --plan --json` for both runs below
 #   shard2   torchrun --nproc-per-node 2 ... --shard (FSDP2 over NCCL), batch 2 (1 per GPU), every group
+#   shard2c  the same with --compile (torch.compile'd blocks under FSDP2)
 #   shard1   one GPU, FSDP2 as a group of one, batch 1, SHARD1_GROUPS (ffn_up): the baseline of the 1 → 2 scaling
 #   offload1 one GPU, --offload-optimizer (FSDP2 CPUOffloadPolicy, group of one), batch 1, every group
 #   report   per group: measured peak (torch.cuda.max_memory_allocated, rank 0) beside the plan's, peak
@@ -100,6 +101,8 @@ distill_run() {   # tag nproc batch extra...: resumes a cut run; the result JSON
 
 # CAP: the plan is conservative (9-10 % above the measured peaks at 32 blocks), hence --ignore-plan
 shard2() { distill_run shard2 2 2 --shard --steps-per-group $STEPS ${CAP:+--gpu-memory $CAP --ignore-plan}; }
+# the same with torch.compile'd blocks (FSDP2 + compile has run on CPU processes only; not the default)
+shard2c() { distill_run shard2c 2 2 --shard --compile --steps-per-group $STEPS ${CAP:+--gpu-memory $CAP --ignore-plan}; }
 offload1() { distill_run offload1 1 1 --offload-optimizer --steps-per-group $OFFLOAD_STEPS; }
 # the one-GPU baseline of the scaling (per-GPU batch 1, as shard2): FSDP2 as a group of one; SHARD1_GROUPS
 # only (ffn_up: the largest trainable set; 121.5 GiB planned)
@@ -117,8 +120,11 @@ print(f"Random Llama-3-8B shape (N = {N:,} parameters), seq 2048; peak = torch.c
 print("| run | group | phase | measured GiB | plan GiB | nvidia-smi max GiB | tokens/s | MFU | KL first → last step |")
 print("|---|---|---|---:|---:|---:|---:|---:|---|")
 speed = {}
-for tag, gpus in (("shard2", 2), ("shard1", 1), ("offload1", 1)):
-    plan = json.loads((W / f"plan_{tag}.json").read_text()) if (W / f"plan_{tag}.json").exists() else {"phases": []}
+for tag, gpus in (("shard2", 2), ("shard2c", 2), ("shard1", 1), ("offload1", 1)):
+    if tag == "shard2c" and not (W / "shard2c.err").exists():
+        continue
+    ptag = "shard2" if tag == "shard2c" else tag
+    plan = json.loads((W / f"plan_{ptag}.json").read_text()) if (W / f"plan_{ptag}.json").exists() else {"phases": []}
     pred = {(p["group"], p["phase"]): p["peak_bytes"] for p in plan["phases"]}
     err = (W / f"{tag}.err").read_text() if (W / f"{tag}.err").exists() else ""
     mem = re.findall(r"^memory: (\S+) (\S+) peak ([0-9.]+) GiB", err, re.M)
@@ -165,7 +171,7 @@ for (tag, g), t in speed.items():   # 1 -> 2 GPU scaling at a fixed per-GPU batc
 PY
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 PHASE... (setup gen plan shard2 shard1 offload1 report clean; one or two per call: 540 s)"; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 PHASE... (setup gen plan shard2 shard2c shard1 offload1 report clean; one or two per call: 540 s)"; exit 2; }
 phases=$*
 for p in $phases; do
   echo "== $p $(date +%T)"; $p

@@ -38,7 +38,7 @@ def distill(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint in --checkpoint-dir.")] = False,
     keep_checkpoint: Annotated[bool, typer.Option("--keep-checkpoint", help="Keep the last checkpoint after OUT is written.")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (torchrun: cuda:LOCAL_RANK).")] = "auto",
-    compile_: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the student's blocks (CUDA only).")] = True,
+    compile_: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the student's and teacher's blocks (CUDA only; default: on, except with --shard / --offload-optimizer, where FSDP2 with compiled blocks has run on CPU processes only).", show_default=False)] = None,
     shard: Annotated[bool, typer.Option("--shard", help="FSDP2: shard the student, its gradients and AdamW state over torchrun's processes (one process: a group of one); checkpoints reshard on resume.")] = False,
     offload_optimizer: Annotated[bool, typer.Option("--offload-optimizer", help="FSDP2 with CPU offload (implies --shard): the fp32 master weights, gradients and AdamW state live in host memory and the optimizer steps there; the GPU holds the teacher, one gathered bf16 block at a time and the activations.")] = False,
     vocab: Annotated[Path | None, typer.Option("--vocab", help="A GGUF of the same model to tokenize with.")] = None,

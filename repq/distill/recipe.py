@@ -135,7 +135,8 @@ class Distiller:
         self.metrics: list[dict] = []
         self._dcp_slot = 0
         self._dcp_optim: str | None = None   # a sharded checkpoint's optimizer state, loaded with the optimizer
-        if self.rt.compile and dev.startswith("cuda") and not self.sharded:
+        compile_ = self.rt.compile if self.rt.compile is not None else not self.sharded
+        if compile_ and dev.startswith("cuda"):   # --shard: FSDP2-wrapped blocks compiled (run on CPU processes only)
             self.student.compile_blocks()
             self.teacher.compile_blocks()
         for m in self.cfg.groups:
