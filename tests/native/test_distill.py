@@ -179,8 +179,28 @@ def test_llama_cpp_logits_equal_the_torch_student(tiny, tmp_path):
         assert emu.calls["attention"] == (student.cfg.n_layer if kw.get("kv_f16") else 0)
         assert set(emu.keys.values()) == set(trace), "llama.cpp and the torch student read different weights"
 
+        def tie_tokens() -> np.ndarray:
+            """Tokens whose input to some Q8_0 matmul has an element exactly at a rounding tie:
+            x · 127 / amax at n + 0.5 rounds to even in ggml's x86 path and away from zero in its
+            reference (measured: one exact tie in 96 × 256 once went the other way), so that token's
+            later values may differ by one code; the checks leave such tokens out (at most 2)."""
+            tie = np.zeros(len(ids), bool)
+            for k, (x, _) in trace.items():
+                if k[0] == "MUL_MAT":
+                    b = torch.from_numpy(np.asarray(x, np.float32)).reshape(len(ids), -1, 32)
+                    amax = b.abs().amax(-1, keepdim=True)
+                    q = b * torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+                    tie |= (q - q.floor() == 0.5).flatten(1).any(-1).numpy()
+            assert tie.sum() <= 2, int(tie.sum())
+            return ~tie
+
+        keep = tie_tokens() if kw.get("emulate", True) else np.ones(len(ids), bool)
+
         def rel(got, ref):
-            return float(np.abs(got.reshape(ref.shape).numpy() - ref).max() / np.abs(ref).max())
+            d = np.abs(got.reshape(ref.shape).numpy() - ref)
+            if d.size % len(ids) == 0 and d.reshape(len(ids), -1).shape[0] == len(ids):
+                d = d.reshape(len(ids), -1)[keep]
+            return float(d.max() / np.abs(ref).max())
 
         return ({k: rel(emu.outputs[k], y) for k, (_, y) in trace.items()},
                 {k: rel(emu.incoming[k], x) for k, (x, _) in trace.items() if k in emu.incoming})

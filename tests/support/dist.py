@@ -17,3 +17,22 @@ def torchrun(*args, nproc: int = 2, port_offset: int = 0) -> list[str]:
 def gloo_env() -> dict[str, str]:
     """One thread per process, gloo on the loopback interface."""
     return os.environ | {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now (for an ``mp.spawn``-ed process group)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_gloo(rank: int, world: int, port: int) -> None:
+    """Join a gloo process group of ``world`` spawned processes on the loopback interface, one thread each."""
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)

@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import socket
-
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from support.dist import free_port, init_gloo
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+    init_gloo(rank, world, port)
     from support.models import random_model
 
     from repq.distill.parallel import GradAverager, average_gradients
@@ -53,7 +43,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 def test_overlapped_buckets_equal_flat_all_reduce(tmp_path):
     out = str(tmp_path / "grads.pt")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), out), nprocs=2, join=True)
     flat, overlapped = torch.load(out)
     assert len(flat) == len(overlapped)
     for a, b in zip(flat, overlapped, strict=True):

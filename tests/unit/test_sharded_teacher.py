@@ -4,24 +4,14 @@ blocks are sharded again after it, and the head the fused KL reads is whole."""
 
 from __future__ import annotations
 
-import os
-import socket
-
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from support.dist import free_port, init_gloo
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+    init_gloo(rank, world, port)
     from support.models import random_model
     from torch.distributed.tensor import DTensor
 
@@ -49,7 +39,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 def test_sharded_teacher_holds_half_and_computes_the_same(tmp_path):
     out = str(tmp_path / "res.pt")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), out), nprocs=2, join=True)
     r = torch.load(out)
     assert r["sharded_before"] and r["sharded_after"]
     assert r["local_rows"] == {n: -(-rows // 2) for n, rows in r["full_rows"].items()}
