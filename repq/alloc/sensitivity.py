@@ -210,7 +210,7 @@ def predicted(c: dict, e: dict) -> float:
 def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | None = None,
             imatrix_path: str | None = None, ldlq=None, device: str = "cpu", threads: int | None = None,
             probe=None, measure: str = "probe", probe_bpw: float = 4.0, kl_config: dict | None = None,
-            proxy: str = "ldlq", sample_per_group: int = 1,
+            proxy: str = "ldlq", sample_per_group: int = 1, ref_rows: int = 256,
             on_tensor: Callable[[str, int, int], None] | None = None) -> Sensitivity:
     """Quantize every quantizable tensor of ``src`` (a GGUF) to every candidate type and measure the cost.
 
@@ -229,6 +229,10 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
             (LDLQ on the type nearest ``probe_bpw`` and on every type of ``sample_per_group``
             tensors per candidate list, ggml's quantizer scaled by the measured LDLQ gain on the
             rest: :mod:`repq.alloc.estimate`).
+        ref_rows: ``estimate``: a tensor of more than twice this many rows, not a sample and not
+            KL-probed, takes LDLQ at its reference type on this many evenly spaced rows only (LDLQ's
+            rows are independent given H); its reference cost is ggml's whole-tensor cost × LDLQ's
+            gain over ggml on those rows (method ``estimate (rows)``).
         on_tensor: progress: (tensor name, index, total).
 
     Raises:
@@ -298,9 +302,23 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
                 refs[p.name], ggml_costs[p.name] = ref, {}
                 diag = importance_rules.from_hessian(h)
                 h32 = np.asarray(h.cpu().numpy() if hasattr(h, "cpu") else h, np.float32)
+            # the reference type on a subset of rows (see ref_rows), where its whole LDLQ is not needed
+            rows = (np.unique(np.linspace(0, w.shape[0] - 1, ref_rows).round().astype(np.int64))
+                    if estimating and p.name not in sample and ref not in measured and w.shape[0] > 2 * ref_rows
+                    and _experts(t) == 1 else None)
             for ty in ctypes:
                 tid = type_id(ty)
                 exact = not estimating or ty == ref or p.name in sample or tid == F16   # F16: no LDLQ grid
+                if exact and ty == ref and rows is not None and tid != F16:
+                    g_res = quantize_tensor(_plan(p, tid), w, importance=diag, threads=threads)
+                    ggml_costs[p.name][ty] = g_all = _cost32(w, g_res.values, h32)
+                    sub = quantize_tensor(_plan(p, tid), w[rows], hessian=h, ldlq=ldlq, device=device,
+                                          threads=threads)
+                    g_sub = _cost32(w[rows], g_res.values[rows], h32)
+                    l_sub = proxy_cost(w[rows], sub.values, hessian=h)
+                    cands[ty] = {"bytes": t.n_rows * row_size(tid, t.n_per_row), "method": "estimate (rows)",
+                                 "cost": g_all * l_sub / g_sub if g_sub > 0 else g_all}
+                    continue
                 if exact:
                     res = quantize_tensor(_plan(p, tid), w, hessian=h, importance=imp,
                                           ldlq=ldlq if hessian_dir else None, experts=_experts(t), device=device,

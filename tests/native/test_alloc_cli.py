@@ -293,6 +293,28 @@ def test_sensitivity_calibrated_against_measured_kl(hfiles, tmp_path):
         assert r.exit_code == 2 and match in r.stderr.replace("\n", " ") and not (tmp_path / "bad.json").exists()
 
 
+def test_reference_cost_from_a_subset_of_rows(hfiles):
+    """--proxy estimate: a tensor of many rows takes LDLQ at its reference type on ``ref_rows`` evenly
+    spaced rows; its cost is ggml's whole-tensor cost times LDLQ's gain on those rows, close to the
+    exact whole-tensor LDLQ cost (rows are independent given H).  Samples stay exact."""
+    from repq.alloc.sensitivity import compute
+
+    kw = dict(types=["Q4_0", "Q5_0", "Q8_0"], hessian_dir=str(hfiles / "h"), proxy="estimate", threads=1)
+    exact = compute(hfiles / "m.gguf", **kw, ref_rows=10**9)
+    rows = compute(hfiles / "m.gguf", **kw, ref_rows=64)
+    sample = set(rows.config["estimate"]["sample"])
+    n = 0
+    for name, e in rows.tensors.items():
+        c, x = e["candidates"]["Q4_0"], exact.tensors[name]["candidates"]["Q4_0"]
+        assert x["method"] == "ldlq"
+        if name in sample or e["shape"][1] <= 128:
+            assert c["method"] == "ldlq" and c["cost"] == x["cost"]
+        else:
+            n += 1
+            assert c["method"] == "estimate (rows)" and c["cost"] == pytest.approx(x["cost"], rel=0.25), name
+    assert n >= 3
+
+
 def test_estimated_proxy_costs(hfiles, tmp_path):
     """--proxy estimate: the reference type (nearest --kl-bpw) and the sample tensor keep the exact
     LDLQ costs, the others are estimates and say so; bytes as exact; the file records its mode and
