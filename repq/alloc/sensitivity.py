@@ -232,7 +232,8 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
         ref_rows: ``estimate``: a tensor of more than twice this many rows, not a sample and not
             KL-probed, takes LDLQ at its reference type on this many evenly spaced rows only (LDLQ's
             rows are independent given H); its reference cost is ggml's whole-tensor cost × LDLQ's
-            gain over ggml on those rows (method ``estimate (rows)``).
+            gain over ggml on those rows (method ``estimate (rows)``), and ggml's costs of its other
+            types are taken on those rows, × ggml's whole/rows cost ratio at the reference type.
         on_tensor: progress: (tensor name, index, total).
 
     Raises:
@@ -306,7 +307,8 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
             rows = (np.unique(np.linspace(0, w.shape[0] - 1, ref_rows).round().astype(np.int64))
                     if estimating and p.name not in sample and ref not in measured and w.shape[0] > 2 * ref_rows
                     and _experts(t) == 1 else None)
-            for ty in ctypes:
+            row_scale = None   # ggml's whole-tensor cost / its cost on the rows, at the reference type
+            for ty in ([ref] + [x for x in ctypes if x != ref]) if rows is not None else ctypes:
                 tid = type_id(ty)
                 exact = not estimating or ty == ref or p.name in sample or tid == F16   # F16: no LDLQ grid
                 if exact and ty == ref and rows is not None and tid != F16:
@@ -316,8 +318,14 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
                                           threads=threads)
                     g_sub = _cost32(w[rows], g_res.values[rows], h32)
                     l_sub = proxy_cost(w[rows], sub.values, hessian=h)
+                    row_scale = g_all / g_sub if g_sub > 0 else None
                     cands[ty] = {"bytes": t.n_rows * row_size(tid, t.n_per_row), "method": "estimate (rows)",
                                  "cost": g_all * l_sub / g_sub if g_sub > 0 else g_all}
+                    continue
+                if estimating and not exact and row_scale is not None:   # ggml on the rows too, scaled
+                    g_res = quantize_tensor(_plan(p, tid), w[rows], importance=diag, threads=threads)
+                    ggml_costs[p.name][ty] = _cost32(w[rows], g_res.values, h32) * row_scale
+                    cands[ty] = {"bytes": t.n_rows * row_size(tid, t.n_per_row), "cost": 0.0, "method": "estimate"}
                     continue
                 if exact:
                     res = quantize_tensor(_plan(p, tid), w, hessian=h, importance=imp,
@@ -333,7 +341,8 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
                                      "method": "estimate"}
                 if ty in measured:
                     cands[ty]["kl"] = probe.kl(p.name, res.values.reshape(tuple(reversed(t.shape))))
-            sens.tensors[p.name] = {"shape": list(t.shape), "scale": 1.0, "candidates": cands}
+            sens.tensors[p.name] = {"shape": list(t.shape), "scale": 1.0,
+                                    "candidates": {ty: cands[ty] for ty in ctypes if ty in cands}}
         if estimating:
             sens.config["estimate"] = estimate.fill(sens.tensors, ggml_costs, refs, groups, sample)
         if probe is not None:
