@@ -26,7 +26,7 @@ def sensitivity(
     ctx_size: Annotated[int, typer.Option("--ctx-size", "-c", help="--kl-data: tokens per chunk.")] = 512,
     kl_measure: Annotated[str, typer.Option("--kl-measure", help="--kl-data: probe (each tensor at the candidate nearest --kl-bpw; scales its costs) | all (every candidate measured; the allocator uses those KLs).")] = "probe",
     kl_bpw: Annotated[float, typer.Option("--kl-bpw", help="--kl-measure probe: bits per weight of the probe type.")] = 4.0,
-    proxy: Annotated[str, typer.Option("--proxy", help="--hessian: ldlq (LDLQ on every tensor × type: the exact costs) | estimate (LDLQ on the type nearest --kl-bpw and on every type of one sample tensor per candidate list; the other types' costs are ggml's quantizer's error under H times the LDLQ gain measured there: ~4× faster on CPU, see repq/alloc/estimate.py).")] = "ldlq",
+    proxy: Annotated[str, typer.Option("--proxy", help="--hessian: ldlq (LDLQ on every tensor × type: the exact costs) | estimate (LDLQ on the type nearest --kl-bpw and on every type of one sample tensor per candidate list; the other types' costs are ggml's quantizer's error under H times the LDLQ gain measured there, on 256 rows of each tensor of more than 512: ~5× faster on CPU, see repq/alloc/estimate.py).")] = "ldlq",
     device: Annotated[str, typer.Option(help="LDLQ and the KL probe: torch device (cpu, cuda, cuda:1).")] = "cpu",
     threads: ThreadsOpt = 0,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Convert a Hugging Face folder whose JSON names custom code.")] = False,
