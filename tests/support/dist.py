@@ -36,3 +36,25 @@ def init_gloo(rank: int, world: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
+
+
+def _gloo_main(rank: int, world: int, port: int, out: str, fn) -> None:
+    import torch
+    import torch.distributed as dist
+
+    init_gloo(rank, world, port)
+    result = fn(rank, world)
+    if rank == 0:
+        torch.save(result, out)
+    dist.destroy_process_group()
+
+
+def run_on_gloo(fn, tmp_path, world: int = 2):
+    """``fn(rank, world)`` (a module-level function) in ``world`` spawned processes of a gloo group;
+    returns rank 0's result."""
+    import torch
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "rank0.pt")
+    mp.spawn(_gloo_main, args=(world, free_port(), out, fn), nprocs=world, join=True)
+    return torch.load(out)

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from support.dist import free_port, init_gloo
+from support.dist import run_on_gloo
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    init_gloo(rank, world, port)
+def _worker(rank: int, world: int):
     from support.models import random_model
 
     from repq.distill.parallel import GradAverager, average_gradients
@@ -36,15 +34,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         if avg is not None:
             assert len(avg.buckets) > 3
             avg.remove()
-    if rank == 0:
-        torch.save(results, out)
-    dist.destroy_process_group()
+    return results
 
 
 def test_overlapped_buckets_equal_flat_all_reduce(tmp_path):
-    out = str(tmp_path / "grads.pt")
-    mp.spawn(_worker, args=(2, free_port(), out), nprocs=2, join=True)
-    flat, overlapped = torch.load(out)
+    flat, overlapped = run_on_gloo(_worker, tmp_path)
     assert len(flat) == len(overlapped)
     for a, b in zip(flat, overlapped, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -5,13 +5,10 @@ blocks are sharded again after it, and the head the fused KL reads is whole."""
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from support.dist import free_port, init_gloo
+from support.dist import run_on_gloo
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    init_gloo(rank, world, port)
+def _worker(rank: int, world: int):
     from support.models import random_model
     from torch.distributed.tensor import DTensor
 
@@ -32,15 +29,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     res["sharded_after"] = all(isinstance(p, DTensor) for p in teacher.blk[1].parameters())
     w = teacher.output.weight
     res["head_whole"] = not isinstance(w, DTensor) and torch.equal(w, whole.output.weight)
-    if rank == 0:
-        torch.save(res, out)
-    dist.destroy_process_group()
+    return res
 
 
 def test_sharded_teacher_holds_half_and_computes_the_same(tmp_path):
-    out = str(tmp_path / "res.pt")
-    mp.spawn(_worker, args=(2, free_port(), out), nprocs=2, join=True)
-    r = torch.load(out)
+    r = run_on_gloo(_worker, tmp_path)
     assert r["sharded_before"] and r["sharded_after"]
     assert r["local_rows"] == {n: -(-rows // 2) for n, rows in r["full_rows"].items()}
     assert r["equal"]
