@@ -17,7 +17,7 @@ cost, every sample tensor's costs and F16 (no LDLQ grid: ggml's conversion is th
 exact, and say so in ``method``, except on tensors of more than 2 · ``ref_rows`` rows
 (:func:`repq.alloc.sensitivity.compute`): there LDLQ at the reference type and ggml at the other
 types run on ``ref_rows`` evenly spaced rows, scaled by ggml's whole-tensor / rows cost at the
-reference type (``estimate (rows)``; on the reference model 2.9× one quantization instead of 3.5–4.3×).
+reference type (``estimate (rows)``; on the reference model 2.9–3.2× one quantization instead of 3.5–4.3×).
 """
 
 from __future__ import annotations
