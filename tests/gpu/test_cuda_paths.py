@@ -92,3 +92,31 @@ def test_cuda_hessian_equals_xtx(dtype, n_embd, n_ff):
         ref = xs[g.key].T @ xs[g.key]
         torch.testing.assert_close(s, ref, rtol=1e-5, atol=1e-4 * float(ref.diagonal().max()))
         assert acc.counts[g.key] == 3 * 64
+
+
+def test_gpu_memory_cap_refuses_what_a_smaller_gpu_could_not_hold():
+    """--gpu-memory on a larger GPU (repq.runtime.cap_gpu_memory): 2 GiB allocate under a 3 GiB cap,
+    4 GiB more do not (the allocator frees its cache first, then raises as the smaller GPU would);
+    the refit of legacy-type scales on the device writes the CPU's bytes but for rare ties."""
+    from repq import runtime
+    from repq.quant.refit import refit_scales
+
+    dev = torch.device("cuda")
+    torch.cuda.empty_cache()
+    try:
+        assert runtime.cap_gpu_memory("cuda", 3 << 30) is not None
+        a = torch.empty(2 << 30, dtype=torch.uint8, device=dev)
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.empty(4 << 30, dtype=torch.uint8, device=dev)
+        del a
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, dev)
+        torch.cuda.empty_cache()
+    w, h = correlated_layer(256, 40, 2048, seed=3)
+    gtype = type_id("Q4_0")
+    grid = GgmlGrid(gtype, *w.shape, np.diagonal(h).astype(np.float32).copy())
+    grid.fit_all(torch.from_numpy(w))
+    raw = grid.raw.reshape(w.shape[0], -1).copy()
+    ht = torch.as_tensor(h, dtype=torch.float64)
+    on_gpu, on_cpu = refit_scales(raw, w, ht.to(dev), gtype), refit_scales(raw, w, ht, gtype)
+    assert (on_gpu == on_cpu).all(-1).mean() >= 0.95   # float64 sums in another order: a rare tie apart
