@@ -310,6 +310,7 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
             row_scale = None   # ggml's whole-tensor cost / its cost on the rows, at the reference type
             for ty in ([ref] + [x for x in ctypes if x != ref]) if rows is not None else ctypes:
                 tid = type_id(ty)
+                nbytes = t.n_rows * row_size(tid, t.n_per_row)
                 exact = not estimating or ty == ref or p.name in sample or tid == F16   # F16: no LDLQ grid
                 if exact and ty == ref and rows is not None and tid != F16:
                     g_res = quantize_tensor(_plan(p, tid), w, importance=diag, threads=threads)
@@ -319,25 +320,25 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
                     g_sub = _cost32(w[rows], g_res.values[rows], h32)
                     l_sub = proxy_cost(w[rows], sub.values, hessian=h)
                     row_scale = g_all / g_sub if g_sub > 0 else None
-                    cands[ty] = {"bytes": t.n_rows * row_size(tid, t.n_per_row), "method": "estimate (rows)",
+                    cands[ty] = {"bytes": nbytes, "method": "estimate (rows)",
                                  "cost": g_all * l_sub / g_sub if g_sub > 0 else g_all}
                     continue
                 if estimating and not exact and row_scale is not None:   # ggml on the rows too, scaled
                     g_res = quantize_tensor(_plan(p, tid), w[rows], importance=diag, threads=threads)
                     ggml_costs[p.name][ty] = _cost32(w[rows], g_res.values, h32) * row_scale
-                    cands[ty] = {"bytes": t.n_rows * row_size(tid, t.n_per_row), "cost": 0.0, "method": "estimate"}
+                    cands[ty] = {"bytes": nbytes, "cost": 0.0, "method": "estimate"}
                     continue
                 if exact:
                     res = quantize_tensor(_plan(p, tid), w, hessian=h, importance=imp,
                                           ldlq=ldlq if hessian_dir else None, experts=_experts(t), device=device,
                                           threads=threads)
                     cost = proxy_cost(w, res.values, hessian=h, importance=None if h is not None else imp)
-                    cands[ty] = {"bytes": t.n_rows * row_size(tid, t.n_per_row), "cost": cost, "method": res.method}
+                    cands[ty] = {"bytes": nbytes, "cost": cost, "method": res.method}
                 if estimating:   # ggml's quantizer, importance diag(H), its error under the full H
                     g_res = quantize_tensor(_plan(p, tid), w, importance=diag, threads=threads)
                     ggml_costs[p.name][ty] = _cost32(w, g_res.values, h32)
                     if not exact:
-                        cands[ty] = {"bytes": t.n_rows * row_size(tid, t.n_per_row), "cost": 0.0,
+                        cands[ty] = {"bytes": nbytes, "cost": 0.0,
                                      "method": "estimate"}
                 if ty in measured:
                     cands[ty]["kl"] = probe.kl(p.name, res.values.reshape(tuple(reversed(t.shape))))

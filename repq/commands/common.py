@@ -77,8 +77,9 @@ def run_command(out: Output, fn: Callable[[], T]) -> T:
     except Exception as e:   # noqa: BLE001 - never a traceback for the user; the cause in one line
         if debug:
             raise
-        if type(e).__name__ == "OutOfMemoryError" or isinstance(e, MemoryError):   # torch's (CUDA) or the host's
-            where = "GPU" if type(e).__name__ == "OutOfMemoryError" else "host"
+        gpu = type(e).__name__ == "OutOfMemoryError"   # torch's (CUDA); MemoryError: the host's
+        if gpu or isinstance(e, MemoryError):
+            where = "GPU" if gpu else "host"
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
             out.error(f"out of {where} memory{': ' + first if first else ''}",
                       hint="`repq distill --plan` / `repq hessian --plan` predict each phase's peak; use a "

@@ -112,7 +112,7 @@ def ldlq_quantize(w: np.ndarray | torch.Tensor, h: np.ndarray | torch.Tensor, gt
         res = ldlq(wt, ht, grid.fit, qk=lay.qk, sub=lay.sub, levels=levels, damp=damp, act_order=act_order,
                    loss=False, timer=timer)
     do_refit = refit and refit_mod.supported(gtype)
-    w_np = wt.cpu().numpy() if scales != "static" or do_refit else None   # for ggml and refit
+    w_np = wt.cpu().numpy() if scales != "static" else None   # ggml's own quantization (the refit runs on wt's device)
     base_t = None
     if not isinstance(grid, GgmlGrid):  # a torch grid: stays on the device
         base_t = grid.baseline_values()
