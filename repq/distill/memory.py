@@ -154,11 +154,11 @@ def distill_plan(cfg: ModelConfig, groups: tuple[Group, ...], *, batch: int, seq
                 # one token forward and backward with every parameter trainable, fp32 gradients of all shards
                 ph.peaks["first backward"] = {"gradients (all tensors)": 4 * own(names),
                                               "unsharded block grads": 6 * blk0}
-            ph.host = {"float64 Σxxᵀ": sums, "H = Σxxᵀ / n": sums}
+            ph.host = {"float64 Σxxᵀ (H = Σxxᵀ / n in place)": sums}
         else:
             ph.peaks = {"forward": fwd | {"float64 Σxxᵀ": sums},
-                        "H": {"fp32 Hessian bands": bands, "float64 Σxxᵀ": sums, "H = Σxxᵀ / n": sums},
-                        "ldlq": ldlq | {"H = Σxxᵀ / n": sums}}
+                        "H": {"fp32 Hessian bands": bands, "float64 Σxxᵀ": sums},
+                        "ldlq": ldlq | {"H = Σxxᵀ / n (in place)": sums}}
         phases.append(ph)
         frozen |= set(members)
         # --- training

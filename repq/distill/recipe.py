@@ -276,14 +276,16 @@ class Distiller:
                                    acc.add if real else (lambda g, x: None))
                 if real:
                     acc.end_batch()
-        if self.dist is not None:
-            all_reduce_sums(acc, torch.device(self.device))
+        if self.dist is not None:   # each sum goes to the ranks that quantize its consumers
+            owner = {m: i % self.world for i, m in enumerate(members)}   # :meth:`_quantize_group`'s rounds
+            all_reduce_sums(acc, torch.device(self.device),
+                            owners={g.key: {owner[c] for c in g.consumers if c in owner} for g in groups})
         acc.mirror()
         out = {}
         for g in groups:
-            h = acc.sums[g.key] / max(1, acc.counts[g.key])
-            for c in g.consumers:
-                out[c] = h
+            if g.key in acc.sums:   # H = S / n in place: the host holds each H once
+                h = acc.sums[g.key].div_(max(1, acc.counts[g.key]))
+                out.update({c: h for c in g.consumers})
         return out
 
     def _quantize_one(self, name: str, w: np.ndarray, h: torch.Tensor | None) -> tuple[TensorResult, dict]:

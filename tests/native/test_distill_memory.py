@@ -121,15 +121,18 @@ def test_next_groups_hessians_start_without_the_last_groups_training_state(tmp_p
 
 @pytest.mark.parametrize("groups", ["ffn_down", "attn_v", "embd"])
 def test_hessian_phase_bytes_match_the_plan(tmp_path, native, groups):
-    """A group's online Hessians: fp32 bands, float64 sums and H = sums / n exactly as planned, the
-    forward pass's working set (an estimate) within 10 % of the whole."""
+    """A group's online Hessians: fp32 bands and float64 sums exactly as planned, H = sums / n in place
+    (a copy, as there was, would put the peak 8 · dim² bytes per input above the plan), and the
+    forward pass's working set (an estimate, on the high side) within 12 % of the whole."""
     d, dc, mcfg = _distiller(tmp_path, {"groups": parse_groups(groups)}, tied=False, n_ff=1024)
     with LiveBytes() as lb:
         d._hessians(0, dc.groups[0].members(d.names))
     ph = distill_plan(mcfg, dc.groups, batch=BATCH, seq_len=SEQ, hessian_chunks=8, cuda=False)[0]
     assert ph.phase == "hessian"
     predicted = max(sum(ph.peaks[k].values()) for k in ("forward", "H"))
-    assert abs(lb.peak - predicted) <= 0.1 * predicted, (lb.peaks, ph.peaks)
+    exact = sum(ph.peaks["H"].values())   # bands + sums: held together at the end of the collection
+    assert exact <= lb.peak <= predicted and predicted - lb.peak <= 0.12 * predicted, \
+        (lb.peak, {k: sum(v.values()) for k, v in ph.peaks.items()}, ph.peaks)
 
 
 def _cli(*args) -> subprocess.CompletedProcess:

@@ -13,7 +13,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from support.dist import gloo_env, torchrun
+from support.dist import gloo_env, run_on_gloo, torchrun
 from support.models import random_model, save_gguf
 from support.vocab import byte_vocab_kv
 from typer.testing import CliRunner
@@ -381,3 +381,40 @@ def test_hf_directory_needs_vocab(files, tmp_path):
     a, b = load_imatrix(tmp_path / "im.gguf").importance(), load_imatrix(tmp_path / "im2.gguf").importance()
     for k in a:  # the HF checkpoint and its GGUF give the same statistics
         np.testing.assert_allclose(a[k], b[k], rtol=1e-5)
+
+
+def _owner_reduce(rank: int, world: int):
+    """Rank r's sums are (r + 1) × S_k for three inputs: one used by rank 0, one by rank 1, one by
+    both; after the call each rank holds the totals of its own inputs only."""
+    import torch.distributed as dist
+    from types import SimpleNamespace
+
+    dims = {"a": 5, "b": 1100, "c": 3}   # b: several bands (band_rows: 512 rows from 1024 on)
+    groups = [SimpleNamespace(key=k, dim=d) for k, d in dims.items()]
+    acc = H.HessianAccumulator(groups, "cpu")
+    g = torch.Generator().manual_seed(0)
+    base = {k: torch.randn(d, d, generator=g, dtype=torch.float64) for k, d in dims.items()}
+    for k in dims:
+        acc.sums[k].copy_((rank + 1) * base[k])
+        acc.counts[k] = 10 * (rank + 1)
+    H.all_reduce_sums(acc, torch.device("cpu"), owners={"a": {0}, "b": {1}, "c": {0, 1}})
+    held = {k: v.clone() for k, v in acc.sums.items()}
+    out = [None] * world
+    dist.all_gather_object(out, (held, dict(acc.counts)))
+    return out, base
+
+
+def test_reduced_sums_go_to_their_owners_only(tmp_path):
+    """Distillation's online Hessians under several ranks: each input's sum reaches the ranks that
+    quantize its consumers and no other (at 8B the 32 ``ffn_down`` sums are 53 GB per rank)."""
+    out, base = run_on_gloo(_owner_reduce, tmp_path)
+    total = 3.0   # 1 + 2
+    for rank, keys in ((0, {"a", "c"}), (1, {"b", "c"})):
+        held, counts = out[rank]
+        assert set(held) == keys
+        assert counts == {"a": 30, "b": 30, "c": 30}
+        for k in keys:
+            b = base[k]
+            t = H.band_rows(b.shape[0])
+            for r0 in range(0, b.shape[0], t):   # the upper bands carry the sum (mirror comes after)
+                torch.testing.assert_close(held[k][r0:r0 + t, r0:], total * b[r0:r0 + t, r0:], rtol=0, atol=0)

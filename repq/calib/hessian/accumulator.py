@@ -208,18 +208,32 @@ def step(model, tokens: torch.Tensor, acc: HessianAccumulator) -> None:
     acc.end_batch()
 
 
-def all_reduce_sums(acc: HessianAccumulator, device: torch.device) -> None:
+def all_reduce_sums(acc: HessianAccumulator, device: torch.device,
+                    owners: dict[str, set[int]] | None = None) -> None:
     """Sum every rank's float64 sums (their upper bands: half the traffic; call before
-    :meth:`HessianAccumulator.mirror`) and counts.  NCCL needs the tensors on the rank's GPU."""
+    :meth:`HessianAccumulator.mirror`) and counts.  NCCL needs the tensors on the rank's GPU.
+
+    ``owners`` (key → the ranks that use that sum; every rank passes the same): a sum that one rank
+    uses is reduced to it alone, and every rank drops the sums it does not use, so host memory
+    after the call holds this rank's share (at 8B, ``ffn_down``'s 32 sums are 53 GB).
+    """
     import torch.distributed as dist
 
     nccl = dist.get_backend() == "nccl"
+    rank = dist.get_rank()
     for key in sorted(acc.sums):
+        users = owners.get(key, set()) if owners is not None else None
         for band in acc.upper_bands(key):
             g = band.to(device if nccl else band.device, copy=True).contiguous()
-            dist.all_reduce(g)
-            band.copy_(g)
+            if users is not None and len(users) == 1:
+                dist.reduce(g, dst=next(iter(users)))
+            else:
+                dist.all_reduce(g)
+            if users is None or rank in users:
+                band.copy_(g)
             del g
+        if users is not None and rank not in users:
+            del acc.sums[key]
     keys = sorted(acc.counts)
     c = torch.tensor([acc.counts[k] for k in keys], dtype=torch.int64, device=device if nccl else "cpu")
     dist.all_reduce(c)
