@@ -117,9 +117,13 @@ class Distiller:
         dev = self.rt.device
         self.device = torch.device(dev)
         self.plans = plan_tensors(self.src, cfg)
-        self.teacher = (teacher or load_model(self.src, device=dev, dtype=torch.bfloat16 if dev.startswith("cuda")
+        # --shard: both models are read into host memory and FSDP2 moves each unit's shard to the device
+        # (loaded on the GPU, every rank held the whole fp32 student and bf16 teacher there before
+        # sharding them: 45 GiB at 8B, the first group's peak on two H200s and on the offloaded one)
+        load_dev = "cpu" if self.rt.shard else dev
+        self.teacher = (teacher or load_model(self.src, device=load_dev, dtype=torch.bfloat16 if dev.startswith("cuda")
                                               else torch.float32)).model
-        st = load_model(self.src, device=dev, dtype=torch.float32)
+        st = load_model(self.src, device=load_dev, dtype=torch.float32)
         self.student, self.fingerprint = st.model, st.fingerprint
         self.sharded = self.rt.shard
         if self.sharded:

@@ -135,6 +135,38 @@ def test_hessian_phase_bytes_match_the_plan(tmp_path, native, groups):
         (lb.peak, {k: sum(v.values()) for k, v in ph.peaks.items()}, ph.peaks)
 
 
+@pytest.mark.parametrize("offload", [False, True])
+def test_sharded_runs_read_the_models_into_host_memory(tmp_path, native, monkeypatch, offload):
+    """--shard: teacher and student are loaded on the host and FSDP2 moves each unit's shard to the GPU;
+    loaded on the GPU, every rank held both whole models there first (45 GiB at 8B: the first group's
+    measured peak on two H200s and on the offloaded one).  A plain CUDA run still loads on the GPU."""
+    import repq.distill.recipe as recipe
+
+    src, _ = _model(tmp_path / "m.gguf", tied=False)
+    seen = []
+
+    class Loaded(Exception):
+        pass
+
+    def spy(path, *, device, dtype):
+        seen.append((str(device), dtype))
+        if len(seen) == 2:
+            raise Loaded
+        return recipe.load_model.__wrapped__(path, device="cpu", dtype=dtype)
+
+    real = recipe.load_model
+    spy.__wrapped__ = real
+    monkeypatch.setattr(recipe, "load_model", spy)
+    chunks = np.zeros((4, SEQ), np.int64)
+    dc = DistillConfig(ftype="Q4_0", batch=1, seq_len=SEQ)
+    for shard, want in ((True, "cpu"), (False, "cuda")):
+        seen.clear()
+        with pytest.raises(Loaded):
+            Distiller(src, tmp_path / "o.gguf", chunks, dc,
+                      RunOptions(device="cuda", shard=shard, offload_optimizer=offload and shard))
+        assert seen == [(want, torch.bfloat16), (want, torch.float32)]
+
+
 def _cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run(REPQ + [str(a) for a in args], capture_output=True, text=True)
 
