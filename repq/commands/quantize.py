@@ -23,6 +23,7 @@ def quantize(
     ctx: Annotated[int, typer.Option("--ctx-size", "-c", help="--sequential: tokens per chunk.")] = 512,
     chunks: Annotated[int, typer.Option("--chunks", help="--sequential: use at most N chunks (-1 = all the data holds).")] = -1,
     damp: Annotated[float, typer.Option(help="LDLQ: relative damping of H's diagonal.")] = 0.01,
+    hess_shrink: Annotated[float, typer.Option(help="LDLQ: shrink H toward its diagonal, (1-A)·H + A·Diag(H), A in [0, 1] (0 = off).")] = 0.0,
     act_order: Annotated[bool, typer.Option("--act-order/--no-act-order", help="LDLQ: round each block's columns by decreasing diag(H).")] = True,
     device: Annotated[str, typer.Option(help="LDLQ: torch device (cpu, cuda, cuda:1).")] = "cpu",
     refit: Annotated[bool, typer.Option("--refit/--no-refit", help="LDLQ: re-fit block scales against H after rounding (legacy types, IQ4_NL, IQ3_S/IQ2_XS).")] = True,
@@ -94,7 +95,8 @@ def quantize(
             raise UsageError(f"{', '.join(seq_only)} only apply with --sequential")
         if m == "rtn" and imatrix:
             raise UsageError("--method rtn ignores importance; drop --imatrix or use --method imatrix")
-        ldlq_only = [o for o, used in (("--damp", damp != 0.01), ("--no-act-order", not act_order),
+        ldlq_only = [o for o, used in (("--damp", damp != 0.01), ("--hess-shrink", hess_shrink != 0),
+                                       ("--no-act-order", not act_order),
                                        ("--device", device != "cpu"), ("--no-refit", not refit),
                                        ("--scales", scales != "static")) if used]
         if m != "ldlq" and ldlq_only:
@@ -102,6 +104,7 @@ def quantize(
                              hint="pass --hessian DIR for LDLQ, or drop the option")
         cfg = pipeline.QuantizeConfig(ftype=fmt, method=m, imatrix=str(imatrix) if imatrix else None,
                                       hessian=str(hessian) if hessian else None, sequential=sequential, damp=damp, act_order=act_order,
+                                      hess_shrink=hess_shrink,
                                       device=device, scales=scales, refit=refit, threads=threads, allow_requantize=allow_requantize, mix=opts)
         from ..io.convert import ensure_gguf
 

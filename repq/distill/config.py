@@ -42,6 +42,7 @@ class DistillConfig:
     act_order: bool = True
     scales: str = "static"
     refit: bool = True
+    hess_shrink: float = 0.0         #: LDLQ: (1 − a) · H + a · Diag(H) (0 = off)
     kl_chunk: int = 1024             #: tokens per chunk of the fused KL (memory ~ 3 · kl_chunk · vocab · 4 B)
     seed: int = 0
     on_policy: int = 0               #: >0: each group trains on this many tokens the teacher generates (repq.distill.onpolicy)
@@ -65,7 +66,8 @@ class DistillConfig:
 
     def ldlq_options(self) -> LdlqOptions:
         """The LDLQ settings of every group's quantization."""
-        return LdlqOptions(damp=self.damp, act_order=self.act_order, scales=self.scales, refit=self.refit)
+        return LdlqOptions(damp=self.damp, act_order=self.act_order, scales=self.scales, refit=self.refit,
+                           hess_shrink=self.hess_shrink)
 
     def steps_of(self, g: Group) -> int:
         return self.steps_per_group if g.steps is None else g.steps
@@ -75,6 +77,8 @@ class DistillConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        if not self.hess_shrink:   # unset: the identity and provenance of runs made before the option
+            del d["hess_shrink"]
         d["groups"] = format_groups(self.groups)
         d["mix"] = asdict(self.mix)
         return d

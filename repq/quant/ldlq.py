@@ -92,6 +92,21 @@ def damp_hessian(h: torch.Tensor, damp: float) -> torch.Tensor:
     return h
 
 
+def shrink_hessian(h: torch.Tensor, shrink: float) -> torch.Tensor:
+    """(1 − shrink) · H + shrink · Diag(H): the off-diagonal entries scaled by 1 − shrink, the diagonal kept.
+
+    The same as shrinking the correlation matrix D^-½ H D^-½ toward I (D = Diag(H)) and scaling
+    back.  Keeps every input's importance diag(H) (what an imatrix holds) and down-weights the
+    cross-correlations that LDLQ's error feedback exploits; 0 returns ``h`` itself (no copy),
+    1 leaves only the diagonal.  A convex combination of two PSD matrices, so still PSD.
+    """
+    if shrink == 0:
+        return h
+    out = h * (1.0 - shrink)
+    out.diagonal().copy_(h.diagonal())
+    return out
+
+
 def block_act_order(h: torch.Tensor, qk: int) -> torch.Tensor:
     """A column permutation that keeps every ggml block contiguous and, inside a block, visits
     columns by decreasing diag(H) (the most important inputs are rounded first)."""

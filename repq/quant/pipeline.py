@@ -68,6 +68,8 @@ class QuantizeConfig:
     refit: bool = True
     """LDLQ: re-fit fp16 block scales against H once the codes are fixed (legacy types, IQ4_NL, IQ3_S,
     IQ2_XS)."""
+    hess_shrink: float = 0.0
+    """LDLQ: shrink H toward its diagonal, (1 − a) · H + a · Diag(H) (0 = off)."""
     imatrix: str | None = None
     """Path of an imatrix file (GGUF or legacy .dat) as given on the command line."""
     threads: int = 0
@@ -87,7 +89,7 @@ class QuantizeConfig:
             raise UsageError("--sequential is LDLQ with Hessians it takes itself: drop --method/--hessian")
         if self.method != "ldlq" and self.hessian:
             raise UsageError("--hessian is only used by --method ldlq")
-        self.ldlq_options()   # checks scales and damp
+        self.ldlq_options()   # checks scales, damp and hess_shrink
         if self.threads < 0:
             raise UsageError("--threads must be ≥ 0")
 
@@ -97,7 +99,8 @@ class QuantizeConfig:
         return d
 
     def ldlq_options(self) -> LdlqOptions:
-        return LdlqOptions(damp=self.damp, act_order=self.act_order, scales=self.scales, refit=self.refit)
+        return LdlqOptions(damp=self.damp, act_order=self.act_order, scales=self.scales, refit=self.refit,
+                           hess_shrink=self.hess_shrink)
 
 
 @dataclass

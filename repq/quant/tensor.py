@@ -59,15 +59,26 @@ class LdlqOptions:
     refit: bool = True
     """Re-fit block scales against H once the codes are fixed (legacy types, IQ4_NL and the lattice
     i-quants IQ1_S … IQ3_S)."""
+    hess_shrink: float = 0.0
+    """Shrink H toward its diagonal before anything uses it: (1 − a) · H + a · Diag(H)
+    (:func:`repq.quant.ldlq.shrink_hessian`); LDLQ, the refit, the choice of rows and the reported
+    proxy errors all see the shrunk H.  0: H as collected."""
 
     def __post_init__(self) -> None:
         if self.scales not in ("static", "dynamic"):
             raise UsageError(f"--scales must be static or dynamic, not {self.scales!r}")
         if not 0 <= self.damp < 10:
             raise UsageError("--damp must be in [0, 10)")
+        if not 0 <= self.hess_shrink <= 1:
+            raise UsageError(f"--hess-shrink must be in [0, 1], not {self.hess_shrink:g}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The settings; ``hess_shrink`` only when set, so that files (``repq.config``), distill
+        identities and sensitivity files made without it stay as they were."""
+        d = asdict(self)
+        if not self.hess_shrink:
+            del d["hess_shrink"]
+        return d
 
 
 @dataclass
@@ -241,7 +252,9 @@ def _ldlq(plan: mix.TensorPlan, weight: np.ndarray, h, opts: LdlqOptions, device
     from .iq1_search import ldlq_quantize_iq1
     from .iq_ldlq import ldlq_quantize_iq
     from .kquant import ldlq_quantize
+    from .ldlq import shrink_hessian
 
+    h = shrink_hessian(h, opts.hess_shrink)   # every use below (LDLQ, refit, losses) sees the shrunk H
     if iq_grids.supported(plan.dst_type):   # lattice codebook: block LDLQ, 8 columns at a time
         def call(w):
             return ldlq_quantize_iq(w, h, plan.dst_type, damp=opts.damp, act_order=opts.act_order, device=device,

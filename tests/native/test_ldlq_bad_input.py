@@ -309,6 +309,8 @@ def test_singular_hessian_without_damping(files, tmp_path):
     (["--fmt", "Q4_0", "--method", "rtn", "--hessian", "H"], "--hessian is only used by --method ldlq"),
     (["--fmt", "Q4_0", "--method", "ldlq", "--hessian", "H", "--damp", "-1"], "--damp must be in [0, 10)"),
     (["--fmt", "Q4_0", "--method", "ldlq", "--hessian", "H", "--damp", "nan"], "--damp must be in [0, 10)"),
+    (["--fmt", "Q4_0", "--method", "ldlq", "--hessian", "H", "--hess-shrink", "-0.5"], "--hess-shrink must be in [0, 1]"),
+    (["--fmt", "Q4_0", "--method", "ldlq", "--hessian", "H", "--hess-shrink", "nan"], "--hess-shrink must be in [0, 1]"),
     (["--fmt", "Q4_0", "--method", "ldlq", "--hessian", "H", "--device", "bogus"], "not a torch device"),
     (["--fmt", "Q4_0", "--method", "ldlq", "--hessian", "H", "--device", "cuda:99"], "--device cuda:99:"),
     (["--fmt", "Q4_0", "--method", "ldlq", "--hessian", "H", "--device", "meta"], "LDLQ runs on cpu or cuda only"),
