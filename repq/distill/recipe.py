@@ -117,9 +117,7 @@ class Distiller:
         dev = self.rt.device
         self.device = torch.device(dev)
         self.plans = plan_tensors(self.src, cfg)
-        # --shard: both models are read into host memory and FSDP2 moves each unit's shard to the device
-        # (loaded on the GPU, every rank held the whole fp32 student and bf16 teacher there before
-        # sharding them: 45 GiB at 8B, the first group's peak on two H200s and on the offloaded one)
+        # --shard: read on the host, FSDP2 moves each unit's shard (not both whole models on each GPU)
         load_dev = "cpu" if self.rt.shard else dev
         self.teacher = (teacher or load_model(self.src, device=load_dev, dtype=torch.bfloat16 if dev.startswith("cuda")
                                               else torch.float32)).model
@@ -264,9 +262,8 @@ class Distiller:
         if not groups:
             return {}
         idx = hessian_indices(self.cfg, len(self.chunks), gi)
-        # Forward batches of 8 chunks; rank r takes batches r, r+world, ...  Each batch's fp32 sum is
-        # the same whatever the number of processes, so H differs between world sizes only by the
-        # order of float64 additions (LDLQ then makes the same rounding decisions).
+        # Batches of 8 chunks, rank r takes r, r+world, ...: each batch's fp32 sum is the same for any world
+        # size, so H differs between them only by the order of float64 additions (same LDLQ decisions).
         all_batches = [idx[s:s + 8] for s in range(0, len(idx), 8)]
         # sharded: every rank runs the same number of forward passes (FSDP2 gathers are collectives)
         plan = (lockstep(all_batches, self.rank, self.world) if self.sharded
@@ -282,15 +279,12 @@ class Distiller:
                     acc.end_batch()
         if self.dist is not None:   # each sum goes to the ranks that quantize its consumers
             owner = {m: i % self.world for i, m in enumerate(members)}   # :meth:`_quantize_group`'s rounds
-            all_reduce_sums(acc, torch.device(self.device),
-                            owners={g.key: {owner[c] for c in g.consumers if c in owner} for g in groups})
+            all_reduce_sums(acc, torch.device(self.device), {g.key: {owner[c] for c in g.consumers if c in owner}
+                                                             for g in groups})
         acc.mirror()
-        out = {}
-        for g in groups:
-            if g.key in acc.sums:   # H = S / n in place: the host holds each H once
-                h = acc.sums[g.key].div_(max(1, acc.counts[g.key]))
-                out.update({c: h for c in g.consumers})
-        return out
+        # H = S / n in place, once per input (the host holds each H once), for the inputs this rank quantizes
+        hs = {g.key: acc.sums[g.key].div_(max(1, acc.counts[g.key])) for g in groups if g.key in acc.sums}
+        return {c: hs[g.key] for g in groups if g.key in hs for c in g.consumers}
 
     def _quantize_one(self, name: str, w: np.ndarray, h: torch.Tensor | None) -> tuple[TensorResult, dict]:
         """The student's current weight through the one per-tensor path `repq quantize --method ldlq`

@@ -207,3 +207,25 @@ def test_random_gguf_of_a_real_shape_loads_and_tokenizes(tmp_path, native):
     assert torch.equal(w, w.to(torch.bfloat16).float())                  # stored as BF16
     with Tokenizer(tmp_path / "r.gguf") as tok:
         assert tok.n_vocab == 1000 and len(tok.tokenize("the cat sat")) > 2
+
+
+def test_online_hessians_equal_an_independent_sum_for_shared_inputs(tmp_path, native):
+    """H = Σ x xᵀ / n of each input, once, whatever the number of tensors reading it (attn_q and attn_k
+    share theirs): the in-place division must happen once per input."""
+    from repq.calib.hooks import capture_inputs, input_groups
+    from repq.distill.config import hessian_indices
+
+    d, dc, _ = _distiller(tmp_path, {"groups": parse_groups("attn_qk")}, tied=False)
+    members = dc.groups[0].members(d.names)
+    hs = d._hessians(0, members)
+    groups = [g for g in input_groups(d.student, head=True) if set(g.consumers) & set(members)]
+    idx = hessian_indices(dc, len(d.chunks), 0)
+    with torch.no_grad():
+        xs = capture_inputs(d.student, d.chunks[idx], groups)
+    for g in groups:
+        x = xs[g.key]
+        ref = x.T @ x / x.shape[0]
+        shared = [c for c in g.consumers if c in members]
+        assert len(shared) == 2   # attn_q and attn_k of one block
+        for c in shared:
+            torch.testing.assert_close(hs[c], ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))   # fp32 batch sums
