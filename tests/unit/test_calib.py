@@ -386,8 +386,9 @@ def test_hf_directory_needs_vocab(files, tmp_path):
 def _owner_reduce(rank: int, world: int):
     """Rank r's sums are (r + 1) × S_k for three inputs: one used by rank 0, one by rank 1, one by
     both; after the call each rank holds the totals of its own inputs only."""
-    import torch.distributed as dist
     from types import SimpleNamespace
+
+    import torch.distributed as dist
 
     dims = {"a": 5, "b": 1100, "c": 3}   # b: several bands (band_rows: 512 rows from 1024 on)
     groups = [SimpleNamespace(key=k, dim=d) for k, d in dims.items()]
