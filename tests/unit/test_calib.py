@@ -390,7 +390,7 @@ def _owner_reduce(rank: int, world: int):
 
     import torch.distributed as dist
 
-    dims = {"a": 5, "b": 1100, "c": 3}   # b: several bands (band_rows: 512 rows from 1024 on)
+    dims = {"a": 5, "b": 1100, "c": 3, "d": 2}   # b: several bands (band_rows: 512 rows from 1024 on); d: no user
     groups = [SimpleNamespace(key=k, dim=d) for k, d in dims.items()]
     acc = H.HessianAccumulator(groups, "cpu")
     g = torch.Generator().manual_seed(0)
@@ -398,7 +398,7 @@ def _owner_reduce(rank: int, world: int):
     for k in dims:
         acc.sums[k].copy_((rank + 1) * base[k])
         acc.counts[k] = 10 * (rank + 1)
-    H.all_reduce_sums(acc, torch.device("cpu"), owners={"a": {0}, "b": {1}, "c": {0, 1}})
+    H.all_reduce_sums(acc, torch.device("cpu"), owners={"a": {0}, "b": {1}, "c": {0, 1}, "d": set()})
     held = {k: v.clone() for k, v in acc.sums.items()}
     out = [None] * world
     dist.all_gather_object(out, (held, dict(acc.counts)))
@@ -413,7 +413,7 @@ def test_reduced_sums_go_to_their_owners_only(tmp_path):
     for rank, keys in ((0, {"a", "c"}), (1, {"b", "c"})):
         held, counts = out[rank]
         assert set(held) == keys
-        assert counts == {"a": 30, "b": 30, "c": 30}
+        assert counts == {"a": 30, "b": 30, "c": 30, "d": 30}
         for k in keys:
             b = base[k]
             t = H.band_rows(b.shape[0])

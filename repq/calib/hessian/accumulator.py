@@ -223,6 +223,9 @@ def all_reduce_sums(acc: HessianAccumulator, device: torch.device,
     rank = dist.get_rank()
     for key in sorted(acc.sums):
         users = owners.get(key, set()) if owners is not None else None
+        if users == set():   # no rank uses it (every rank agrees): dropped without traffic
+            del acc.sums[key]
+            continue
         for band in acc.upper_bands(key):
             g = band.to(device if nccl else band.device, copy=True).contiguous()
             if users is not None and len(users) == 1:
