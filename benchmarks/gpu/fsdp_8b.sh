@@ -6,9 +6,10 @@
 #   gen      the model (16 GB, drawn on the GPU) and 64 random sequences of 2048 tokens
 #   plan     `repq distill --plan --json` for both runs below
 #   shard2   torchrun --nproc-per-node 2 ... --shard (FSDP2 over NCCL), batch 2 (1 per GPU), every group
-#   shard2c  the same with --compile (torch.compile'd blocks under FSDP2)
+#   shard2e  the same with --no-compile (eager blocks; compiled is the default)
 #   shard1   one GPU, FSDP2 as a group of one, batch 1, SHARD1_GROUPS (ffn_up): the baseline of the 1 → 2 scaling
 #   offload1 one GPU, --offload-optimizer (FSDP2 CPUOffloadPolicy, group of one), batch 1, every group
+#   stepbench the training step alone, variants (batch, cap, teacher, compile) on 2 GPUs and on 1: step_bench.py
 #   report   per group: measured peak (torch.cuda.max_memory_allocated, rank 0) beside the plan's, peak
 #            nvidia-smi memory.used, host peak RSS, tokens/s, MFU = (2N teacher + 6N student) × tokens/s
 #            / (GPUs × 989e12); results.md + everything in $OUT/fsdp_8b.tgz
@@ -101,13 +102,25 @@ distill_run() {   # tag nproc batch extra...: resumes a cut run; the result JSON
 
 # CAP: the plan is conservative (9-10 % above the measured peaks at 32 blocks), hence --ignore-plan
 shard2() { distill_run shard2 2 2 --shard --steps-per-group $STEPS ${CAP:+--gpu-memory $CAP --ignore-plan}; }
-# the same with torch.compile'd blocks (FSDP2 + compile has run on CPU processes only; not the default)
-shard2c() { distill_run shard2c 2 2 --shard --compile --steps-per-group $STEPS ${CAP:+--gpu-memory $CAP --ignore-plan}; }
+# the same with eager blocks (compiled blocks are the default)
+shard2e() { distill_run shard2e 2 2 --shard --no-compile --steps-per-group $STEPS ${CAP:+--gpu-memory $CAP --ignore-plan}; }
 offload1() { distill_run offload1 1 1 --offload-optimizer --steps-per-group $OFFLOAD_STEPS; }
 # the one-GPU baseline of the scaling (per-GPU batch 1, as shard2): FSDP2 as a group of one; SHARD1_GROUPS
 # only (ffn_up: the largest trainable set; 121.5 GiB planned)
 shard1() { distill_run shard1 1 1 --shard --steps-per-group $STEPS --groups $SHARD1_GROUPS; }
 clean() { rm -f $W/m.gguf $W/d.npy; }
+# the training step alone (benchmarks/gpu/step_bench.py: repq's step on a random model, no GGUF, no Hessians),
+# first training phase (ffn_up frozen): variants on 2 GPUs then on one (';'-separated; key=value each)
+STEP_V2=${STEP_V2:-"b=1;b=1 cap=80GB;b=2;b=2 cap=80GB;b=1 teacher=replicate;b=1 compile=1;b=2 compile=1"}
+STEP_V1=${STEP_V1:-"b=1;b=1 compile=1"}
+stepbench() {
+  local v1 v2; IFS=';' read -ra v2 <<< "$STEP_V2"; IFS=';' read -ra v1 <<< "$STEP_V1"
+  timeout -s INT $(budget) torchrun --nproc-per-node 2 benchmarks/gpu/step_bench.py --variants "${v2[@]}" \
+    --json $W/step.jsonl --profile $W/prof2 ${STEP_ARGS:-} 2>&1 | grep -v "^\s*$" | tail -n 30 > $W/step2.log
+  [ -n "$STEP_V1" ] && CUDA_VISIBLE_DEVICES=0 timeout -s INT $(budget) torchrun --nproc-per-node 1 benchmarks/gpu/step_bench.py \
+    --variants "${v1[@]}" --json $W/step.jsonl --profile $W/prof1 ${STEP_ARGS:-} 2>&1 | grep -v "^\s*$" | tail -n 30 > $W/step1.log
+  cat $W/step.jsonl
+}
 
 report() {
   python3 - <<'PY' | tee $W/results.md
@@ -117,17 +130,17 @@ from repq.model.shapes import shape_config
 W = Path(os.environ["W"])
 N = sum(math.prod(s) for s in eval(f"shape_config('llama3-8b', {os.environ['SHAPE_KW']})").tensor_shapes().values())
 print(f"Random Llama-3-8B shape (N = {N:,} parameters), seq 2048; peak = torch.cuda.max_memory_allocated on rank 0.\n")
-print("| run | group | phase | measured GiB | plan GiB | nvidia-smi max GiB | tokens/s | MFU | KL first → last step |")
-print("|---|---|---|---:|---:|---:|---:|---:|---|")
+print("| run | group | phase | measured GiB | plan GiB | allocator retries | nvidia-smi max GiB | tokens/s | MFU | KL first → last step |")
+print("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
 speed = {}
-for tag, gpus in (("shard2", 2), ("shard2c", 2), ("shard1", 1), ("offload1", 1)):
-    if tag == "shard2c" and not (W / "shard2c.err").exists():
+for tag, gpus in (("shard2", 2), ("shard2e", 2), ("shard1", 1), ("offload1", 1)):
+    if tag == "shard2e" and not (W / "shard2e.err").exists():
         continue
-    ptag = "shard2" if tag == "shard2c" else tag
+    ptag = "shard2" if tag == "shard2e" else tag
     plan = json.loads((W / f"plan_{ptag}.json").read_text()) if (W / f"plan_{ptag}.json").exists() else {"phases": []}
     pred = {(p["group"], p["phase"]): p["peak_bytes"] for p in plan["phases"]}
     err = (W / f"{tag}.err").read_text() if (W / f"{tag}.err").exists() else ""
-    mem = re.findall(r"^memory: (\S+) (\S+) peak ([0-9.]+) GiB", err, re.M)
+    mem = re.findall(r"^memory: (\S+) (\S+) peak ([0-9.]+) GiB[^\n]*?(?:(\d+) allocator retries)?$", err, re.M)
     # tok_s in metrics.jsonl is the mean from the group's first step to the logged one (logged every 10
     # steps and at the end): tokens/s of the steps after the first log leave the warm-up out
     logs, kl = {}, {}
@@ -150,7 +163,8 @@ for tag, gpus in (("shard2", 2), ("shard2c", 2), ("shard1", 1), ("offload1", 1))
     smi = [l.split(",") for l in (W / f"{tag}.smi.csv").read_text().splitlines()] if (W / f"{tag}.smi.csv").exists() else []
     own = {"0", "1"} if gpus == 2 else {"0"}   # offload1 runs on GPU 0 (another job may use GPU 1)
     smi_max = max((float(u) for i, u in smi if i.strip() in own), default=float("nan")) / 1024
-    measured = {(g, ph): gib for g, ph, gib in mem}
+    measured = {(g, ph): gib for g, ph, gib, _ in mem}
+    retries = {(g, ph): r for g, ph, _, r in mem}
     for g, ph in (pred or measured):
         gib = measured.get((g, ph), "nan")
         t = tok.get(g) if ph == "train" else None
@@ -159,7 +173,7 @@ for tag, gpus in (("shard2", 2), ("shard2c", 2), ("shard1", 1), ("offload1", 1))
             speed[(tag, g)] = t
         k = kl.get(g, {}) if ph == "train" else {}
         kls = f"{k[min(k)]:.4f} → {k[max(k)]:.4f}" if k else ""
-        print(f"| {tag} | {g} | {ph} | {float(gib):.2f} | {pred.get((g, ph), 0) / 2**30:.2f} | {smi_max:.1f} | "
+        print(f"| {tag} | {g} | {ph} | {float(gib):.2f} | {pred.get((g, ph), 0) / 2**30:.2f} | {retries.get((g, ph), '')} | {smi_max:.1f} | "
               f"{t or '':} | {mfu} | {kls} |")
     rss = re.findall(r"peak_rss_kib (\d+)", err)
     if rss:
@@ -171,7 +185,7 @@ for (tag, g), t in speed.items():   # 1 -> 2 GPU scaling at a fixed per-GPU batc
 PY
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 PHASE... (setup gen plan shard2 shard2c shard1 offload1 report clean; one or two per call: 540 s)"; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 PHASE... (setup gen plan shard2 shard2e shard1 offload1 report clean; one or two per call: 540 s)"; exit 2; }
 phases=$*
 for p in $phases; do
   echo "== $p $(date +%T)"; $p

@@ -39,7 +39,7 @@ def distill(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint in --checkpoint-dir.")] = False,
     keep_checkpoint: Annotated[bool, typer.Option("--keep-checkpoint", help="Keep the last checkpoint after OUT is written.")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (torchrun: cuda:LOCAL_RANK).")] = "auto",
-    compile_: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the student's and teacher's blocks (CUDA only; default: on, except with --shard / --offload-optimizer, where FSDP2 with compiled blocks has run on CPU processes only).", show_default=False)] = None,
+    compile_: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the student's and teacher's blocks (CUDA only; default: on, also with --shard; off with --offload-optimizer).", show_default=False)] = None,
     shard: Annotated[bool, typer.Option("--shard", help="FSDP2: shard the student, its gradients and AdamW state over torchrun's processes (one process: a group of one); checkpoints reshard on resume.")] = False,
     offload_optimizer: Annotated[bool, typer.Option("--offload-optimizer", help="FSDP2 with CPU offload (implies --shard): the fp32 master weights, gradients and AdamW state live in host memory and the optimizer steps there; the GPU holds the teacher, one gathered bf16 block at a time and the activations.")] = False,
     vocab: Annotated[Path | None, typer.Option("--vocab", help="A GGUF of the same model to tokenize with.")] = None,
@@ -201,12 +201,15 @@ def distill(
                     import torch
 
                     phase = "hessian" if kind == "quantized" else "train"
+                    # alloc_retries: allocations that had to free the allocator's cache first (slow; near a cap)
+                    retries = torch.cuda.memory_stats(dev).get("num_alloc_retries", 0)
                     m = {"group": ev["group"], "phase": phase, "peak_bytes": torch.cuda.max_memory_allocated(dev),
-                         "plan_bytes": predicted.get((ev["group"], phase))}
+                         "plan_bytes": predicted.get((ev["group"], phase)),
+                         "alloc_retries": retries - sum(x["alloc_retries"] for x in measured)}
                     torch.cuda.reset_peak_memory_stats(dev)
                     measured.append(m)
                     out.log(f"memory: {m['group']} {phase} peak {m['peak_bytes'] / 2**30:.2f} GiB "
-                            f"(plan {(m['plan_bytes'] or 0) / 2**30:.2f} GiB)")
+                            f"(plan {(m['plan_bytes'] or 0) / 2**30:.2f} GiB), {m['alloc_retries']} allocator retries")
                 if kind == "step":
                     advance(1, desc=f"{ev['group']:<11} {ev['step']:>4}/{ev['steps']}  KL {ev['loss']:.4f}  "
                                     f"{ev['tok_s']:,.0f} tok/s")

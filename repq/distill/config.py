@@ -98,7 +98,7 @@ class RunOptions:
     checkpoint_every: int = 0        #: steps between checkpoints (0: only after each group)
     checkpoint_minutes: float = 0.0  #: also checkpoint when this many minutes passed since the last (0: off)
     resume: bool = False
-    compile: bool | None = False     #: torch.compile the blocks (CUDA); None: unless sharded
+    compile: bool | None = False     #: torch.compile the blocks (CUDA); None: unless the optimizer is offloaded
     shard: bool = False              #: FSDP2: shard the student, its gradients and AdamW state over the ranks
     offload_optimizer: bool = False  #: with shard: FSDP2's CPUOffloadPolicy (parameters, gradients, AdamW on the host)
     log_path: str | None = None      #: JSONL of per-step metrics (rewritten from the checkpoint on resume)

@@ -73,7 +73,7 @@ from ..quant.tensor import TensorResult, check_plans, quantize_tensor
 from .checkpoint import STATE_FILE, dcp_load_model, dcp_load_optimizer, dcp_save, load_state, save_state
 from .config import DistillConfig, DistillResult, RunOptions, batch_indices, hessian_indices, lr_at
 from .groups import Group
-from .kl import autocast, distill_loss
+from .kl import autocast
 from .parallel import (
     GradAverager,
     full_value,
@@ -83,6 +83,7 @@ from .parallel import (
     shard_student,
     shard_teacher,
 )
+from .step import adamw, train_step
 
 LOG_EVERY = 10   #: steps between metric logs (each costs one device sync)
 METRICS_FILE = "metrics.jsonl"
@@ -137,8 +138,10 @@ class Distiller:
         self.metrics: list[dict] = []
         self._dcp_slot = 0
         self._dcp_optim: str | None = None   # a sharded checkpoint's optimizer state, loaded with the optimizer
-        compile_ = self.rt.compile if self.rt.compile is not None else not self.sharded
-        if compile_ and dev.startswith("cuda"):   # --shard: FSDP2-wrapped blocks compiled (run on CPU processes only)
+        # default: compiled on CUDA, FSDP2-wrapped blocks too (8B on 2 H200s: 1.16x the eager step, 7 % less memory;
+        # benchmarks/gpu/step_bench.py); not with --offload-optimizer (not measured there)
+        compile_ = self.rt.compile if self.rt.compile is not None else not self.rt.offload_optimizer
+        if compile_ and dev.startswith("cuda"):
             self.student.compile_blocks()
             self.teacher.compile_blocks()
         for m in self.cfg.groups:
@@ -250,10 +253,7 @@ class Distiller:
             p.requires_grad_(True)
         if not ps:
             return None
-        # fused AdamW: one kernel over all tensors (shards) and no temporary; foreach AdamW's was as large as
-        # all trainable tensors together (11 GiB per GPU for an 8B model on 2 GPUs)
-        return torch.optim.AdamW(ps, lr=self.cfg.lr, betas=(0.9, 0.95), eps=1e-8,
-                                 weight_decay=self.cfg.weight_decay, fused=True)
+        return adamw(ps, self.cfg.lr, self.cfg.weight_decay)
 
     # ---------------------------------------------------------------- quantization of one group
     def _hessians(self, gi: int, members: list[str]) -> dict[str, torch.Tensor]:
@@ -334,39 +334,30 @@ class Distiller:
         self._event({"event": "quantized", "group": g.name, "tensors": len(members)})
 
     # ---------------------------------------------------------------- training
-    def _loss(self, tokens: torch.Tensor, n_total: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return distill_loss(self.student, self.teacher, tokens, kl_chunk=self.cfg.kl_chunk, n_total=n_total, mask=mask)
-
     def _train_step(self, opt, step: int, n_steps: int, gstep: int) -> torch.Tensor:
         lr = lr_at(self.cfg, step, n_steps)
         for pg in opt.param_groups:
             pg["lr"] = lr
-        opt.zero_grad(set_to_none=True)   # before the forward: no old gradients beside the activations
         idx = batch_indices(self.cfg, len(self.chunks), gstep)
         per = self.cfg.batch // self.world
         mine = idx[self.rank * per:(self.rank + 1) * per]
         tokens = self.chunks[torch.from_numpy(mine)]
         if self.device.type == "cuda":   # pinned + non_blocking: no host-device sync in the step
             tokens = tokens.pin_memory().to(self.device, non_blocking=True)
+        mask, scale = None, 1.0
         if self.mask is None:
             n_total = self.cfg.batch * self.cfg.seq_len // self.world   # per-rank mean; ranks average below
-            loss = self._loss(tokens, n_total)
         else:   # the mean over the step's generated positions (all ranks'): Σ_rank world·sum_r / N, averaged
             mask = self.mask[torch.from_numpy(mine)].to(tokens.device)
-            n_total = max(1, int(self.mask[torch.from_numpy(idx)].sum()))
-            loss = self._loss(tokens, n_total, mask) * self.world
-        loss.backward()
-        params = [p for pg in opt.param_groups for p in pg["params"]]
-        if self._averager is not None:
-            self._averager.finish()
+            n_total, scale = max(1, int(self.mask[torch.from_numpy(idx)].sum())), float(self.world)
+        loss = train_step(self.student, self.teacher, opt, tokens, n_total=n_total, kl_chunk=self.cfg.kl_chunk,
+                          grad_clip=self.cfg.grad_clip, mask=mask, scale=scale,
+                          after_backward=self._averager.finish if self._averager is not None else None)
         if self.dist is not None:
-            lt = loss.detach().clone()
+            lt = loss.clone()
             self.dist.all_reduce(lt)
             loss = lt / self.world
-        if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip, foreach=True)
-        opt.step()
-        return loss.detach()
+        return loss
 
     def _log_steps(self, pending: list, group: str, n_steps: int, tok_s: float, log) -> None:
         """Record pending (step, global step, loss tensor) entries: one device sync per call."""
