@@ -9,7 +9,9 @@ run around them, so that variants of the step are compared in one process in sec
 
 A variant is space-separated key=value: b (sequences per GPU), teacher (shard | replicate),
 compile (0 | 1: torch.compile'd blocks), cap (a --gpu-memory budget, or none), alloc (CUDA allocator
-settings from then on, '+' for ',': e.g. alloc=garbage_collection_threshold:0.8).  --frozen: tensor
+settings from then on, '+' for ',': e.g. alloc=garbage_collection_threshold:0.8), async_unshard (1:
+FSDP2's all-gather buffers come from the default stream's memory pool, not their own stream's).
+Environment variables such as TORCH_NCCL_AVOID_RECORD_STREAMS=1 apply to a whole run.  --frozen: tensor
 kinds with no gradient (the first group's training freezes ffn_up: `--frozen ffn_up`).  Each
 variant prints one JSON line: tokens/s of the steps after --warmup, MFU = (2N teacher + 6N student)
 × tokens/s / (GPUs × 989e12), torch's allocator peak, allocator retries; with --profile, rank 0's
@@ -98,6 +100,10 @@ def run_variant(spec: dict, args, rank: int, world: int, dev: torch.device) -> d
         p.requires_grad_(train)
         if train:
             params.append(p)
+    if spec.get("async_unshard", "0") == "1":   # FSDP2 all-gathers into the default stream's pool (less overlap)
+        for m in (*student.modules(), *teacher.modules()):
+            if hasattr(m, "_set_unshard_async_op"):
+                m._set_unshard_async_op(True)
     if spec.get("compile", "0") == "1":
         student.compile_blocks()
         teacher.compile_blocks()
