@@ -25,7 +25,8 @@ step (gradients; fused AdamW keeps no temporary): peak = resident + max(forward,
 
 --shard on CUDA: before the first group the student takes one forward and backward pass with every
 tensor trainable (FSDP2 fixes its gradient dtypes then), so the first Hessian phase also peaks at
-the fp32 gradients of every shard (4 P / N).
+the fp32 gradients of every shard (4 P / N); the teacher is still in host memory then (its terms
+enter that peak negatively).  At 8B on 2 H200s: measured 31.77 GiB, this plan 33.9.
 
 Before training, each group's Hessians are collected on the student (forward passes of 8 sequences,
 no gradients) into fp32 bands on the device (Σ over the group's inputs of ≈ dim²/2 · 4 bytes) and
@@ -151,9 +152,12 @@ def distill_plan(cfg: ModelConfig, groups: tuple[Group, ...], *, batch: int, seq
         if cuda:    # the float64 sums and H = sums / n live in host memory
             ph.peaks = {"forward": fwd, "ldlq": ldlq}
             if shard and not offload and not phases:   # FSDP2's first pass (repq.distill.parallel.shard_student):
-                # one token forward and backward with every parameter trainable, fp32 gradients of all shards
+                # one token forward and backward with every parameter trainable, fp32 gradients of all shards;
+                # the teacher is still in host memory then (sharded onto the GPU after the student)
                 ph.peaks["first backward"] = {"gradients (all tensors)": 4 * own(names),
-                                              "unsharded block grads": 6 * blk0}
+                                              "unsharded block grads": 6 * blk0,
+                                              "teacher (on the host during this pass)": -resident0["teacher"],
+                                              "its root (idem)": -resident0["teacher's gathered root"]}
             ph.host = {"float64 Σxxᵀ (H = Σxxᵀ / n in place)": sums}
         else:
             ph.peaks = {"forward": fwd | {"float64 Σxxᵀ": sums},

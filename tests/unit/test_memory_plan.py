@@ -76,6 +76,23 @@ def test_plan_terms_follow_the_groups():
     assert [p for p in dp if p.phase == "train"][0].peaks["step"]["all-reduce copies"] == 4 * (8_030_261_248 - up)
 
 
+def test_first_fsdp2_pass_is_planned_without_the_teacher():
+    """--shard on CUDA: the student's first forward and backward (every tensor trainable) runs before the
+    teacher leaves host memory, so the first Hessian phase peaks at the student's shards, its gathered root
+    and two blocks, and fp32 gradients of every shard -- no teacher (8B on 2 H200s: 31.77 GiB measured)."""
+    cfg = shape_config("llama3-8b")
+    shapes = cfg.tensor_shapes()
+    sh = distill_plan(cfg, parse_groups(None), batch=2, seq_len=2048, world=2, shard=True, hessian_chunks=8)
+    first = sh[0]
+    assert (first.phase, first.peak_at) == ("hessian", "first backward")
+    own = sum(-(-s[0] // 2) * math.prod(s[1:]) for s in shapes.values())
+    root = sum(math.prod(s) for k, s in shapes.items() if not k.startswith("blk."))
+    blk0 = sum(math.prod(s) for k, s in shapes.items() if k.startswith("blk.0."))
+    assert first.peak == 4 * own + 2 * (root + 2 * blk0) + 4 * own + 6 * blk0
+    assert 31.77 < first.peak / GiB < 31.77 * 1.1
+    assert sh[2].peak_at != "first backward" and sh[2].resident["teacher"] == 2 * own   # later groups: teacher on GPU
+
+
 def test_distill_plan_cli_for_a_shape_and_a_gguf(tmp_path):
     d = _json(["distill", "--plan", "--plan-config", "llama3-8b", "--seq-len", "2048", "--batch", "1",
                "--gpu-memory", "80GiB"])
