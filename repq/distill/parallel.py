@@ -97,12 +97,19 @@ class GradAverager:
 # ------------------------------------------------------------------------------------------------ FSDP2
 
 def shard_student(student: torch.nn.Module, device: str, offload: bool = False) -> None:
+    """:func:`wrap_student`, then :func:`first_pass` (a loaded model)."""
+    wrap_student(student, device, offload)
+    first_pass(student, device)
+
+
+def wrap_student(student: torch.nn.Module, device: str, offload: bool = False) -> None:
     """FSDP2 (``fully_shard``): every block its own unit, the rest (embedding, head, final norm) the
     root's; parameters, gradients and AdamW moments sharded over the ranks.  Master parameters stay
     fp32; on CUDA forward/backward compute in bf16 with fp32 gradient reduction (the mixed-precision
     policy, instead of autocast's casts).  ``offload`` (``--offload-optimizer``): FSDP2's
     CPUOffloadPolicy keeps the sharded fp32 parameters, their gradients and so AdamW's moments and
-    step in host memory; each unit is copied to the device for its forward and backward."""
+    step in host memory; each unit is copied to the device for its forward and backward.  A meta
+    module is sharded too (``repq.model.loader.load_model(shard=...)`` then fills the shards)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     cuda = device.startswith("cuda")
@@ -112,6 +119,10 @@ def shard_student(student: torch.nn.Module, device: str, offload: bool = False) 
     for blk in student.blk:
         fully_shard(blk, **kw)
     fully_shard(student, **kw)
+
+
+def first_pass(student: torch.nn.Module, device: str) -> None:
+    """One forward and backward of one token with every parameter trainable, gradients dropped."""
     # FSDP2 fixes each unit's gradient dtypes at its first forward, from the parameters that need a
     # gradient then; in torch 2.11, when none does, the bf16 compute gradient later lands on the fp32
     # shard and backward fails (pytorch/pytorch#186998).  repq's first forwards collect Hessians with

@@ -76,12 +76,14 @@ from .groups import Group
 from .kl import autocast
 from .parallel import (
     GradAverager,
+    first_pass,
     full_value,
     lockstep,
     process_group,
     set_value,
     shard_student,
     shard_teacher,
+    wrap_student,
 )
 from .step import adamw, train_step
 
@@ -118,18 +120,26 @@ class Distiller:
         dev = self.rt.device
         self.device = torch.device(dev)
         self.plans = plan_tensors(self.src, cfg)
-        # --shard: read on the host, FSDP2 moves each unit's shard (not both whole models on each GPU)
-        load_dev = "cpu" if self.rt.shard else dev
-        self.teacher = (teacher or load_model(self.src, device=load_dev, dtype=torch.bfloat16 if dev.startswith("cuda")
-                                              else torch.float32)).model
-        st = load_model(self.src, device=load_dev, dtype=torch.float32)
-        self.student, self.fingerprint = st.model, st.fingerprint
         self.sharded = self.rt.shard
-        if self.sharded:
-            if self.dist is None:
-                raise UsageError("--shard needs a process group (the command makes one, or torchrun's)")
-            shard_student(self.student, dev, self.rt.offload_optimizer)
-            shard_teacher(self.teacher)
+        if self.sharded and self.dist is None:
+            raise UsageError("--shard needs a process group (the command makes one, or torchrun's)")
+        t_dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
+        if self.sharded and not self.rt.offload_optimizer:
+            # each process reads only its shards, straight onto the device (no whole model anywhere); the
+            # student's first FSDP2 pass runs before the teacher is loaded
+            st = load_model(self.src, device=dev, dtype=torch.float32, shard=lambda m: wrap_student(m, dev))
+            first_pass(st.model, dev)
+            if teacher is not None:
+                shard_teacher(teacher.model)
+            self.teacher = (teacher or load_model(self.src, device=dev, dtype=t_dtype, shard=shard_teacher)).model
+        else:   # --offload-optimizer: read on the host, FSDP2 moves (offloads) the shards
+            load_dev = "cpu" if self.sharded else dev
+            self.teacher = (teacher or load_model(self.src, device=load_dev, dtype=t_dtype)).model
+            st = load_model(self.src, device=load_dev, dtype=torch.float32)
+            if self.sharded:
+                shard_student(st.model, dev, offload=True)
+                shard_teacher(self.teacher)
+        self.student, self.fingerprint = st.model, st.fingerprint
         self.names = list(self.plans)
         self.params = dict(self.student.named_parameters())       # GGUF name → Parameter (tied: token_embd)
         self.frozen: dict[str, np.ndarray] = {}                   # GGUF name → ggml bytes

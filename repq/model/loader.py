@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,12 +88,32 @@ def set_tensor(model: Transformer, name: str, t: torch.Tensor, shape: tuple[int,
     setattr(model.get_submodule(mod_name), attr, nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False))
 
 
+def set_shard(model: Transformer, name: str, t: torch.Tensor, shape: tuple[int, ...], path: Path) -> None:
+    """Copy this process's rows of ``t`` into ``model``'s sharded (FSDP2, DTensor) parameter ``name``:
+    FSDP2 splits dim 0 in ``ceil(rows / N)``-row chunks, rank r holding chunk r (possibly short or empty).
+
+    Raises:
+        InputFileError: ``t`` does not have the expected ``shape``.
+    """
+    if tuple(t.shape) != shape:
+        raise InputFileError(f"{path}: tensor {name} has shape {tuple(t.shape)}, expected {shape}")
+    mod_name, _, attr = name.rpartition(".")
+    prm = getattr(model.get_submodule(mod_name), attr)
+    local = prm.to_local()
+    start = prm.device_mesh.get_local_rank() * -(-shape[0] // prm.device_mesh.size())
+    with torch.no_grad():
+        local.copy_(t[start:start + local.shape[0]].to(device=local.device, dtype=local.dtype))
+
+
 def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> LoadedModel:
+               dtype: torch.dtype = torch.float32, shard: Callable[[Transformer], None] | None = None) -> LoadedModel:
     """Load a GGUF (any tensor types; F32/F16/BF16 are exact) or an HF safetensors directory.
 
     Weights are materialised one tensor at a time directly in ``dtype`` on ``device`` (the module
-    is built on the meta device first), so peak host memory is about one tensor.
+    is built on the meta device first), so peak host memory is about one tensor.  With ``shard``
+    (a function that applies FSDP2's ``fully_shard`` to the meta module, e.g.
+    :func:`repq.distill.parallel.shard_teacher`), only this process's shard of each tensor is
+    allocated (on ``device``) and filled: no process ever holds the whole model.
 
     Raises:
         InputFileError: unreadable file, missing or mis-shaped tensor.
@@ -102,12 +123,21 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
     cfg, gguf_path = load_config(p)
     with torch.device("meta"):
         model = Transformer(cfg)
+    if shard is not None:
+        if cfg.tied:   # FSDP2 shards the shared tensor once
+            model.output.weight = model.token_embd.weight
+        model.to(dtype)
+        shard(model)
+        model.to_empty(device=device)
     shapes = cfg.tensor_shapes()
     seen: set[str] = set()
 
     def put(name: str, t: torch.Tensor) -> None:
         if name in shapes:   # others, e.g. rope_freqs.weight, are read into the config
-            set_tensor(model, name, t, shapes[name], device, dtype, p)
+            if shard is None:
+                set_tensor(model, name, t, shapes[name], device, dtype, p)
+            else:
+                set_shard(model, name, t, shapes[name], p)
             seen.add(name)
 
     if gguf_path is None:
@@ -123,7 +153,7 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
     missing = sorted(set(shapes) - seen)
     if missing:
         raise InputFileError(f"{p}: missing tensors {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
-    if cfg.tied:
+    if cfg.tied and shard is None:
         model.output.weight = model.token_embd.weight
     model.eval().requires_grad_(False)
     return LoadedModel(model, cfg, str(p), cfg.fingerprint(), gguf_path)

@@ -135,11 +135,11 @@ def test_hessian_phase_bytes_match_the_plan(tmp_path, native, groups):
         (lb.peak, {k: sum(v.values()) for k, v in ph.peaks.items()}, ph.peaks)
 
 
-@pytest.mark.parametrize("offload", [False, True])
-def test_sharded_runs_read_the_models_into_host_memory(tmp_path, native, monkeypatch, offload):
-    """--shard: teacher and student are loaded on the host and FSDP2 moves each unit's shard to the GPU;
-    loaded on the GPU, every rank held both whole models there first (45 GiB at 8B: the first group's
-    measured peak on two H200s and on the offloaded one).  A plain CUDA run still loads on the GPU."""
+def test_sharded_runs_load_shards_not_whole_models(tmp_path, native, monkeypatch):
+    """--shard: the student is read straight into its FSDP2 shards on the device, then (after FSDP2's first
+    pass) the teacher: no rank holds either whole model, on the GPU (45 GiB at 8B: the first group's
+    measured peak on two H200s when they were loaded there) or on the host (a whole fp32 70B per rank).
+    --offload-optimizer reads both on the host (FSDP2 moves the shards); a plain CUDA run loads on the GPU."""
     import repq.distill.recipe as recipe
 
     src, _ = _model(tmp_path / "m.gguf", tied=False)
@@ -148,23 +148,21 @@ def test_sharded_runs_read_the_models_into_host_memory(tmp_path, native, monkeyp
     class Loaded(Exception):
         pass
 
-    def spy(path, *, device, dtype):
-        seen.append((str(device), dtype))
-        if len(seen) == 2:
-            raise Loaded
-        return recipe.load_model.__wrapped__(path, device="cpu", dtype=dtype)
+    def spy(path, *, device, dtype, shard=None):
+        seen.append((str(device), dtype, shard is not None))
+        raise Loaded
 
-    real = recipe.load_model
-    spy.__wrapped__ = real
     monkeypatch.setattr(recipe, "load_model", spy)
+    monkeypatch.setattr(recipe, "process_group", lambda: (object(), 0, 1))   # as under torchrun
     chunks = np.zeros((4, SEQ), np.int64)
     dc = DistillConfig(ftype="Q4_0", batch=1, seq_len=SEQ)
-    for shard, want in ((True, "cpu"), (False, "cuda")):
+    for shard, offload, want in ((True, False, ("cuda", torch.float32, True)),
+                                 (True, True, ("cpu", torch.bfloat16, False)),
+                                 (False, False, ("cuda", torch.bfloat16, False))):
         seen.clear()
         with pytest.raises(Loaded):
-            Distiller(src, tmp_path / "o.gguf", chunks, dc,
-                      RunOptions(device="cuda", shard=shard, offload_optimizer=offload and shard))
-        assert seen == [(want, torch.bfloat16), (want, torch.float32)]
+            Distiller(src, tmp_path / "o.gguf", chunks, dc, RunOptions(device="cuda", shard=shard, offload_optimizer=offload))
+        assert seen == [want], (shard, offload)
 
 
 def _cli(*args) -> subprocess.CompletedProcess:
