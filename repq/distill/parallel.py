@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..model.loader import fill_local_rows
+
 
 def process_group():
     """``(torch.distributed, rank, world)`` inside an initialised process group, else ``(None, 0, 1)``."""
@@ -177,9 +179,7 @@ def set_value(p: torch.Tensor, values: torch.Tensor) -> None:
     own shard, without communication."""
     with torch.no_grad():
         if is_sharded(p) and p.device.type != p.device_mesh.device_type:   # CPU-offloaded: this rank's rows
-            local, world = p.to_local(), p.device_mesh.size()
-            start = p.device_mesh.get_local_rank() * -(-values.shape[0] // world)   # FSDP2: Shard(0), chunked
-            local.copy_(values[start:start + local.shape[0]].to(local.device, local.dtype))
+            fill_local_rows(p, values)
         elif is_sharded(p):
             from torch.distributed.tensor import distribute_tensor
 

@@ -98,9 +98,14 @@ def set_shard(model: Transformer, name: str, t: torch.Tensor, shape: tuple[int, 
     if tuple(t.shape) != shape:
         raise InputFileError(f"{path}: tensor {name} has shape {tuple(t.shape)}, expected {shape}")
     mod_name, _, attr = name.rpartition(".")
-    prm = getattr(model.get_submodule(mod_name), attr)
+    fill_local_rows(getattr(model.get_submodule(mod_name), attr), t)
+
+
+def fill_local_rows(prm: torch.Tensor, t: torch.Tensor) -> None:
+    """Copy this process's rows of the whole tensor ``t`` into the sharded (FSDP2 ``Shard(0)``, DTensor)
+    ``prm``, wherever its local shard lives (device, or host when offloaded); no communication."""
     local = prm.to_local()
-    start = prm.device_mesh.get_local_rank() * -(-shape[0] // prm.device_mesh.size())
+    start = prm.device_mesh.get_local_rank() * -(-t.shape[0] // prm.device_mesh.size())
     with torch.no_grad():
         local.copy_(t[start:start + local.shape[0]].to(device=local.device, dtype=local.dtype))
 
