@@ -7,6 +7,7 @@ import typer
 
 from .._output import Output
 from ..errors import MismatchError, UsageError
+from ..quant import DEFAULT_HESS_SHRINK
 from .common import JsonOpt, QuietOpt, ThreadsOpt, meta, run_command
 from .sensitivity import AllowTypesOpt, ExcludeTypesOpt
 
@@ -23,7 +24,7 @@ def quantize(
     ctx: Annotated[int, typer.Option("--ctx-size", "-c", help="--sequential: tokens per chunk.")] = 512,
     chunks: Annotated[int, typer.Option("--chunks", help="--sequential: use at most N chunks (-1 = all the data holds).")] = -1,
     damp: Annotated[float, typer.Option(help="LDLQ: relative damping of H's diagonal.")] = 0.01,
-    hess_shrink: Annotated[float, typer.Option(help="LDLQ: shrink H toward its diagonal, (1-A)·H + A·Diag(H), A in [0, 1] (0 = off).")] = 0.0,
+    hess_shrink: Annotated[float, typer.Option(help="LDLQ: shrink H toward its diagonal, (1-A)·H + A·Diag(H), A in [0, 1] (0 = H as collected; the default cut KLD 11-30 % at six ftypes, held-out text included).")] = DEFAULT_HESS_SHRINK,
     act_order: Annotated[bool, typer.Option("--act-order/--no-act-order", help="LDLQ: round each block's columns by decreasing diag(H).")] = True,
     device: Annotated[str, typer.Option(help="LDLQ: torch device (cpu, cuda, cuda:1).")] = "cpu",
     refit: Annotated[bool, typer.Option("--refit/--no-refit", help="LDLQ: re-fit block scales against H after rounding (legacy types, IQ4_NL, IQ3_S/IQ2_XS).")] = True,
@@ -95,7 +96,7 @@ def quantize(
             raise UsageError(f"{', '.join(seq_only)} only apply with --sequential")
         if m == "rtn" and imatrix:
             raise UsageError("--method rtn ignores importance; drop --imatrix or use --method imatrix")
-        ldlq_only = [o for o, used in (("--damp", damp != 0.01), ("--hess-shrink", hess_shrink != 0),
+        ldlq_only = [o for o, used in (("--damp", damp != 0.01), ("--hess-shrink", hess_shrink != DEFAULT_HESS_SHRINK),
                                        ("--no-act-order", not act_order),
                                        ("--device", device != "cpu"), ("--no-refit", not refit),
                                        ("--scales", scales != "static")) if used]

@@ -42,7 +42,7 @@ class DistillConfig:
     act_order: bool = True
     scales: str = "static"
     refit: bool = True
-    hess_shrink: float = 0.0         #: LDLQ: (1 − a) · H + a · Diag(H) (0 = off)
+    hess_shrink: float = 0.0         #: LDLQ: (1 − a) · H + a · Diag(H) (0 = off; quantize's 0.2 not yet measured here)
     kl_chunk: int = 1024             #: tokens per chunk of the fused KL (memory ~ 3 · kl_chunk · vocab · 4 B)
     seed: int = 0
     on_policy: int = 0               #: >0: each group trains on this many tokens the teacher generates (repq.distill.onpolicy)

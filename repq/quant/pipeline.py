@@ -35,6 +35,7 @@ from ..ggml import quants
 from ..ggml.types import F32, row_size, type_name
 from ..io import gguf_file, keys
 from ..io.imatrix import Imatrix, load_imatrix
+from . import DEFAULT_HESS_SHRINK
 from . import importance as importance_rules
 from .tensor import LdlqOptions, check_plans, quantize_tensor
 
@@ -68,7 +69,7 @@ class QuantizeConfig:
     refit: bool = True
     """LDLQ: re-fit fp16 block scales against H once the codes are fixed (legacy types, IQ4_NL, IQ3_S,
     IQ2_XS)."""
-    hess_shrink: float = 0.0
+    hess_shrink: float = DEFAULT_HESS_SHRINK
     """LDLQ: shrink H toward its diagonal, (1 − a) · H + a · Diag(H) (0 = off)."""
     imatrix: str | None = None
     """Path of an imatrix file (GGUF or legacy .dat) as given on the command line."""

@@ -39,7 +39,7 @@ from .. import mix
 from ..errors import InputFileError, MismatchError, UsageError
 from ..ggml import quants
 from ..ggml.types import F32, block_size, is_quantized, type_name
-from . import grids, iq1_grids, iq_grids
+from . import DEFAULT_HESS_SHRINK, grids, iq1_grids, iq_grids
 from . import importance as importance_rules
 
 
@@ -59,7 +59,7 @@ class LdlqOptions:
     refit: bool = True
     """Re-fit block scales against H once the codes are fixed (legacy types, IQ4_NL and the lattice
     i-quants IQ1_S … IQ3_S)."""
-    hess_shrink: float = 0.0
+    hess_shrink: float = DEFAULT_HESS_SHRINK
     """Shrink H toward its diagonal before anything uses it: (1 − a) · H + a · Diag(H)
     (:func:`repq.quant.ldlq.shrink_hessian`); LDLQ, the refit, the choice of rows and the reported
     proxy errors all see the shrunk H.  0: H as collected."""

@@ -158,7 +158,7 @@ def test_good_hessians_work(files, tmp_path):
         fps = g.get(keys.REPQ_DATA_FINGERPRINTS)
         assert fps == HessianSet(files / "h-a").data_fingerprints and len(fps) == 1 and len(fps[0]) == 64
         assert json.loads(g.get(keys.REPQ_CONFIG)) == {"damp": 0.02, "act_order": False, "scales": "static",
-                                                       "refit": True}
+                                                       "refit": True, "hess_shrink": 0.2}
     ids, logits = llama_cpp_logits(out, "the quick brown fox jumps over the lazy dog")
     assert len(ids) > 4 and logits.shape == (len(ids), CFG.n_vocab) and np.isfinite(logits).all()
 
@@ -291,7 +291,8 @@ def test_singular_hessian_is_damped(files, tmp_path, edit, fmt):
 
 def test_singular_hessian_without_damping(files, tmp_path):
     d = altered(files / "h-a", tmp_path / "h", {GATE: _rank_one})
-    line = assert_refused(tmp_path, ldlq_args(files, "a.gguf", d, "--damp", 0),
+    # --hess-shrink 0: the default shrink (0.2) alone makes a rank-one H with a positive diagonal definite
+    line = assert_refused(tmp_path, ldlq_args(files, "a.gguf", d, "--damp", 0, "--hess-shrink", 0),
                           "is singular and --damp 0 does not make it positive definite")
     assert "blk." in line
 

@@ -48,7 +48,8 @@ def _hessian(kind: str) -> torch.Tensor | None:
 def test_distill_and_quantize_give_the_same_bytes(model, tmp_path, ftype, scales, method, kind):
     h = _hessian(kind)
     out = tmp_path / "q.gguf"
-    cfg = pipeline.QuantizeConfig(ftype=ftype, method="ldlq", hessian="(in memory)", scales=scales)
+    # the same options on both sides (quantize's default shrink is not yet distill's)
+    cfg = pipeline.QuantizeConfig(ftype=ftype, method="ldlq", hessian="(in memory)", scales=scales, hess_shrink=0.2)
     rep = pipeline.quantize_model(model, out, cfg, hessian_for=lambda n: h if n == NAME else None)
     with GGUFModel(out) as g:
         t = g.tensors[NAME]
@@ -56,7 +57,8 @@ def test_distill_and_quantize_give_the_same_bytes(model, tmp_path, ftype, scales
     assert gtype == type_id(ftype)
 
     chunks = np.random.default_rng(0).integers(0, 262, (2, 16))
-    d = Distiller(model, tmp_path / "d.gguf", chunks, DistillConfig(ftype=ftype, batch=1, seq_len=16, scales=scales),
+    d = Distiller(model, tmp_path / "d.gguf", chunks, DistillConfig(ftype=ftype, batch=1, seq_len=16, scales=scales,
+                                                                 hess_shrink=0.2),
                   RunOptions(threads=2))
     r, info = d._quantize_one(NAME, d.params[NAME].detach().float().numpy(), h)
     assert r.raw.tobytes() == want

@@ -63,9 +63,25 @@ def test_dead_inputs_stay_dead_and_one_is_the_diagonal():
 def test_zero_is_the_path_of_before():
     h = _spd(16, seed=3)
     assert shrink_hessian(h, 0.0) is h   # no copy, no arithmetic
-    # the recorded settings (repq.config, distill identity, sensitivity files) are those of before
-    assert LdlqOptions().to_dict() == {"damp": 0.01, "act_order": True, "scales": "static", "refit": True}
+    # recorded settings (repq.config, distill identity, sensitivity files) at 0 are those of before the option
+    assert LdlqOptions(hess_shrink=0.0).to_dict() == {"damp": 0.01, "act_order": True, "scales": "static",
+                                                      "refit": True}
     assert LdlqOptions(hess_shrink=0.3).to_dict()["hess_shrink"] == 0.3
+
+
+def test_the_default_is_recorded_and_the_same_everywhere_ldlq_runs_from_quantize():
+    """`repq quantize` (the command, its pipeline config), LDLQ's options and the bit allocator's sensitivity
+    (which builds LdlqOptions()) share one default, and files record it."""
+    import inspect
+
+    from repq.commands.quantize import quantize
+    from repq.quant import DEFAULT_HESS_SHRINK
+    from repq.quant.pipeline import QuantizeConfig
+
+    assert 0 < DEFAULT_HESS_SHRINK < 1
+    assert LdlqOptions().hess_shrink == DEFAULT_HESS_SHRINK == LdlqOptions().to_dict()["hess_shrink"]
+    assert QuantizeConfig(ftype="Q4_0").ldlq_options() == LdlqOptions()
+    assert inspect.signature(quantize).parameters["hess_shrink"].default == DEFAULT_HESS_SHRINK
 
 
 def test_distill_identity_unchanged_at_zero():
