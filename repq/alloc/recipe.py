@@ -201,6 +201,8 @@ def make_allocator(src, *, target_size: str | None, target_bpw: float | None, se
             fp, kind = sens_mod.model_fingerprint(g), "hessian" if hessian else "imatrix"
             sens.check(fp, kind, None, sensitivity)   # model and kind first: their errors say more
             sens.check(fp, kind, sens_mod.source_fingerprint(hessian, imatrix, g), sensitivity)
+            if hessian and ldlq is not None:
+                sens.check_ldlq(ldlq.to_dict(), sensitivity)
             _check_bytes(sens, shapes, sensitivity)
     target = _target(target_size, target_bpw, n_params)
     if sensitivity is None:

@@ -163,6 +163,24 @@ class Sensitivity:
             raise MismatchError(f"{what}: sensitivities from other {source} statistics ({self.source_path})",
                                 hint="recompute them with `repq sensitivity`, or pass the statistics they came from")
 
+    def check_ldlq(self, options: dict, what: str) -> None:
+        """Refuse Hessian-mode costs measured with other LDLQ settings than this run quantizes with
+        (e.g. a file made before --hess-shrink's default changed): the costs describe other files.
+
+        Raises:
+            MismatchError: with the file named in ``what`` and the settings that differ.
+        """
+        made = self.config.get("ldlq")
+        if made is None:
+            return
+        made, options = {"hess_shrink": 0.0} | made, {"hess_shrink": 0.0} | options   # unrecorded: 0
+        if made == options:
+            return
+        diff = ", ".join(f"{k} {made.get(k, 'unset')} there, {options.get(k, 'unset')} here"
+                         for k in sorted(set(made) | set(options)) if made.get(k) != options.get(k))
+        raise MismatchError(f"{what}: sensitivities measured with other LDLQ settings ({diff})",
+                            hint="recompute them with `repq sensitivity` and this run's options, or pass theirs")
+
     def to_json(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "repq_version": __version__, "model": self.model,
                 "model_fingerprint": self.model_fingerprint, "source": self.source,

@@ -216,6 +216,11 @@ def test_ldlq_allocation_with_hessians(hfiles, tmp_path):
     r = repq("quantize", hfiles / "m.gguf", out, "--target-size", target, "--hessian", hfiles / "h",
              "--sensitivity", hfiles / "sens-im.json", "--tensor-type", "token_embd=q4_0")
     assert r.exit_code == 2 and "sensitivities from imatrix statistics, this run quantizes with hessian" in r.stderr
+    # costs measured with other LDLQ settings (the file was made at the default shrink) describe other files
+    out.unlink()
+    r = repq(*args, "--tensor-type", "token_embd=q4_0", "--hess-shrink", "0")
+    assert r.exit_code == 2 and "other LDLQ settings (hess_shrink 0.2 there, 0.0 here)" in r.stderr.replace("\n", " ")
+    assert not out.exists()
 
 
 def test_sizes_types_and_recipe_format():
