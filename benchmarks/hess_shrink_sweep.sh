@@ -3,6 +3,8 @@
 # against llama.cpp's imatrix quantizer calibrated on the same set, for FTYPES x SHRINKS, on three text domains
 # (mean KLD against the F32 model from llama-perplexity --kl-divergence, 20 x 512 tokens each). CPU, reference model.
 #   FTYPES="Q4_0 Q3_K_S IQ4_XS Q4_K_M" SHRINKS="0 0.1 0.2" bash benchmarks/hess_shrink_sweep.sh | tee sweep.txt
+# Other LDLQ options on top: TAG=noao OPTS="--no-act-order" SHRINKS=0.2 bash benchmarks/hess_shrink_sweep.sh
+# (the files get the tag in their names; --damp 0.01 comes first, so OPTS may override it).
 # Inputs (made by benchmarks/alloc_control_cpu.sh; nothing here calibrates on an evaluation text):
 #   $C/hess           `repq hessian` of the fp32 model on mixlib-52k.jsonl (100 x 512 tokens)
 #   $C/base_$d.kld    llama-perplexity --kl-divergence-base of the F32 model on ~/.cache/repq/data/$d.txt
@@ -16,6 +18,7 @@ W=${W:-$HOME/.cache/repq/hess-shrink}
 B=${B:-native/build/bin}
 PY=${PY:-.venv/bin/python}
 FTYPES=${FTYPES:-Q4_0 Q3_K_S IQ4_XS Q4_K_M} SHRINKS=${SHRINKS:-0 0.1 0.2} DOMAINS=${DOMAINS:-tutorial sysadmin fortunes}
+TAG=${TAG:-} OPTS=${OPTS:-}
 export LLAMA_CPP_LIB_PATH=$PWD/$B
 mkdir -p "$W"
 
@@ -39,12 +42,12 @@ for ft in $FTYPES; do
   [ -s "$g" ] || $B/llama-quantize --imatrix "$W/imatrix-mixlib.gguf" "$F" "$g" "$ft" 2 > "$g.log" 2>&1
   echo "llama.cpp imatrix $(score "$g")"
   for a in $SHRINKS; do
-    q=$W/repq-$ft-a$a.gguf
+    q=$W/repq-$ft-a$a${TAG:+-$TAG}.gguf
     if [ ! -s "$q" ]; then
       t0=$(date +%s)
-      $PY -m repq quantize "$F" "$q" --fmt "$ft" --hessian "$C/hess" --damp 0.01 --hess-shrink "$a" -q
+      $PY -m repq quantize "$F" "$q" --fmt "$ft" --hessian "$C/hess" --damp 0.01 --hess-shrink "$a" $OPTS -q
       echo $(( $(date +%s) - t0 )) > "$q.seconds"
     fi
-    echo "repq ldlq A=$a ($(cat "$q.seconds") s) $(score "$q")"
+    echo "repq ldlq A=$a${OPTS:+ $OPTS} ($(cat "$q.seconds") s) $(score "$q")"
   done
 done
