@@ -16,6 +16,8 @@
 #   distill_data  (issues 16, 15) Q3_K_S distillation on the library text, mix.jsonl and on-policy
 #            teacher answers (--on-policy ONPOLICY_TOKENS) at each of DATA_STEPS steps per group, and
 #            --target-size without Q4_K/Q5_K (the Q4_1-source artefact control), side by side
+#   distill_kl  (issue 16) Q3_K_S distillation on on-policy teacher answers with the forward, reverse
+#            and symmetric KL (--kl), KL_STEPS steps per group, side by side
 #   kld      every file scored with llama-perplexity --kl-divergence against the F32 base on
 #            40 x 512 tokens of the tutorial and 20 x 512 of each held-out domain.
 #   eval     `repq eval --task builtin --levels LEVELS --limit LIMIT --base F32 --ngl 99
@@ -102,6 +104,14 @@ distill_data() {   # issue 16: Q3_K_S distillation on library text, the mixture 
   done
   distill_one distill-alloc-ctl-Q3_K_S $STEPS --data $LIB --target-size $size --sensitivity $SENS \
     --exclude-types Q4_1,Q5_1,Q4_K,Q5_K &
+  wait
+}
+
+distill_kl() {   # issue 16: the objective on on-policy data (forward is distill_data's distill-onp-$s)
+  local s=${KL_STEPS:-300}
+  for k in forward reverse symmetric; do
+    distill_one distill-onp-$k-$s $s --on-policy ${ONPOLICY_TOKENS:-200000} --fmt Q3_K_S --kl $k &
+  done
   wait
 }
 

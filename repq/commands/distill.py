@@ -27,6 +27,7 @@ def distill(
     chunks: Annotated[int, typer.Option(help="Use at most N sequences of the data (-1 = all).")] = -1,
     damp: Annotated[float, typer.Option(help="LDLQ: relative damping of H's diagonal.")] = 0.01,
     hess_shrink: Annotated[float, typer.Option(help="LDLQ: shrink H toward its diagonal, (1-A)·H + A·Diag(H), A in [0, 1] (0 = off; repq quantize defaults to 0.2, not yet measured with distillation).")] = 0.0,
+    kl: Annotated[str, typer.Option("--kl", help="Training objective: forward KL(teacher ‖ student), reverse KL(student ‖ teacher), or symmetric (their mean).")] = "forward",
     kl_chunk: Annotated[int, typer.Option(help="Tokens per chunk of the fused full-vocabulary KL.", min=1)] = 1024,
     warmup: Annotated[int, typer.Option(help="Warmup steps at the start of each group.", min=0)] = 10,
     seed: Annotated[int, typer.Option(help="Data order and Hessian sample seed.")] = 0,
@@ -142,7 +143,7 @@ def distill(
             raise UsageError(f"--batch-tokens {batch_tokens} is less than one sequence of {seq_len}")
         cfg = DistillConfig(ftype=(fmt or "Q8_0").upper(), groups=groups_, steps_per_group=steps_per_group,
                             lr=lr, warmup=warmup, batch=n_batch, seq_len=seq_len, hessian_chunks=hessian_chunks,
-                            damp=damp, hess_shrink=hess_shrink, kl_chunk=kl_chunk, seed=seed, on_policy=on_policy, prompts=prompts,
+                            damp=damp, hess_shrink=hess_shrink, kl=kl.lower(), kl_chunk=kl_chunk, seed=seed, on_policy=on_policy, prompts=prompts,
                             temperature=temperature)
         mcfg, gguf_path = load_config(model)
         if gguf_path is None:

@@ -22,6 +22,7 @@ from ..errors import UsageError
 from ..model.transformer import Transformer
 from ..quant.tensor import LdlqOptions
 from .groups import DEFAULT_ORDER, Group, format_groups
+from .kl import KL_KINDS
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class DistillConfig:
     scales: str = "static"
     refit: bool = True
     hess_shrink: float = 0.0         #: LDLQ: (1 − a) · H + a · Diag(H) (0 = off; quantize's 0.2 not yet measured here)
+    kl: str = "forward"              #: the objective: KL(teacher ‖ student), "reverse" KL(student ‖ teacher), or "symmetric" (their mean)
     kl_chunk: int = 1024             #: tokens per chunk of the fused KL (memory ~ 3 · kl_chunk · vocab · 4 B)
     seed: int = 0
     on_policy: int = 0               #: >0: each group trains on this many tokens the teacher generates (repq.distill.onpolicy)
@@ -61,6 +63,8 @@ class DistillConfig:
             raise UsageError("--lr must be a positive number")
         if not self.groups:
             raise UsageError("--groups: at least one group")
+        if self.kl not in KL_KINDS:
+            raise UsageError(f"--kl {self.kl}: one of {', '.join(KL_KINDS)}")
         mix.ftype_from_name(self.ftype)  # raises for an unknown ftype
         self.ldlq_options()              # raises for a bad damp or scales, before any model is loaded
 
@@ -77,8 +81,9 @@ class DistillConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if not self.hess_shrink:   # unset: the identity and provenance of runs made before the option
-            del d["hess_shrink"]
+        for k, default in (("hess_shrink", 0.0), ("kl", "forward")):
+            if d[k] == default:   # unset: the identity and provenance of runs made before the option
+                del d[k]
         d["groups"] = format_groups(self.groups)
         d["mix"] = asdict(self.mix)
         return d

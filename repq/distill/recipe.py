@@ -361,7 +361,7 @@ class Distiller:
             mask = self.mask[torch.from_numpy(mine)].to(tokens.device)
             n_total, scale = max(1, int(self.mask[torch.from_numpy(idx)].sum())), float(self.world)
         loss = train_step(self.student, self.teacher, opt, tokens, n_total=n_total, kl_chunk=self.cfg.kl_chunk,
-                          grad_clip=self.cfg.grad_clip, mask=mask, scale=scale,
+                          grad_clip=self.cfg.grad_clip, mask=mask, scale=scale, kl=self.cfg.kl,
                           after_backward=self._averager.finish if self._averager is not None else None)
         if self.dist is not None:
             lt = loss.clone()

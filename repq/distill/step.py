@@ -23,12 +23,13 @@ def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> t
 
 def train_step(student: torch.nn.Module, teacher: torch.nn.Module, opt: torch.optim.Optimizer, tokens: torch.Tensor,
                *, n_total: int, kl_chunk: int, grad_clip: float, mask: torch.Tensor | None = None,
-               scale: float = 1.0, after_backward: Callable[[], None] | None = None) -> torch.Tensor:
-    """zero_grad → KL(teacher ‖ student) on ``tokens`` (× ``scale``) → backward → ``after_backward``
+               scale: float = 1.0, after_backward: Callable[[], None] | None = None, kl: str = "forward") -> torch.Tensor:
+    """zero_grad → KL(teacher ‖ student) on ``tokens`` (``kl``: :data:`repq.distill.kl.KL_KINDS`;
+    × ``scale``) → backward → ``after_backward``
     (a data-parallel gradient average) → gradient clipping (``grad_clip`` > 0) → ``opt.step()``.
     Returns the loss (not synchronised: a device tensor)."""
     opt.zero_grad(set_to_none=True)   # before the forward: no old gradients beside the activations
-    loss = distill_loss(student, teacher, tokens, kl_chunk=kl_chunk, n_total=n_total, mask=mask)
+    loss = distill_loss(student, teacher, tokens, kl_chunk=kl_chunk, n_total=n_total, mask=mask, kind=kl)
     if scale != 1.0:
         loss = loss * scale
     loss.backward()

@@ -79,21 +79,38 @@ def _run(src, out, chunks, cfg, **rt) -> object:
 
 # ------------------------------------------------------------------------------------------------ KL
 
+@pytest.mark.parametrize("kind", ["forward", "reverse", "symmetric"])
 @pytest.mark.parametrize("need_w", [True, False])
-def test_fused_kl_equals_reference_value_and_gradients(need_w):
+def test_fused_kl_equals_reference_value_and_gradients(need_w, kind):
     g = torch.Generator().manual_seed(0)
     n, d, v = 37, 16, 101
     h = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(v, d, generator=g, dtype=torch.float64, requires_grad=need_w)
     ht, wt = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(v, d, generator=g, dtype=torch.float64)
-    ref = reference_kl(h, w, ht, wt)
+    ref = reference_kl(h, w, ht, wt, kind)
     grads_ref = torch.autograd.grad(ref, [h, w] if need_w else [h])
-    got = fused_kl(h, w, ht, wt, chunk=8)          # 37 tokens: 4 full chunks and a partial one
+    got = fused_kl(h, w, ht, wt, chunk=8, kind=kind)          # 37 tokens: 4 full chunks and a partial one
     grads = torch.autograd.grad(got, [h, w] if need_w else [h])
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-9)
     for a, b in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
-    assert float(fused_kl(ht, wt, ht, wt)) == pytest.approx(0.0, abs=1e-12)  # KL(p ‖ p) = 0
+    assert float(fused_kl(ht, wt, ht, wt, kind=kind)) == pytest.approx(0.0, abs=1e-12)  # KL(p ‖ p) = 0
+
+
+def test_kl_kinds_are_the_two_directions_written_out():
+    """Independent of reference_kl: KL(p ‖ q) and KL(q ‖ p) by their definitions on explicit
+    distributions; the two directions differ, symmetric is their mean."""
+    g = torch.Generator().manual_seed(1)
+    h, w = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randn(9, 4, generator=g, dtype=torch.float64)
+    ht, wt = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randn(9, 4, generator=g, dtype=torch.float64)
+    q, p = torch.softmax(h @ w.T, -1), torch.softmax(ht @ wt.T, -1)   # student q, teacher p
+    fwd = float(sum((p[i] * (p[i] / q[i]).log()).sum() for i in range(5)) / 5)
+    rev = float(sum((q[i] * (q[i] / p[i]).log()).sum() for i in range(5)) / 5)
+    assert abs(fwd - rev) > 1e-3
+    for kind, want in (("forward", fwd), ("reverse", rev), ("symmetric", (fwd + rev) / 2)):
+        assert float(fused_kl(h, w, ht, wt, chunk=2, kind=kind)) == pytest.approx(want, rel=1e-10)
+    with pytest.raises(ValueError, match="kind"):
+        fused_kl(h, w, ht, wt, kind="jsd")
 
 
 # ------------------------------------------------------------------------------------------------ groups
@@ -243,11 +260,14 @@ def test_llama_cpp_logits_equal_the_torch_student(tiny, tmp_path):
     assert max(r for k, r in outs.items() if k[1] != name) < tol
 
 
-def test_training_lowers_kl(tiny, tmp_path):
+@pytest.mark.parametrize("kl", ["forward", "reverse"])
+def test_training_lowers_kl(tiny, tmp_path, kl):
     src, _, chunks = tiny
-    res = _run(src, tmp_path / "q.gguf", chunks, _cfg(ftype="Q4_0", groups=parse_groups("ffn_up:12"), lr=1e-4))
+    cfg = _cfg(ftype="Q4_0", groups=parse_groups("ffn_up:12"), lr=1e-4, kl=kl)
+    res = _run(src, tmp_path / "q.gguf", chunks, cfg)
     loss = [m["loss"] for m in res.metrics]
     assert np.mean(loss[-3:]) < np.mean(loss[:3])
+    assert ("kl" in cfg.to_dict()) == (kl != "forward")   # the default leaves older runs' identity alone
 
 
 # ------------------------------------------------------------------------------------------------ resume
@@ -521,6 +541,8 @@ def test_bad_inputs_exit_2_and_keep_files(tiny, tmp_path):
     # unknown ftype / group, missing file
     assert _cli(*[x if x != "Q4_0" else "Q9_X" for x in base]).returncode == 2
     assert _cli(*base, "--groups", "ffn_upp").returncode == 2
+    r = _cli(*base, "--kl", "jsd")
+    assert r.returncode == 2 and "--kl jsd" in r.stderr, r.stderr
     assert _cli("distill", tmp_path / "nope.gguf", out, *base[3:]).returncode == 2
     assert out.read_bytes() == b"keep me"
 
