@@ -1,4 +1,4 @@
-"""repq's torch grid fits of Q3_K, Q4_K, Q5_K and Q6_K (the GPU path of LDLQ's grid) against
+"""repq's torch grid fits of Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL and IQ4_XS (the GPU path of LDLQ's grid) against
 ggml's own imatrix search, and their packed bytes against ggml's decoder."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import torch
 
 from repq.ggml import quants
 from repq.ggml.types import type_id
-from repq.quant import grids, kfit, kfit_qx
+from repq.quant import grids, kfit, kfit_iq4, kfit_qx
 
-KTYPES = ["Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+KTYPES = ["Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"]
 
 
 @pytest.fixture(autouse=True)
@@ -36,6 +36,10 @@ def fit_bytes(w: np.ndarray, imp: np.ndarray, name: str = "Q4_K"):
         grid = kfit.fit_q4_k(wt, torch.from_numpy(imp), chunk_rows=48, nmax=kfit.NMAX[name])
         codes = kfit.codes_q4_k(wt, grid)
         pack = kfit.pack_q5_k if name == "Q5_K" else kfit.pack_q4_k
+    elif name in kfit_iq4.NAMES:
+        grid = kfit_iq4.fit_iq4(name, wt, torch.from_numpy(imp), chunk_rows=48)
+        codes = kfit_iq4.codes_iq4(wt, grid)
+        pack = kfit_iq4.pack_iq4
     else:
         grid = kfit_qx.fit_qx(name, wt, torch.from_numpy(imp), chunk_rows=48)
         codes = kfit_qx.codes_qx(wt, grid)
@@ -98,6 +102,12 @@ def test_rejects_partial_super_blocks_and_other_types():
         kfit_qx.fit_qx("Q6_K", torch.zeros(2, 96), torch.ones(96))
     with pytest.raises(ValueError, match="not Q4_K"):
         kfit_qx.fit_qx("Q4_K", torch.zeros(2, 256), torch.ones(256))
+    with pytest.raises(ValueError, match="multiple of 256"):
+        kfit_iq4.fit_iq4("IQ4_XS", torch.zeros(2, 96), torch.ones(96))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        kfit_iq4.fit_iq4("IQ4_NL", torch.zeros(2, 48), torch.ones(48))
+    with pytest.raises(ValueError, match="not Q4_0"):
+        kfit_iq4.fit_iq4("Q4_0", torch.zeros(2, 256), torch.ones(256))
     with pytest.raises(ValueError, match="no torch grid fit for Q4_0"):
         kfit.torch_grid(type_id("Q4_0"), 2, 256, np.ones(256, np.float32))
 
@@ -122,5 +132,5 @@ def test_ldlq_on_the_torch_grid(name):
     np.testing.assert_array_equal(t.values, quants.dequantize(k, t.raw, n))
     assert abs(t.baseline_loss / g.baseline_loss - 1) < 1e-2
     assert t.proxy_loss < 0.9 * t.baseline_loss and abs(t.proxy_loss / g.proxy_loss - 1) < 0.05
-    with pytest.raises(ValueError, match="Q3_K, Q4_K, Q5_K and Q6_K with static scales"):
+    with pytest.raises(ValueError, match="IQ4_NL and IQ4_XS with static scales"):
         ldlq_quantize(w, h, type_id("Q4_0"), fit="torch")

@@ -1,0 +1,157 @@
+"""IQ4_NL and IQ4_XS grid fitting and packing in torch, for LDLQ on a GPU (see :mod:`repq.quant.kfit`
+for the K-quants).
+
+Both types store 32-element sub-blocks on the non-uniform 16-value table ``kvalues_iq4nl``,
+value = scale · table[code].  llama.cpp's imatrix search (``quantize_row_iq4_nl_impl`` with
+``ntry`` = 7), per 32-sub-block, with element weights ``imp · sqrt(σ² + x²)`` (σ² = 2 Σx² / n over
+the super-block):
+
+* a first scale ``d = max / 127`` (``max`` the element of largest magnitude, sign kept), codes the
+  nearest table entries to x / d (ggml's ``best_index_int8``: ties go up), then the weighted
+  least-squares scale for those codes; then 15 more candidates, inverse scales
+  ``(t − 127) / max`` for t = −7..7, each kept if it strictly lowers the weighted error;
+* IQ4_NL (one sub-block per block): ``d`` stored as fp16, codes re-rounded with the unrounded d;
+* IQ4_XS (8 sub-blocks per 256): the super-scale ``d = −s / 32`` (s the sub-scale of largest
+  magnitude) as fp16, sub-scales ``l = clamp(round(scale / d), −32, 31)`` stored as 6 bits + 32,
+  and every code re-rounded to x / (d · l) with the unrounded d.
+
+The arithmetic follows ggml step for step in float32 (candidate order, strict improvements,
+left-to-right sums of each sub-block, round-half-to-even), so the bytes are llama-quantize's up
+to float summation order of σ²: tests compare them with ggml's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..ggml.types import type_id
+from . import grids
+from .kfit_qx import _place_codes, _seqsum
+
+NAMES = ("IQ4_NL", "IQ4_XS")
+SUB = 32
+EPS = 1e-15          # GROUP_MAX_EPS
+NTRY = 7
+
+
+@dataclass
+class Iq4Grid:
+    """Fitted IQ4_NL / IQ4_XS grid of a (rows, n) weight: fp16 ``d`` (rows, nb) per block (32 or
+    256 elements), IQ4_XS's sub-scales ``ls`` (rows, nb, 8) in −32..31 (None for IQ4_NL), and
+    ggml's codes ``codes0`` (rows, n) of the weight it was fitted on."""
+
+    name: str
+    d: torch.Tensor
+    ls: torch.Tensor | None
+    codes0: torch.Tensor
+
+    def ab(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) per 32-sub-block, float32 (rows, n / 32): values decode to fl32(A · table[code])."""
+        a = self.d.float()
+        if self.ls is not None:
+            a = (a[..., None] * self.ls.float()).reshape(a.shape[0], -1)
+        return a, torch.zeros_like(a)
+
+
+def best_index(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """ggml's ``best_index_int8`` for every element: the nearest entry of the sorted table, ties
+    to the upper one, clamped at both ends."""
+    mu = torch.searchsorted(values, x.contiguous(), right=True).clamp_(1, len(values) - 1)
+    lo, hi = values[mu - 1], values[mu]
+    return torch.where(x - lo < hi - x, mu - 1, mu)
+
+
+def _search(x: torch.Tensor, wt: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The per-sub-block scale search of ``quantize_row_iq4_nl_impl`` (ntry 7) for every row of
+    x (S, 32) with weights wt: the scale (S,), 0 for sub-blocks whose largest |x| is below EPS."""
+    amax, idx = x.abs().max(-1)
+    mx = x.gather(-1, idx[:, None])[:, 0]
+    zero = amax < EPS
+    mx = torch.where(zero, torch.ones_like(mx), mx)
+    v0 = values[0]
+
+    def sums(inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = values[best_index(inv[:, None] * x, values)]
+        wq = wt * q
+        return _seqsum(wq * x), _seqsum(wq * q)
+
+    sqx, sq2 = sums(1.0 / (-mx / v0))
+    d = torch.where(sq2 > 0, sqx / torch.where(sq2 > 0, sq2, torch.ones_like(sq2)), torch.zeros_like(sq2))
+    best = d * sqx
+    for t in range(-NTRY, NTRY + 1):
+        sqx, sq2 = sums((float(t) + v0) / mx)
+        acc = (sq2 > 0) & (sqx * sqx > best * sq2)
+        dk = sqx / torch.where(sq2 > 0, sq2, torch.ones_like(sq2))
+        d = torch.where(acc, dk, d)
+        best = torch.where(acc, dk * sqx, best)
+    return torch.where(zero, torch.zeros_like(d), d)
+
+
+def _inv(t: torch.Tensor) -> torch.Tensor:
+    """1 / t, and 0 where t is 0 (ggml's ``d ? 1/d : 0``)."""
+    return torch.where(t != 0, 1.0 / torch.where(t != 0, t, torch.ones_like(t)), torch.zeros_like(t))
+
+
+@torch.inference_mode()
+def fit_iq4(name: str, w: torch.Tensor, importance: torch.Tensor, *, chunk_rows: int = 4096) -> Iq4Grid:
+    """Fit the IQ4_NL or IQ4_XS grid of W (rows, n; n a multiple of 32, resp. 256) on W's device:
+    llama.cpp's search with an importance vector."""
+    if name not in NAMES:
+        raise ValueError(f"fit_iq4 is for {', '.join(NAMES)}, not {name}")
+    rows, n = w.shape
+    qk = 256 if name == "IQ4_XS" else SUB
+    if n % qk:
+        raise ValueError(f"{n} columns is not a multiple of {qk}")
+    nb, per = n // qk, qk // SUB
+    values = torch.from_numpy(grids.KVALUES_IQ4NL).to(w.device)
+    imp = importance.to(w.device, torch.float32).reshape(1, nb, per, SUB)
+    out: dict[str, list] = {"d": [], "ls": [], "codes0": []}
+    for r0 in range(0, rows, chunk_rows):
+        x = w[r0:r0 + chunk_rows].to(torch.float32).reshape(-1, nb, per, SUB)
+        r = x.shape[0]
+        sigma2 = _seqsum((x * x).reshape(r, nb, qk)) * (2.0 / qk)                  # (r, nb), as C sums
+        wt = imp * torch.sqrt(sigma2[..., None, None] + x * x)
+        scales = _search(x.reshape(-1, SUB), wt.reshape(-1, SUB), values).reshape(r, nb, per)
+        if name == "IQ4_NL":
+            d = scales[..., 0]
+            step = d[..., None]                                                   # (r, nb, 1)
+            out["d"].append(d.to(torch.float16))
+        else:
+            amax, idx = scales.abs().max(-1)
+            max_scale = torch.where(amax > 0, scales.gather(-1, idx[..., None])[..., 0], torch.zeros_like(amax))
+            d = -max_scale / 32
+            ls = torch.round(_inv(d)[..., None] * scales).clamp_(-32, 31)
+            step = d[..., None] * ls                                              # (r, nb, 8)
+            out["d"].append(d.to(torch.float16))
+            out["ls"].append(ls.to(torch.int32))
+        codes = best_index(_inv(step)[..., None] * x, values)
+        out["codes0"].append(codes.reshape(r, n))
+    return Iq4Grid(name, torch.cat(out["d"]), torch.cat(out["ls"]) if out["ls"] else None, torch.cat(out["codes0"]))
+
+
+def codes_iq4(w: torch.Tensor, grid: Iq4Grid) -> torch.Tensor:
+    """ggml's codes of the weight the grid was fitted on (int64 (rows, n)); ``w`` must be it."""
+    if tuple(w.shape) != tuple(grid.codes0.shape):
+        raise ValueError(f"weight {tuple(w.shape)} is not the fitted one {tuple(grid.codes0.shape)}")
+    return grid.codes0.long()
+
+
+def pack_iq4(grid: Iq4Grid, codes: torch.Tensor) -> torch.Tensor:
+    """ggml bytes, uint8 (rows, nb · size), of the grid with these codes (0..15)."""
+    lay = grids.layout(type_id(grid.name))
+    rows, nb = grid.d.shape
+    dev = codes.device
+    blk = torch.zeros(rows, nb, lay.size, dtype=torch.uint8, device=dev)
+    blk[..., 0:2] = grid.d.to(dev).contiguous().view(torch.uint8).reshape(rows, nb, 2)
+    if grid.ls is not None:                          # d, scales_h (2 bits each), scales_l[4] (4 bits each), qs
+        ls = (grid.ls.to(dev) + 32).to(torch.int32)                               # (rows, nb, 8)
+        ib = torch.arange(8, device=dev)
+        sh = ((ls >> 4) << (2 * ib)).sum(-1)                                      # (rows, nb) < 2^16
+        blk[..., 2] = (sh & 0xFF).to(torch.uint8)
+        blk[..., 3] = (sh >> 8).to(torch.uint8)
+        lo = ls & 0xF
+        blk[..., 4:8] = (lo[..., 0::2] | (lo[..., 1::2] << 4)).to(torch.uint8)
+    blk = _place_codes(blk, codes.to(dev).reshape(rows, nb, lay.qk), lay)
+    return blk.reshape(rows, nb * lay.size)
