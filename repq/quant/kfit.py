@@ -234,11 +234,11 @@ def pack_q5_k(grid: Q4KGrid, codes: torch.Tensor) -> torch.Tensor:
 
 def supported(gtype: int) -> bool:
     """Whether ``gtype``'s grid can be fitted in torch (here: Q4_K, Q5_K; :mod:`repq.quant.kfit_qx`:
-    Q3_K, Q6_K; :mod:`repq.quant.kfit_iq4`: IQ4_NL, IQ4_XS).  LDLQ on a GPU then fits it on the
+    Q3_K, Q6_K; :mod:`repq.quant.kfit_b32`: Q4_0, Q5_0, Q8_0, IQ4_NL, IQ4_XS).  LDLQ on a GPU then fits it on the
     device rather than in ggml on the CPU."""
-    from . import kfit_iq4, kfit_qx
+    from . import kfit_b32, kfit_qx
 
-    return type_name(gtype) in (*NMAX, *kfit_qx.NAMES, *kfit_iq4.NAMES)
+    return type_name(gtype) in (*NMAX, *kfit_qx.NAMES, *kfit_b32.NAMES)
 
 
 def torch_grid(gtype: int, rows: int, n_per_row: int, importance: np.ndarray) -> TorchGrid:
@@ -247,13 +247,14 @@ def torch_grid(gtype: int, rows: int, n_per_row: int, importance: np.ndarray) ->
 
 
 class TorchGrid:
-    """:class:`repq.quant.kquant.GgmlGrid`'s static-grid interface for Q3_K–Q6_K, IQ4_NL and IQ4_XS,
+    """:class:`repq.quant.kquant.GgmlGrid`'s static-grid interface for Q3_K–Q6_K, Q4_0, Q5_0, Q8_0,
+    IQ4_NL and IQ4_XS,
     fitted and packed on the weight's device (:func:`fit_q4_k` and :func:`pack_q4_k` /
-    :func:`pack_q5_k` here, :mod:`repq.quant.kfit_qx` for Q3_K and Q6_K, :mod:`repq.quant.kfit_iq4`
-    for IQ4_NL and IQ4_XS); decoding stays ggml's."""
+    :func:`pack_q5_k` here, :mod:`repq.quant.kfit_qx` for Q3_K and Q6_K, :mod:`repq.quant.kfit_b32`
+    for the 32-element blocks); decoding stays ggml's."""
 
     def __init__(self, gtype: int, rows: int, n_per_row: int, importance: np.ndarray):
-        from . import kfit_iq4, kfit_qx
+        from . import kfit_b32, kfit_qx
 
         self.name = type_name(gtype)
         if self.name in NMAX:
@@ -262,11 +263,11 @@ class TorchGrid:
         elif self.name in kfit_qx.NAMES:
             self._fit = lambda w, imp: kfit_qx.fit_qx(self.name, w, imp)
             self._codes, self._pack = kfit_qx.codes_qx, kfit_qx.pack_qx
-        elif self.name in kfit_iq4.NAMES:
-            self._fit = lambda w, imp: kfit_iq4.fit_iq4(self.name, w, imp)
-            self._codes, self._pack = kfit_iq4.codes_iq4, kfit_iq4.pack_iq4
+        elif self.name in kfit_b32.NAMES:
+            self._fit = lambda w, imp: kfit_b32.fit_b32(self.name, w, imp)
+            self._codes, self._pack = kfit_b32.codes_b32, kfit_b32.pack_b32
         else:
-            raise ValueError(f"no torch grid fit for {self.name} (only Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS)")
+            raise ValueError(f"no torch grid fit for {self.name} (only Q3_K–Q6_K, Q4_0, Q5_0, Q8_0, IQ4_NL, IQ4_XS)")
         self.gtype, self.rows, self.n = gtype, rows, n_per_row
         self.importance = np.ascontiguousarray(importance, np.float32)
         self.grid = None

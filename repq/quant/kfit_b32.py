@@ -1,23 +1,27 @@
-"""IQ4_NL and IQ4_XS grid fitting and packing in torch, for LDLQ on a GPU (see :mod:`repq.quant.kfit`
-for the K-quants).
+"""Grids of 32-element blocks fitted and packed in torch, for LDLQ on a GPU (see :mod:`repq.quant.kfit`
+for the K-quants): Q4_0, Q5_0, Q8_0 and IQ4_NL (one fp16 scale per block) and IQ4_XS (eight
+6-bit sub-scales under an fp16 super-scale).
 
-Both types store 32-element sub-blocks on the non-uniform 16-value table ``kvalues_iq4nl``,
-value = scale · table[code].  llama.cpp's imatrix search (``quantize_row_iq4_nl_impl`` with
-``ntry`` = 7), per 32-sub-block, with element weights ``imp · sqrt(σ² + x²)`` (σ² = 2 Σx² / n over
-the super-block):
+llama.cpp's imatrix searches, with element weights ``imp · sqrt(σ² + x²)``:
 
-* a first scale ``d = max / 127`` (``max`` the element of largest magnitude, sign kept), codes the
-  nearest table entries to x / d (ggml's ``best_index_int8``: ties go up), then the weighted
-  least-squares scale for those codes; then 15 more candidates, inverse scales
-  ``(t − 127) / max`` for t = −7..7, each kept if it strictly lowers the weighted error;
-* IQ4_NL (one sub-block per block): ``d`` stored as fp16, codes re-rounded with the unrounded d;
-* IQ4_XS (8 sub-blocks per 256): the super-scale ``d = −s / 32`` (s the sub-scale of largest
+* Q4_0, Q5_0 (``quantize_row_q4_0_impl`` / ``q5_0_impl``): σ² = Σx² / n over the row, then
+  ``make_qx_quants`` with 8 (16) levels each side per block, as for Q3_K
+  (:func:`repq.quant.kfit_qx._qx`); d stored as fp16.
+* Q8_0 (no search; ggml ignores the importance): d = max|x| / 127, codes ``roundf(x / d)``
+  (halves away from zero).
+* IQ4_NL, IQ4_XS (``quantize_row_iq4_nl_impl``, ntry 7; σ² = 2 Σx² / n over the 32- or
+  256-block), on the non-uniform 16-value table ``kvalues_iq4nl``, per 32-sub-block: a first scale
+  ``d = max / 127`` (``max`` the element of largest magnitude, sign kept), codes the nearest table
+  entries to x / d (ggml's ``best_index_int8``: ties go up), then the weighted least-squares scale
+  for those codes; then 15 more candidates, inverse scales ``(t − 127) / max`` for t = −7..7, each
+  kept if it strictly lowers the weighted error.  IQ4_NL stores d as fp16 and re-rounds the codes
+  with the unrounded d; IQ4_XS takes the super-scale ``d = −s / 32`` (s the sub-scale of largest
   magnitude) as fp16, sub-scales ``l = clamp(round(scale / d), −32, 31)`` stored as 6 bits + 32,
-  and every code re-rounded to x / (d · l) with the unrounded d.
+  and re-rounds every code to x / (d · l) with the unrounded d.
 
 The arithmetic follows ggml step for step in float32 (candidate order, strict improvements,
-left-to-right sums of each sub-block, round-half-to-even), so the bytes are llama-quantize's up
-to float summation order of σ²: tests compare them with ggml's.
+left-to-right sums of each block, round-half-to-even), so the bytes are llama-quantize's up to the
+summation order of Q4_0's and Q5_0's row-wide σ²: tests compare them with ggml's.
 """
 
 from __future__ import annotations
@@ -28,19 +32,20 @@ import torch
 
 from ..ggml.types import type_id
 from . import grids
-from .kfit_qx import _place_codes, _seqsum
+from .kfit_qx import _place_codes, _qx, _seqsum
 
-NAMES = ("IQ4_NL", "IQ4_XS")
+NAMES = ("Q4_0", "Q5_0", "Q8_0", "IQ4_NL", "IQ4_XS")
+QX_NMAX = {"Q4_0": 8, "Q5_0": 16}
 SUB = 32
 EPS = 1e-15          # GROUP_MAX_EPS
 NTRY = 7
 
 
 @dataclass
-class Iq4Grid:
-    """Fitted IQ4_NL / IQ4_XS grid of a (rows, n) weight: fp16 ``d`` (rows, nb) per block (32 or
-    256 elements), IQ4_XS's sub-scales ``ls`` (rows, nb, 8) in −32..31 (None for IQ4_NL), and
-    ggml's codes ``codes0`` (rows, n) of the weight it was fitted on."""
+class B32Grid:
+    """Fitted grid of a (rows, n) weight: fp16 ``d`` (rows, nb) per block (32 elements, IQ4_XS 256),
+    IQ4_XS's sub-scales ``ls`` (rows, nb, 8) in −32..31 (None otherwise), and ggml's codes
+    ``codes0`` (rows, n) of the weight it was fitted on."""
 
     name: str
     d: torch.Tensor
@@ -48,7 +53,7 @@ class Iq4Grid:
     codes0: torch.Tensor
 
     def ab(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) per 32-sub-block, float32 (rows, n / 32): values decode to fl32(A · table[code])."""
+        """(A, B) per 32-block, float32 (rows, n / 32): values decode to fl32(A · level[code])."""
         a = self.d.float()
         if self.ls is not None:
             a = (a[..., None] * self.ls.float()).reshape(a.shape[0], -1)
@@ -94,12 +99,18 @@ def _inv(t: torch.Tensor) -> torch.Tensor:
     return torch.where(t != 0, 1.0 / torch.where(t != 0, t, torch.ones_like(t)), torch.zeros_like(t))
 
 
+def _round_away(x: torch.Tensor) -> torch.Tensor:
+    """C's ``roundf``: to nearest, halves away from zero."""
+    t = x.trunc()
+    return torch.where((x - t).abs() == 0.5, t + x.sign(), x.round())
+
+
 @torch.inference_mode()
-def fit_iq4(name: str, w: torch.Tensor, importance: torch.Tensor, *, chunk_rows: int = 4096) -> Iq4Grid:
-    """Fit the IQ4_NL or IQ4_XS grid of W (rows, n; n a multiple of 32, resp. 256) on W's device:
+def fit_b32(name: str, w: torch.Tensor, importance: torch.Tensor, *, chunk_rows: int = 4096) -> B32Grid:
+    """Fit the ``name`` grid of W (rows, n; n a multiple of 32, IQ4_XS 256) on W's device:
     llama.cpp's search with an importance vector."""
     if name not in NAMES:
-        raise ValueError(f"fit_iq4 is for {', '.join(NAMES)}, not {name}")
+        raise ValueError(f"fit_b32 is for {', '.join(NAMES)}, not {name}")
     rows, n = w.shape
     qk = 256 if name == "IQ4_XS" else SUB
     if n % qk:
@@ -111,6 +122,19 @@ def fit_iq4(name: str, w: torch.Tensor, importance: torch.Tensor, *, chunk_rows:
     for r0 in range(0, rows, chunk_rows):
         x = w[r0:r0 + chunk_rows].to(torch.float32).reshape(-1, nb, per, SUB)
         r = x.shape[0]
+        if name == "Q8_0":
+            d = x.abs().amax(-1)[..., 0] / 127                                    # (r, nb)
+            out["d"].append(d.to(torch.float16))
+            q = _round_away(x[..., 0, :] * _inv(d)[..., None]).to(torch.int64)
+            out["codes0"].append((q & 0xFF).reshape(r, n))
+            continue
+        if name in QX_NMAX:
+            sigma2 = (x * x).sum((1, 2, 3)) / n                                  # (r,): the row's
+            wt = imp * torch.sqrt(sigma2[:, None, None, None] + x * x)
+            d, codes = _qx(x.reshape(-1, SUB), wt.reshape(-1, SUB), QX_NMAX[name])
+            out["d"].append(d.reshape(r, nb).to(torch.float16))
+            out["codes0"].append(codes.to(torch.int64).reshape(r, n))
+            continue
         sigma2 = _seqsum((x * x).reshape(r, nb, qk)) * (2.0 / qk)                  # (r, nb), as C sums
         wt = imp * torch.sqrt(sigma2[..., None, None] + x * x)
         scales = _search(x.reshape(-1, SUB), wt.reshape(-1, SUB), values).reshape(r, nb, per)
@@ -128,18 +152,18 @@ def fit_iq4(name: str, w: torch.Tensor, importance: torch.Tensor, *, chunk_rows:
             out["ls"].append(ls.to(torch.int32))
         codes = best_index(_inv(step)[..., None] * x, values)
         out["codes0"].append(codes.reshape(r, n))
-    return Iq4Grid(name, torch.cat(out["d"]), torch.cat(out["ls"]) if out["ls"] else None, torch.cat(out["codes0"]))
+    return B32Grid(name, torch.cat(out["d"]), torch.cat(out["ls"]) if out["ls"] else None, torch.cat(out["codes0"]))
 
 
-def codes_iq4(w: torch.Tensor, grid: Iq4Grid) -> torch.Tensor:
+def codes_b32(w: torch.Tensor, grid: B32Grid) -> torch.Tensor:
     """ggml's codes of the weight the grid was fitted on (int64 (rows, n)); ``w`` must be it."""
     if tuple(w.shape) != tuple(grid.codes0.shape):
         raise ValueError(f"weight {tuple(w.shape)} is not the fitted one {tuple(grid.codes0.shape)}")
     return grid.codes0.long()
 
 
-def pack_iq4(grid: Iq4Grid, codes: torch.Tensor) -> torch.Tensor:
-    """ggml bytes, uint8 (rows, nb · size), of the grid with these codes (0..15)."""
+def pack_b32(grid: B32Grid, codes: torch.Tensor) -> torch.Tensor:
+    """ggml bytes, uint8 (rows, nb · size), of the grid with these codes."""
     lay = grids.layout(type_id(grid.name))
     rows, nb = grid.d.shape
     dev = codes.device
