@@ -1,4 +1,4 @@
-"""Q4_K and Q5_K grid fitting and packing in torch, for LDLQ on a GPU.
+"""Q4_K, Q5_K and Q2_K grid fitting and packing in torch, for LDLQ on a GPU.
 
 On the CPU, LDLQ's grid is ggml's own imatrix quantization (``GgmlGrid.fit_all``: one
 ``ggml_quantize_chunk`` call).  On a GPU that call is the slowest step of the whole tensor (a
@@ -32,7 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..ggml.types import type_name
+from ..ggml.types import type_id, type_name
+from . import grids
 
 QK_K = 256
 SUB = 32
@@ -173,13 +174,43 @@ def fit_q4_k(w: torch.Tensor, importance: torch.Tensor, *, chunk_rows: int = 409
     return Q4KGrid(**{k: torch.cat(v) for k, v in out.items()}, nmax=nmax)
 
 
+@torch.inference_mode()
+def fit_q2_k(w: torch.Tensor, importance: torch.Tensor, *, chunk_rows: int = 4096) -> Q4KGrid:
+    """Fit the Q2_K grid of W (rows, n; n a multiple of 256) on W's device: ``quantize_row_q2_K_impl``
+    (σ² = Σx² / 256 per super-block, the same element weights; per 16-sub-block
+    ``make_qkx3_quants`` with 4 levels; the 16 scales and 16 mins to 4 bits by ``make_qp_quants``
+    with 15 levels).  The grid's ``sc``/``mn`` are (rows, n / 256, 16)."""
+    rows, n = w.shape
+    if n % QK_K:
+        raise ValueError(f"{n} columns is not a multiple of {QK_K}")
+    nb = n // QK_K
+    out = {k: [] for k in ("d", "dmin", "sc", "mn")}
+    imp = importance.to(w.device, torch.float32).reshape(1, nb, 16, 16)
+    for r0 in range(0, rows, chunk_rows):
+        x = w[r0:r0 + chunk_rows].to(torch.float32).reshape(-1, nb, 16, 16)
+        r = x.shape[0]
+        sigma2 = (x * x).sum((-1, -2)) / QK_K                                     # (r, nb)
+        wt = imp * torch.sqrt(sigma2[..., None, None] + x * x)
+        scale, mins = _qkx3(x.reshape(-1, 16), wt.reshape(-1, 16), 3)
+        sw = wt.sum(-1).reshape(-1, 16)
+        ls, d = _qp(scale.reshape(-1, 16), sw, 15)
+        lm, dm = _qp(mins.reshape(-1, 16), sw, 15)
+        out["d"].append(d.to(torch.float16).reshape(r, nb))
+        out["dmin"].append(dm.to(torch.float16).reshape(r, nb))
+        out["sc"].append(ls.reshape(r, nb, 16))
+        out["mn"].append(lm.reshape(r, nb, 16))
+    return Q4KGrid(**{k: torch.cat(v) for k, v in out.items()}, nmax=3)
+
+
 def codes_q4_k(w: torch.Tensor, grid: Q4KGrid) -> torch.Tensor:
     """The nearest code of every weight on the grid (int64, (rows, n)): ggml's final rounding
-    ``clamp(round((x + dmin·m) / (d·sc)), 0, nmax)``; 0 where d·sc = 0 (every code decodes alike)."""
+    ``clamp(round((x + dmin·m) / (d·sc)), 0, nmax)``; 0 where d·sc = 0 (every code decodes alike).
+    Q4_K, Q5_K and Q2_K (16 sub-blocks of 16 per super-block)."""
     rows, n = w.shape
     d = grid.d.float()[..., None] * grid.sc.float()
     dm = grid.dmin.float()[..., None] * grid.mn.float()
-    x = w.to(torch.float32).reshape(rows, -1, 8, SUB)
+    per = grid.sc.shape[-1]
+    x = w.to(torch.float32).reshape(rows, -1, per, QK_K // per)
     safe = torch.where(d == 0, torch.ones_like(d), d)
     q = torch.round((x + dm[..., None]) / safe[..., None]).clamp_(0, grid.nmax)
     q = torch.where((d == 0)[..., None], torch.zeros_like(q), q)
@@ -232,13 +263,29 @@ def pack_q5_k(grid: Q4KGrid, codes: torch.Tensor) -> torch.Tensor:
     return blk.reshape(rows, nb * BLOCK_BYTES["Q5_K"])
 
 
+def pack_q2_k(grid: Q4KGrid, codes: torch.Tensor) -> torch.Tensor:
+    """ggml Q2_K bytes, uint8 (rows, n / 256 · 84), of the grid with these codes (0..3): 16 bytes
+    of 4-bit scale | 4-bit min, 64 bytes of 2-bit codes, fp16 ``d`` and ``dmin``."""
+    from .kfit_qx import _place_codes
+
+    rows, nb = grid.d.shape
+    dev = codes.device
+    lay = grids.layout(type_id("Q2_K"))
+    blk = torch.zeros(rows, nb, lay.size, dtype=torch.uint8, device=dev)
+    blk[..., 0:16] = (grid.sc.to(dev).to(torch.int32) | (grid.mn.to(dev).to(torch.int32) << 4)).to(torch.uint8)
+    blk[..., 80:82] = grid.d.to(dev).contiguous().view(torch.uint8).reshape(rows, nb, 2)
+    blk[..., 82:84] = grid.dmin.to(dev).contiguous().view(torch.uint8).reshape(rows, nb, 2)
+    blk = _place_codes(blk, codes.to(dev).reshape(rows, nb, QK_K), lay)
+    return blk.reshape(rows, nb * lay.size)
+
+
 def supported(gtype: int) -> bool:
-    """Whether ``gtype``'s grid can be fitted in torch (here: Q4_K, Q5_K; :mod:`repq.quant.kfit_qx`:
+    """Whether ``gtype``'s grid can be fitted in torch (here: Q2_K, Q4_K, Q5_K; :mod:`repq.quant.kfit_qx`:
     Q3_K, Q6_K; :mod:`repq.quant.kfit_b32`: Q4_0, Q5_0, Q8_0, IQ4_NL, IQ4_XS).  LDLQ on a GPU then fits it on the
     device rather than in ggml on the CPU."""
     from . import kfit_b32, kfit_qx
 
-    return type_name(gtype) in (*NMAX, *kfit_qx.NAMES, *kfit_b32.NAMES)
+    return type_name(gtype) in (*NMAX, "Q2_K", *kfit_qx.NAMES, *kfit_b32.NAMES)
 
 
 def torch_grid(gtype: int, rows: int, n_per_row: int, importance: np.ndarray) -> TorchGrid:
@@ -247,7 +294,7 @@ def torch_grid(gtype: int, rows: int, n_per_row: int, importance: np.ndarray) ->
 
 
 class TorchGrid:
-    """:class:`repq.quant.kquant.GgmlGrid`'s static-grid interface for Q3_K–Q6_K, Q4_0, Q5_0, Q8_0,
+    """:class:`repq.quant.kquant.GgmlGrid`'s static-grid interface for Q2_K–Q6_K, Q4_0, Q5_0, Q8_0,
     IQ4_NL and IQ4_XS,
     fitted and packed on the weight's device (:func:`fit_q4_k` and :func:`pack_q4_k` /
     :func:`pack_q5_k` here, :mod:`repq.quant.kfit_qx` for Q3_K and Q6_K, :mod:`repq.quant.kfit_b32`
@@ -260,6 +307,9 @@ class TorchGrid:
         if self.name in NMAX:
             self._fit = lambda w, imp: fit_q4_k(w, imp, nmax=NMAX[self.name])
             self._codes, self._pack = codes_q4_k, (pack_q5_k if self.name == "Q5_K" else pack_q4_k)
+        elif self.name == "Q2_K":
+            self._fit = fit_q2_k
+            self._codes, self._pack = codes_q4_k, pack_q2_k
         elif self.name in kfit_qx.NAMES:
             self._fit = lambda w, imp: kfit_qx.fit_qx(self.name, w, imp)
             self._codes, self._pack = kfit_qx.codes_qx, kfit_qx.pack_qx
@@ -267,7 +317,7 @@ class TorchGrid:
             self._fit = lambda w, imp: kfit_b32.fit_b32(self.name, w, imp)
             self._codes, self._pack = kfit_b32.codes_b32, kfit_b32.pack_b32
         else:
-            raise ValueError(f"no torch grid fit for {self.name} (only Q3_K–Q6_K, Q4_0, Q5_0, Q8_0, IQ4_NL, IQ4_XS)")
+            raise ValueError(f"no torch grid fit for {self.name} (only Q2_K–Q6_K, Q4_0, Q5_0, Q8_0, IQ4_NL, IQ4_XS)")
         self.gtype, self.rows, self.n = gtype, rows, n_per_row
         self.importance = np.ascontiguousarray(importance, np.float32)
         self.grid = None

@@ -1,4 +1,4 @@
-"""repq's torch grid fits of Q3_K–Q6_K, Q4_0, Q5_0, Q8_0, IQ4_NL and IQ4_XS (the GPU path of LDLQ's grid) against
+"""repq's torch grid fits of Q2_K–Q6_K, Q4_0, Q5_0, Q8_0, IQ4_NL and IQ4_XS (the GPU path of LDLQ's grid) against
 ggml's own imatrix search, and their packed bytes against ggml's decoder."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from repq.ggml import quants
 from repq.ggml.types import type_id
 from repq.quant import grids, kfit, kfit_b32, kfit_qx
 
-KTYPES = ["Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q5_0", "Q8_0", "IQ4_NL", "IQ4_XS"]
+KTYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q5_0", "Q8_0", "IQ4_NL", "IQ4_XS"]
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +32,11 @@ def weight(rows: int = 128, n: int = 1024, seed: int = 0) -> np.ndarray:
 def fit_bytes(w: np.ndarray, imp: np.ndarray, name: str = "Q4_K"):
     """(bytes, grid, codes) of W on the torch-fitted grid of ``name``."""
     wt = torch.from_numpy(w)
-    if name in kfit.NMAX:
+    if name == "Q2_K":
+        grid = kfit.fit_q2_k(wt, torch.from_numpy(imp), chunk_rows=48)
+        codes = kfit.codes_q4_k(wt, grid)
+        pack = kfit.pack_q2_k
+    elif name in kfit.NMAX:
         grid = kfit.fit_q4_k(wt, torch.from_numpy(imp), chunk_rows=48, nmax=kfit.NMAX[name])
         codes = kfit.codes_q4_k(wt, grid)
         pack = kfit.pack_q5_k if name == "Q5_K" else kfit.pack_q4_k
