@@ -31,7 +31,7 @@ def main() -> None:
     rng = np.random.default_rng(a.seed)
     w = (rng.standard_t(4, size=(a.rows, a.cols)) * 0.02).astype(np.float32)
     imp = rng.gamma(2.0, 1.0, size=a.cols).astype(np.float32)
-    for name in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q5_0", "Q8_0", "IQ4_NL", "IQ4_XS"):
+    for name in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "IQ4_XS"):
         t = type_id(name)
         g = kfit.torch_grid(t, a.rows, a.cols, imp)
         g.fit_all(torch.from_numpy(w))

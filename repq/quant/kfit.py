@@ -64,8 +64,9 @@ class Q4KGrid:
 
 
 def _qkx3(x: torch.Tensor, w: torch.Tensor, nmax: int, nstep: int = 36, rmin: float = -0.9,
-          rdelta: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted (scale, −min) per row of x (S, 32) with weights w: ``make_qkx3_quants``' search.
+          rdelta: float = 0.05, codes: bool = False):
+    """Weighted (scale, −min) per row of x (S, width) with weights w: ``make_qkx3_quants``' search;
+    with ``codes`` also its codes L (S, width), int64 (those of the last accepted candidate).
 
     The candidates are visited in order and an accepted one moves ``min``, which later candidates
     round against (llama.cpp's behaviour, kept): a loop over candidates, vectorised over rows.
@@ -99,7 +100,11 @@ def _qkx3(x: torch.Tensor, w: torch.Tensor, nmax: int, nstep: int = 36, rmin: fl
         best = torch.where(take, mad, best)
         scale = torch.where(take, this_scale, scale)
         lo = torch.where(take, this_min, lo)
+        if codes:
+            lv = torch.where(take[:, None], la, lv)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
+    if codes:
+        return scale, -torch.where(flat, lo0, lo), torch.where(flat[:, None], torch.zeros_like(lv), lv).long()
     return scale, -torch.where(flat, lo0, lo)
 
 
@@ -281,7 +286,7 @@ def pack_q2_k(grid: Q4KGrid, codes: torch.Tensor) -> torch.Tensor:
 
 def supported(gtype: int) -> bool:
     """Whether ``gtype``'s grid can be fitted in torch (here: Q2_K, Q4_K, Q5_K; :mod:`repq.quant.kfit_qx`:
-    Q3_K, Q6_K; :mod:`repq.quant.kfit_b32`: Q4_0, Q5_0, Q8_0, IQ4_NL, IQ4_XS).  LDLQ on a GPU then fits it on the
+    Q3_K, Q6_K; :mod:`repq.quant.kfit_b32`: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, IQ4_XS).  LDLQ on a GPU then fits it on the
     device rather than in ggml on the CPU."""
     from . import kfit_b32, kfit_qx
 
@@ -294,7 +299,7 @@ def torch_grid(gtype: int, rows: int, n_per_row: int, importance: np.ndarray) ->
 
 
 class TorchGrid:
-    """:class:`repq.quant.kquant.GgmlGrid`'s static-grid interface for Q2_K–Q6_K, Q4_0, Q5_0, Q8_0,
+    """:class:`repq.quant.kquant.GgmlGrid`'s static-grid interface for Q2_K–Q6_K, the legacy types,
     IQ4_NL and IQ4_XS,
     fitted and packed on the weight's device (:func:`fit_q4_k` and :func:`pack_q4_k` /
     :func:`pack_q5_k` here, :mod:`repq.quant.kfit_qx` for Q3_K and Q6_K, :mod:`repq.quant.kfit_b32`
@@ -317,7 +322,7 @@ class TorchGrid:
             self._fit = lambda w, imp: kfit_b32.fit_b32(self.name, w, imp)
             self._codes, self._pack = kfit_b32.codes_b32, kfit_b32.pack_b32
         else:
-            raise ValueError(f"no torch grid fit for {self.name} (only Q2_K–Q6_K, Q4_0, Q5_0, Q8_0, IQ4_NL, IQ4_XS)")
+            raise ValueError(f"no torch grid fit for {self.name} (only Q2_K–Q6_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, IQ4_XS)")
         self.gtype, self.rows, self.n = gtype, rows, n_per_row
         self.importance = np.ascontiguousarray(importance, np.float32)
         self.grid = None

@@ -1,12 +1,15 @@
 """Grids of 32-element blocks fitted and packed in torch, for LDLQ on a GPU (see :mod:`repq.quant.kfit`
-for the K-quants): Q4_0, Q5_0, Q8_0 and IQ4_NL (one fp16 scale per block) and IQ4_XS (eight
-6-bit sub-scales under an fp16 super-scale).
+for the K-quants): Q4_0, Q5_0, Q8_0 and IQ4_NL (one fp16 scale per block), Q4_1 and Q5_1 (an fp16
+scale and offset) and IQ4_XS (eight 6-bit sub-scales under an fp16 super-scale).
 
 llama.cpp's imatrix searches, with element weights ``imp · sqrt(σ² + x²)``:
 
 * Q4_0, Q5_0 (``quantize_row_q4_0_impl`` / ``q5_0_impl``): σ² = Σx² / n over the row, then
   ``make_qx_quants`` with 8 (16) levels each side per block, as for Q3_K
   (:func:`repq.quant.kfit_qx._qx`); d stored as fp16.
+* Q4_1, Q5_1 (``quantize_row_q4_1_impl`` / ``q5_1_impl``): the same σ², then ``make_qkx3_quants``
+  with 16 (32) levels per block, as for Q4_K (:func:`repq.quant.kfit._qkx3`); its codes are kept
+  (no re-rounding), d and −min stored as fp16.
 * Q8_0 (no search; ggml ignores the importance): d = max|x| / 127, codes ``roundf(x / d)``
   (halves away from zero).
 * IQ4_NL, IQ4_XS (``quantize_row_iq4_nl_impl``, ntry 7; σ² = 2 Σx² / n over the 32- or
@@ -32,10 +35,12 @@ import torch
 
 from ..ggml.types import type_id
 from . import grids
+from .kfit import _qkx3
 from .kfit_qx import _place_codes, _qx, _seqsum
 
-NAMES = ("Q4_0", "Q5_0", "Q8_0", "IQ4_NL", "IQ4_XS")
+NAMES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "IQ4_XS")
 QX_NMAX = {"Q4_0": 8, "Q5_0": 16}
+QKX_NMAX = {"Q4_1": 15, "Q5_1": 31}
 SUB = 32
 EPS = 1e-15          # GROUP_MAX_EPS
 NTRY = 7
@@ -51,13 +56,14 @@ class B32Grid:
     d: torch.Tensor
     ls: torch.Tensor | None
     codes0: torch.Tensor
+    m: torch.Tensor | None = None    #: Q4_1 / Q5_1: fp16 offset per block (rows, nb)
 
     def ab(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) per 32-block, float32 (rows, n / 32): values decode to fl32(A · level[code])."""
+        """(A, B) per 32-block, float32 (rows, n / 32): values decode to fl32(fl32(A · level[code]) + B)."""
         a = self.d.float()
         if self.ls is not None:
             a = (a[..., None] * self.ls.float()).reshape(a.shape[0], -1)
-        return a, torch.zeros_like(a)
+        return a, (self.m.float() if self.m is not None else torch.zeros_like(a))
 
 
 def best_index(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -118,7 +124,7 @@ def fit_b32(name: str, w: torch.Tensor, importance: torch.Tensor, *, chunk_rows:
     nb, per = n // qk, qk // SUB
     values = torch.from_numpy(grids.KVALUES_IQ4NL).to(w.device)
     imp = importance.to(w.device, torch.float32).reshape(1, nb, per, SUB)
-    out: dict[str, list] = {"d": [], "ls": [], "codes0": []}
+    out: dict[str, list] = {"d": [], "ls": [], "codes0": [], "m": []}
     for r0 in range(0, rows, chunk_rows):
         x = w[r0:r0 + chunk_rows].to(torch.float32).reshape(-1, nb, per, SUB)
         r = x.shape[0]
@@ -128,10 +134,14 @@ def fit_b32(name: str, w: torch.Tensor, importance: torch.Tensor, *, chunk_rows:
             q = _round_away(x[..., 0, :] * _inv(d)[..., None]).to(torch.int64)
             out["codes0"].append((q & 0xFF).reshape(r, n))
             continue
-        if name in QX_NMAX:
+        if name in QX_NMAX or name in QKX_NMAX:
             sigma2 = (x * x).sum((1, 2, 3)) / n                                  # (r,): the row's
-            wt = imp * torch.sqrt(sigma2[:, None, None, None] + x * x)
-            d, codes = _qx(x.reshape(-1, SUB), wt.reshape(-1, SUB), QX_NMAX[name])
+            wt = (imp * torch.sqrt(sigma2[:, None, None, None] + x * x)).reshape(-1, SUB)
+            if name in QX_NMAX:
+                d, codes = _qx(x.reshape(-1, SUB), wt, QX_NMAX[name])
+            else:
+                d, mn, codes = _qkx3(x.reshape(-1, SUB), wt, QKX_NMAX[name], codes=True)
+                out["m"].append((-mn).reshape(r, nb).to(torch.float16))   # ggml stores min (≤ 0)
             out["d"].append(d.reshape(r, nb).to(torch.float16))
             out["codes0"].append(codes.to(torch.int64).reshape(r, n))
             continue
@@ -152,7 +162,8 @@ def fit_b32(name: str, w: torch.Tensor, importance: torch.Tensor, *, chunk_rows:
             out["ls"].append(ls.to(torch.int32))
         codes = best_index(_inv(step)[..., None] * x, values)
         out["codes0"].append(codes.reshape(r, n))
-    return B32Grid(name, torch.cat(out["d"]), torch.cat(out["ls"]) if out["ls"] else None, torch.cat(out["codes0"]))
+    cat = {k: torch.cat(v) if v else None for k, v in out.items()}
+    return B32Grid(name, cat["d"], cat["ls"], cat["codes0"], cat["m"])
 
 
 def codes_b32(w: torch.Tensor, grid: B32Grid) -> torch.Tensor:
@@ -169,6 +180,8 @@ def pack_b32(grid: B32Grid, codes: torch.Tensor) -> torch.Tensor:
     dev = codes.device
     blk = torch.zeros(rows, nb, lay.size, dtype=torch.uint8, device=dev)
     blk[..., 0:2] = grid.d.to(dev).contiguous().view(torch.uint8).reshape(rows, nb, 2)
+    if grid.m is not None:                           # Q4_1 / Q5_1: d, m, ...
+        blk[..., 2:4] = grid.m.to(dev).contiguous().view(torch.uint8).reshape(rows, nb, 2)
     if grid.ls is not None:                          # d, scales_h (2 bits each), scales_l[4] (4 bits each), qs
         ls = (grid.ls.to(dev) + 32).to(torch.int32)                               # (rows, nb, 8)
         ib = torch.arange(8, device=dev)

@@ -82,7 +82,7 @@ def ldlq_quantize(w: np.ndarray | torch.Tensor, h: np.ndarray | torch.Tensor, gt
     (:func:`repq.quant.importance.from_hessian`: uniform when diag H is all zero).
     Also measures ggml's own imatrix quantization with that importance, for diagnostics.
     Everything of O(n³) (Cholesky, losses, refit) runs on ``device``; ggml's grid fit, packing
-    and decoding run on the CPU, except for Q2_K–Q6_K, Q4_0, Q5_0, Q8_0, IQ4_NL and IQ4_XS on CUDA, whose grids are
+    and decoding run on the CPU, except for Q2_K–Q6_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL and IQ4_XS on CUDA, whose grids are
     fitted and packed on the GPU by :mod:`repq.quant.kfit` / :mod:`repq.quant.kfit_qx` /
     :mod:`repq.quant.kfit_b32` (llama.cpp's search in torch).  ``fit``: "auto" (that rule), "ggml" or "torch" (those types, static scales).  ``timer`` (e.g. a :class:`repq.quant.ldlq.PhaseTimes`) is called
     at the end of each phase: setup, grid fit, cholesky, column loop, result, baseline, pack,
@@ -98,7 +98,7 @@ def ldlq_quantize(w: np.ndarray | torch.Tensor, h: np.ndarray | torch.Tensor, gt
         raise ValueError(f"fit={fit!r}: expected auto, ggml or torch")
     if fit == "torch" or (fit == "auto" and scales == "static" and wt.is_cuda and kfit.supported(gtype)):
         if scales != "static" or not kfit.supported(gtype):
-            raise ValueError("the torch grid fit is for Q2_K–Q6_K, Q4_0, Q5_0, Q8_0, IQ4_NL and IQ4_XS with static scales")
+            raise ValueError("the torch grid fit is for Q2_K–Q6_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL and IQ4_XS with static scales")
         grid = kfit.torch_grid(gtype, wt.shape[0], wt.shape[1], imp)
     else:
         grid = GgmlGrid(gtype, wt.shape[0], wt.shape[1], imp, threads=threads)

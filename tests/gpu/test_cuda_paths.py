@@ -3,8 +3,8 @@
 CI has no GPU, so ``make test`` does not collect this directory; on a machine without CUDA every
 test here is skipped, which is not a pass.  What they check:
 
-* LDLQ on CUDA (Triton column loop; Q2_K–Q6_K, Q4_0, Q5_0, Q8_0, IQ4_NL and IQ4_XS grids fitted and packed in torch,
-  other types fitted by ggml on the CPU): the bytes it writes decode through ggml to exactly the
+* LDLQ on CUDA (Triton column loop; Q2_K–Q6_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL and IQ4_XS grids fitted and packed in torch,
+  the lattice i-quants through their own path): the bytes it writes decode through ggml to exactly the
   values the error feedback used, so the proxy loss it reports is that of the file.
 * The Triton column loop and the torch loop agree on CUDA (codes equal but for rare ties).
 * ``repq hessian``'s accumulation on CUDA equals the CPU's and Xᵀ X of the captured inputs,
@@ -42,7 +42,7 @@ def layer():
     return correlated_layer(512, 96, 4096, seed=1)
 
 
-@pytest.mark.parametrize("name", ["Q4_K", "Q5_K", "Q4_0", "Q3_K", "Q6_K", "IQ4_XS", "IQ4_NL", "Q5_0", "Q8_0", "Q4_1", "Q2_K"])
+@pytest.mark.parametrize("name", ["Q4_K", "Q5_K", "Q4_0", "Q3_K", "Q6_K", "IQ4_XS", "IQ4_NL", "Q5_0", "Q8_0", "Q4_1", "Q5_1", "Q2_K"])
 def test_cuda_ldlq_values_are_what_ggml_decodes(layer, name):
     w, h = layer
     t = type_id(name)

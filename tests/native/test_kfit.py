@@ -1,4 +1,4 @@
-"""repq's torch grid fits of Q2_K–Q6_K, Q4_0, Q5_0, Q8_0, IQ4_NL and IQ4_XS (the GPU path of LDLQ's grid) against
+"""repq's torch grid fits of Q2_K–Q6_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL and IQ4_XS (the GPU path of LDLQ's grid) against
 ggml's own imatrix search, and their packed bytes against ggml's decoder."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from repq.ggml import quants
 from repq.ggml.types import type_id
 from repq.quant import grids, kfit, kfit_b32, kfit_qx
 
-KTYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q5_0", "Q8_0", "IQ4_NL", "IQ4_XS"]
+KTYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "IQ4_XS"]
 
 
 @pytest.fixture(autouse=True)
@@ -112,10 +112,10 @@ def test_rejects_partial_super_blocks_and_other_types():
         kfit_b32.fit_b32("IQ4_XS", torch.zeros(2, 96), torch.ones(96))
     with pytest.raises(ValueError, match="multiple of 32"):
         kfit_b32.fit_b32("IQ4_NL", torch.zeros(2, 48), torch.ones(48))
-    with pytest.raises(ValueError, match="not Q4_1"):
-        kfit_b32.fit_b32("Q4_1", torch.zeros(2, 256), torch.ones(256))
-    with pytest.raises(ValueError, match="no torch grid fit for Q4_1"):
-        kfit.torch_grid(type_id("Q4_1"), 2, 256, np.ones(256, np.float32))
+    with pytest.raises(ValueError, match="not Q6_K"):
+        kfit_b32.fit_b32("Q6_K", torch.zeros(2, 256), torch.ones(256))
+    with pytest.raises(ValueError, match="no torch grid fit for IQ3_S"):
+        kfit.torch_grid(type_id("IQ3_S"), 2, 256, np.ones(256, np.float32))
 
 
 @pytest.mark.parametrize("name", KTYPES)
@@ -139,4 +139,4 @@ def test_ldlq_on_the_torch_grid(name):
     assert abs(t.baseline_loss / g.baseline_loss - 1) < 1e-2
     assert t.proxy_loss < 0.9 * t.baseline_loss and abs(t.proxy_loss / g.proxy_loss - 1) < 0.05
     with pytest.raises(ValueError, match="IQ4_NL and IQ4_XS with static scales"):
-        ldlq_quantize(w, h, type_id("Q4_1"), fit="torch")
+        ldlq_quantize(w, h, type_id("IQ3_S"), fit="torch")
