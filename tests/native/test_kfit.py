@@ -140,3 +140,15 @@ def test_ldlq_on_the_torch_grid(name):
     assert t.proxy_loss < 0.9 * t.baseline_loss and abs(t.proxy_loss / g.proxy_loss - 1) < 0.05
     with pytest.raises(ValueError, match="IQ4_NL and IQ4_XS with static scales"):
         ldlq_quantize(w, h, type_id("IQ3_S"), fit="torch")
+
+
+def test_q8_0_rounds_halves_away_from_zero_like_c():
+    """Q8_0's codes are C's roundf(x / d): halves away from zero, not to even as torch.round."""
+    x = torch.tensor([2.5, -2.5, 0.5, -0.5, 1.5, 0.49999997, -0.49999997, 126.5, 3.0])
+    np.testing.assert_array_equal(kfit_b32._round_away(x).numpy(), [3, -3, 1, -1, 2, 0, 0, 127, 3])
+    # and through the fit: a block whose largest |x| is 127 (d = 1) holds those halves
+    w = np.zeros((1, 32), np.float32)
+    w[0, :5] = [127.0, 2.5, -2.5, 0.5, -0.5]
+    raw, _, codes, _ = fit_bytes(w, np.ones(32, np.float32), "Q8_0")
+    np.testing.assert_array_equal(raw, quants.quantize(type_id("Q8_0"), w, np.ones(32, np.float32)).reshape(1, -1))
+    assert codes[0, :5].tolist() == [127, 3, 253, 1, 255]
