@@ -32,7 +32,7 @@ export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:Tr
 # out); OFFLOAD_STEPS: of the offloaded run (its optimizer steps on the host take seconds each); GROUPS_:
 # empty = every group of the default order; SHARD1_GROUPS: the one-GPU baseline's groups; CAP: --gpu-memory
 # of the 2-GPU run (torch's allocator held to it: the run behaves as on GPUs of that size; empty: no cap);
-# FMT: the ftype (Q4_K_M: its K-quant grids are fitted on the GPU, Q4_0's on the host)
+# FMT: the ftype (every LDLQ grid type is now fitted on the GPU; the runs so far used Q4_K_M)
 STEPS=${STEPS:-12} OFFLOAD_STEPS=${OFFLOAD_STEPS:-3} GROUPS_=${GROUPS_:-} SEQ=${SEQ:-2048}
 SHARD1_GROUPS=${SHARD1_GROUPS:-ffn_up} CAP=${CAP-80GB} FMT=${FMT:-Q4_K_M}
 GARG=${GROUPS_:+--groups $GROUPS_}

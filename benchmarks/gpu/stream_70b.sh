@@ -4,8 +4,8 @@
 # BF16 GGUFs made here by support.models.save_random_gguf with a byte vocabulary padded to 128256) of 2, 4
 # and 8 blocks:
 #   repq hessian --stream --device $DEV (--acc-device cpu, float32 shards)  and
-#   repq quantize --method ldlq --sequential --device $DEV ($FMT, Q4_K_M by default: its K-quant grids are fitted
-#   on the GPU; Q4_0's are fitted and refitted on the host),
+#   repq quantize --method ldlq --sequential --device $DEV ($FMT, Q4_K_M by default; every LDLQ grid type is
+#   now fitted on the GPU, Q4_0's were fitted on the host when the committed Q4_0 runs were made),
 # each with its peak GPU memory (nvidia-smi memory.used, sampled every 200 ms), host peak RSS, seconds and
 # seconds per block, and `repq hessian --plan --stream` beside the Hessian run.
 #   setup   native CPU build + wheels (once per machine)
