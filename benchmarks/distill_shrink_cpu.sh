@@ -31,7 +31,7 @@ for a in $SHRINKS; do
       --batch 2 --seq-len 256 --hessian-chunks 32 --threads 2 --warmup 3 --hess-shrink "$a" --json > "$q.json"
   fi
   line="distill $FT A=$a $(basename "$q") $(stat -c %s "$q") bytes sha256 $(sha256sum "$q" | cut -c1-16)"
-  line="$line $($PY -c 'import json,sys; d=json.load(open(sys.argv[1])); print(f"{d[\"seconds\"]:.0f} s loss {d[\"final_loss\"]:.4f}")' "$q.json")"
+  line="$line $($PY -c 'import json,sys; d=json.load(open(sys.argv[1])); print("%.0f s loss %.4f" % (d["seconds"], d["final_loss"]))' "$q.json")"
   for d in $DOMAINS; do
     [ -s "$q.$d.log" ] || $B/llama-perplexity -m "$q" -f "$D/$d.txt" -c 512 --chunks 20 -t 2 \
       --kl-divergence-base "$C/base_$d.kld" --kl-divergence > "$q.$d.log" 2>&1
