@@ -18,11 +18,8 @@ PY=${PY:-.venv/bin/python}
 FT=${FT:-Q4_0} SHRINKS=${SHRINKS:-0.2 0} DOMAINS=${DOMAINS:-tutorial sysadmin fortunes}
 export LLAMA_CPP_LIB_PATH=$PWD/$B
 mkdir -p "$W" "$C"
-
-for d in $DOMAINS; do
-  [ -s "$C/base_$d.kld" ] || $B/llama-perplexity -m "$F" -f "$D/$d.txt" -c 512 --chunks 20 -t 2 \
-    --kl-divergence-base "$C/base_$d.kld" > "$C/base_$d.log" 2>&1
-done
+source benchmarks/kld_domains.sh
+kld_bases
 
 for a in $SHRINKS; do
   q=$W/${FT,,}-a$a.gguf
@@ -32,10 +29,6 @@ for a in $SHRINKS; do
   fi
   line="distill $FT A=$a $(basename "$q") $(stat -c %s "$q") bytes sha256 $(sha256sum "$q" | cut -c1-16)"
   line="$line $($PY -c 'import json,sys; d=json.load(open(sys.argv[1])); print("%.0f s loss %.4f" % (d["seconds"], d["final_loss"]))' "$q.json")"
-  for d in $DOMAINS; do
-    [ -s "$q.$d.log" ] || $B/llama-perplexity -m "$q" -f "$D/$d.txt" -c 512 --chunks 20 -t 2 \
-      --kl-divergence-base "$C/base_$d.kld" --kl-divergence > "$q.$d.log" 2>&1
-    line="$line  $d $(grep -m1 'Mean    KLD' "$q.$d.log" | awk '{print $3, "+-", $5}')"
-  done
+  line="$line$(kld_line "$q")"
   echo "$line"
 done

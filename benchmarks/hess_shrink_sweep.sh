@@ -22,15 +22,10 @@ TAG=${TAG:-} OPTS=${OPTS:-}
 export LLAMA_CPP_LIB_PATH=$PWD/$B
 mkdir -p "$W"
 
+D=${D:-$HOME/.cache/repq/data}
+source benchmarks/kld_domains.sh
 score() {   # file: one line with bytes, sha256 and each domain's mean KLD
-  local f=$1 line
-  line="$(basename "$f") $(stat -c %s "$f") bytes sha256 $(sha256sum "$f" | cut -c1-16)"
-  for d in $DOMAINS; do
-    [ -s "$f.$d.log" ] || $B/llama-perplexity -m "$f" -f "$HOME/.cache/repq/data/$d.txt" -c 512 --chunks 20 -t 2 \
-      --kl-divergence-base "$C/base_$d.kld" --kl-divergence > "$f.$d.log" 2>&1
-    line="$line  $d $(grep -m1 'Mean    KLD' "$f.$d.log" | awk '{print $3, "+-", $5}')"
-  done
-  echo "$line"
+  echo "$(basename "$1") $(stat -c %s "$1") bytes sha256 $(sha256sum "$1" | cut -c1-16)$(kld_line "$1")"
 }
 
 if [ ! -s "$W/imatrix-mixlib.gguf" ]; then
