@@ -20,6 +20,7 @@ state is stored.  Loading uses ``torch.load(weights_only=True)``: a checkpoint n
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import torch
@@ -60,12 +61,27 @@ def load_state(path: Path, expect: dict) -> dict:
         raise InputFileError(f"{path}: not a repq distill checkpoint of format {FORMAT_VERSION} (format {fmt})",
                              hint="a checkpoint of another repq version cannot be resumed; delete it to start over")
     for k, v in expect.items():
-        if state.get(k) != v:
-            what = {"fingerprint": "another model", "ftype": "another ftype"}.get(k, f"a run with other {k}")
-            raise MismatchError(f"{path}: checkpoint is from {what} ({k} {str(state.get(k))[:16]!r}, "
-                                f"this run {str(v)[:16]!r})",
-                                hint="drop --resume and use another --checkpoint-dir, or delete it to start over")
+        if k == "settings" or state.get(k) == v:   # settings: only to say what differs
+            continue
+        what = {"fingerprint": "another model", "ftype": "another ftype"}.get(k, f"a run with other {k}")
+        detail = _settings_diff(state.get("settings"), expect.get("settings")) if k == "config" else ""
+        raise MismatchError(f"{path}: checkpoint is from {what} ("
+                            + (detail or f"{k} {str(state.get(k))[:16]!r}, this run {str(v)[:16]!r}") + ")",
+                            hint="drop --resume and use another --checkpoint-dir, or delete it to start over; "
+                                 "or resume with the checkpoint's settings")
     return state
+
+
+def _settings_diff(saved, now) -> str:
+    """'hess_shrink unset there, 0.2 here; ...' from two JSON dicts of run settings ('' if unknown)."""
+    try:
+        a, b = json.loads(saved), json.loads(now)
+    except (TypeError, ValueError):
+        return ""
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return ""
+    return "; ".join(f"{k} {a.get(k, 'unset')} there, {b.get(k, 'unset')} here"
+                     for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))[:400]
 
 
 # ------------------------------------------------------------------------------------------------ sharded

@@ -20,6 +20,7 @@ import numpy as np
 from .. import mix
 from ..errors import UsageError
 from ..model.transformer import Transformer
+from ..quant import DEFAULT_HESS_SHRINK
 from ..quant.tensor import LdlqOptions
 from .groups import DEFAULT_ORDER, Group, format_groups
 from .kl import KL_KINDS
@@ -43,7 +44,7 @@ class DistillConfig:
     act_order: bool = True
     scales: str = "static"
     refit: bool = True
-    hess_shrink: float = 0.0         #: LDLQ: (1 − a) · H + a · Diag(H) (0 = off; quantize's 0.2 not yet measured here)
+    hess_shrink: float = DEFAULT_HESS_SHRINK   #: LDLQ: (1 − a) · H + a · Diag(H) (0 = off), as repq quantize
     kl: str = "forward"              #: the objective: KL(teacher ‖ student), "reverse" KL(student ‖ teacher), or "symmetric" (their mean)
     kl_chunk: int = 1024             #: tokens per chunk of the fused KL (memory ~ 3 · kl_chunk · vocab · 4 B)
     seed: int = 0
@@ -82,7 +83,7 @@ class DistillConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         for k, default in (("hess_shrink", 0.0), ("kl", "forward")):
-            if d[k] == default:   # unset: the identity and provenance of runs made before the option
+            if d[k] == default:   # as before the option existed: the identity of runs made then
                 del d[k]
         d["groups"] = format_groups(self.groups)
         d["mix"] = asdict(self.mix)

@@ -189,7 +189,7 @@ class Distiller:
         # a sharded checkpoint (Distributed Checkpoint) reshards to any number of processes
         return {"fingerprint": self.fingerprint, "ftype": self.cfg.ftype, "config": self.cfg.identity(),
                 "data": self.data_fingerprint, "world": "any" if self.sharded else self.world,
-                "sharded": self.sharded}
+                "sharded": self.sharded, "settings": json.dumps(self.cfg.to_dict(), sort_keys=True, default=str)}
 
     def _state_path(self) -> Path | None:
         return Path(self.rt.checkpoint_dir) / STATE_FILE if self.rt.checkpoint_dir else None

@@ -533,6 +533,8 @@ def test_bad_inputs_exit_2_and_keep_files(tiny, tmp_path):
     saved = (ck / "state.pt").read_bytes()
     r = _cli(*[x if x != "Q4_0" else "Q5_0" for x in base], "--resume")
     assert r.returncode == 2 and "another ftype" in r.stderr, r.stderr
+    r = _cli(*base, "--resume", "--hess-shrink", 0)   # other settings: the message names them
+    assert r.returncode == 2 and "hess_shrink 0.2 there, unset here" in " ".join(r.stderr.split()), r.stderr
     other = _model(tmp_path / "other.gguf", n_embd=128)
     r = _cli("distill", other, out, *base[3:], "--checkpoint-dir", ck, "--resume")
     assert r.returncode == 2 and "another model" in r.stderr, r.stderr
