@@ -205,7 +205,7 @@ def code_scatter(gtype: int) -> tuple[np.ndarray, list[np.ndarray]]:
     """How codes are placed into a block: the byte mask that keeps every bit but the code bits
     (uint8 (size,)), and per field of the layout a float32 (QK, size) matrix that moves each
     element's field bits to their byte (``bits @ matrix``; :func:`set_codes` on the host,
-    :mod:`repq.quant.kfit_qx` on the device)."""
+    :mod:`repq.quant.ksearch` on the device)."""
     lay = layout(gtype)
     keep = np.full(lay.size, 0xFF, np.int64)
     mats = []

@@ -34,6 +34,7 @@ import torch
 
 from ..ggml.types import type_id, type_name
 from . import grids
+from .ksearch import place_codes, qkx3, qp
 
 QK_K = 256
 SUB = 32
@@ -63,90 +64,6 @@ class Q4KGrid:
         return a.reshape(rows, -1), b.reshape(rows, -1)
 
 
-def _qkx3(x: torch.Tensor, w: torch.Tensor, nmax: int, nstep: int = 36, rmin: float = -0.9,
-          rdelta: float = 0.05, codes: bool = False):
-    """Weighted (scale, −min) per row of x (S, width) with weights w: ``make_qkx3_quants``' search;
-    with ``codes`` also its codes L (S, width), int64 (those of the last accepted candidate).
-
-    The candidates are visited in order and an accepted one moves ``min``, which later candidates
-    round against (llama.cpp's behaviour, kept): a loop over candidates, vectorised over rows.
-    """
-    lo = lo0 = x.min(-1).values.clamp(max=0.0)
-    hi = x.max(-1).values
-    flat = hi <= lo
-    one = torch.ones_like(hi)
-    sum_w = w.sum(-1)
-    sum_x = (w * x).sum(-1)
-    iscale = nmax / torch.where(flat, one, hi - lo)
-    scale = 1.0 / iscale
-    lv = torch.round(iscale[:, None] * (x - lo[:, None])).clamp_(0, nmax)
-    best = (w * (scale[:, None] * lv + lo[:, None] - x) ** 2).sum(-1)
-    for k in range(nstep + 1):
-        rng = torch.where(flat, one, hi - lo)
-        isc = (rmin + rdelta * k + nmax) / rng
-        la = torch.round(isc[:, None] * (x - lo[:, None])).clamp_(0, nmax)
-        wl = w * la
-        sum_l = wl.sum(-1)
-        sum_l2 = (wl * la).sum(-1)
-        sum_xl = (wl * x).sum(-1)
-        det = sum_w * sum_l2 - sum_l * sum_l
-        this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
-        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
-        pos = this_min > 0
-        this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
-        this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
-        mad = (w * (this_scale[:, None] * la + this_min[:, None] - x) ** 2).sum(-1)
-        take = (det > 0) & (mad < best) & ~flat
-        best = torch.where(take, mad, best)
-        scale = torch.where(take, this_scale, scale)
-        lo = torch.where(take, this_min, lo)
-        if codes:
-            lv = torch.where(take[:, None], la, lv)
-    scale = torch.where(flat, torch.zeros_like(scale), scale)
-    if codes:
-        return scale, -torch.where(flat, lo0, lo), torch.where(flat[:, None], torch.zeros_like(lv), lv).long()
-    return scale, -torch.where(flat, lo0, lo)
-
-
-def _qp(x: torch.Tensor, w: torch.Tensor, nmax: int = 63) -> tuple[torch.Tensor, torch.Tensor]:
-    """6-bit codes and float super-scale per row of x (B, 8) ≥ 0: ``make_qp_quants``' search."""
-    mx = x.max(-1).values.clamp(min=0.0)
-    zero = mx < 1e-15
-    mx = torch.where(zero, torch.ones_like(mx), mx)
-    iscale = nmax / mx
-    lv = torch.round(iscale[:, None] * x)
-    best = (w * (x - (1.0 / iscale)[:, None] * lv) ** 2).sum(-1)
-    for k in (-4, -3, -2, -1, 1, 2, 3, 4):
-        isc = (0.1 * k + nmax) / mx
-        lk = torch.round(isc[:, None] * x).clamp_(max=nmax)
-        mse = (w * (x - (1.0 / isc)[:, None] * lk) ** 2).sum(-1)
-        better = mse < best
-        best = torch.where(better, mse, best)
-        iscale = torch.where(better, isc, iscale)
-    lv = torch.round(iscale[:, None] * x).clamp_(max=nmax)
-    wx = w * x
-    sumlx = (wx * lv).sum(-1)
-    suml2 = (w * lv * lv).sum(-1)
-    for _ in range(5):                            # coordinate descent, element by element
-        for i in range(x.shape[1]):
-            wi, xi, li = w[:, i], x[:, i], lv[:, i]
-            slx = sumlx - wi * xi * li
-            sl2 = suml2 - wi * li * li
-            ok = (slx > 0) & (sl2 > 0)
-            new = torch.round(xi * sl2 / torch.where(ok, slx, torch.ones_like(slx))).clamp_(max=nmax)
-            slx2 = slx + wi * xi * new
-            sl22 = sl2 + wi * new * new
-            acc = ok & (new != li) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-            lv[:, i] = torch.where(acc, new, li)
-            sumlx = torch.where(acc, slx2, sumlx)
-            suml2 = torch.where(acc, sl22, suml2)
-    scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)),
-                        torch.zeros_like(suml2))
-    scale = torch.where(zero, torch.zeros_like(scale), scale)
-    lv = torch.where(zero[:, None], torch.zeros_like(lv), lv)
-    return lv.to(torch.uint8), scale
-
-
 @torch.inference_mode()
 def fit_q4_k(w: torch.Tensor, importance: torch.Tensor, *, chunk_rows: int = 4096, nmax: int = 15) -> Q4KGrid:
     """Fit the Q4_K (``nmax`` 15) or Q5_K (``nmax`` 31) grid of W (rows, n; n a multiple of 256)
@@ -168,10 +85,10 @@ def fit_q4_k(w: torch.Tensor, importance: torch.Tensor, *, chunk_rows: int = 409
         r = x.shape[0]
         sigma2 = 2.0 * (x * x).sum((-1, -2)) / QK_K                               # (r, nb)
         wt = imp * torch.sqrt(sigma2[..., None, None] + x * x)
-        scale, mins = _qkx3(x.reshape(-1, SUB), wt.reshape(-1, SUB), nmax)
+        scale, mins = qkx3(x.reshape(-1, SUB), wt.reshape(-1, SUB), nmax)
         sw = wt.sum(-1).reshape(-1, 8)
-        ls, d = _qp(scale.reshape(-1, 8), sw)
-        lm, dm = _qp(mins.reshape(-1, 8), sw)
+        ls, d = qp(scale.reshape(-1, 8), sw)
+        lm, dm = qp(mins.reshape(-1, 8), sw)
         out["d"].append(d.to(torch.float16).reshape(r, nb))
         out["dmin"].append(dm.to(torch.float16).reshape(r, nb))
         out["sc"].append(ls.reshape(r, nb, 8))
@@ -196,10 +113,10 @@ def fit_q2_k(w: torch.Tensor, importance: torch.Tensor, *, chunk_rows: int = 409
         r = x.shape[0]
         sigma2 = (x * x).sum((-1, -2)) / QK_K                                     # (r, nb)
         wt = imp * torch.sqrt(sigma2[..., None, None] + x * x)
-        scale, mins = _qkx3(x.reshape(-1, 16), wt.reshape(-1, 16), 3)
+        scale, mins = qkx3(x.reshape(-1, 16), wt.reshape(-1, 16), 3)
         sw = wt.sum(-1).reshape(-1, 16)
-        ls, d = _qp(scale.reshape(-1, 16), sw, 15)
-        lm, dm = _qp(mins.reshape(-1, 16), sw, 15)
+        ls, d = qp(scale.reshape(-1, 16), sw, 15)
+        lm, dm = qp(mins.reshape(-1, 16), sw, 15)
         out["d"].append(d.to(torch.float16).reshape(r, nb))
         out["dmin"].append(dm.to(torch.float16).reshape(r, nb))
         out["sc"].append(ls.reshape(r, nb, 16))
@@ -271,8 +188,6 @@ def pack_q5_k(grid: Q4KGrid, codes: torch.Tensor) -> torch.Tensor:
 def pack_q2_k(grid: Q4KGrid, codes: torch.Tensor) -> torch.Tensor:
     """ggml Q2_K bytes, uint8 (rows, n / 256 · 84), of the grid with these codes (0..3): 16 bytes
     of 4-bit scale | 4-bit min, 64 bytes of 2-bit codes, fp16 ``d`` and ``dmin``."""
-    from .kfit_qx import _place_codes
-
     rows, nb = grid.d.shape
     dev = codes.device
     lay = grids.layout(type_id("Q2_K"))
@@ -280,7 +195,7 @@ def pack_q2_k(grid: Q4KGrid, codes: torch.Tensor) -> torch.Tensor:
     blk[..., 0:16] = (grid.sc.to(dev).to(torch.int32) | (grid.mn.to(dev).to(torch.int32) << 4)).to(torch.uint8)
     blk[..., 80:82] = grid.d.to(dev).contiguous().view(torch.uint8).reshape(rows, nb, 2)
     blk[..., 82:84] = grid.dmin.to(dev).contiguous().view(torch.uint8).reshape(rows, nb, 2)
-    blk = _place_codes(blk, codes.to(dev).reshape(rows, nb, QK_K), lay)
+    blk = place_codes(blk, codes.to(dev).reshape(rows, nb, QK_K), lay)
     return blk.reshape(rows, nb * lay.size)
 
 

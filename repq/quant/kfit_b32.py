@@ -6,9 +6,9 @@ llama.cpp's imatrix searches, with element weights ``imp · sqrt(σ² + x²)``:
 
 * Q4_0, Q5_0 (``quantize_row_q4_0_impl`` / ``q5_0_impl``): σ² = Σx² / n over the row, then
   ``make_qx_quants`` with 8 (16) levels each side per block, as for Q3_K
-  (:func:`repq.quant.kfit_qx._qx`); d stored as fp16.
+  (:func:`repq.quant.ksearch.qx`); d stored as fp16.
 * Q4_1, Q5_1 (``quantize_row_q4_1_impl`` / ``q5_1_impl``): the same σ², then ``make_qkx3_quants``
-  with 16 (32) levels per block, as for Q4_K (:func:`repq.quant.kfit._qkx3`); its codes are kept
+  with 16 (32) levels per block, as for Q4_K (:func:`repq.quant.ksearch.qkx3`); its codes are kept
   (no re-rounding), d and −min stored as fp16.
 * Q8_0 (no search; ggml ignores the importance): d = max|x| / 127, codes ``roundf(x / d)``
   (halves away from zero).
@@ -35,14 +35,12 @@ import torch
 
 from ..ggml.types import type_id
 from . import grids
-from .kfit import _qkx3
-from .kfit_qx import _place_codes, _qx, _seqsum
+from .ksearch import EPS, place_codes, qkx3, qx, seqsum
 
 NAMES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "IQ4_XS")
 QX_NMAX = {"Q4_0": 8, "Q5_0": 16}
 QKX_NMAX = {"Q4_1": 15, "Q5_1": 31}
 SUB = 32
-EPS = 1e-15          # GROUP_MAX_EPS
 NTRY = 7
 
 
@@ -86,7 +84,7 @@ def _search(x: torch.Tensor, wt: torch.Tensor, values: torch.Tensor) -> torch.Te
     def sums(inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q = values[best_index(inv[:, None] * x, values)]
         wq = wt * q
-        return _seqsum(wq * x), _seqsum(wq * q)
+        return seqsum(wq * x), seqsum(wq * q)
 
     sqx, sq2 = sums(1.0 / (-mx / v0))
     d = torch.where(sq2 > 0, sqx / torch.where(sq2 > 0, sq2, torch.ones_like(sq2)), torch.zeros_like(sq2))
@@ -138,14 +136,14 @@ def fit_b32(name: str, w: torch.Tensor, importance: torch.Tensor, *, chunk_rows:
             sigma2 = (x * x).sum((1, 2, 3)) / n                                  # (r,): the row's
             wt = (imp * torch.sqrt(sigma2[:, None, None, None] + x * x)).reshape(-1, SUB)
             if name in QX_NMAX:
-                d, codes = _qx(x.reshape(-1, SUB), wt, QX_NMAX[name])
+                d, codes = qx(x.reshape(-1, SUB), wt, QX_NMAX[name])
             else:
-                d, mn, codes = _qkx3(x.reshape(-1, SUB), wt, QKX_NMAX[name], codes=True)
+                d, mn, codes = qkx3(x.reshape(-1, SUB), wt, QKX_NMAX[name], codes=True)
                 out["m"].append((-mn).reshape(r, nb).to(torch.float16))   # ggml stores min (≤ 0)
             out["d"].append(d.reshape(r, nb).to(torch.float16))
             out["codes0"].append(codes.to(torch.int64).reshape(r, n))
             continue
-        sigma2 = _seqsum((x * x).reshape(r, nb, qk)) * (2.0 / qk)                  # (r, nb), as C sums
+        sigma2 = seqsum((x * x).reshape(r, nb, qk)) * (2.0 / qk)                  # (r, nb), as C sums
         wt = imp * torch.sqrt(sigma2[..., None, None] + x * x)
         scales = _search(x.reshape(-1, SUB), wt.reshape(-1, SUB), values).reshape(r, nb, per)
         if name == "IQ4_NL":
@@ -190,5 +188,5 @@ def pack_b32(grid: B32Grid, codes: torch.Tensor) -> torch.Tensor:
         blk[..., 3] = (sh >> 8).to(torch.uint8)
         lo = ls & 0xF
         blk[..., 4:8] = (lo[..., 0::2] | (lo[..., 1::2] << 4)).to(torch.uint8)
-    blk = _place_codes(blk, codes.to(dev).reshape(rows, nb, lay.qk), lay)
+    blk = place_codes(blk, codes.to(dev).reshape(rows, nb, lay.qk), lay)
     return blk.reshape(rows, nb * lay.size)

@@ -25,15 +25,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from ..ggml.types import type_id
 from . import grids
+from .ksearch import EPS, place_codes, qx
 
 QK_K = 256
 SUB = 16
-EPS = 1e-15               # GROUP_MAX_EPS
 NAMES = ("Q3_K", "Q6_K")
 
 
@@ -55,52 +54,6 @@ class QxGrid:
         return a, torch.zeros_like(a)
 
 
-def _seqsum(t: torch.Tensor) -> torch.Tensor:
-    """Σ over the last axis, added left to right as C's loop does (a pairwise sum rounds
-    differently, and the search's strict comparisons then break ties another way)."""
-    acc = t[..., 0]
-    for i in range(1, t.shape[-1]):
-        acc = acc + t[..., i]
-    return acc
-
-
-def _qx(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``make_qx_quants(n, nmax, x, L, rmse_type=1, w)`` for every row of x (S, n): the scale
-    (S,) and the codes l + nmax (S, n) of the last accepted candidate."""
-    amax, idx = x.abs().max(-1)
-    mx = x.gather(-1, idx[:, None])[:, 0]
-    zero = amax < EPS
-    mx = torch.where(zero, torch.ones_like(mx), mx)
-
-    def codes(num: float) -> torch.Tensor:
-        iscale = -num / mx
-        return torch.round(iscale[:, None] * x).clamp_(-nmax, nmax - 1)
-
-    def sums(lv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _seqsum((w * x) * lv), _seqsum((w * lv) * lv)
-
-    lv = codes(float(nmax))
-    sumlx, suml2 = sums(lv)
-    scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)),
-                        torch.zeros_like(suml2))
-    best = scale * sumlx
-    best_l = lv
-    for k in range(-9, 10):
-        if k == 0:
-            continue
-        num = float(np.float32(nmax) + np.float32(0.1) * np.float32(k))   # float32, as in C
-        lk = codes(num)
-        slx, sl2 = sums(lk)
-        acc = (sl2 > 0) & (slx * slx > best * sl2)
-        sc_k = slx / torch.where(sl2 > 0, sl2, torch.ones_like(sl2))
-        scale = torch.where(acc, sc_k, scale)
-        best = torch.where(acc, sc_k * slx, best)
-        best_l = torch.where(acc[:, None], lk, best_l)
-    scale = torch.where(zero, torch.zeros_like(scale), scale)
-    best_l = torch.where(zero[:, None], torch.full_like(best_l, -nmax), best_l)
-    return scale, (best_l + nmax).to(torch.int32)
-
-
 @torch.inference_mode()
 def fit_qx(name: str, w: torch.Tensor, importance: torch.Tensor, *, chunk_rows: int = 4096) -> QxGrid:
     """Fit the Q3_K or Q6_K grid of W (rows, n; n a multiple of 256) on W's device: llama.cpp's
@@ -118,7 +71,7 @@ def fit_qx(name: str, w: torch.Tensor, importance: torch.Tensor, *, chunk_rows: 
         r = x.shape[0]
         if name == "Q6_K":
             wt = imp.expand_as(x)
-            scales, l0 = _qx(x.reshape(-1, SUB), wt.reshape(-1, SUB), 32)
+            scales, l0 = qx(x.reshape(-1, SUB), wt.reshape(-1, SUB), 32)
             scales = scales.reshape(r, nb, 16)
             amax, idx = scales.abs().max(-1)
             max_scale = scales.gather(-1, idx[..., None])[..., 0]
@@ -133,9 +86,9 @@ def fit_qx(name: str, w: torch.Tensor, importance: torch.Tensor, *, chunk_rows: 
         else:  # Q3_K
             sigma2 = 2.0 * (x * x).sum((-1, -2)) / QK_K                             # (r, nb)
             wt = imp * torch.sqrt(sigma2[..., None, None] + x * x)
-            scales, l0 = _qx(x.reshape(-1, SUB), wt.reshape(-1, SUB), 4)
+            scales, l0 = qx(x.reshape(-1, SUB), wt.reshape(-1, SUB), 4)
             sw = wt.sum(-1).reshape(-1, 16)
-            d, ls = _qx(scales.reshape(-1, 16), sw, 32)
+            d, ls = qx(scales.reshape(-1, 16), sw, 32)
             d = d.to(torch.float16).reshape(r, nb)
             sc = ls.reshape(r, nb, 16) - 32
             l0 = l0.reshape(r, nb, 16, SUB)
@@ -158,18 +111,6 @@ def codes_qx(w: torch.Tensor, grid: QxGrid) -> torch.Tensor:
     return q.reshape(rows, n).long()
 
 
-def _place_codes(blk: torch.Tensor, codes: torch.Tensor, lay: grids.Layout) -> torch.Tensor:
-    """blk (rows, nb, size) uint8 with the code bits of ``codes`` (rows, nb, 256) ORed in: the
-    layout's field matrices applied on the device (a sum of disjoint bits, exact in float32)."""
-    _, mats = grids.code_scatter(type_id(lay.name))
-    acc = torch.zeros(blk.shape, dtype=torch.float32, device=blk.device)
-    c = codes.to(torch.int64)
-    for f, m in zip(lay.fields, mats, strict=True):
-        bits = ((c >> f.code_pos) & ((1 << f.width) - 1)).to(torch.float32)
-        acc += bits @ torch.from_numpy(m).to(blk.device)
-    return blk | acc.to(torch.uint8)
-
-
 def pack_qx(grid: QxGrid, codes: torch.Tensor) -> torch.Tensor:
     """ggml bytes, uint8 (rows, nb · size), of the grid with these codes (0..7 or 0..63)."""
     lay = grids.layout(type_id(grid.name))
@@ -189,6 +130,6 @@ def pack_qx(grid: QxGrid, codes: torch.Tensor) -> torch.Tensor:
         s[..., 8:12] = (hi.reshape(rows, nb, 4, 4) << (2 * (j // 4)).reshape(4, 4)).sum(-2)
         blk[..., 96:108] = s.to(torch.uint8)
         blk[..., 108:110] = d
-    blk = _place_codes(blk, codes.to(dev).reshape(rows, nb, QK_K), lay)
+    blk = place_codes(blk, codes.to(dev).reshape(rows, nb, QK_K), lay)
     return blk.reshape(rows, nb * lay.size)
 

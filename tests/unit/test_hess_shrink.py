@@ -86,8 +86,10 @@ def test_the_default_is_recorded_and_the_same_everywhere_ldlq_runs_from_quantize
 
 def test_distill_identity_unchanged_at_zero():
     from repq.distill.config import DistillConfig
+    from repq.quant import DEFAULT_HESS_SHRINK
 
-    assert "hess_shrink" not in DistillConfig(ftype="Q4_0").to_dict()
+    assert "hess_shrink" not in DistillConfig(ftype="Q4_0", hess_shrink=0.0).to_dict()   # runs made before the option
+    assert DistillConfig(ftype="Q4_0").hess_shrink == DEFAULT_HESS_SHRINK == DistillConfig(ftype="Q4_0").to_dict()["hess_shrink"]
     assert DistillConfig(ftype="Q4_0").identity() != DistillConfig(ftype="Q4_0", hess_shrink=0.5).identity()
     assert DistillConfig(ftype="Q4_0", hess_shrink=0.5).ldlq_options().hess_shrink == 0.5
 
