@@ -1,10 +1,11 @@
-"""Distillation data (issue 16): Q3_K_S distillation on library text, the `repq calib` mixture and
-on-policy teacher answers, at several step counts, from `benchmarks/gpu/eval_study.sh calib
-distill_data kld`'s raw outputs (results.txt, distill-*.distill.json).
+"""Distillation data (issues 14, 16): distillation at IQ3_S and Q3_K_S on library text, the `repq calib`
+mixture and on-policy teacher answers, from `benchmarks/gpu/eval_study.sh prep kld distill_data`'s raw
+outputs (results.txt, distill-*.distill.json).
 
 Each file's mean KLD on the tutorial and the held-out domains against the training tokens, the
-ratio against llama.cpp's imatrix Q3_K_S of the same run and against llama.cpp's best file of
-≤ the same bytes (IQ3_S, from the allocation frontier's run: same imatrix data, same chunks).
+ratio against llama.cpp's imatrix file of the same ftype in the same run (×same) and against
+llama.cpp's best file of ≤ the same bytes, its IQ3_S of the same run (×best; at this model's
+Q3_K_S and IQ3_S bytes no smaller llama.cpp file scores lower).
 
     python benchmarks/distill_data_report.py [benchmarks/results/distill_data_h200]
 """
@@ -18,7 +19,6 @@ from pathlib import Path
 
 DOMAINS = ("tutorial", "sysadmin", "fortunes")
 SOURCES = {"lib": "library text", "mix": "repq calib mixture + library", "onp": "on-policy (teacher answers)"}
-FRONTIER = Path(__file__).parent / "results" / "alloc_frontier_h200" / "results.txt"
 
 
 def kld(path: Path, pattern: str) -> dict[str, dict[str, float]]:
@@ -32,29 +32,33 @@ def kld(path: Path, pattern: str) -> dict[str, dict[str, float]]:
 
 
 def main(d: Path) -> None:
-    runs = kld(d / "results.txt", r"(distill-(?:lib|mix|onp)-\d+|distill-alloc-ctl-Q3_K_S)")
-    llama = kld(d / "results.txt", r"(llama-Q3_K_S)").get("llama-Q3_K_S", {})
-    best = kld(FRONTIER, r"ggml-imatrix (IQ3_S)").get("IQ3_S", {})
+    runs = kld(d / "results.txt", r"(distill-(?:lib|mix|onp)-\w+-\d+|distill-alloc-ctl-Q3_K_S)")
+    llama = kld(d / "results.txt", r"llama-(\w+)")
+    best = llama.get("IQ3_S", {})
     rows = []
     for label, by in sorted(runs.items()):
         info = json.loads((d / f"{label}.distill.json").read_text()) if (d / f"{label}.distill.json").exists() else {}
-        m = re.match(r"distill-(\w+)-(\d+)$", label)
-        src, steps = (SOURCES.get(m[1], m[1]), int(m[2])) if m else ("allocated, no Q4_K/Q5_K", None)
-        rows.append((src, steps, info.get("tokens"), info.get("seconds"), info.get("file_bytes"), by, label))
-    lines = [f"`python benchmarks/distill_data_report.py {d}`: Q3_K_S distillation on one H200 by training data. "
-             "Mean KLD against the F32 base (tutorial 40 × 512 tokens, held-out 20 × 512); ×llama = against "
-             "llama.cpp's imatrix Q3_K_S of the same run; ×best = against llama.cpp's best imatrix file of ≤ the "
-             "same bytes (IQ3_S, allocation frontier run).", "",
-             "| data | steps/group | tokens | seconds | " + " | ".join(f"{x} (×llama, ×best)" for x in DOMAINS) + " |",
-             "|---|---:|---:|---:|" + "---:|" * len(DOMAINS)]
-    for src, steps, tok, sec, _, by, _ in rows:
-        cells = []
-        for dom in DOMAINS:
-            v = by.get(dom)
-            cells.append("" if v is None else f"{v:.4f} ({v / llama[dom]:.2f}×, {v / best[dom]:.2f}×)"
-                         if dom in llama and dom in best else f"{v:.4f}")
-        lines.append(f"| {src} | {steps or ''} | {tok or '':,} | {sec or 0:.0f} | " + " | ".join(cells) + " |"
-                     if tok else f"| {src} | {steps or ''} | | | " + " | ".join(cells) + " |")
+        m = re.match(r"distill-(\w+?)-(\w+)-(\d+)$", label)
+        src, ft, steps = (SOURCES.get(m[1], m[1]), m[2], int(m[3])) if m else ("allocated, no Q4_K/Q5_K", "Q3_K_S", None)
+        rows.append((src, ft, steps, info.get("tokens"), info.get("seconds"), by))
+    lines = [f"`python benchmarks/distill_data_report.py {d}`: distillation on one H200 by training data. "
+             "Mean KLD against the F32 base (tutorial 40 × 512 tokens, held-out 20 × 512); ×same = against "
+             "llama.cpp's imatrix file of the same ftype in the same run; ×best = against llama.cpp's best imatrix "
+             "file of ≤ the same bytes (its IQ3_S, same run).", "",
+             "| ftype | data | steps/group | tokens | seconds | " + " | ".join(f"{x} (×same, ×best)" for x in DOMAINS) + " |",
+             "|---|---|---:|---:|---:|" + "---:|" * len(DOMAINS)]
+    for ft, name in sorted({(r[1], f"llama.cpp imatrix {r[1]}") for r in rows}):
+        by = llama.get(ft, {})
+        lines.append(f"| {ft} | {name} | | | | " + " | ".join(
+            f"{by[x]:.4f} (1.00×, {by[x] / best[x]:.2f}×)" if x in by and x in best else "" for x in DOMAINS) + " |")
+    for ft, by in sorted(kld(d / "results.txt", r"ldlq-(\w+)").items()):   # prep's LDLQ files: 0 steps
+        rows.append(("LDLQ, no training (prep's Hessians)", ft, 0, 0, None, by))
+    for src, ft, steps, tok, sec, by in sorted(rows, key=lambda r: (r[1], r[0], r[2] or 0)):
+        same = llama.get(ft, {})
+        cells = [("" if dom not in by else f"{by[dom]:.4f} ({by[dom] / same[dom]:.2f}×, {by[dom] / best[dom]:.2f}×)"
+                  if dom in same and dom in best else f"{by[dom]:.4f}") for dom in DOMAINS]
+        lines.append(f"| {ft} | {src} | {'' if steps is None else steps} | {'' if tok is None else f'{tok:,}'} | {f'{sec:.0f}' if sec else ''} | "
+                     + " | ".join(cells) + " |")
     (d / "distill_data.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:
@@ -64,26 +68,27 @@ def main(d: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, axes = plt.subplots(1, len(DOMAINS), figsize=(13, 4), dpi=120, sharey=False)
-    for ax, dom in zip(axes, DOMAINS, strict=True):
-        for src in SOURCES.values():
-            pts = sorted((tok, by[dom]) for s, _, tok, _, _, by, _ in rows if s == src and tok and dom in by)
-            if pts:
-                ax.plot([p[0] / 1e6 for p in pts], [p[1] for p in pts], marker="o", label=src)
-        if dom in llama:
-            ax.axhline(llama[dom], color="grey", ls="--", lw=1, label="llama.cpp imatrix Q3_K_S")
-        if dom in best:
-            ax.axhline(best[dom], color="black", ls=":", lw=1, label="llama.cpp best ≤ size (IQ3_S)")
-        ax.set_title(dom)
-        ax.set_xlabel("training tokens (millions)")
-        ax.set_yscale("log")
-        ax.grid(True, alpha=0.3)
-    axes[0].set_ylabel("mean KLD vs F32")
-    axes[-1].legend(fontsize=7)
-    fig.suptitle("repq distill Q3_K_S by training data (one H200)")
+    fts = sorted({r[1] for r in rows})
+    fig, axes = plt.subplots(len(fts), len(DOMAINS), figsize=(13, 3.6 * len(fts)), dpi=120, squeeze=False)
+    for row_axes, ft in zip(axes, fts, strict=True):
+        for ax, dom in zip(row_axes, DOMAINS, strict=True):
+            for src in SOURCES.values():
+                pts = sorted((tok, by[dom]) for s, f, _, tok, _, by in rows if s == src and f == ft and tok and dom in by)
+                if pts:
+                    ax.plot([p[0] / 1e6 for p in pts], [p[1] for p in pts], marker="o", label=src)
+            if dom in llama.get(ft, {}):
+                ax.axhline(llama[ft][dom], color="grey", ls="--", lw=1, label=f"llama.cpp imatrix {ft}")
+            if dom in best:
+                ax.axhline(best[dom], color="black", ls=":", lw=1, label="llama.cpp best ≤ size (IQ3_S)")
+            ax.set_title(f"{ft}, {dom}")
+            ax.set_xlabel("training tokens (millions)")
+            ax.set_yscale("log")
+            ax.grid(True, alpha=0.3)
+        row_axes[0].set_ylabel("mean KLD vs F32")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle("repq distill by training data (one H200)")
     fig.tight_layout()
     fig.savefig(d / "distill_data.png")
-
 
 if __name__ == "__main__":
     main(Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results" / "distill_data_h200"))

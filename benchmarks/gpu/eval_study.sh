@@ -3,19 +3,21 @@
 # fidelity study of issue 18, the allocated distillation of issue 15 and the distillation data of
 # issue 16 on the reference model.
 #   prep     llama.cpp's imatrix and repq's Hessians on the same 100 x 512 tokens of DATA (the
-#            repq calib mixture + library text), llama-quantize --imatrix and repq LDLQ at Q3_K_S
-#            and Q4_0 (and BEST_OF_SIZE: llama.cpp's IQ3_S and IQ4_NL, its best files of those sizes),
-#            the F32 base's logits for the KLD on three domains, and a 3-problem
-#            `repq eval --ngl 99` smoke test.
+#            repq calib mixture + library text), llama-quantize --imatrix and repq LDLQ at
+#            LDLQ_FTYPES (Q3_K_S Q4_0; and BEST_OF_SIZE: llama.cpp's IQ3_S and IQ4_NL, its best files of
+#            those sizes), and a 3-problem `repq eval --ngl 99` smoke test (SMOKE=0: none).
 #   distill  three `repq distill --device cuda` runs side by side on the GPU, STEPS steps per group
 #            on the library text's token chunks: Q4_0, Q3_K_S (llama.cpp's fixed mix) and
 #            --target-size at the Q3_K_S file's bytes with the committed sensitivity file
 #            (benchmarks/results/alloc_frontier_h200/sens.json, --exclude-types Q4_1,Q5_1); each
 #            is cut at DISTILL_TIMEOUT seconds and resumed (--resume) by the next call.
 #   calib    (issue 16) `repq calib --ngl 99` answers + library text 1:1, MIX_TOKENS tokens (mix.jsonl)
-#   distill_data  (issues 16, 15) Q3_K_S distillation on the library text, mix.jsonl and on-policy
-#            teacher answers (--on-policy ONPOLICY_TOKENS) at each of DATA_STEPS steps per group, and
-#            --target-size without Q4_K/Q5_K (the Q4_1-source artefact control), side by side
+#   distill_data  (issues 14, 16, 15) distillation at each of DATA_FMTS (Q3_K_S) on the library text
+#            (lib), the mixture (mix: MIX, default the calib phase's mix.jsonl) and on-policy teacher
+#            answers (onp: --on-policy ONPOLICY_TOKENS), DATA_SRCS of them, at each of DATA_STEPS steps
+#            per group, and (ALLOC_CTL=1) --target-size without Q4_K/Q5_K (the Q4_1-source artefact
+#            control), side by side; tags distill-SRC-FMT-STEPS
+#   DEADLINE (epoch seconds): distillations are cut then instead of after DISTILL_TIMEOUT.
 #   distill_kl  (issue 16) Q3_K_S distillation on on-policy teacher answers with the forward, reverse
 #            and symmetric KL (--kl), KL_STEPS steps per group, side by side
 #   kld      every file scored with llama-perplexity --kl-divergence against the F32 base on
@@ -31,6 +33,7 @@ DATA=${DATA:-.carry/d/mixlib-52k.jsonl}
 STEPS=${STEPS:-300} LIMIT=${LIMIT:-500} LEVELS=${LEVELS:-1-5} DISTILL_TIMEOUT=${DISTILL_TIMEOUT:-540}
 SENS=benchmarks/results/alloc_frontier_h200/sens.json
 BEST_OF_SIZE=${BEST_OF_SIZE-IQ3_S IQ4_NL}   # llama.cpp files beside Q3_K_S / Q4_0 in the study (empty: none)
+LDLQ_FTYPES=${LDLQ_FTYPES:-Q3_K_S Q4_0}     # llama-quantize --imatrix and repq LDLQ files of prep
 R=$W/results.txt
 mkdir -p $W; T=.carry/b
 [ -f $W/started ] || { date > $W/started; sha256sum $DATA .carry/b/library-512.npy $SENS $T/*.txt >> $R; }
@@ -51,7 +54,7 @@ prep() {
     -o $W/imatrix.gguf -q > $W/imatrix.log 2>&1 || { tail -5 $W/imatrix.log; return 1; }
   [ -f $W/hess/hessians.json ] || python3 -m repq hessian $F --data $DATA --chunks 100 -c 512 --device cuda \
     -o $W/hess -q > $W/hess.log 2>&1 || { tail -5 $W/hess.log; return 1; }
-  for ft in Q3_K_S Q4_0; do
+  for ft in $LDLQ_FTYPES; do
     [ -f $W/llama-$ft.gguf ] || $B/llama-quantize --imatrix $W/imatrix.gguf $F $W/llama-$ft.gguf $ft 8 \
       > $W/llama-$ft.log 2>&1 || echo "llama-quantize $ft failed" >> $R
     [ -f $W/ldlq-$ft.gguf ] || python3 -m repq quantize $F $W/ldlq-$ft.gguf --fmt $ft --hessian $W/hess \
@@ -61,6 +64,7 @@ prep() {
     [ -f $W/llama-$ft.gguf ] || $B/llama-quantize --imatrix $W/imatrix.gguf $F $W/llama-$ft.gguf $ft 8 \
       > $W/llama-$ft.log 2>&1 || echo "llama-quantize $ft failed" >> $R
   done
+  [ "${SMOKE:-1}" = 1 ] || return 0
   python3 -m repq eval $F --task builtin --levels 1 --limit 3 --ngl 99 --parallel 8 --json > $W/smoke.json \
     2> $W/smoke.log && echo "eval smoke ok" >> $R || { echo "eval smoke FAILED" >> $R; tail -20 $W/smoke.log; }
 }
@@ -71,7 +75,9 @@ distill_one() {   # tag steps, then distill options (--data or --on-policy first
   grep -q "distill exit 0" $W/$tag.status 2>/dev/null && return
   [ -d $o.distill ] && res=--resume
   t1=$(date +%s)
-  timeout -s INT -k 60 $DISTILL_TIMEOUT python3 -m repq distill $F $o --device cuda --steps-per-group $steps \
+  local tmo=$DISTILL_TIMEOUT; [ -n "${DEADLINE:-}" ] && tmo=$(( DEADLINE - t1 ))
+  [ $tmo -gt 30 ] || { echo "$tag not started: ${tmo} s left" >> $R; return; }
+  timeout -s INT -k 60 $tmo python3 -m repq distill $F $o --device cuda --steps-per-group $steps \
     --checkpoint-every 100 --threads ${DISTILL_THREADS:-5} --json $res "$@" > $W/$tag.distill.json 2>> $W/$tag.distill.log
   rc=$?
   echo "$tag distill exit $rc after $(( $(date +%s) - t1 )) s ($res)" | tee -a $R > $W/$tag.status
@@ -93,21 +99,29 @@ calib() {   # issue 16: the default mixture (repq calib answers + library text 1
     && echo "calib ${MIX_TOKENS:-400000} tokens $(( $(date +%s) - t1 )) s" >> $R || tail -5 $W/calib.log; }
 }
 
-distill_data() {   # issue 16: Q3_K_S distillation on library text, the mixture and on-policy data, at
-                   # each of DATA_STEPS steps per group (KLD against training tokens); issue 15: the
+distill_data() {   # issue 16: distillation at each of DATA_FMTS on library text (lib), the mixture
+                   # (mix: MIX, default the calib phase's) and on-policy data (onp), DATA_SRCS, at each of
+                   # DATA_STEPS steps per group (KLD against training tokens); issue 15 (ALLOC_CTL=1): the
                    # allocated distillation without Q4_K/Q5_K (the Q4_1-source artefact control)
-  size=$(stat -c %s $W/llama-Q3_K_S.gguf)
-  for s in ${DATA_STEPS:-100 300}; do
-    distill_one distill-lib-$s $s --data $LIB --fmt Q3_K_S &
-    [ -f $W/mix.jsonl ] && distill_one distill-mix-$s $s --data $W/mix.jsonl --fmt Q3_K_S &
-    distill_one distill-onp-$s $s --on-policy ${ONPOLICY_TOKENS:-200000} --fmt Q3_K_S &
+  local mix=${MIX:-$W/mix.jsonl} o
+  for ft in ${DATA_FMTS:-Q3_K_S}; do
+    for s in ${DATA_STEPS:-100 300}; do
+      for src in ${DATA_SRCS:-lib mix onp}; do
+        case $src in
+          lib) o="--data $LIB";;
+          mix) [ -f $mix ] || continue; o="--data $mix";;
+          onp) o="--on-policy ${ONPOLICY_TOKENS:-200000}";;
+        esac
+        distill_one distill-$src-$ft-$s $s $o --fmt $ft &
+      done
+    done
   done
-  distill_one distill-alloc-ctl-Q3_K_S $STEPS --data $LIB --target-size $size --sensitivity $SENS \
-    --exclude-types Q4_1,Q5_1,Q4_K,Q5_K &
+  [ "${ALLOC_CTL:-1}" = 1 ] && distill_one distill-alloc-ctl-Q3_K_S $STEPS --data $LIB \
+    --target-size $(stat -c %s $W/llama-Q3_K_S.gguf) --sensitivity $SENS --exclude-types Q4_1,Q5_1,Q4_K,Q5_K &
   wait
 }
 
-distill_kl() {   # issue 16: the objective on on-policy data (forward is distill_data's distill-onp-$s)
+distill_kl() {   # issue 16: the objective on on-policy data (forward is distill_data's distill-onp-Q3_K_S-$s)
   local s=${KL_STEPS:-300}
   for k in forward reverse symmetric; do
     distill_one distill-onp-$k-$s $s --on-policy ${ONPOLICY_TOKENS:-200000} --fmt Q3_K_S --kl $k &

@@ -40,8 +40,8 @@ if [ "${1:-}" = model ]; then
   head -n 20000 "$CACHE/data/library.txt" > "$C/library-head.txt"
   cp "$CACHE/data/sysadmin.txt" "$CACHE/data/fortunes.txt" "$C/"
   cp "$CACHE"/calibmix/*.jsonl "$C/" 2>/dev/null || true
-  # .carry/d: the mixture + library JSONL and the library head, small enough to travel beside .carry/b (eval_study.sh)
+  # .carry/d: the mixture + library JSONL (and any mix-*.jsonl, distillation data) and the library head, small enough to travel beside .carry/b (eval_study.sh)
   D=$ROOT/.carry/d; rm -rf "$D" && mkdir -p "$D"
-  cp "$CACHE/calibmix/mixlib-52k.jsonl" "$C/library-head.txt" "$D/" 2>/dev/null || true
+  cp "$CACHE/calibmix/mixlib-52k.jsonl" "$CACHE"/calibmix/mix-*.jsonl "$C/library-head.txt" "$D/" 2>/dev/null || true
   du -sh "$A" "$B" "$C" "$D"
 fi
