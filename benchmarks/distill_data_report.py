@@ -35,17 +35,20 @@ def main(d: Path) -> None:
     runs = kld(d / "results.txt", r"(distill-(?:lib|mix|onp)-\w+-\d+|distill-alloc-ctl-Q3_K_S)")
     llama = kld(d / "results.txt", r"llama-(\w+)")
     best = llama.get("IQ3_S", {})
+    wall: dict[str, int] = {}   # a run cut at a call's end and resumed: the sum of its parts' wall seconds
+    for m in re.finditer(r"^(\S+) distill exit \d+ after (\d+) s", (d / "results.txt").read_text(), re.M):
+        wall[m[1]] = wall.get(m[1], 0) + int(m[2])
     rows = []
     for label, by in sorted(runs.items()):
         info = json.loads((d / f"{label}.distill.json").read_text()) if (d / f"{label}.distill.json").exists() else {}
         m = re.match(r"distill-(\w+?)-(\w+)-(\d+)$", label)
         src, ft, steps = (SOURCES.get(m[1], m[1]), m[2], int(m[3])) if m else ("allocated, no Q4_K/Q5_K", "Q3_K_S", None)
-        rows.append((src, ft, steps, info.get("tokens"), info.get("seconds"), by))
+        rows.append((src, ft, steps, info.get("tokens"), wall.get(label), by))
     lines = [f"`python benchmarks/distill_data_report.py {d}`: distillation on one H200 by training data. "
              "Mean KLD against the F32 base (tutorial 40 × 512 tokens, held-out 20 × 512); ×same = against "
              "llama.cpp's imatrix file of the same ftype in the same run; ×best = against llama.cpp's best imatrix "
              "file of ≤ the same bytes (its IQ3_S, same run).", "",
-             "| ftype | data | steps/group | tokens | seconds | " + " | ".join(f"{x} (×same, ×best)" for x in DOMAINS) + " |",
+             "| ftype | data | steps/group | tokens | wall s | " + " | ".join(f"{x} (×same, ×best)" for x in DOMAINS) + " |",
              "|---|---|---:|---:|---:|" + "---:|" * len(DOMAINS)]
     for ft, name in sorted({(r[1], f"llama.cpp imatrix {r[1]}") for r in rows}):
         by = llama.get(ft, {})
@@ -77,7 +80,7 @@ def main(d: Path) -> None:
                 if pts:
                     ax.plot([p[0] / 1e6 for p in pts], [p[1] for p in pts], marker="o", label=src)
             if dom in llama.get(ft, {}):
-                ax.axhline(llama[ft][dom], color="grey", ls="--", lw=1, label=f"llama.cpp imatrix {ft}")
+                ax.axhline(llama[ft][dom], color="grey", ls="--", lw=1, label="llama.cpp imatrix, same ftype")
             if dom in best:
                 ax.axhline(best[dom], color="black", ls=":", lw=1, label="llama.cpp best ≤ size (IQ3_S)")
             ax.set_title(f"{ft}, {dom}")
@@ -85,9 +88,10 @@ def main(d: Path) -> None:
             ax.set_yscale("log")
             ax.grid(True, alpha=0.3)
         row_axes[0].set_ylabel("mean KLD vs F32")
-    axes[0][-1].legend(fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     fig.suptitle("repq distill by training data (one H200)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(d / "distill_data.png")
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU lease, inside run.sh (carry .carry/b and .carry/c): the bit-allocation frontier (issue 15).
+# GPU machine, inside run.sh (carry .carry/b and .carry/c): the bit-allocation frontier (issue 15).
 # Both tools calibrate on the same 100 × 512 tokens of DATA (default: the mixture + library JSONL):
 # `repq imatrix --dtype float32` (llama-imatrix's numbers) and `repq hessian --device cuda`.
 #   prep   llama.cpp's imatrix ladder (every ftype the model takes, Q4_1/Q5_1 kept as the marked

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU lease, inside run.sh (carry .carry/b and .carry/c): one calibration set, every method on it.
+# GPU machine, inside run.sh (carry .carry/b and .carry/c): one calibration set, every method on it.
 # Both tools calibrate on the same tokens: 100 × 512 of DATA (text or `repq calib` JSONL) through
 # `repq imatrix --dtype float32` (llama-imatrix's numbers, and it reads the JSONL chat records that
 # llama-imatrix cannot) and `repq hessian --device cuda`.  Per ftype: llama-quantize --imatrix

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU lease, after setup.sh (REPQ_CUDA=0) and inside run.sh (carry .carry/b with library-300k.txt, the
+# GPU machine, after setup.sh (REPQ_CUDA=0) and inside run.sh (carry .carry/b with library-300k.txt, the
 # first 300 kB of the calibration text): `repq hessian`, `repq imatrix` and `repq distill` on CUDA
 # reading *text*, i.e. llama.cpp's tokenizer loaded in the same process as torch's CUDA (the
 # regex pre-tokenizer is what crashed before the libstdc++ fix).

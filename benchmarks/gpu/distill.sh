@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU lease: `repq distill` of the reference model on the GPU, evaluated with llama-perplexity
+# GPU machine: `repq distill` of the reference model on the GPU, evaluated with llama-perplexity
 # --kl-divergence against the F32 base on the tutorial text (40 chunks of 512, as
 # benchmarks/bench_ldlq.py; repq kld gives the same numbers, tests/slow/test_eval_llama.py).
 # Run after benchmarks/gpu/run.sh has prepared $F; training data are the library text's token

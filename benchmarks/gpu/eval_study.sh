@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU lease, inside run.sh (carry .carry/b and .carry/d; setup.sh with the CUDA build): the task
+# GPU machine, inside run.sh (carry .carry/b and .carry/d; setup.sh with the CUDA build): the task
 # fidelity study of issue 18, the allocated distillation of issue 15 and the distillation data of
 # issue 16 on the reference model.
 #   prep     llama.cpp's imatrix and repq's Hessians on the same 100 x 512 tokens of DATA (the

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU lease on nvidia-h200-x2 (carry .carry/g: llama.tgz + wheels, from make_carry.sh):
+# GPU machine on nvidia-h200-x2 (carry .carry/g: llama.tgz + wheels, from make_carry.sh):
 # `repq distill` of a random Llama-3-8B-shaped model (n_embd 4096, n_ff 14336, 32 blocks, GQA 32/8, vocab
 # 128256; BF16 GGUF made here by support.models.save_random_gguf, no download), seq 2048, a few steps per group:
 #   setup    native CPU build + wheels (once per machine)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU lease (no carry, pure torch): `repq hessian` throughput as a fraction of the plain bf16
+# GPU machine (no carry, pure torch): `repq hessian` throughput as a fraction of the plain bf16
 # forward (bench_calib.py --gpu: heated GPU, forward and Hessian timings alternated, median of 3
 # rounds) for Llama-3-8B blocks (n_ff 14336, 8 KV heads) and Llama-2-7B blocks (n_ff 11008, MHA),
 # with clocks and power sampled alongside (smi.csv).

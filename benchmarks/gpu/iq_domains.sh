@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU lease, inside run.sh (carry .carry/b and .carry/c: the head of the library text, the held-out
+# GPU machine, inside run.sh (carry .carry/b and .carry/c: the head of the library text, the held-out
 # texts): Hessians of 100 × 512 library tokens (`repq hessian --device cuda`), `repq quantize
 # --method ldlq --device cuda` at the i-quant ftypes, each file scored with llama-perplexity
 # --kl-divergence (as repq kld) against the F32 base on 20 × 512 tokens of the tutorial and of the

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU lease: which llama-cpp-python entry points work on the device machine (each probe in its own
+# GPU machine: which llama-cpp-python entry points work on the device machine (each probe in its own
 # process, with faulthandler, so one crash does not hide the others).
 export PYTHONPATH=/tmp/site:$PWD LLAMA_CPP_LIB_PATH=$PWD/native/build/bin PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
 M=${1:-/tmp/smoke/m.gguf}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU lease, step 2 (carry .carry/b): join the model, make the F32 base, run the GPU benchmarks.
+# GPU machine, step 2 (carry .carry/b): join the model, make the F32 base, run the GPU benchmarks.
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD REPQ_CACHE=/tmp/rc PYTHONUNBUFFERED=1
 export LLAMA_CPP_LIB_PATH=$PWD/native/build/bin

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU lease on nvidia-h200-x2 (no carry, pure torch): one- vs two-GPU throughput of `repq hessian`'s
+# GPU machine on nvidia-h200-x2 (no carry, pure torch): one- vs two-GPU throughput of `repq hessian`'s
 # accumulation (bench_calib.py --gpu) and of `repq distill`'s step (bench_distill_scaling.py).
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8

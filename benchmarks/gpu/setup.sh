@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU lease, step 1 (carry .carry/a): pruned vendor tree, wheels, first model half; native build
+# GPU machine, step 1 (carry .carry/a): pruned vendor tree, wheels, first model half; native build
 # (CUDA; REPQ_CUDA=0 for a CPU-only ggml, enough for quantization and CPU evaluation).
 set -euo pipefail
 mkdir -p /tmp/w vendor_tmp

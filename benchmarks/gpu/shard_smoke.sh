@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU lease on 2 GPUs (carry .carry/g): native CPU build, then `repq distill` on a random tiny model
+# GPU machine on 2 GPUs (carry .carry/g): native CPU build, then `repq distill` on a random tiny model
 # under torchrun with NCCL, data parallel and --shard (FSDP2), reporting both results.
 set -uo pipefail
 mkdir -p vendor && tar xzf .carry/g/llama.tgz -C vendor

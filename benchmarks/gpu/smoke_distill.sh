@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU lease: a small `repq distill --device cuda` on a random tiny model (catches CUDA-path bugs in
+# GPU machine: a small `repq distill --device cuda` on a random tiny model (catches CUDA-path bugs in
 # seconds before the long runs).  Needs the native build (setup.sh) only.
 set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD:$PWD/tests LLAMA_CPP_LIB_PATH=$PWD/native/build/bin PYTHONUNBUFFERED=1

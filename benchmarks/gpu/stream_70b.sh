@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU lease on nvidia-h200 (one GPU; carry .carry/g: llama.tgz + wheels):
+# GPU machine on nvidia-h200 (one GPU; carry .carry/g: llama.tgz + wheels):
 # block streaming on random Llama-3-70B-shaped models (n_embd 8192, n_ff 28672, GQA 64/8, vocab 128256;
 # BF16 GGUFs made here by support.models.save_random_gguf with a byte vocabulary padded to 128256) of 2, 4
 # and 8 blocks:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU lease (carry .carry/g: the pruned vendor tree as llama.tgz, pytest and llama-cpp-python wheels): build the
+# GPU machine (carry .carry/g: the pruned vendor tree as llama.tgz, pytest and llama-cpp-python wheels): build the
 # CPU ggml (enough for ggml's encode/decode) and run tests/gpu, the CUDA paths against ggml and
 # the CPU.  The report comes back as $OUT/test_gpu.txt.
 set -uo pipefail

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU lease (after setup.sh): where llama-cpp-python crashes on these machines.  Loads a tiny random
+# GPU machine (after setup.sh): where llama-cpp-python crashes on these machines.  Loads a tiny random
 # model through llama_cpp with a SIGSEGV backtrace preloaded (segv_trace.c) and symbolises the
 # libllama / libggml frames with addr2line.
 export PYTHONPATH=/tmp/site:$PWD:$PWD/tests LLAMA_CPP_LIB_PATH=$PWD/native/build/bin PYTHONUNBUFFERED=1

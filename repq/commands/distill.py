@@ -69,6 +69,10 @@ def distill(
 
     Examples:
 
+        repq calib model-f32.gguf -o mix.jsonl --tokens 400000 --mix my-text.txt:0.5   # training data that generalises
+
+        repq distill model-f32.gguf model-iq3_s.gguf --fmt IQ3_S --data mix.jsonl --steps-per-group 600 --device cuda
+
         repq distill smollm2-f32.gguf smollm2-q3_k_s.gguf --fmt Q3_K_S --data library.txt
 
         repq distill model-f32.gguf q4_0.gguf --fmt Q4_0 --data calib.jsonl --steps-per-group 300 --batch 16
