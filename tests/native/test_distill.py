@@ -200,7 +200,8 @@ def test_llama_cpp_logits_equal_the_torch_student(tiny, tmp_path):
             """Tokens whose input to some Q8_0 matmul has an element exactly at a rounding tie:
             x · 127 / amax at n + 0.5 rounds to even in ggml's x86 path and away from zero in its
             reference (measured: one exact tie in 96 × 256 once went the other way), so that token's
-            later values may differ by one code; the checks leave such tokens out (at most 2)."""
+            later values may differ by one code; the checks leave such tokens out (at most 1/16 of
+            them: 0–2 of 96 on earlier machines, 3 on another, whose fp32 sums land elsewhere)."""
             tie = np.zeros(len(ids), bool)
             for k, (x, _) in trace.items():
                 if k[0] == "MUL_MAT":
@@ -208,7 +209,7 @@ def test_llama_cpp_logits_equal_the_torch_student(tiny, tmp_path):
                     amax = b.abs().amax(-1, keepdim=True)
                     q = b * torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
                     tie |= (q - q.floor() == 0.5).flatten(1).any(-1).numpy()
-            assert tie.sum() <= 2, int(tie.sum())
+            assert tie.sum() <= len(ids) // 16, int(tie.sum())
             return ~tie
 
         keep = tie_tokens() if kw.get("emulate", True) else np.ones(len(ids), bool)
