@@ -96,7 +96,7 @@ def test_cli_on_policy_and_its_usage_errors(tiny, tmp_path):  # noqa: F811
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["config"]["on_policy"] == 400 and "the teacher generated" in p.stderr
-    for extra, msg in ((["--on-policy", "400", "--data", str(text)], "not both"), ([], "no training data"),
+    for extra, msg in ((["--on-policy", "400", "--data", str(text)], "not both"), ([], "no training data: give --data FILE, or --on-policy N\nhint: `repq calib "),
                        (["--on-policy", "400", "--prompts", str(tmp_path / "none.txt")], "no such prompts file")):
         bad = tmp_path / "bad.gguf"
         p = subprocess.run(REPQ + ["distill", str(src), str(bad), *common, *extra], capture_output=True, text=True)
