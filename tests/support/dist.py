@@ -46,7 +46,15 @@ def _gloo_main(rank: int, world: int, port: int, out: str, fn) -> None:
     result = fn(rank, world)
     if rank == 0:
         torch.save(result, out)
+    dist.barrier()                      # no rank tears down while another still talks to it
     dist.destroy_process_group()
+    # Interpreter finalisation after a gloo group has, rarely and only under load, aborted a
+    # spawned process ("terminate called without an active exception", SIGABRT) once its work
+    # was done; the result is written and the group destroyed, so leave without finalisation.
+    # A failure inside fn still raises above and reaches mp.spawn with its traceback.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_on_gloo(fn, tmp_path, world: int = 2):
