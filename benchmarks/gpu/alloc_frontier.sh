@@ -9,6 +9,10 @@
 #          mix, --exclude-types Q4_1,Q5_1) and llama-quantize with repq's --recipe-out and
 #          llama.cpp's imatrix (llama.cpp's quantizer, repq's choice of types).
 #   ldlq   repq LDLQ at fixed ftypes (LDLQ_FTYPES).
+#   cost   issue 15's cost on the GPU, nothing else running: plain `repq quantize --fmt Q4_K_M --hessian
+#          --device cuda`, then `repq sensitivity --proxy estimate --kl-data DATA --kl-chunks 16 --device cuda`
+#          (the default probe mode: one KL measurement per tensor), then the plain one again; wall seconds of
+#          each in $R ("cost ...").  Makes prep's Hessians if they are missing, nothing else.
 # Every file is scored with llama-perplexity --kl-divergence against the F32 base on 20 × 512
 # tokens of the tutorial and the two held-out domains.  One line per file and domain in
 # /tmp/wd/alloc/results.txt, copied to $OUT at the end of every phase; work files are reused.
@@ -37,12 +41,16 @@ score() {   # file label [domains]: 4 threads each, lines appended to $R
 }
 throttle() { while [ "$(jobs -rp | wc -l)" -ge "${1:-3}" ]; do wait -n; done; }
 
+hessians() {
+  [ -f $W/hess/hessians.json ] || python3 -m repq hessian $F --data $DATA --chunks 100 -c 512 --device cuda \
+    -o $W/hess -q > $W/hess.log 2>&1 || { tail -5 $W/hess.log; return 1; }
+}
+
 prep() {
   t0=$(date +%s)
   [ -f $W/imatrix.gguf ] || python3 -m repq imatrix $F --data $DATA --chunks 100 -c 512 --device cuda --dtype float32 \
     -o $W/imatrix.gguf -q > $W/imatrix.log 2>&1 || { tail -5 $W/imatrix.log; return 1; }
-  [ -f $W/hess/hessians.json ] || python3 -m repq hessian $F --data $DATA --chunks 100 -c 512 --device cuda \
-    -o $W/hess -q > $W/hess.log 2>&1 || { tail -5 $W/hess.log; return 1; }
+  hessians || return 1
   echo "imatrix + hessians $(( $(date +%s) - t0 )) s" >> $R
   for d in tutorial sysadmin fortunes; do
     [ -f /tmp/wd/base_$d.kld ] || $B/llama-perplexity -m $F -f .carry/c/$d.txt -c 512 --chunks 20 -t 16 \
@@ -103,6 +111,24 @@ ldlq() {
     throttle $JOBS
   done
   wait
+}
+
+cost() {
+  hessians || return 1
+  plain() {
+    t1=$(date +%s.%N)
+    python3 -m repq quantize $F $W/cost-plain.gguf --fmt Q4_K_M --hessian $W/hess --device cuda -t 16 -q \
+      > $W/cost-plain.log 2>&1 || { echo "cost plain failed: $(tail -2 $W/cost-plain.log)" >> $R; return 1; }
+    echo "cost plain Q4_K_M LDLQ $(echo "$t1 $(date +%s.%N)" | awk '{printf "%.1f", $2 - $1}') s" >> $R
+  }
+  plain || return 1
+  t1=$(date +%s.%N)
+  python3 -m repq sensitivity $F --hessian $W/hess -o $W/sens-estimate.json --exclude-types Q4_1,Q5_1 \
+    --proxy estimate --kl-data $DATA --kl-chunks 16 -c 512 --device cuda -t 16 --json \
+    > $W/sens-estimate.stdout 2> $W/sens-estimate.log || { echo "cost estimate failed: $(tail -2 $W/sens-estimate.log)" >> $R; return 1; }
+  echo "cost sensitivity --proxy estimate --kl-data (16 x 512) $(echo "$t1 $(date +%s.%N)" | awk '{printf "%.1f", $2 - $1}') s" >> $R
+  plain
+  mkdir -p $OUT/alloc; cp $W/sens-estimate.json $W/sens-estimate.log $OUT/alloc/ 2>/dev/null
 }
 
 for phase in "$@"; do

@@ -17,7 +17,7 @@ cost, every sample tensor's costs and F16 (no LDLQ grid: ggml's conversion is th
 exact, and say so in ``method``, except on tensors of more than 2 · ``ref_rows`` rows
 (:func:`repq.alloc.sensitivity.compute`): there LDLQ at the reference type and ggml at the other
 types run on ``ref_rows`` evenly spaced rows, scaled by ggml's whole-tensor / rows cost at the
-reference type (``estimate (rows)``; on the reference model 2.9–3.2× one quantization instead of 3.5–4.3×).
+reference type (``estimate (rows)``; on the reference model 2.4–3.2× one quantization instead of 3.5–4.3×).
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ def fill(tensors: dict[str, dict], ggml: dict[str, dict[str, float]], ref: dict[
     """Fill the estimated costs in place.
 
     Args:
-        tensors: the sensitivity entries; the candidates with method ``ldlq`` hold exact costs,
-            the others get ``cost`` (and ``method`` "estimate") here.
+        tensors: the sensitivity entries; the candidates with method ``estimate`` get their
+            ``cost`` here, every other one (LDLQ's, F16's exact conversion, ``estimate (rows)``)
+            keeps the cost it has.
         ggml: name → type → ggml's cost under the same H (every candidate of every tensor).
         ref: name → reference type (LDLQ'd on every tensor).
         groups: candidate tuple → names; sample: the names LDLQ'd on every type.
@@ -74,7 +75,7 @@ def fill(tensors: dict[str, dict], ggml: dict[str, dict[str, float]], ref: dict[
             g_ref, l_ref = ggml[n][r], tensors[n]["candidates"][r]["cost"]
             gain = l_ref / g_ref if g_ref > 0 and l_ref > 0 else default_gain
             for t, c in tensors[n]["candidates"].items():
-                if t != r:
+                if c["method"] == "estimate":     # the placeholders compute() left; exact costs stay
                     c["cost"] = ggml[n][t] * gain * f.get(t, 1.0)
                     c["method"] = "estimate"
     return {"sample": sorted(sample), "factors": factors}

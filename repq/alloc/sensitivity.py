@@ -290,6 +290,8 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
                                    "kl": ({**(kl_config or {}), "measure": measure, "probe_bpw": probe_bpw}
                                           if probe is not None else None),
                                    "proxy": proxy if hessian_dir else "ggml"})
+        if estimating:
+            sens.config["estimate_rows"] = ref_rows
         if measure not in ("probe", "all"):
             raise UsageError(f"KL measurement {measure!r}: use probe or all")
         groups: dict[tuple, list[str]] = {}

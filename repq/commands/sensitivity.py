@@ -26,7 +26,8 @@ def sensitivity(
     ctx_size: Annotated[int, typer.Option("--ctx-size", "-c", help="--kl-data: tokens per chunk.")] = 512,
     kl_measure: Annotated[str, typer.Option("--kl-measure", help="--kl-data: probe (each tensor at the candidate nearest --kl-bpw; scales its costs) | all (every candidate measured; the allocator uses those KLs).")] = "probe",
     kl_bpw: Annotated[float, typer.Option("--kl-bpw", help="--kl-measure probe: bits per weight of the probe type.")] = 4.0,
-    proxy: Annotated[str, typer.Option("--proxy", help="--hessian: ldlq (LDLQ on every tensor × type: the exact costs) | estimate (LDLQ on the type nearest --kl-bpw and on every type of one sample tensor per candidate list; the other types' costs are ggml's quantizer's error under H times the LDLQ gain measured there, on 256 rows of each tensor of more than 512: ~5× faster on CPU, see repq/alloc/estimate.py).")] = "ldlq",
+    proxy: Annotated[str, typer.Option("--proxy", help="--hessian: ldlq (LDLQ on every tensor × type: the exact costs) | estimate (LDLQ on the type nearest --kl-bpw and on every type of one sample tensor per candidate list; the other types' costs are ggml's quantizer's error under H times the LDLQ gain measured there, on --estimate-rows rows of each tensor of more than twice that: ~5× faster on CPU, see repq/alloc/estimate.py).")] = "ldlq",
+    estimate_rows: Annotated[int, typer.Option("--estimate-rows", help="--proxy estimate: a tensor of more than twice this many rows (not a sample, not KL-probed) runs its reference LDLQ and ggml's other types on this many evenly spaced rows.")] = 256,
     device: Annotated[str, typer.Option(help="LDLQ and the KL probe: torch device (cpu, cuda, cuda:1).")] = "cpu",
     threads: ThreadsOpt = 0,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Convert a Hugging Face folder whose JSON names custom code.")] = False,
@@ -62,6 +63,8 @@ def sensitivity(
         if kl_measure not in ("probe", "all"):
             raise UsageError(f"--kl-measure {kl_measure!r}: use probe or all")
         sens_mod.check_proxy(proxy, kl_measure, kl_data is not None)   # before the probe loads the model
+        if estimate_rows < 1:
+            raise UsageError(f"--estimate-rows {estimate_rows}: must be at least 1")
         if kl_chunks < 1:
             raise UsageError(f"--kl-chunks {kl_chunks}: must be at least 1")
         t0 = time.perf_counter()
@@ -73,7 +76,7 @@ def sensitivity(
             s = sens_mod.compute(src, types=types, hessian_dir=str(hessian) if hessian else None,
                                  imatrix_path=str(imatrix) if imatrix else None, device=device,
                                  threads=threads or None, probe=probe, measure=kl_measure, probe_bpw=kl_bpw,
-                                 kl_config=kl_config, proxy=proxy,
+                                 kl_config=kl_config, proxy=proxy, ref_rows=estimate_rows,
                                  on_tensor=lambda name, i, n: advance(1 if i else 0, name, total=n))
         s.save(output)
         rows = [[n, str(len(e["candidates"])), ", ".join(e["candidates"])] for n, e in s.tensors.items()]

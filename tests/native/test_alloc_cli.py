@@ -332,6 +332,7 @@ def test_estimated_proxy_costs(hfiles, tmp_path):
     exact, est = (json.loads((tmp_path / f"{m}.json").read_text()) for m in ("ldlq", "estimate"))
     assert exact["config"]["proxy"] == "ldlq" and "estimate" not in exact["config"]
     assert est["config"]["proxy"] == "estimate" and len(est["config"]["estimate"]["sample"]) == 1
+    assert est["config"]["estimate_rows"] == 256 and "estimate_rows" not in exact["config"]
     sample = set(est["config"]["estimate"]["sample"])
     n_est = 0
     for n, e in est["tensors"].items():
@@ -351,6 +352,7 @@ def test_estimated_proxy_costs(hfiles, tmp_path):
     assert json.loads(r.stdout)["file_bytes"] == out.stat().st_size <= 900_000
     for extra, match in ((["--proxy", "fast"], "--proxy 'fast'"),
                          (["--proxy", "estimate", "--kl-data", hfiles / "text.txt", "--kl-measure", "all"],
-                          "--kl-measure all needs --proxy ldlq")):
+                          "--kl-measure all needs --proxy ldlq"),
+                         (["--proxy", "estimate", "--estimate-rows", "0"], "--estimate-rows 0: must be at least 1")):
         r = repq(*base, "-o", tmp_path / "bad.json", *extra)
         assert r.exit_code == 2 and match in r.stderr.replace("\n", " ") and not (tmp_path / "bad.json").exists()

@@ -1,7 +1,7 @@
 """The estimated proxy costs of `repq sensitivity --proxy estimate` (issue 15, cost): where LDLQ's
 gain over ggml's quantizer factors into a per-tensor and a per-type part, the estimate recovers the
-exact LDLQ costs; the reference type and the sample tensors keep their exact costs; a group
-without a usable sample uses factor 1; the sample is spread over each group."""
+exact LDLQ costs; the reference type, the sample tensors and every other exact cost (F16) keep
+theirs; a group without a usable sample uses factor 1; the sample is spread over each group."""
 
 from __future__ import annotations
 
@@ -60,3 +60,18 @@ def test_samples_are_spread_over_each_group():
     groups = {("A",): [f"t{i}" for i in range(10)], ("B",): ["u0", "u1"]}
     assert sample_names(groups, 2) == {"t2", "t7", "u0", "u1"}
     assert sample_names(groups, 5) >= {"u0", "u1"} and len(sample_names(groups, 5)) == 7
+
+
+def test_exact_costs_outside_the_sample_are_kept():
+    """F16 has no LDLQ grid: compute() records ggml's exact conversion cost for it on every tensor,
+    and the estimate must not scale it by the tensor's LDLQ gain (it did: F16 came out ~0.8× exact)."""
+    a = {"x": 0.5, "y": 0.25, "z": 0.8}
+    b = {"Q4_0": 1.0, "Q5_0": 0.9, "Q8_0": 0.4}
+    ggml, exact = _case(a, b)
+    ldlq = {(n, "Q4_0") for n in a} | {("y", t) for t in TYPES}
+    tensors = _tensors(exact, ldlq)
+    tensors["x"]["candidates"]["Q8_0"] = {"bytes": 1, "cost": ggml["x"]["Q8_0"], "method": "f16"}
+    fill(tensors, ggml, {n: "Q4_0" for n in a}, {TYPES: list(a)}, {"y"})
+    assert tensors["x"]["candidates"]["Q8_0"] == {"bytes": 1, "cost": ggml["x"]["Q8_0"], "method": "f16"}
+    assert tensors["x"]["candidates"]["Q5_0"]["cost"] == pytest.approx(exact["x"]["Q5_0"])
+    assert tensors["z"]["candidates"]["Q8_0"]["cost"] == pytest.approx(exact["z"]["Q8_0"])
