@@ -2,12 +2,12 @@
 survives a change of input distribution, and how much shrinking H toward its diagonal helps there.
 
     python benchmarks/shrink_cv.py MODEL H_A H_B [--fmt IQ3_S] [--layers 2,7,12,17,22,27]
-        [--shrinks 0,0.2,0.5,1] [--json OUT]
+        [--shrinks 0,0.2,0.5,1] [--damps 0.01] [--json OUT]
 
 H_A and H_B are `repq hessian` directories of the same model on two disjoint sources (here the
 library-text half and the self-generated half of a `repq calib --mix` set).  For each tensor of the
 chosen layers, at the type the ftype's mix gives it: LDLQ with H = the train source's Hessian shrunk
-by A (``--hess-shrink A``), and ggml's imatrix quantizer with importance diag(H) (what llama-quantize
+by A (``--hess-shrink A``) and damped by each of ``--damps`` (``--damp``), and ggml's imatrix quantizer with importance diag(H) (what llama-quantize
 does); each result's proxy loss tr(ΔW H_T ΔWᵀ) under the train source's H (in-source) and the other
 source's (cross-source).  Printed: per tensor kind and A, the geometric mean over layers and both
 directions of LDLQ's loss / ggml's loss under the same H_T.  A kind whose cross-source ratio sits far
@@ -45,11 +45,13 @@ def main() -> None:
     ap.add_argument("--fmt", default="IQ3_S")
     ap.add_argument("--layers", default="2,7,12,17,22,27")
     ap.add_argument("--shrinks", default="0,0.2,0.5,1")
+    ap.add_argument("--damps", default="0.01")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="write every ratio here")
     args = ap.parse_args()
     layers = {int(x) for x in args.layers.split(",")}
     shrinks = [float(x) for x in args.shrinks.split(",")]
+    damps = [float(x) for x in args.damps.split(",")]
     hs = {"A": HessianSet(args.h_a), "B": HessianSet(args.h_b)}
     rows = []
     with GGUFModel(args.model) as g:
@@ -64,24 +66,28 @@ def main() -> None:
                 ggml = quantize_tensor(p, w, importance=importance_rules.from_hessian(h[train]), threads=args.threads)
                 base = {t: proxy_cost(w, ggml.values, hessian=h[t]) for t in hs}
                 for a in shrinks:
-                    r = quantize_tensor(p, w, hessian=h[train], ldlq=LdlqOptions(hess_shrink=a), threads=args.threads)
-                    for t in hs:
-                        rows.append({"tensor": p.name, "kind": m.group(2), "type": p.dst_type, "train": train, "test": t,
-                                     "shrink": a, "ratio": proxy_cost(w, r.values, hessian=h[t]) / base[t]})
+                    for dmp in damps:
+                        r = quantize_tensor(p, w, hessian=h[train], ldlq=LdlqOptions(damp=dmp, hess_shrink=a),
+                                            threads=args.threads)
+                        for t in hs:
+                            rows.append({"tensor": p.name, "kind": m.group(2), "type": p.dst_type, "train": train,
+                                         "test": t, "shrink": a, "damp": dmp,
+                                         "ratio": proxy_cost(w, r.values, hessian=h[t]) / base[t]})
             print(f"{p.name} done", file=sys.stderr, flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     print(f"LDLQ / ggml imatrix proxy loss, geometric mean over layers {sorted(layers)} and both sources ({args.fmt} mix)")
-    print(f"{'kind':12} {'A':>5} {'in-source':>10} {'cross':>8} {'cross/in':>9}")
+    print(f"{'kind':12} {'A':>5} {'damp':>6} {'in-source':>10} {'cross':>8} {'cross/in':>9}")
+    gm = lambda xs: float(np.exp(np.mean(np.log(xs))))  # noqa: E731
     for kind in KINDS:
         for a in shrinks:
-            sel = [r for r in rows if r["kind"] == kind and r["shrink"] == a]
-            if not sel:
-                continue
-            gm = lambda xs: float(np.exp(np.mean(np.log(xs))))  # noqa: E731
-            inn = gm([r["ratio"] for r in sel if r["train"] == r["test"]])
-            cross = gm([r["ratio"] for r in sel if r["train"] != r["test"]])
-            print(f"{kind:12} {a:5.2f} {inn:10.3f} {cross:8.3f} {cross / inn:9.3f}")
+            for dmp in damps:
+                sel = [r for r in rows if r["kind"] == kind and r["shrink"] == a and r["damp"] == dmp]
+                if not sel:
+                    continue
+                inn = gm([r["ratio"] for r in sel if r["train"] == r["test"]])
+                cross = gm([r["ratio"] for r in sel if r["train"] != r["test"]])
+                print(f"{kind:12} {a:5.2f} {dmp:6.2f} {inn:10.3f} {cross:8.3f} {cross / inn:9.3f}")
 
 
 if __name__ == "__main__":
