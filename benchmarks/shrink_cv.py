@@ -2,12 +2,14 @@
 survives a change of input distribution, and how much shrinking H toward its diagonal helps there.
 
     python benchmarks/shrink_cv.py MODEL H_A H_B [--fmt IQ3_S] [--layers 2,7,12,17,22,27]
-        [--shrinks 0,0.2,0.5,1] [--damps 0.01] [--json OUT]
+        [--shrinks 0,0.2,0.5,1] [--damps 0.01] [--blocks 0] [--json OUT]
 
 H_A and H_B are `repq hessian` directories of the same model on two disjoint sources (here the
 library-text half and the self-generated half of a `repq calib --mix` set).  For each tensor of the
 chosen layers, at the type the ftype's mix gives it: LDLQ with H = the train source's Hessian shrunk
-by A (``--hess-shrink A``) and damped by each of ``--damps`` (``--damp``), and ggml's imatrix quantizer with importance diag(H) (what llama-quantize
+by A (``--hess-shrink A``) and damped by each of ``--damps`` (``--damp``) — and, for each of ``--blocks``
+b > 0, with H's entries outside the diagonal blocks of b columns set to 0 first (a Schur product
+with a PSD mask, so still PSD: LDLQ's feedback confined to b-column blocks) —, and ggml's imatrix quantizer with importance diag(H) (what llama-quantize
 does); each result's proxy loss tr(ΔW H_T ΔWᵀ) under the train source's H (in-source) and the other
 source's (cross-source).  Printed: per tensor kind and A, the geometric mean over layers and both
 directions of LDLQ's loss / ggml's loss under the same H_T.  A kind whose cross-source ratio sits far
@@ -17,6 +19,7 @@ above its in-source ratio has a gain that does not travel with the inputs.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import sys
@@ -46,12 +49,14 @@ def main() -> None:
     ap.add_argument("--layers", default="2,7,12,17,22,27")
     ap.add_argument("--shrinks", default="0,0.2,0.5,1")
     ap.add_argument("--damps", default="0.01")
+    ap.add_argument("--blocks", default="0", help="0: H as it is; b: H block-diagonal with blocks of b columns")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="write every ratio here")
     args = ap.parse_args()
     layers = {int(x) for x in args.layers.split(",")}
     shrinks = [float(x) for x in args.shrinks.split(",")]
     damps = [float(x) for x in args.damps.split(",")]
+    blocks = [int(x) for x in args.blocks.split(",")]
     hs = {"A": HessianSet(args.h_a), "B": HessianSet(args.h_b)}
     rows = []
     with GGUFModel(args.model) as g:
@@ -65,29 +70,36 @@ def main() -> None:
             for train in hs:
                 ggml = quantize_tensor(p, w, importance=importance_rules.from_hessian(h[train]), threads=args.threads)
                 base = {t: proxy_cost(w, ggml.values, hessian=h[t]) for t in hs}
-                for a in shrinks:
-                    for dmp in damps:
-                        r = quantize_tensor(p, w, hessian=h[train], ldlq=LdlqOptions(damp=dmp, hess_shrink=a),
-                                            threads=args.threads)
-                        for t in hs:
-                            rows.append({"tensor": p.name, "kind": m.group(2), "type": p.dst_type, "train": train,
-                                         "test": t, "shrink": a, "damp": dmp,
-                                         "ratio": proxy_cost(w, r.values, hessian=h[t]) / base[t]})
+                for a, dmp, b in itertools.product(shrinks, damps, blocks):
+                    ht = h[train] if b == 0 else h[train] * _block_mask(w.shape[1], b)
+                    r = quantize_tensor(p, w, hessian=ht, ldlq=LdlqOptions(damp=dmp, hess_shrink=a),
+                                        threads=args.threads)
+                    for t in hs:
+                        rows.append({"tensor": p.name, "kind": m.group(2), "type": p.dst_type, "train": train,
+                                     "test": t, "shrink": a, "damp": dmp, "block": b,
+                                     "ratio": proxy_cost(w, r.values, hessian=h[t]) / base[t]})
             print(f"{p.name} done", file=sys.stderr, flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     print(f"LDLQ / ggml imatrix proxy loss, geometric mean over layers {sorted(layers)} and both sources ({args.fmt} mix)")
-    print(f"{'kind':12} {'A':>5} {'damp':>6} {'in-source':>10} {'cross':>8} {'cross/in':>9}")
+    print(f"{'kind':12} {'A':>5} {'damp':>6} {'block':>5} {'in-source':>10} {'cross':>8} {'cross/in':>9}")
     gm = lambda xs: float(np.exp(np.mean(np.log(xs))))  # noqa: E731
     for kind in KINDS:
-        for a in shrinks:
-            for dmp in damps:
-                sel = [r for r in rows if r["kind"] == kind and r["shrink"] == a and r["damp"] == dmp]
-                if not sel:
-                    continue
-                inn = gm([r["ratio"] for r in sel if r["train"] == r["test"]])
-                cross = gm([r["ratio"] for r in sel if r["train"] != r["test"]])
-                print(f"{kind:12} {a:5.2f} {dmp:6.2f} {inn:10.3f} {cross:8.3f} {cross / inn:9.3f}")
+        for a, dmp, b in itertools.product(shrinks, damps, blocks):
+            sel = [r for r in rows if r["kind"] == kind and (r["shrink"], r["damp"], r["block"]) == (a, dmp, b)]
+            if not sel:
+                continue
+            inn = gm([r["ratio"] for r in sel if r["train"] == r["test"]])
+            cross = gm([r["ratio"] for r in sel if r["train"] != r["test"]])
+            print(f"{kind:12} {a:5.2f} {dmp:6.2f} {b:5d} {inn:10.3f} {cross:8.3f} {cross / inn:9.3f}")
+
+
+def _block_mask(n: int, b: int):
+    """(n, n) float64 torch mask: 1 inside the diagonal blocks of b columns, 0 elsewhere."""
+    import torch
+
+    idx = torch.arange(n) // b
+    return (idx[:, None] == idx[None, :]).to(torch.float64)
 
 
 if __name__ == "__main__":
