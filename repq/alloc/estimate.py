@@ -77,5 +77,4 @@ def fill(tensors: dict[str, dict], ggml: dict[str, dict[str, float]], ref: dict[
             for t, c in tensors[n]["candidates"].items():
                 if c["method"] == "estimate":     # the placeholders compute() left; exact costs stay
                     c["cost"] = ggml[n][t] * gain * f.get(t, 1.0)
-                    c["method"] = "estimate"
     return {"sample": sorted(sample), "factors": factors}
