@@ -30,7 +30,8 @@ score() {   # file: one line with bytes, sha256 and each domain's mean KLD
   echo "$(basename "$1") $(stat -c %s "$1") bytes sha256 $(sha256sum "$1" | cut -c1-16)$(kld_line "$1")"
 }
 
-if [ ! -s "$IMATRIX" ]; then
+if [ ! -s "$IMATRIX" ]; then   # made here only for the default set: another set's imatrix comes with it
+  [ "$HESS" = "$C/hess" ] || { echo "IMATRIX=$IMATRIX missing: make it from the data behind $HESS" >&2; exit 2; }
   $PY -m repq imatrix "$F" --data "$HOME/.cache/repq/calibmix/mixlib-52k.jsonl" --chunks 100 -c 512 --dtype float32 \
     -o "$IMATRIX" -q
 fi

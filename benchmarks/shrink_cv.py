@@ -7,13 +7,14 @@ survives a change of input distribution, and how much shrinking H toward its dia
 H_A and H_B are `repq hessian` directories of the same model on two disjoint sources (here the
 library-text half and the self-generated half of a `repq calib --mix` set).  For each tensor of the
 chosen layers, at the type the ftype's mix gives it: LDLQ with H = the train source's Hessian shrunk
-by A (``--hess-shrink A``) and damped by each of ``--damps`` (``--damp``) — and, for each of ``--blocks``
-b > 0, with H's entries outside the diagonal blocks of b columns set to 0 first (a Schur product
-with a PSD mask, so still PSD: LDLQ's feedback confined to b-column blocks) —, and ggml's imatrix quantizer with importance diag(H) (what llama-quantize
-does); each result's proxy loss tr(ΔW H_T ΔWᵀ) under the train source's H (in-source) and the other
-source's (cross-source).  Printed: per tensor kind and A, the geometric mean over layers and both
-directions of LDLQ's loss / ggml's loss under the same H_T.  A kind whose cross-source ratio sits far
-above its in-source ratio has a gain that does not travel with the inputs.
+by A (``--hess-shrink A``), damped by each of ``--damps`` (``--damp``) and, for each of ``--blocks``
+b > 0, with H's entries outside the diagonal blocks of b columns set to 0 (a Schur product with a
+PSD mask, so still PSD: LDLQ's feedback confined to b-column blocks); and ggml's imatrix quantizer
+with importance diag(H) (what llama-quantize does).  Each result's proxy loss tr(ΔW H_T ΔWᵀ) is
+taken under the train source's H (in-source) and the other source's (cross-source).  Printed, per
+tensor kind and setting (A, damp, block): the geometric mean over layers and both directions of
+LDLQ's loss / ggml's loss under the same H_T.  A kind whose cross-source ratio sits far above its
+in-source ratio has a gain that does not travel with the inputs.
 """
 
 from __future__ import annotations

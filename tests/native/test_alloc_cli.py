@@ -324,7 +324,7 @@ def test_estimated_proxy_costs(hfiles, tmp_path):
     """--proxy estimate: the reference type (nearest --kl-bpw) and the sample tensor keep the exact
     LDLQ costs, the others are estimates and say so; bytes as exact; the file records its mode and
     allocates within the target; --kl-measure all with it is refused."""
-    base = ["sensitivity", hfiles / "m.gguf", "--hessian", hfiles / "h", "--allow-types", "Q4_0,Q5_0,Q8_0"]
+    base = ["sensitivity", hfiles / "m.gguf", "--hessian", hfiles / "h", "--allow-types", "Q4_0,Q5_0,Q8_0,F16"]
     for mode in ("ldlq", "estimate"):
         r = repq(*base, "-o", tmp_path / f"{mode}.json", "--proxy", mode, "--json")
         assert r.exit_code == 0, r.output
@@ -339,7 +339,9 @@ def test_estimated_proxy_costs(hfiles, tmp_path):
         for t, c in e["candidates"].items():
             x = exact["tensors"][n]["candidates"][t]
             assert c["bytes"] == x["bytes"]
-            if t == "Q4_0" or n in sample:                      # 4.5 bpw: nearest 4
+            if t == "F16":   # no LDLQ grid: ggml's conversion is the exact cost in both modes
+                assert c["method"] == x["method"] != "estimate" and c["cost"] == pytest.approx(x["cost"], rel=1e-9)
+            elif t == "Q4_0" or n in sample:                    # 4.5 bpw: nearest 4
                 assert c["method"] == x["method"] == "ldlq" and c["cost"] == pytest.approx(x["cost"], rel=1e-9)
             else:
                 n_est += 1
