@@ -1,5 +1,5 @@
 """Profile `repq sensitivity` (issue 15, cost): seconds and calls per phase — quantize_tensor per
-type, proxy_cost, KLProbe.kl, the probe's setup — as JSON on stderr and in $PROF_OUT.  ONLY=REGEX
+type (LDLQ or ggml's quantizer, whole tensor or a row subset), proxy_cost, _cost32, KLProbe.kl, the probe's setup — as JSON on stderr and in $PROF_OUT.  ONLY=REGEX
 limits the tensors (a sample to extrapolate from).  Used for benchmarks/results/alloc_cost_cpu.json:
 
     ONLY='^blk\\.0\\.|^blk\\.29\\.attn_q' PROF_OUT=p.json \\
@@ -14,6 +14,8 @@ import os
 import re
 import sys
 import time
+
+import torch
 
 import repq.alloc.calibrate as cal
 import repq.alloc.sensitivity as sm
@@ -35,6 +37,8 @@ def wrap(obj, name, key=None):
         try:
             return f(*a, **k)
         finally:
+            if torch.cuda.is_available():   # CUDA work launched inside counts where it was launched
+                torch.cuda.synchronize()
             kk = key(a, k) if key else name
             SECONDS[kk] += time.perf_counter() - t
             CALLS[kk] += 1
@@ -43,8 +47,10 @@ def wrap(obj, name, key=None):
 
 
 def main() -> None:
-    wrap(qt, "quantize_tensor", lambda a, k: "quant:" + type_name(a[0].dst_type))
+    wrap(qt, "quantize_tensor", lambda a, k: ("ldlq:" if k.get("hessian") is not None else "ggml:")
+         + type_name(a[0].dst_type) + (" rows" if len(a) > 1 and a[1].shape[0] < 512 else ""))
     wrap(sm, "proxy_cost")
+    wrap(sm, "_cost32")
     wrap(cal.KLProbe, "kl")
     wrap(cal.KLProbe, "__init__", lambda a, k: "probe_init")
     wrap(cs, "kl_probe")

@@ -18,8 +18,8 @@
 #            per group, and (ALLOC_CTL=1) --target-size without Q4_K/Q5_K (the Q4_1-source artefact
 #            control), side by side; tags distill-SRC-FMT-STEPS
 #   DEADLINE (epoch seconds): distillations are cut then instead of after DISTILL_TIMEOUT.
-#   distill_kl  (issue 16) Q3_K_S distillation on on-policy teacher answers with the forward, reverse
-#            and symmetric KL (--kl), KL_STEPS steps per group, side by side
+#   distill_kl  (issue 16) Q3_K_S distillation with each of KLS (forward reverse symmetric; --kl) on each
+#            of KL_SRCS (onp: on-policy teacher answers; mix: the mixture), KL_STEPS steps per group, side by side
 #   kld      every file scored with llama-perplexity --kl-divergence against the F32 base on
 #            40 x 512 tokens of the tutorial and 20 x 512 of each held-out domain.
 #   eval     `repq eval --task builtin --levels LEVELS --limit LIMIT --base F32 --ngl 99
@@ -121,10 +121,17 @@ distill_data() {   # issue 16: distillation at each of DATA_FMTS on library text
   wait
 }
 
-distill_kl() {   # issue 16: the objective on on-policy data (forward is distill_data's distill-onp-Q3_K_S-$s)
-  local s=${KL_STEPS:-300}
-  for k in forward reverse symmetric; do
-    distill_one distill-onp-$k-$s $s --on-policy ${ONPOLICY_TOKENS:-200000} --fmt Q3_K_S --kl $k &
+distill_kl() {   # issue 16: the objective (KLS) on on-policy teacher answers (onp) and the mixture (mix),
+                 # KL_SRCS; forward on both is distill_data's distill-{onp,mix}-Q3_K_S-$s
+  local s=${KL_STEPS:-300} mix=${MIX:-$W/mix.jsonl} o
+  for src in ${KL_SRCS:-onp}; do
+    case $src in
+      onp) o="--on-policy ${ONPOLICY_TOKENS:-200000}";;
+      mix) [ -f $mix ] || continue; o="--data $mix";;
+    esac
+    for k in ${KLS:-forward reverse symmetric}; do
+      distill_one distill-$src-$k-$s $s $o --fmt Q3_K_S --kl $k &
+    done
   done
   wait
 }
