@@ -12,8 +12,10 @@
 #            (benchmarks/results/alloc_frontier_h200/sens.json, --exclude-types Q4_1,Q5_1); each
 #            is cut at DISTILL_TIMEOUT seconds and resumed (--resume) by the next call.
 #   calib    (issue 16) `repq calib --ngl 99` answers + library text 1:1, MIX_TOKENS tokens (mix.jsonl)
+#   calib_free  (issue 16) the same with FREE of free-running text (repq calib --free) and FREE_LIB of
+#            library text (mixfree.jsonl)
 #   distill_data  (issues 14, 16, 15) distillation at each of DATA_FMTS (Q3_K_S) on the library text
-#            (lib), the mixture (mix: MIX, default the calib phase's mix.jsonl) and on-policy teacher
+#            (lib), the mixture (mix: MIX, default the calib phase's mix.jsonl; free: calib_free's), on-policy teacher
 #            answers (onp: --on-policy ONPOLICY_TOKENS), DATA_SRCS of them, at each of DATA_STEPS steps
 #            per group, and (ALLOC_CTL=1) --target-size without Q4_K/Q5_K (the Q4_1-source artefact
 #            control), side by side; tags distill-SRC-FMT-STEPS
@@ -99,6 +101,13 @@ calib() {   # issue 16: the default mixture (repq calib answers + library text 1
     && echo "calib ${MIX_TOKENS:-400000} tokens $(( $(date +%s) - t1 )) s" >> $R || tail -5 $W/calib.log; }
 }
 
+calib_free() {   # issue 16: the mixture with a share of free-running text (repq calib --free FREE), MIX_TOKENS
+  [ -f $W/mixfree.jsonl ] || { t1=$(date +%s); python3 -m repq calib $F -o $W/mixfree.jsonl --tokens ${MIX_TOKENS:-400000} \
+    --free ${FREE:-0.3} --mix .carry/d/library-head.txt:${FREE_LIB:-0.35} --ngl 99 --parallel 64 --json > $W/calib_free.json \
+    2> $W/calib_free.log && echo "calib --free ${FREE:-0.3} ${MIX_TOKENS:-400000} tokens $(( $(date +%s) - t1 )) s" >> $R \
+    || tail -5 $W/calib_free.log; }
+}
+
 distill_data() {   # issue 16: distillation at each of DATA_FMTS on library text (lib), the mixture
                    # (mix: MIX, default the calib phase's) and on-policy data (onp), DATA_SRCS, at each of
                    # DATA_STEPS steps per group (KLD against training tokens); issue 15 (ALLOC_CTL=1): the
@@ -110,6 +119,7 @@ distill_data() {   # issue 16: distillation at each of DATA_FMTS on library text
         case $src in
           lib) o="--data $LIB";;
           mix) [ -f $mix ] || continue; o="--data $mix";;
+          free) [ -f $W/mixfree.jsonl ] || continue; o="--data $W/mixfree.jsonl";;
           onp) o="--on-policy ${ONPOLICY_TOKENS:-200000}";;
         esac
         distill_one distill-$src-$ft-$s $s $o --fmt $ft &
@@ -158,7 +168,7 @@ evaluate() {
 for phase in "$@"; do
   t0=$(date +%s); case $phase in kld) kld_all;; *) $phase;; esac
   echo "phase $phase $(( $(date +%s) - t0 )) s" >> $R
-  ( cd $W && tar czf $OUT/study.tgz results.txt *.json *.log *.status answers.jsonl distill-*.gguf.distill/metrics.jsonl \
+  ( cd $W && tar czf $OUT/study.tgz results.txt *.json *.log *.status answers.jsonl mixfree.jsonl distill-*.gguf.distill/metrics.jsonl \
       2>/dev/null )
 done
 cat $R

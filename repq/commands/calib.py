@@ -307,6 +307,7 @@ def calib(
     out_path: Annotated[Path, typer.Option("--output", "-o", help="Output JSONL: {'messages': [...]} and {'text': ...} records, each with its 'source'.")],
     tokens: Annotated[int, typer.Option("--tokens", help="Token budget of the whole file, counted as the calibration loader counts them.", min=1)] = 65536,
     mix: Annotated[list[str] | None, typer.Option("--mix", help="FILE:W — W of the budget (0 < W < 1) from FILE's text, in paragraph runs; repeatable.")] = None,
+    free: Annotated[float, typer.Option("--free", help="W of the budget (0 ≤ W < 1) from the model's own free-running text: continuations of the start of a document (BOS, or <|endoftext|> where the vocabulary adds no BOS), no prompt, no chat template.")] = 0.0,
     prompts: Annotated[str, typer.Option(help="'builtin' (repq's prompt set), a text file (one prompt per line) or JSONL ('prompt' or 'messages').")] = "builtin",
     max_tokens: Annotated[int, typer.Option(help="Tokens per answer at most.", min=1)] = 256,
     seed: Annotated[int, typer.Option(help="Seed of the sampling (answer i: its own generator seeded by (seed, i)) and of the shuffle.")] = 0,
@@ -321,8 +322,8 @@ def calib(
     quiet: QuietOpt = False,
 ):
     """Calibration / training data: the model answers a varied prompt set through its own chat template
-    (several answers per llama_decode, seeded sampling), optionally mixed with your text, to a token
-    budget, exact repeats dropped, records shuffled.
+    (several answers per llama_decode, seeded sampling), optionally mixed with your text and with its own
+    free-running text (--free), to a token budget, exact repeats dropped, records shuffled.
 
     Examples:
 
@@ -331,6 +332,8 @@ def calib(
         repq calib model-f32.gguf -o calib.jsonl --tokens 1000000 --mix notes.txt:0.3 --ngl 99 --parallel 64
 
         repq calib model-f32.gguf -o greedy.jsonl --prompts my_prompts.jsonl --temperature 0 --tokens 20000
+
+        repq calib model-f32.gguf -o broad.jsonl --tokens 400000 --free 0.3 --mix notes.txt:0.3 --ngl 99
 
         repq hessian model-f32.gguf --data calib.jsonl -o hess/ --chunks 100
     """
@@ -348,11 +351,12 @@ def calib(
         plist = read_prompts(prompts)
         t0 = time.time()
         with out.progress("calib (tokens)", total=tokens) as advance:
-            recs, stats = build_mixture(model, plist, cfg, tokens, sources, on_tokens=lambda n: advance(n))
+            recs, stats = build_mixture(model, plist, cfg, tokens, sources, free=free, on_tokens=lambda n: advance(n))
         write_jsonl(out_path, recs)
         st = stats.to_dict()
         out.result({**meta(), "command": "calib", "input": str(model), "output": str(out_path),
-                    "config": cfg.to_dict() | {"prompts": prompts, "mix": [f"{m.path}:{m.weight:g}" for m in sources]},
+                    "config": cfg.to_dict() | {"prompts": prompts, "mix": [f"{m.path}:{m.weight:g}" for m in sources],
+                                               "free": free},
                     "records": len(recs), **st, "seconds": round(time.time() - t0, 3)},
                    human=f"wrote {out_path}: {len(recs)} records, {st['tokens']:,} tokens "
                          f"({st['generated_tokens_per_s']} generated tokens/s)")

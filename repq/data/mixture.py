@@ -8,10 +8,14 @@ a conversation rendered with the model's chat template, a text record tokenized 
   until the generated share reaches ``(1 - Σ weights) · N``; each ``--mix FILE:W`` contributes
   pieces of FILE (runs of whole paragraphs of about ``piece_tokens`` tokens, picked in a seeded
   order) until its share reaches ``W · N``.  Each share overshoots by less than one record.
+* ``free=W``: generated free-running text makes up ``W · N``: the model continues the start of a
+  document (:func:`document_start`) with no prompt and no chat template, so it writes what its
+  pretraining text looked like (prose, code, lists, other languages); ``{"text": ...}`` records,
+  source ``selfgen:free``, sampled with the answers' settings (a generator seeded by ``(seed, i)``).
 * Exact repeats are dropped (a conversation whose prompt and answer both repeat, a text piece
   seen before) and do not count.  Greedy decoding over a finite prompt set repeats itself once the
-  prompts are used up; when a whole pass over the prompts adds nothing new, the budget is out of
-  reach and the run stops with an error (no output).
+  prompts are used up; when a whole pass over the prompts (and at least ``STALE_RUN`` answers in a
+  row) adds nothing new, the budget is out of reach and the run stops with an error (no output).
 * The records are shuffled with the seed, so that every stretch of the file mixes the sources.
 """
 
@@ -24,6 +28,8 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from ..errors import InputFileError, UsageError
 from .chat import chat_tokens
@@ -111,8 +117,24 @@ def text_pieces(path: Path, tok: Tokenizer, piece_tokens: int) -> list[tuple[str
     return out
 
 
+#: Answers in a row that add nothing new (repeats, empty texts) before the budget counts as out of
+#: reach, where the prompts are fewer (one prompt: --free).
+STALE_RUN = 64
+
+
+def document_start(tok: Tokenizer) -> list[int]:
+    """The token(s) a document starts with in the model's pretraining text: BOS where the vocabulary
+    adds one (Llama, Mistral, Gemma), else ``<|endoftext|>`` where the vocabulary has it as one token
+    (the document separator of GPT-2-style vocabularies: Qwen, SmolLM), else BOS."""
+    if not tok.add_bos:
+        eot = tok.tokenize("<|endoftext|>", add_special=False, parse_special=True)
+        if len(eot) == 1:
+            return [int(eot[0])]
+    return [int(tok.bos)]
+
+
 def build_mixture(model_path: str | os.PathLike, prompts: list[tuple[str, list[dict]]], cfg: GenerateConfig,
-                  budget: int, mix: list[MixSource] = (), piece_tokens: int = 512,
+                  budget: int, mix: list[MixSource] = (), piece_tokens: int = 512, free: float = 0.0,
                   on_tokens=None) -> tuple[list[dict], MixtureStats]:
     """Records (``{"messages": ...}`` / ``{"text": ...}``, each with its ``source``) of about ``budget``
     tokens, shuffled with ``cfg.seed``; see the module docstring.
@@ -125,10 +147,12 @@ def build_mixture(model_path: str | os.PathLike, prompts: list[tuple[str, list[d
     """
     if budget < 1:
         raise UsageError("--tokens must be at least 1")
-    total_w = sum(m.weight for m in mix)
+    if not 0 <= free < 1:
+        raise UsageError(f"--free {free:g}: expected a share between 0 and 1 (e.g. 0.3)")
+    total_w = sum(m.weight for m in mix) + free
     if total_w >= 1:
-        raise UsageError(f"--mix weights add up to {total_w:g}; they must leave a share (< 1 in all) for "
-                         "the self-generated answers")
+        raise UsageError(f"--mix and --free weights add up to {total_w:g}; they must leave a share (< 1 in all) "
+                         "for the self-generated answers")
     stats = MixtureStats(budget)
     records: list[dict] = []
     seen: set[str] = set()
@@ -157,36 +181,57 @@ def build_mixture(model_path: str | os.PathLike, prompts: list[tuple[str, list[d
             if got < share:
                 raise InputFileError(f"{m.path}: {got:,} tokens of distinct text, but --mix asks for "
                                      f"{m.weight:g} × {budget:,} = {share:,}")
+        t0 = time.time()
+        if free > 0:   # free-running text: one prompt, the start of a document
+            def free_record(i, text):
+                return ({"text": text}, "selfgen:free", len(tok.tokenize(text))) if text else None
+
+            _generate(model_path, [np.asarray(document_start(tok), np.int32)], cfg, round(free * budget), budget,
+                      "the start of a document", free_record, records, seen, stats, tick)
         share = budget - sum(d["tokens"] for d in stats.by_source.values())
+
+        def answer_record(i, text):
+            cat, msgs = prompts[i % len(prompts)]
+            rec = {"messages": [*msgs, {"role": "assistant", "content": text}]}
+            return rec, f"selfgen:{cat}", len(chat_tokens(tok, rec["messages"]))
+
         ptoks = [chat_tokens(tok, msgs, add_generation_prompt=True) for _, msgs in prompts]
-        got, stale, t0 = 0, 0, time.time()
-        answers = generate_answers(model_path, ptoks, cfg)
-        try:
-            for i, out, text in answers:
-                if got >= share:
-                    break
-                cat, msgs = prompts[i % len(prompts)]
-                stats.answers_generated += 1
-                stats.generated_tokens += len(out)
-                rec = {"messages": [*msgs, {"role": "assistant", "content": text.decode("utf-8", "replace").strip()}]}
-                if _key(rec) in seen:
-                    stats.duplicates_dropped += 1
-                    stale += 1
-                    if stale >= len(prompts):
-                        raise UsageError(
-                            f"token budget {budget:,} is out of reach: a whole pass over the {len(prompts)} prompts "
-                            f"added no new answer ({got:,} of {share:,} generated tokens so far)",
-                            hint="sample (--temperature > 0), add prompts, or lower --tokens")
-                    continue
-                stale = 0
-                seen.add(_key(rec))
-                n = len(chat_tokens(tok, rec["messages"]))
-                records.append(rec | {"source": f"selfgen:{cat}"})
-                stats.add(f"selfgen:{cat}", n)
-                got += n
-                tick(n)
-        finally:
-            answers.close()
+        _generate(model_path, ptoks, cfg, share, budget, f"the {len(prompts)} prompts", answer_record,
+                  records, seen, stats, tick)
         stats.generation_seconds = time.time() - t0
     random.Random(cfg.seed).shuffle(records)
     return records, stats
+
+
+def _generate(model_path, ptoks: list, cfg: GenerateConfig, share: int, budget: int, what: str, make,
+              records: list[dict], seen: set[str], stats: MixtureStats, tick) -> None:
+    """Generate from ``ptoks`` until ``share`` tokens of new records (``make(i, text)`` → record,
+    source, tokens; None: nothing to keep) are in ``records``.  A run of answers that adds nothing,
+    a whole pass over the prompts and at least ``STALE_RUN`` long, is an error (the budget is out of reach)."""
+    got, stale = 0, 0
+    answers = generate_answers(model_path, ptoks, cfg)
+    try:
+        for i, out, text in answers:
+            if got >= share:
+                break
+            stats.answers_generated += 1
+            stats.generated_tokens += len(out)
+            made = make(i, text.decode("utf-8", "replace").strip())
+            if made is None or _key(made[0]) in seen:   # None: nothing to keep (an empty text)
+                stats.duplicates_dropped += 1
+                stale += 1
+                if stale >= max(len(ptoks), STALE_RUN):
+                    raise UsageError(
+                        f"token budget {budget:,} is out of reach: {stale} answers in a row to {what} added "
+                        f"nothing new ({got:,} of {share:,} generated tokens so far)",
+                        hint="sample (--temperature > 0), add prompts, or lower --tokens")
+                continue
+            stale = 0
+            rec, source, n = made
+            seen.add(_key(rec))
+            records.append(rec | {"source": source})
+            stats.add(source, n)
+            got += n
+            tick(n)
+    finally:
+        answers.close()

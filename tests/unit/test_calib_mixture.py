@@ -1,12 +1,13 @@
 """`repq calib`: the self-generated mixture on a tiny synthetic model (seconds, CPU).
 
 Oracles: the calibration loader's own token count (tokenize_file), the answers of one sequence at a
-time (batched decoding must not change them), a softmax computed here (the sampler), exact
+time (batched decoding must not change them; --free's texts are those of the start-of-document prompt), a softmax computed here (the sampler), exact
 re-runs (determinism), and the refusal rules for bad input (exit 2, no output).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from pathlib import Path
@@ -20,7 +21,7 @@ from typer.testing import CliRunner
 from repq.cli import app
 from repq.data.calibration import tokenize_file
 from repq.data.chat import chat_tokens, render_chat
-from repq.data.mixture import build_mixture, parse_mix
+from repq.data.mixture import build_mixture, document_start, parse_mix
 from repq.data.prompt_set import builtin_prompts
 from repq.data.selfgen import GenerateConfig, generate_answers, read_prompts, sample_token
 from repq.data.tokenizer import Tokenizer
@@ -182,7 +183,54 @@ def test_greedy_repeats_are_dropped_and_an_unreachable_budget_is_refused(models,
     assert not out.exists()
 
 
+def test_free_text_share_source_and_oracle(tmp_path):
+    # untied: a tied random model answers the start of a document (<|endoftext|>, an end of generation
+    # too) with the same token, so every free text would be empty
+    m = tmp_path / "untied.gguf"
+    save_gguf(random_model(dataclasses.replace(CFG, tied=False), seed=3), m, kv=byte_vocab_kv())
+    args = ["calib", m, "--tokens", 2500, "--free", 0.4, "--seed", 5, *SMALL, "--json"]
+    r, j = invoke(*args, "-o", tmp_path / "f.jsonl")
+    assert r.exit_code == 0, r.output
+    text = (tmp_path / "f.jsonl").read_text()
+    invoke(*args, "-o", tmp_path / "g.jsonl")
+    assert (tmp_path / "g.jsonl").read_text() == text                   # deterministic for a seed
+    recs = [json.loads(line) for line in text.splitlines()]
+    free = [x for x in recs if x["source"] == "selfgen:free"]
+    assert free and all(set(x) == {"text", "source"} and x["text"] for x in free)
+    assert {x["source"].split(":")[0] for x in recs} == {"selfgen"} and any("messages" in x for x in recs)
+    with Tokenizer(m) as tok:
+        n_free = [len(tok.tokenize(x["text"])) for x in free]
+        start = document_start(tok)
+        n_loader = len(tokenize_file(tmp_path / "f.jsonl", tok))
+    assert j["by_source"]["selfgen:free"]["tokens"] == sum(n_free)
+    assert 1000 <= sum(n_free) < 1000 + max(n_free)                      # its share, overshoot < one record
+    assert j["tokens"] == n_loader and j["config"]["free"] == 0.4
+    # the oracle: the same sampler continuing the start of a document, one answer at a time
+    gen = generate_answers(m, [np.asarray(start, np.int32)],
+                           GenerateConfig(max_tokens=12, n_ctx=1024, parallel=1, seed=5))
+    direct = {t.decode("utf-8", "replace").strip() for _, _, t in (next(gen) for _ in range(len(free) + 20))}
+    gen.close()
+    assert {x["text"] for x in free} <= direct
+
+
+def test_document_start_follows_the_vocabulary(tmp_path):
+    from repq.io import gguf_file as G
+
+    model = random_model(CFG, seed=3)
+    starts = {}
+    for add_bos in (True, False):   # BOS is <|im_start|> (260) here: with add_bos False, <|endoftext|> (259) wins
+        kv = [(k, t, 260 if k == "tokenizer.ggml.bos_token_id" else v, s)
+              for k, t, v, s in byte_vocab_kv(chat_template=False, add_bos=add_bos)]
+        save_gguf(model, tmp_path / f"m{add_bos}.gguf", kv=kv + [("tokenizer.chat_template", G.STRING, CHATML_TEMPLATE, None)])
+        with Tokenizer(tmp_path / f"m{add_bos}.gguf") as tok:
+            starts[add_bos] = document_start(tok)
+    assert starts == {True: [260], False: [259]}
+
+
 @pytest.mark.parametrize("extra, message", [
+    (["--free", "1.2"], "share between 0 and 1"),
+    (["--free", "-0.1"], "share between 0 and 1"),
+    (["--free", "0.5", "--mix", "NOTES:0.5"], "add up to 1"),
     (["--mix", "NOTES:1.5"], "weight between 0 and 1"),
     (["--mix", "NOTES:0"], "weight between 0 and 1"),
     (["--mix", "NOTES"], "expected FILE:WEIGHT"),
