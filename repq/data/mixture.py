@@ -5,7 +5,8 @@ Tokens are counted the way the calibration loader will count them (:func:`repq.d
 a conversation rendered with the model's chat template, a text record tokenized with BOS.
 
 * ``--tokens N``: answers are generated (in index order, :func:`repq.data.selfgen.generate_answers`)
-  until the generated share reaches ``(1 - Σ weights) · N``; each ``--mix FILE:W`` contributes
+  until the generated share reaches ``(1 - Σ weights) · N`` (none where the weights add up to 1: no
+  chat template needed then); each ``--mix FILE:W`` contributes
   pieces of FILE (runs of whole paragraphs of about ``piece_tokens`` tokens, picked in a seeded
   order) until its share reaches ``W · N``.  Each share overshoots by less than one record.
 * ``free=W``: generated free-running text makes up ``W · N``: the model continues the start of a
@@ -150,15 +151,16 @@ def build_mixture(model_path: str | os.PathLike, prompts: list[tuple[str, list[d
     if not 0 <= free < 1:
         raise UsageError(f"--free {free:g}: expected a share between 0 and 1 (e.g. 0.3)")
     total_w = sum(m.weight for m in mix) + free
-    if total_w >= 1:
-        raise UsageError(f"--mix and --free weights add up to {total_w:g}; they must leave a share (< 1 in all) "
-                         "for the self-generated answers")
+    if total_w > 1 + 1e-9:
+        raise UsageError(f"--mix and --free weights add up to {total_w:g}; they are shares of one budget (at most 1 "
+                         "in all; the self-generated answers take what they leave)")
+    answers = total_w < 1 - 1e-9
     stats = MixtureStats(budget)
     records: list[dict] = []
     seen: set[str] = set()
     tick = on_tokens or (lambda n: None)
     with Tokenizer(model_path) as tok:
-        if not tok.chat_template:
+        if answers and not tok.chat_template:
             raise UsageError(f"{model_path}: no chat template (tokenizer.chat_template); `repq calib` makes the "
                              "model answer prompts through it", hint="use plain text calibration data instead")
         for m in mix:   # user text first: a file too short fails before any generation
@@ -195,9 +197,10 @@ def build_mixture(model_path: str | os.PathLike, prompts: list[tuple[str, list[d
             rec = {"messages": [*msgs, {"role": "assistant", "content": text}]}
             return rec, f"selfgen:{cat}", len(chat_tokens(tok, rec["messages"]))
 
-        ptoks = [chat_tokens(tok, msgs, add_generation_prompt=True) for _, msgs in prompts]
-        _generate(model_path, ptoks, cfg, share, budget, f"the {len(prompts)} prompts", answer_record,
-                  records, seen, stats, tick)
+        if answers:
+            ptoks = [chat_tokens(tok, msgs, add_generation_prompt=True) for _, msgs in prompts]
+            _generate(model_path, ptoks, cfg, share, budget, f"the {len(prompts)} prompts", answer_record,
+                      records, seen, stats, tick)
         stats.generation_seconds = time.time() - t0
     random.Random(cfg.seed).shuffle(records)
     return records, stats

@@ -213,6 +213,16 @@ def test_free_text_share_source_and_oracle(tmp_path):
     assert {x["text"] for x in free} <= direct
 
 
+def test_free_and_mix_alone_need_no_chat_template(models, tmp_path):
+    m = tmp_path / "plain-untied.gguf"
+    save_gguf(random_model(dataclasses.replace(CFG, tied=False), seed=3), m, kv=byte_vocab_kv(chat_template=False))
+    r, j = invoke("calib", m, "-o", tmp_path / "t.jsonl", "--tokens", 1500, "--free", 0.5, "--mix",
+                  f"{models['notes']}:0.5", *SMALL, "--json")
+    assert r.exit_code == 0, r.output
+    assert set(j["by_source"]) == {"selfgen:free", "mix:notes.txt"}
+    assert all("text" in json.loads(x) for x in (tmp_path / "t.jsonl").read_text().splitlines())
+
+
 def test_document_start_follows_the_vocabulary(tmp_path):
     from repq.io import gguf_file as G
 
@@ -230,7 +240,7 @@ def test_document_start_follows_the_vocabulary(tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--free", "1.2"], "share between 0 and 1"),
     (["--free", "-0.1"], "share between 0 and 1"),
-    (["--free", "0.5", "--mix", "NOTES:0.5"], "add up to 1"),
+    (["--free", "0.6", "--mix", "NOTES:0.5"], "add up to 1.1"),
     (["--mix", "NOTES:1.5"], "weight between 0 and 1"),
     (["--mix", "NOTES:0"], "weight between 0 and 1"),
     (["--mix", "NOTES"], "expected FILE:WEIGHT"),
