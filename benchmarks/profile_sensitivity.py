@@ -1,5 +1,5 @@
 """Profile `repq sensitivity` (issue 15, cost): seconds and calls per phase — quantize_tensor per
-type (LDLQ or ggml's quantizer, whole tensor or a row subset), proxy_cost, _cost32, KLProbe.kl, the probe's setup — as JSON on stderr and in $PROF_OUT.  ONLY=REGEX
+type and weight shape (LDLQ or ggml's quantizer; a row subset shows as its row count), proxy_cost, _cost32, KLProbe.kl, the probe's setup — as JSON on stderr and in $PROF_OUT.  ONLY=REGEX
 limits the tensors (a sample to extrapolate from).  Used for benchmarks/results/alloc_cost_cpu.json:
 
     ONLY='^blk\\.0\\.|^blk\\.29\\.attn_q' PROF_OUT=p.json \\
@@ -48,7 +48,7 @@ def wrap(obj, name, key=None):
 
 def main() -> None:
     wrap(qt, "quantize_tensor", lambda a, k: ("ldlq:" if k.get("hessian") is not None else "ggml:")
-         + type_name(a[0].dst_type) + (" rows" if len(a) > 1 and a[1].shape[0] < 512 else ""))
+         + type_name(a[0].dst_type) + (" {}x{}".format(*a[1].shape[:2]) if len(a) > 1 else ""))
     wrap(sm, "proxy_cost")
     wrap(sm, "_cost32")
     wrap(cal.KLProbe, "kl")
