@@ -15,7 +15,7 @@
 #   calib_free  (issue 16) the same with FREE of free-running text (repq calib --free) and FREE_LIB of
 #            library text (mixfree.jsonl)
 #   distill_data  (issues 14, 16, 15) distillation at each of DATA_FMTS (Q3_K_S) on the library text
-#            (lib), the mixture (mix: MIX, default the calib phase's mix.jsonl; free: calib_free's), on-policy teacher
+#            (lib), the mixture (mix: MIX, default the calib phase's mix.jsonl; free: FREEMIX, default calib_free's), on-policy teacher
 #            answers (onp: --on-policy ONPOLICY_TOKENS), DATA_SRCS of them, at each of DATA_STEPS steps
 #            per group, and (ALLOC_CTL=1) --target-size without Q4_K/Q5_K (the Q4_1-source artefact
 #            control), side by side; tags distill-SRC-FMT-STEPS
@@ -119,7 +119,7 @@ distill_data() {   # issue 16: distillation at each of DATA_FMTS on library text
         case $src in
           lib) o="--data $LIB";;
           mix) [ -f $mix ] || continue; o="--data $mix";;
-          free) [ -f $W/mixfree.jsonl ] || continue; o="--data $W/mixfree.jsonl";;
+          free) [ -f ${FREEMIX:-$W/mixfree.jsonl} ] || continue; o="--data ${FREEMIX:-$W/mixfree.jsonl}";;
           onp) o="--on-policy ${ONPOLICY_TOKENS:-200000}";;
         esac
         distill_one distill-$src-$ft-$s $s $o --fmt $ft &
