@@ -247,11 +247,12 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
             (LDLQ on the type nearest ``probe_bpw`` and on every type of ``sample_per_group``
             tensors per candidate list, ggml's quantizer scaled by the measured LDLQ gain on the
             rest: :mod:`repq.alloc.estimate`).
-        ref_rows: ``estimate``: a tensor of more than twice this many rows, not a sample and not
-            KL-probed, takes LDLQ at its reference type on this many evenly spaced rows only (LDLQ's
-            rows are independent given H); its reference cost is ggml's whole-tensor cost × LDLQ's
-            gain over ggml on those rows (method ``estimate (rows)``), and ggml's costs of its other
-            types are taken on those rows, × ggml's whole/rows cost ratio at the reference type.
+        ref_rows: ``estimate``: on a tensor of more than twice this many rows, not a sample, ggml's
+            costs of the types other than the reference are taken on this many evenly spaced rows,
+            × ggml's whole/rows cost ratio at the reference type; and unless the KL probe measures
+            the tensor (it needs the whole tensor's LDLQ values), LDLQ at the reference type runs on
+            those rows only (LDLQ's rows are independent given H): its cost is ggml's whole-tensor
+            cost × LDLQ's gain over ggml on the rows (method ``estimate (rows)``).
         on_tensor: progress: (tensor name, index, total).
 
     Raises:
@@ -325,7 +326,7 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
                 h32 = np.asarray(h.cpu().numpy() if hasattr(h, "cpu") else h, np.float32)
             # the reference type on a subset of rows (see ref_rows), where its whole LDLQ is not needed
             rows = (np.unique(np.linspace(0, w.shape[0] - 1, ref_rows).round().astype(np.int64))
-                    if estimating and p.name not in sample and ref not in measured and w.shape[0] > 2 * ref_rows
+                    if estimating and p.name not in sample and w.shape[0] > 2 * ref_rows
                     and _experts(t) == 1 else None)
             row_scale = None   # ggml's whole-tensor cost / its cost on the rows, at the reference type
             for ty in ([ref] + [x for x in ctypes if x != ref]) if rows is not None else ctypes:
@@ -335,11 +336,17 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
                 if exact and ty == ref and rows is not None and tid != F16:
                     g_res = quantize_tensor(_plan(p, tid), w, importance=diag, threads=threads)
                     ggml_costs[p.name][ty] = g_all = _cost32(w, g_res.values, h32)
+                    g_sub = _cost32(w[rows], g_res.values[rows], h32)
+                    row_scale = g_all / g_sub if g_sub > 0 else None
+                    if ty in measured:   # the KL probe measures the whole tensor's LDLQ: that cost is exact
+                        res = quantize_tensor(_plan(p, tid), w, hessian=h, ldlq=ldlq, device=device, threads=threads)
+                        cands[ty] = {"bytes": nbytes, "cost": proxy_cost(w, res.values, hessian=h),
+                                     "method": res.method,
+                                     "kl": probe.kl(p.name, res.values.reshape(tuple(reversed(t.shape))))}
+                        continue
                     sub = quantize_tensor(_plan(p, tid), w[rows], hessian=h, ldlq=ldlq, device=device,
                                           threads=threads)
-                    g_sub = _cost32(w[rows], g_res.values[rows], h32)
                     l_sub = proxy_cost(w[rows], sub.values, hessian=h)
-                    row_scale = g_all / g_sub if g_sub > 0 else None
                     cands[ty] = {"bytes": nbytes, "method": "estimate (rows)",
                                  "cost": g_all * l_sub / g_sub if g_sub > 0 else g_all}
                     continue

@@ -320,6 +320,33 @@ def test_reference_cost_from_a_subset_of_rows(hfiles):
     assert n >= 3
 
 
+def test_probed_tensors_take_their_other_types_from_the_rows_too(hfiles, tmp_path):
+    """--proxy estimate --kl-data: a KL-probed tensor keeps the whole tensor's LDLQ at its reference type
+    (the probe measures those values: exact cost, method ldlq), but ggml's costs of its other types come
+    from the same rows as without the probe: each estimate differs from the unprobed run's by exactly
+    the ratio of the two reference costs (the tensor's LDLQ gain, whole vs rows)."""
+    base = ["sensitivity", hfiles / "m.gguf", "--hessian", hfiles / "h", "--allow-types", "Q4_0,Q5_0,Q8_0",
+            "--proxy", "estimate", "--estimate-rows", 64]
+    r = repq(*base, "-o", tmp_path / "plain.json")
+    assert r.exit_code == 0, r.output
+    r = repq(*base, "-o", tmp_path / "probed.json", "--kl-data", hfiles / "text.txt", "--kl-chunks", 2, "-c", 64)
+    assert r.exit_code == 0, r.output
+    plain, probed = (json.loads((tmp_path / f).read_text())["tensors"] for f in ("plain.json", "probed.json"))
+    n = 0
+    for name, e in probed.items():
+        ref, ref0 = e["candidates"]["Q4_0"], plain[name]["candidates"]["Q4_0"]
+        assert "kl" in ref and ref["method"] == "ldlq"
+        if ref0["method"] != "estimate (rows)":
+            continue
+        n += 1
+        gain = ref["cost"] / ref0["cost"]
+        for t in ("Q5_0", "Q8_0"):
+            c, c0 = e["candidates"][t], plain[name]["candidates"][t]
+            assert c["method"] == c0["method"] == "estimate"
+            assert c["cost"] == pytest.approx(c0["cost"] * gain, rel=1e-9), (name, t)
+    assert n >= 3
+
+
 def test_estimated_proxy_costs(hfiles, tmp_path):
     """--proxy estimate: the reference type (nearest --kl-bpw) and the sample tensor keep the exact
     LDLQ costs, the others are estimates and say so; bytes as exact; the file records its mode and
