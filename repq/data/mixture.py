@@ -126,11 +126,16 @@ STALE_RUN = 64
 def document_start(tok: Tokenizer) -> list[int]:
     """The token(s) a document starts with in the model's pretraining text: BOS where the vocabulary
     adds one (Llama, Mistral, Gemma), else ``<|endoftext|>`` where the vocabulary has it as one token
-    (the document separator of GPT-2-style vocabularies: Qwen, SmolLM), else BOS."""
+    (the document separator of GPT-2-style vocabularies: Qwen, SmolLM), else BOS.
+
+    Raises:
+        UsageError: neither exists."""
     if not tok.add_bos:
         eot = tok.tokenize("<|endoftext|>", add_special=False, parse_special=True)
         if len(eot) == 1:
             return [int(eot[0])]
+    if tok.bos < 0:
+        raise UsageError("--free: the vocabulary has no BOS and no <|endoftext|> token to start a document with")
     return [int(tok.bos)]
 
 
