@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 DOMAINS = ("tutorial", "sysadmin", "fortunes")
-SOURCES = {"lib": "library text", "mix": "repq calib mixture + library", "onp": "on-policy (teacher answers)"}
+SOURCES = {"lib": "library text", "mix": "repq calib mixture + library", "onp": "on-policy (teacher answers)",
+           "free": "repq calib --free mixture (answers + free text + library)"}
 
 
 def kld(path: Path, pattern: str) -> dict[str, dict[str, float]]:
@@ -32,7 +33,7 @@ def kld(path: Path, pattern: str) -> dict[str, dict[str, float]]:
 
 
 def main(d: Path) -> None:
-    runs = kld(d / "results.txt", r"(distill-(?:lib|mix|onp)-\w+-\d+|distill-alloc-ctl-Q3_K_S)")
+    runs = kld(d / "results.txt", r"(distill-(?:lib|mix|onp|free)-\w+-\d+|distill-alloc-ctl-Q3_K_S)")
     llama = kld(d / "results.txt", r"llama-(\w+)")
     best = llama.get("IQ3_S", {})
     wall: dict[str, int] = {}   # a run cut at a call's end and resumed: the sum of its parts' wall seconds
