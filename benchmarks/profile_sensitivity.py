@@ -1,6 +1,8 @@
 """Profile `repq sensitivity` (issue 15, cost): seconds and calls per phase — quantize_tensor per
 type and weight shape (LDLQ or ggml's quantizer; a row subset shows as its row count), proxy_cost, _cost32, KLProbe.kl, the probe's setup — as JSON on stderr and in $PROF_OUT.  ONLY=REGEX
-limits the tensors (a sample to extrapolate from).  Used for benchmarks/results/alloc_cost_cpu.json:
+limits the tensors (a sample to extrapolate from).  Tensors measured at once (``workers``, 2 with CUDA)
+add their phases up: the sum over phases can exceed the wall time; CUDA is synchronised after the
+phases that launch GPU work only (not ggml's quantizer, which would wait for the other tensor's).  Used for benchmarks/results/alloc_cost_cpu.json:
 
     ONLY='^blk\\.0\\.|^blk\\.29\\.attn_q' PROF_OUT=p.json \\
         python benchmarks/profile_sensitivity.py sensitivity MODEL --hessian DIR -o s.json ...
@@ -13,6 +15,7 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 
 import torch
@@ -27,6 +30,7 @@ from repq.ggml.types import type_name
 
 SECONDS: dict[str, float] = collections.defaultdict(float)
 CALLS: collections.Counter = collections.Counter()
+LOCK = threading.Lock()
 
 
 def wrap(obj, name, key=None):
@@ -37,11 +41,12 @@ def wrap(obj, name, key=None):
         try:
             return f(*a, **k)
         finally:
-            if torch.cuda.is_available():   # CUDA work launched inside counts where it was launched
-                torch.cuda.synchronize()
             kk = key(a, k) if key else name
-            SECONDS[kk] += time.perf_counter() - t
-            CALLS[kk] += 1
+            if torch.cuda.is_available() and not kk.startswith("ggml:"):   # CUDA work counts where launched
+                torch.cuda.synchronize()
+            with LOCK:
+                SECONDS[kk] += time.perf_counter() - t
+                CALLS[kk] += 1
 
     setattr(obj, name, timed)
 

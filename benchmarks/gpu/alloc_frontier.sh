@@ -13,7 +13,8 @@
 #          --device cuda`, then `repq sensitivity --proxy estimate --kl-data DATA --kl-chunks 16 --device cuda`
 #          (the default probe mode: one KL measurement per tensor; through benchmarks/profile_sensitivity.py:
 #          seconds per part in sens-estimate.profile.json), then the plain one again; wall seconds of
-#          each in $R ("cost ...").  Makes prep's Hessians if they are missing, nothing else.
+#          each in $R ("cost ..."), after the host's CPU count and ggml's IQ4_NL speed by thread count.
+#          Makes prep's Hessians if they are missing, nothing else.
 # Every file is scored with llama-perplexity --kl-divergence against the F32 base on 20 × 512
 # tokens of the tutorial and the two held-out domains.  One line per file and domain in
 # /tmp/wd/alloc/results.txt, copied to $OUT at the end of every phase; work files are reused.
@@ -116,6 +117,19 @@ ldlq() {
 
 cost() {
   hessians || return 1
+  python3 - >> $R <<'PY'   # the host's CPUs, and ggml's quantizer by thread count (IQ4_NL, 1536 x 576)
+import os, time, numpy as np
+from repq.ggml import quants
+from repq.ggml.types import type_id
+mx = open("/sys/fs/cgroup/cpu.max").read().strip() if os.path.exists("/sys/fs/cgroup/cpu.max") else "-"
+print("cost host: affinity", len(os.sched_getaffinity(0)), "cpu_count", os.cpu_count(), "cgroup cpu.max", mx)
+x = np.random.default_rng(0).standard_normal((1536, 576)).astype(np.float32)
+imp = np.random.default_rng(1).random(576).astype(np.float32)
+for th in (1, 4, 16):
+    quants.quantize(type_id("IQ4_NL"), x, imp, threads=th)
+    t = time.perf_counter(); quants.quantize(type_id("IQ4_NL"), x, imp, threads=th)
+    print(f"cost host: ggml IQ4_NL 1536x576 threads {th}: {(time.perf_counter() - t) * 1e3:.1f} ms")
+PY
   plain() {
     t1=$(date +%s.%N)
     python3 -m repq quantize $F $W/cost-plain.gguf --fmt Q4_K_M --hessian $W/hess --device cuda -t 16 -q \

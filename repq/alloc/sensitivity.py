@@ -31,7 +31,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,11 +93,13 @@ def candidate_types(name: str, n_per_row: int, types: Iterable[str], *, has_impo
 
 
 def proxy_cost(weight: np.ndarray, values: np.ndarray, *, hessian=None, importance: np.ndarray | None = None) -> float:
-    """tr(ΔW H ΔWᵀ) with a Hessian (torch or numpy, n × n), else Σ_j imp_j ‖ΔW_:,j‖²; ΔW = values − weight."""
-    dw = values.astype(np.float64) - weight.astype(np.float64)          # (rows, n)
+    """tr(ΔW H ΔWᵀ) with a Hessian (torch, on any device, or numpy; n × n; computed in float64 where
+    it lies), else Σ_j imp_j ‖ΔW_:,j‖²; ΔW = values − weight."""
     if hessian is not None:
-        h = np.asarray(hessian.cpu().numpy() if hasattr(hessian, "cpu") else hessian, np.float64)
-        return float(np.einsum("rj,rj->", dw @ h, dw))
+        import torch
+
+        return _trace(weight, values, torch.as_tensor(hessian).to(torch.float64))
+    dw = values.astype(np.float64) - weight.astype(np.float64)          # (rows, n)
     return float((dw * dw).sum(axis=0) @ np.asarray(importance, np.float64))
 
 
@@ -228,7 +232,7 @@ def predicted(c: dict, e: dict) -> float:
 def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | None = None,
             imatrix_path: str | None = None, ldlq=None, device: str = "cpu", threads: int | None = None,
             probe=None, measure: str = "probe", probe_bpw: float = 4.0, kl_config: dict | None = None,
-            proxy: str = "ldlq", sample_per_group: int = 1, ref_rows: int = 256,
+            proxy: str = "ldlq", sample_per_group: int = 1, ref_rows: int = 256, workers: int = 0,
             on_tensor: Callable[[str, int, int], None] | None = None) -> Sensitivity:
     """Quantize every quantizable tensor of ``src`` (a GGUF) to every candidate type and measure the cost.
 
@@ -253,7 +257,10 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
             the tensor (it needs the whole tensor's LDLQ values), LDLQ at the reference type runs on
             those rows only (LDLQ's rows are independent given H): its cost is ggml's whole-tensor
             cost × LDLQ's gain over ggml on the rows (method ``estimate (rows)``).
-        on_tensor: progress: (tensor name, index, total).
+        workers: tensors measured at once (0: 2 with a CUDA device, where one's ggml work on the
+            CPU overlaps another's LDLQ and KL on the GPU; 1 on the CPU).  The result does not
+            depend on it.
+        on_tensor: progress: (tensor name, index, total), as each tensor is done.
 
     Raises:
         UsageError, MismatchError, InputFileError: bad input (statistics of another model, ...).
@@ -302,15 +309,12 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
                 groups.setdefault(tuple(candidate_types(p.name, t.n_per_row, types, has_importance=True)),
                                   []).append(p.name)
         sample = estimate.sample_names(groups, sample_per_group) if estimating else set()
-        ggml_costs: dict[str, dict[str, float]] = {}
-        refs: dict[str, str] = {}
-        for i, p in enumerate(plans):
+        cost_device = device if str(device).startswith("cuda") else "cpu"
+        kl_lock = threading.Lock()   # the probe swaps the tensor into its one model: one at a time
+
+        def measure_tensor(p: mix.TensorPlan) -> tuple[dict, dict[str, float] | None, str | None]:
+            """One tensor: (its entry, ggml's costs and the reference type when estimating)."""
             t = g.tensors[p.name]
-            if on_tensor:
-                on_tensor(p.name, i, len(plans))
-            if p.name not in stats:
-                sens.unallocated.append(p.name)
-                continue
             w = tensor_f32(t)
             h = hs.mean(p.name) if hessian_dir else None
             imp = None if hessian_dir else importance_rules.from_imatrix(imp_all[p.name], t.n_per_row, _experts(t))
@@ -319,11 +323,18 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
             measured = set()
             if probe is not None and p.name in probe.names():
                 measured = set(ctypes) if measure == "all" else {calibrate.probe_type(ctypes, t.n_per_row, probe_bpw)}
+
+            def kl(values: np.ndarray) -> float:
+                with kl_lock:
+                    return probe.kl(p.name, values.reshape(tuple(reversed(t.shape))))
+
             ref = calibrate.probe_type(ctypes, t.n_per_row, probe_bpw)
+            g_costs: dict[str, float] | None = None
+            h_cost = None if h is None else h.to(cost_device)   # the H-weighted errors on LDLQ's device
             if estimating:
-                refs[p.name], ggml_costs[p.name] = ref, {}
+                g_costs = {}
                 diag = importance_rules.from_hessian(h)
-                h32 = np.asarray(h.cpu().numpy() if hasattr(h, "cpu") else h, np.float32)
+                h32 = h_cost if cost_device != "cpu" else h_cost.float()   # float64 costs nothing there
             # the reference type on a subset of rows (see ref_rows), where its whole LDLQ is not needed
             rows = (np.unique(np.linspace(0, w.shape[0] - 1, ref_rows).round().astype(np.int64))
                     if estimating and p.name not in sample and w.shape[0] > 2 * ref_rows
@@ -335,42 +346,63 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
                 exact = not estimating or ty == ref or p.name in sample or tid == F16   # F16: no LDLQ grid
                 if exact and ty == ref and rows is not None and tid != F16:
                     g_res = quantize_tensor(_plan(p, tid), w, importance=diag, threads=threads)
-                    ggml_costs[p.name][ty] = g_all = _cost32(w, g_res.values, h32)
+                    g_costs[ty] = g_all = _cost32(w, g_res.values, h32)
                     g_sub = _cost32(w[rows], g_res.values[rows], h32)
                     row_scale = g_all / g_sub if g_sub > 0 else None
                     if ty in measured:   # the KL probe measures the whole tensor's LDLQ: that cost is exact
                         res = quantize_tensor(_plan(p, tid), w, hessian=h, ldlq=ldlq, device=device, threads=threads)
-                        cands[ty] = {"bytes": nbytes, "cost": proxy_cost(w, res.values, hessian=h),
-                                     "method": res.method,
-                                     "kl": probe.kl(p.name, res.values.reshape(tuple(reversed(t.shape))))}
+                        cands[ty] = {"bytes": nbytes, "cost": proxy_cost(w, res.values, hessian=h_cost),
+                                     "method": res.method, "kl": kl(res.values)}
                         continue
                     sub = quantize_tensor(_plan(p, tid), w[rows], hessian=h, ldlq=ldlq, device=device,
                                           threads=threads)
-                    l_sub = proxy_cost(w[rows], sub.values, hessian=h)
+                    l_sub = proxy_cost(w[rows], sub.values, hessian=h_cost)
                     cands[ty] = {"bytes": nbytes, "method": "estimate (rows)",
                                  "cost": g_all * l_sub / g_sub if g_sub > 0 else g_all}
                     continue
                 if estimating and not exact and row_scale is not None:   # ggml on the rows too, scaled
                     g_res = quantize_tensor(_plan(p, tid), w[rows], importance=diag, threads=threads)
-                    ggml_costs[p.name][ty] = _cost32(w[rows], g_res.values, h32) * row_scale
+                    g_costs[ty] = _cost32(w[rows], g_res.values, h32) * row_scale
                     cands[ty] = {"bytes": nbytes, "cost": 0.0, "method": "estimate"}
                     continue
                 if exact:
                     res = quantize_tensor(_plan(p, tid), w, hessian=h, importance=imp,
                                           ldlq=ldlq if hessian_dir else None, experts=_experts(t), device=device,
                                           threads=threads)
-                    cost = proxy_cost(w, res.values, hessian=h, importance=None if h is not None else imp)
+                    cost = proxy_cost(w, res.values, hessian=h_cost, importance=None if h is not None else imp)
                     cands[ty] = {"bytes": nbytes, "cost": cost, "method": res.method}
                 if estimating:   # ggml's quantizer, importance diag(H), its error under the full H
                     g_res = quantize_tensor(_plan(p, tid), w, importance=diag, threads=threads)
-                    ggml_costs[p.name][ty] = _cost32(w, g_res.values, h32)
+                    g_costs[ty] = _cost32(w, g_res.values, h32)
                     if not exact:
                         cands[ty] = {"bytes": nbytes, "cost": 0.0,
                                      "method": "estimate"}
                 if ty in measured:
-                    cands[ty]["kl"] = probe.kl(p.name, res.values.reshape(tuple(reversed(t.shape))))
-            sens.tensors[p.name] = {"shape": list(t.shape), "scale": 1.0,
-                                    "candidates": {ty: cands[ty] for ty in ctypes if ty in cands}}
+                    cands[ty]["kl"] = kl(res.values)
+            entry = {"shape": list(t.shape), "scale": 1.0,
+                     "candidates": {ty: cands[ty] for ty in ctypes if ty in cands}}
+            return entry, g_costs, ref if estimating else None
+
+        ggml_costs: dict[str, dict[str, float]] = {}
+        refs: dict[str, str] = {}
+        # Tensors overlap (``workers``): one's ggml quantizations on the CPU while another's LDLQ and
+        # KL probe run on the GPU; entries are kept in the plans' order, so the file is the same.
+        pool = ThreadPoolExecutor(max_workers=workers or (2 if cost_device != "cpu" else 1),
+                                  thread_name_prefix="repq-sens")
+        try:
+            futures = [(p, pool.submit(measure_tensor, p)) for p in plans if p.name in stats]
+            sens.unallocated += [p.name for p in plans if p.name not in stats]
+            done = 0
+            for p, f in futures:
+                entry, g_costs, ref = f.result()
+                sens.tensors[p.name] = entry
+                if g_costs is not None:
+                    ggml_costs[p.name], refs[p.name] = g_costs, ref
+                if on_tensor:
+                    on_tensor(p.name, done, len(futures))
+                done += 1
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
         if estimating:
             sens.config["estimate"] = estimate.fill(sens.tensors, ggml_costs, refs, groups, sample)
         if probe is not None:
@@ -390,10 +422,21 @@ def check_proxy(proxy: str, measure: str, kl: bool) -> None:
         raise UsageError("--proxy estimate measures KL at one type per tensor; --kl-measure all needs --proxy ldlq")
 
 
-def _cost32(w: np.ndarray, values: np.ndarray, h32: np.ndarray) -> float:
-    """tr(ΔW H ΔWᵀ) with float32 products, float64 sum (ggml's errors: an estimate's input)."""
-    dw = values - w
-    return float(np.einsum("rj,rj->", dw @ h32, dw, dtype=np.float64))
+def _cost32(w: np.ndarray, values: np.ndarray, h) -> float:
+    """tr(ΔW H ΔWᵀ) in ``h``'s dtype and on its device (float32 on the CPU: ggml's errors, an
+    estimate's input), float64 sum."""
+    import torch
+
+    return _trace(w, values, torch.as_tensor(h))
+
+
+def _trace(w: np.ndarray, values: np.ndarray, h) -> float:
+    """tr(ΔW H ΔWᵀ), ΔW = values − w, computed in ``h``'s dtype (a torch tensor) on its device,
+    summed in float64."""
+    import torch
+
+    dw = torch.as_tensor(values).to(h.device, h.dtype) - torch.as_tensor(w).to(h.device, h.dtype)
+    return float(((dw @ h) * dw).sum(dtype=torch.float64))
 
 
 def _plan(p: mix.TensorPlan, tid: int) -> mix.TensorPlan:

@@ -77,7 +77,7 @@ def sensitivity(
                                  imatrix_path=str(imatrix) if imatrix else None, device=device,
                                  threads=threads or None, probe=probe, measure=kl_measure, probe_bpw=kl_bpw,
                                  kl_config=kl_config, proxy=proxy, ref_rows=estimate_rows,
-                                 on_tensor=lambda name, i, n: advance(1 if i else 0, name, total=n))
+                                 on_tensor=lambda name, i, n: advance(1, name, total=n))
         s.save(output)
         rows = [[n, str(len(e["candidates"])), ", ".join(e["candidates"])] for n, e in s.tensors.items()]
         out.table(f"{output.name}: {s.source} costs", ["tensor", "types", "candidates"], rows)

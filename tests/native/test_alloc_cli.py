@@ -385,3 +385,19 @@ def test_estimated_proxy_costs(hfiles, tmp_path):
                          (["--proxy", "estimate", "--estimate-rows", "0"], "--estimate-rows 0: must be at least 1")):
         r = repq(*base, "-o", tmp_path / "bad.json", *extra)
         assert r.exit_code == 2 and match in r.stderr.replace("\n", " ") and not (tmp_path / "bad.json").exists()
+
+
+@pytest.mark.parametrize("proxy", ["ldlq", "estimate"])
+def test_tensors_measured_at_once_give_the_same_file(hfiles, proxy):
+    """``workers``: tensors measured concurrently (ggml on the CPU beside LDLQ and the KL probe on
+    the GPU) give exactly the sensitivities of one at a time, KL probes included, in the same order."""
+    from repq.alloc.sensitivity import compute
+    from repq.commands.sensitivity import kl_probe
+
+    probe, kl_config = kl_probe(hfiles / "m.gguf", hfiles / "text.txt", 2, 64, "cpu")
+    kw = dict(types=["Q4_0", "Q5_0", "Q8_0"], hessian_dir=str(hfiles / "h"), proxy=proxy, threads=1,
+              probe=probe, kl_config=kl_config, ref_rows=64)
+    one = compute(hfiles / "m.gguf", **kw, workers=1).to_json()
+    many = compute(hfiles / "m.gguf", **kw, workers=3).to_json()
+    assert list(one["tensors"]) == list(many["tensors"]) and one == many
+    assert all(any("kl" in c for c in e["candidates"].values()) for e in many["tensors"].values())
