@@ -28,6 +28,7 @@ other statistics is refused (:meth:`Sensitivity.check`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -310,7 +311,11 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
                                   []).append(p.name)
         sample = estimate.sample_names(groups, sample_per_group) if estimating else set()
         cost_device = device if str(device).startswith("cuda") else "cpu"
-        kl_lock = threading.Lock()   # the probe swaps the tensor into its one model: one at a time
+        # One tensor's device work at a time: the KL probe swaps the tensor into its one model, and the
+        # i-quants' LDLQ records a CUDA graph, which another thread's GPU work would break.  ggml's
+        # quantizer (CPU) runs outside the lock, beside the other tensor's GPU work.
+        dev_lock = threading.Lock()
+        gpu = dev_lock if cost_device != "cpu" else contextlib.nullcontext()
 
         def measure_tensor(p: mix.TensorPlan) -> tuple[dict, dict[str, float] | None, str | None]:
             """One tensor: (its entry, ggml's costs and the reference type when estimating)."""
@@ -325,12 +330,23 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
                 measured = set(ctypes) if measure == "all" else {calibrate.probe_type(ctypes, t.n_per_row, probe_bpw)}
 
             def kl(values: np.ndarray) -> float:
-                with kl_lock:
+                with dev_lock:
                     return probe.kl(p.name, values.reshape(tuple(reversed(t.shape))))
 
             ref = calibrate.probe_type(ctypes, t.n_per_row, probe_bpw)
             g_costs: dict[str, float] | None = None
-            h_cost = None if h is None else h.to(cost_device)   # the H-weighted errors on LDLQ's device
+            with gpu:
+                h_cost = None if h is None else h.to(cost_device)   # the H-weighted errors on LDLQ's device
+
+            def ldlq_q(x: np.ndarray, tid: int, **kw):
+                with gpu:
+                    res = quantize_tensor(_plan(p, tid), x, hessian=h, device=device, threads=threads, **kw)
+                    return res, proxy_cost(x, res.values, hessian=h_cost, importance=None if h is not None else imp)
+
+            def c32(x: np.ndarray, values: np.ndarray) -> float:
+                with gpu:
+                    return _cost32(x, values, h32)
+
             if estimating:
                 g_costs = {}
                 diag = importance_rules.from_hessian(h)
@@ -346,34 +362,30 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
                 exact = not estimating or ty == ref or p.name in sample or tid == F16   # F16: no LDLQ grid
                 if exact and ty == ref and rows is not None and tid != F16:
                     g_res = quantize_tensor(_plan(p, tid), w, importance=diag, threads=threads)
-                    g_costs[ty] = g_all = _cost32(w, g_res.values, h32)
-                    g_sub = _cost32(w[rows], g_res.values[rows], h32)
+                    g_costs[ty] = g_all = c32(w, g_res.values)
+                    g_sub = c32(w[rows], g_res.values[rows])
                     row_scale = g_all / g_sub if g_sub > 0 else None
                     if ty in measured:   # the KL probe measures the whole tensor's LDLQ: that cost is exact
-                        res = quantize_tensor(_plan(p, tid), w, hessian=h, ldlq=ldlq, device=device, threads=threads)
-                        cands[ty] = {"bytes": nbytes, "cost": proxy_cost(w, res.values, hessian=h_cost),
+                        res, cost = ldlq_q(w, tid, ldlq=ldlq)
+                        cands[ty] = {"bytes": nbytes, "cost": cost,
                                      "method": res.method, "kl": kl(res.values)}
                         continue
-                    sub = quantize_tensor(_plan(p, tid), w[rows], hessian=h, ldlq=ldlq, device=device,
-                                          threads=threads)
-                    l_sub = proxy_cost(w[rows], sub.values, hessian=h_cost)
+                    _, l_sub = ldlq_q(w[rows], tid, ldlq=ldlq)
                     cands[ty] = {"bytes": nbytes, "method": "estimate (rows)",
                                  "cost": g_all * l_sub / g_sub if g_sub > 0 else g_all}
                     continue
                 if estimating and not exact and row_scale is not None:   # ggml on the rows too, scaled
                     g_res = quantize_tensor(_plan(p, tid), w[rows], importance=diag, threads=threads)
-                    g_costs[ty] = _cost32(w[rows], g_res.values, h32) * row_scale
+                    g_costs[ty] = c32(w[rows], g_res.values) * row_scale
                     cands[ty] = {"bytes": nbytes, "cost": 0.0, "method": "estimate"}
                     continue
                 if exact:
-                    res = quantize_tensor(_plan(p, tid), w, hessian=h, importance=imp,
-                                          ldlq=ldlq if hessian_dir else None, experts=_experts(t), device=device,
-                                          threads=threads)
-                    cost = proxy_cost(w, res.values, hessian=h_cost, importance=None if h is not None else imp)
+                    res, cost = ldlq_q(w, tid, importance=imp, ldlq=ldlq if hessian_dir else None,
+                                       experts=_experts(t))
                     cands[ty] = {"bytes": nbytes, "cost": cost, "method": res.method}
                 if estimating:   # ggml's quantizer, importance diag(H), its error under the full H
                     g_res = quantize_tensor(_plan(p, tid), w, importance=diag, threads=threads)
-                    g_costs[ty] = _cost32(w, g_res.values, h32)
+                    g_costs[ty] = c32(w, g_res.values)
                     if not exact:
                         cands[ty] = {"bytes": nbytes, "cost": 0.0,
                                      "method": "estimate"}
@@ -435,7 +447,8 @@ def _trace(w: np.ndarray, values: np.ndarray, h) -> float:
     summed in float64."""
     import torch
 
-    dw = torch.as_tensor(values).to(h.device, h.dtype) - torch.as_tensor(w).to(h.device, h.dtype)
+    dw = torch.from_numpy(np.subtract(values, w, dtype=np.float64 if h.dtype == torch.float64 else np.float32))
+    dw = dw.to(h.device)
     return float(((dw @ h) * dw).sum(dtype=torch.float64))
 
 

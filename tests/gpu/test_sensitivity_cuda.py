@@ -1,0 +1,48 @@
+"""`repq sensitivity --device cuda` with tensors measured two at a time (run on a GPU machine).
+
+The i-quants' LDLQ records a CUDA graph; another thread's GPU work during the capture broke it
+("operation failed due to a previous error during capture") when the two tensors' device work was
+not serialised.  Here every kind of device work runs: LDLQ on lattice i-quants (graphed), K/legacy
+grids, the H-weighted errors and the KL probe, with two workers and with one; the files agree.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from support.models import random_model, save_gguf
+from support.vocab import byte_vocab_kv
+from typer.testing import CliRunner
+
+from repq.cli import app
+from repq.model.config import ModelConfig
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+CFG = dict(arch="llama", n_layer=2, n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_vocab=262, rms_eps=1e-5,
+           rope_base=10000.0, tied=False)
+
+
+@pytest.mark.parametrize("proxy", ["ldlq", "estimate"])
+def test_two_workers_on_cuda_give_one_workers_file(native, tmp_path, proxy):
+    from repq.alloc.sensitivity import compute
+    from repq.commands.sensitivity import kl_probe
+
+    save_gguf(random_model(ModelConfig(**CFG), seed=0), tmp_path / "m.gguf", kv=byte_vocab_kv())
+    words = "the quick brown fox jumps over a lazy dog and then runs far away into the forest".split()
+    (tmp_path / "text.txt").write_text(" ".join(np.random.default_rng(0).choice(words, 1500)) + "\n")
+    r = CliRunner().invoke(app, ["hessian", str(tmp_path / "m.gguf"), "--data", str(tmp_path / "text.txt"),
+                                 "-o", str(tmp_path / "h"), "-c", "64", "--chunks", "2", "-q"])
+    assert r.exit_code == 0, r.output
+    probe, kl_config = kl_probe(tmp_path / "m.gguf", tmp_path / "text.txt", 2, 64, "cuda")
+    kw = dict(types=["IQ2_XS", "IQ3_S", "Q3_K", "Q4_0", "Q8_0"], hessian_dir=str(tmp_path / "h"), proxy=proxy,
+              device="cuda", probe=probe, kl_config=kl_config, ref_rows=64)
+    one = compute(tmp_path / "m.gguf", **kw, workers=1).to_json()["tensors"]
+    two = compute(tmp_path / "m.gguf", **kw, workers=2).to_json()["tensors"]
+    assert list(one) == list(two)
+    for name, e in one.items():
+        for t, c in e["candidates"].items():
+            d = two[name]["candidates"][t]
+            assert d["method"] == c["method"] and d["cost"] == pytest.approx(c["cost"], rel=1e-6), (name, t)
+            assert ("kl" in d) == ("kl" in c) and d.get("kl", 0) == pytest.approx(c.get("kl", 0), rel=1e-5)
