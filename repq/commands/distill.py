@@ -251,12 +251,15 @@ def distill(
         out.result({**meta(), "command": "distill", "input": str(model), "output": str(out_path),
                     "config": cfg.to_dict(), "world": world, "device": dev, "file_bytes": res.file_bytes,
                     "tokens": res.tokens, "seconds": round(res.seconds, 3), "resumed_from": res.resumed_from,
+                    "already_finished": res.already_finished,
                     "final_loss": last.get("loss"), "metrics_log": str(ckdir / "metrics.jsonl"),
                     "tensors": res.tensors, "gpu_memory": measured}
                    | ({"allocation": {"target_bytes": alloc.target, "predicted_cost": alloc.result.cost,
                                       "lower_bound": alloc.result.lower_bound, "solver": alloc.result.method,
                                       "source": alloc.sens.source}} if alloc else {}),
-                   human=f"wrote {out_path}: {res.file_bytes:,} bytes, {res.tokens:,} training tokens in "
-                         f"{res.seconds:.0f} s; final KL {last.get('loss', float('nan')):.4f}")
+                   human=(f"{out_path}: already written by a finished run of these settings ({res.file_bytes:,} bytes, "
+                          f"{res.tokens:,} training tokens); nothing left to resume" if res.already_finished else
+                          f"wrote {out_path}: {res.file_bytes:,} bytes, {res.tokens:,} training tokens in "
+                          f"{res.seconds:.0f} s; final KL {last.get('loss', float('nan')):.4f}"))
 
     run_command(out, body)

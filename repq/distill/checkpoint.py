@@ -11,6 +11,10 @@ What a checkpoint holds, and what it leaves out::
     optimizer               AdamW state of the trainable parameters (None between groups)
     tensor_reports, metrics JSON strings
 
+When the run has written its GGUF, ``finished.json`` records that (identity, the output's size and
+mtime, what the command reports) before ``state.pt`` is removed: a run killed after that point is
+finished, and ``--resume`` says so instead of training again from the start.
+
 Leaving the frozen tensors' float copies out makes a checkpoint shrink as the run goes: each
 quantized tensor is kept as its ggml bytes (≈ 3-5 bits per weight) instead of fp32 values plus
 bytes.  The data position is a pure function of the global step (repq.distill.config), so no data
@@ -29,6 +33,7 @@ from ..errors import InputFileError, MismatchError
 from ..io.atomic import atomic_output
 
 STATE_FILE = "state.pt"
+FINISHED_FILE = "finished.json"
 FORMAT_VERSION = 2   #: 2: frozen tensors as bytes only (1 also stored their float values)
 
 
@@ -82,6 +87,36 @@ def _settings_diff(saved, now) -> str:
         return ""
     return "; ".join(f"{k} {a.get(k, 'unset')} there, {b.get(k, 'unset')} here"
                      for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))[:400]
+
+
+def save_finished(state_path: Path, identity: dict, output: str | Path, report: dict) -> None:
+    """Record, beside ``state_path``, that the run with ``identity`` wrote ``output`` (its size and
+    mtime: a later change is noticed) and ``report`` (JSON: bytes, tokens, tensors, final metrics)."""
+    from ..io.atomic import atomic_write_bytes
+
+    st = Path(output).stat()
+    rec = {"format": FORMAT_VERSION, "identity": identity, "output": str(output), "size": st.st_size,
+           "mtime_ns": st.st_mtime_ns, "report": report}
+    atomic_write_bytes(state_path.parent / FINISHED_FILE, json.dumps(rec, default=str).encode())
+
+
+def finished_report(state_path: Path, identity: dict, output: str | Path) -> dict | None:
+    """The report of a finished run of ``identity`` whose ``output`` is still the file it wrote;
+    None when there is no such record (none, unreadable, another run's, or the file changed)."""
+    p = state_path.parent / FINISHED_FILE
+    try:
+        rec = json.loads(p.read_text())
+        st = Path(output).stat()
+        same = (rec["format"] == FORMAT_VERSION and rec["identity"] == json.loads(json.dumps(identity, default=str))
+                and rec["output"] == str(output) and (rec["size"], rec["mtime_ns"]) == (st.st_size, st.st_mtime_ns))
+        return dict(rec["report"]) if same and isinstance(rec["report"], dict) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def clear_finished(state_path: Path) -> None:
+    """Forget a finished run's record (a new run starts in its directory)."""
+    (state_path.parent / FINISHED_FILE).unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------------ sharded

@@ -122,6 +122,7 @@ class DistillResult:
     tokens: int
     resumed_from: int | None
     student: Transformer
+    already_finished: bool = False   #: --resume found the run finished (its GGUF written): nothing was done
 
 
 def lr_at(cfg: DistillConfig, step: int, n_steps: int) -> float:

@@ -38,14 +38,8 @@ every rank writes its own shard of the decoded values.  Checkpoints are Distribu
 directories (every rank writes its shards; two alternating slots) plus rank 0's ``state.pt``
 naming the finished slot.
 
-Memory plan for a 7-8B Llama (n_embd 4096, n_ff 14336, vocab 128k), measured on an H200 (139.8 GiB)
-with benchmarks/bench_distill_scaling.py (random weights, batch 1 × 2048, fused KL, compiled blocks):
-    teacher bf16 16 GB + student fp32 32 GB, plus fp32 gradients and two AdamW moments (12 bytes) for
-    every parameter not yet frozen.  Frozen tensors have no gradient and no optimiser state, so
-    memory falls group by group: with ffn_up frozen (the first group, the peak) the step ran out of
-    memory on one H200; with ffn_up + ffn_gate frozen it peaked at 121.7 GiB, with the whole FFN
-    frozen at 99.0 GiB.  So one 80 GB GPU does not hold an 8B run with this data-parallel scheme, and
-    one H200 holds it from the third group on (``--shard``, below, is the route past this).
+Memory per group is planned by :mod:`repq.distill.memory` (`repq distill --plan`); the measured 8B
+plans are in benchmarks/README.md ("Memory plan for an 8B-shaped model").
 """
 
 from __future__ import annotations
@@ -70,6 +64,7 @@ from ..io import gguf_file, keys
 from ..model.loader import LoadedModel, load_model
 from ..quant import pipeline
 from ..quant.tensor import TensorResult, check_plans, quantize_tensor
+from . import checkpoint
 from .checkpoint import STATE_FILE, dcp_load_model, dcp_load_optimizer, dcp_save, load_state, save_state
 from .config import DistillConfig, DistillResult, RunOptions, batch_indices, hessian_indices, lr_at
 from .groups import Group
@@ -107,8 +102,7 @@ class Distiller:
                  rt: RunOptions | None = None, *, teacher: LoadedModel | None = None, data_fingerprint: str = ""):
         """``chunks``: the training and Hessian sequences (n, seq_len); None with ``cfg.on_policy``
         (each group generates its own)."""
-        self.src, self.out, self.cfg, self.rt = str(src), str(out), cfg, rt or RunOptions()
-        self.data_fingerprint = data_fingerprint
+        self.src, self.out, self.cfg, self.rt, self.data_fingerprint = str(src), str(out), cfg, rt or RunOptions(), data_fingerprint
         self.dist, self.rank, self.world = process_group()
         if cfg.batch % self.world:
             raise UsageError(f"--batch {cfg.batch} must be a multiple of the number of processes ({self.world})")
@@ -143,9 +137,8 @@ class Distiller:
         self.names = list(self.plans)
         self.params = dict(self.student.named_parameters())       # GGUF name → Parameter (tied: token_embd)
         self.frozen: dict[str, np.ndarray] = {}                   # GGUF name → ggml bytes
-        self.tensor_reports: list[dict] = []
+        self.tensor_reports, self.metrics = [], []   # list[dict] each
         self._averager: GradAverager | None = None
-        self.metrics: list[dict] = []
         self._dcp_slot = 0
         self._dcp_optim: str | None = None   # a sharded checkpoint's optimizer state, loaded with the optimizer
         # default: compiled on CUDA, FSDP2-wrapped blocks too (8B on 2 H200s: 1.16x the eager step, 7 % less memory;
@@ -398,6 +391,10 @@ class Distiller:
         gi0, phase, step0, gstep, resumed = 0, "quantize", 0, 0, None
         opt_state = None
         path = self._state_path()
+        done = checkpoint.finished_report(path, self._identity(), self.out) if self.rt.resume and path is not None else None
+        if done is not None:   # killed after it wrote the GGUF and its record: nothing left to do
+            return DistillResult(self.out, done["file_bytes"], done["tensors"], done["metrics"], 0.0, done["tokens"],
+                                 done["global_step"], self.student, already_finished=True)
         if self.rt.resume and path is not None and path.exists():
             state = load_state(path, self._identity())
             self._restore(state)
@@ -409,6 +406,8 @@ class Distiller:
         elif path is not None and path.exists() and not self.rt.resume:
             raise UsageError(f"{path} exists (an earlier run's checkpoint)",
                              hint="pass --resume to continue it, or delete it / choose another --checkpoint-dir")
+        elif path is not None and not self.rt.resume:
+            checkpoint.clear_finished(path)
         tokens_per_step = cfg.batch * cfg.seq_len
         log = None
         if self.rt.log_path and self.rank == 0:
@@ -426,6 +425,9 @@ class Distiller:
                 self._averager = None
         values = {n: full_value(p).detach().float().cpu().numpy() for n, p in self.params.items()}  # collective
         file_bytes = self._write(values) if self.rank == 0 else 0
+        if path is not None and self.rank == 0:   # before the state goes: a kill after this finds a finished run
+            checkpoint.save_finished(path, self._identity(), self.out, {"file_bytes": file_bytes, "tensors": self.tensor_reports,
+                          "metrics": self.metrics[-1:], "tokens": gstep * tokens_per_step, "global_step": gstep})
         if path is not None and self.rank == 0 and not self.rt.keep_checkpoint:
             path.unlink(missing_ok=True)
             for slot in ("dcp-0", "dcp-1"):
@@ -484,9 +486,8 @@ class Distiller:
 
     # ---------------------------------------------------------------- output
     def _write(self, values: dict[str, np.ndarray]) -> int:
-        """The GGUF: llama-quantize's layout; frozen bytes for quantized tensors, trained floats
-        elsewhere (ggml's rtn for a quantized type in no group); ``repq.*`` keys with the config
-        and the data fingerprint."""
+        """The GGUF: llama-quantize's layout; frozen bytes for quantized tensors, trained floats elsewhere
+        (ggml's rtn for a quantized type in no group); ``repq.*`` keys with the config and data fingerprint."""
         def tensor_values(name: str) -> np.ndarray | None:
             v = values.get(name)
             return None if v is None else v.reshape(-1, v.shape[-1]) if v.ndim > 1 else v.reshape(1, -1)

@@ -295,6 +295,29 @@ def test_interrupted_run_resumes_to_identical_bytes(tiny, tmp_path, stop):
     assert not (ck / "state.pt").exists()
 
 
+def test_resume_of_a_finished_run_does_nothing(tiny, tmp_path):
+    """A run stopped after it wrote its GGUF (and removed its state) is finished: --resume reports
+    that and leaves the file alone instead of training again from the start; if the file changed
+    since, or the settings differ, it is not that run's output and the run starts over."""
+    src, _, chunks = tiny
+    cfg = _cfg(ftype="Q4_0")
+    out, ck = tmp_path / "q.gguf", tmp_path / "ck"
+    first = _run(src, out, chunks, cfg, checkpoint_dir=str(ck), checkpoint_every=1)
+    assert not (ck / "state.pt").exists() and (ck / "finished.json").exists()
+    data, mtime = out.read_bytes(), out.stat().st_mtime_ns
+    res = _run(src, out, chunks, cfg, checkpoint_dir=str(ck), resume=True)
+    assert res.already_finished and res.file_bytes == first.file_bytes == len(data)
+    assert res.tokens == first.tokens and res.metrics == first.metrics[-1:]
+    assert out.stat().st_mtime_ns == mtime and out.read_bytes() == data   # not rewritten
+    other = _run(src, out, chunks, _cfg(ftype="Q4_0", lr=3e-5), checkpoint_dir=str(ck), resume=True)
+    assert not other.already_finished and other.resumed_from is None    # other settings: a new run
+    out.write_bytes(data)                                                # the first run's bytes, a new mtime
+    _run(src, out, chunks, cfg, checkpoint_dir=str(ck), checkpoint_every=1)   # a fresh run records itself
+    out.write_bytes(b"changed")
+    again = _run(src, out, chunks, cfg, checkpoint_dir=str(ck), resume=True)
+    assert not again.already_finished and again.resumed_from is None and out.read_bytes() == data
+
+
 def test_cli_kill_and_resume(tiny, tmp_path):
     """A real SIGINT in the middle of a CLI run, then --resume: same bytes as an uninterrupted run."""
     src, text, _ = tiny
