@@ -8,7 +8,9 @@
 # of the same data (computed here), every file scored like the H200 run (llama-perplexity
 # --kl-divergence, 20 x 512 tokens, three domains).
 # LABEL=alloc EXCLUDE=Q4_1,Q5_1 runs the H200 run's allocation itself (all types) at more sizes.
-#   [LABEL=control] [EXCLUDE=Q4_1,Q5_1,Q4_K,Q5_K] bash benchmarks/alloc_control_cpu.sh [TARGET_FTYPE ...]
+# SENS=FILE allocates with another sensitivity file of the same model and data (LABEL names its files),
+# e.g. one made here by `repq sensitivity --kl-measure fisher` (benchmarks/README.md, "Cost").
+#   [LABEL=control] [EXCLUDE=Q4_1,Q5_1,Q4_K,Q5_K] [SENS=FILE] bash benchmarks/alloc_control_cpu.sh [TARGET_FTYPE ...]
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 C=${REPQ_CACHE:-$HOME/.cache/repq}
@@ -16,7 +18,7 @@ RES=$ROOT/benchmarks/results/alloc_frontier_h200
 REPQ=$ROOT/.venv/bin/repq B=$C/build/bin
 [ -x $B/llama-perplexity ] || B=$ROOT/native/build/bin
 F=$C/models/smollm2-135m-f32.gguf W=$C/alloc-control DATA=$C/calibmix/mixlib-52k.jsonl
-R=$RES/control_cpu.txt
+R=$RES/control_cpu.txt SENS=${SENS:-$RES/sens.json}
 LABEL=${LABEL:-control} EXCLUDE=${EXCLUDE:-Q4_1,Q5_1,Q4_K,Q5_K}
 TYPES=IQ2_XS,IQ2_S,IQ3_XXS,IQ3_S,Q2_K,Q3_K,IQ4_XS,IQ4_NL,Q4_0,Q4_K,Q5_0,Q5_K,Q6_K,Q8_0
 mkdir -p $W
@@ -31,7 +33,7 @@ for ft in ${@:-IQ2_XS IQ3_S IQ4_XS Q3_K_M Q4_K_M}; do
   o=$W/$LABEL-$ft.gguf
   if [ ! -f $o ]; then
     t0=$(date +%s)
-    $REPQ quantize $F $o --target-size $(size_of $ft) --hessian $W/hess --sensitivity $RES/sens.json \
+    $REPQ quantize $F $o --target-size $(size_of $ft) --hessian $W/hess --sensitivity $SENS \
       --allow-types $TYPES --exclude-types $EXCLUDE -t 2 --json > $W/$LABEL-$ft.json 2> $W/$LABEL-$ft.log \
       || { echo "$LABEL $ft failed: $(tail -1 $W/$LABEL-$ft.log)" >> $R; rm -f $o; continue; }
     echo "$LABEL $ft quantized in $(( $(date +%s) - t0 )) s (2 CPU cores)" >> $R

@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from repq import mix  # noqa: E402
-from repq.alloc.sensitivity import proxy_cost  # noqa: E402
+from repq.alloc.costs import proxy_cost  # noqa: E402
 from repq.calib.hessian.store import HessianSet  # noqa: E402
 from repq.io.gguf_file import GGUFModel  # noqa: E402
 from repq.quant import importance as importance_rules  # noqa: E402

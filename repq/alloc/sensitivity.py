@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -44,7 +45,12 @@ from .. import __version__, mix
 from ..errors import InputFileError, MismatchError, UnsupportedError, UsageError
 from ..ggml.types import F16, GGML_TYPES, row_size, type_id, type_name
 from . import calibrate, estimate
+from .costs import cost32 as _cost32
+from .costs import proxy_cost
 from .solver import Candidate
+
+if TYPE_CHECKING:
+    from .fisher import Fisher
 
 FORMAT = "repq.sensitivity"
 VERSION = 1
@@ -91,17 +97,6 @@ def candidate_types(name: str, n_per_row: int, types: Iterable[str], *, has_impo
         if type_name(tid) in types and type_name(tid) not in out:
             out.append(type_name(tid))
     return out
-
-
-def proxy_cost(weight: np.ndarray, values: np.ndarray, *, hessian=None, importance: np.ndarray | None = None) -> float:
-    """tr(ΔW H ΔWᵀ) with a Hessian (torch, on any device, or numpy; n × n; computed in float64 where
-    it lies), else Σ_j imp_j ‖ΔW_:,j‖²; ΔW = values − weight."""
-    if hessian is not None:
-        import torch
-
-        return _trace(weight, values, torch.as_tensor(hessian).to(torch.float64))
-    dw = values.astype(np.float64) - weight.astype(np.float64)          # (rows, n)
-    return float((dw * dw).sum(axis=0) @ np.asarray(importance, np.float64))
 
 
 def model_fingerprint(g) -> str:
@@ -234,6 +229,7 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
             imatrix_path: str | None = None, ldlq=None, device: str = "cpu", threads: int | None = None,
             probe=None, measure: str = "probe", probe_bpw: float = 4.0, kl_config: dict | None = None,
             proxy: str = "ldlq", sample_per_group: int = 1, ref_rows: int = 256, workers: int = 0,
+            fisher: Fisher | None = None,
             on_tensor: Callable[[str, int, int], None] | None = None) -> Sensitivity:
     """Quantize every quantizable tensor of ``src`` (a GGUF) to every candidate type and measure the cost.
 
@@ -258,6 +254,8 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
             the tensor (it needs the whole tensor's LDLQ values), LDLQ at the reference type runs on
             those rows only (LDLQ's rows are independent given H): its cost is ggml's whole-tensor
             cost × LDLQ's gain over ggml on the rows (method ``estimate (rows)``).
+        fisher: Hessian mode: the output-side Fisher's row weights (:mod:`repq.alloc.fisher`): every
+            cost is then the predicted KL, ½ Σ_i D_ii (ΔW H ΔWᵀ)_ii (scale 1); not with ``probe``.
         workers: tensors measured at once (0: 2 with a CUDA device, where one's ggml work on the
             CPU overlaps another's LDLQ and KL on the GPU; 1 on the CPU).  The result does not
             depend on it.
@@ -275,6 +273,8 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
         raise UsageError("pass exactly one of --hessian DIR and --imatrix FILE")
     types = list(types)
     check_proxy(proxy, measure, probe is not None)
+    if fisher is not None and (probe is not None or hessian_dir is None):
+        raise UsageError("the Fisher's KL weights need --hessian and no KL probe")
     estimating = proxy == "estimate" and hessian_dir is not None
     with GGUFModel(src) as g:
         fp = model_fingerprint(g)
@@ -297,7 +297,8 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
                            if hessian_dir else "sum_j imp_j |dW_:,j|^2; ggml imatrix quantization",
                            config={"types": types, "ldlq": ldlq.to_dict() if hessian_dir else None,
                                    "kl": ({**(kl_config or {}), "measure": measure, "probe_bpw": probe_bpw}
-                                          if probe is not None else None),
+                                          if probe is not None else {**(kl_config or {}), "measure": "fisher"}
+                                          if fisher is not None else None),
                                    "proxy": proxy if hessian_dir else "ggml"})
         if estimating:
             sens.config["estimate_rows"] = ref_rows
@@ -334,18 +335,27 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
                     return probe.kl(p.name, values.reshape(tuple(reversed(t.shape))))
 
             ref = calibrate.probe_type(ctypes, t.n_per_row, probe_bpw)
+            if fisher is not None and p.name not in fisher.rows:
+                raise UsageError(f"{p.name}: the model's torch graph has no such layer for the Fisher's weights")
+            rw, lk = (fisher.rows[p.name], fisher.lookup.get(p.name)) if fisher is not None else (None, None)
             g_costs: dict[str, float] | None = None
             with gpu:
                 h_cost = None if h is None else h.to(cost_device)   # the H-weighted errors on LDLQ's device
 
-            def ldlq_q(x: np.ndarray, tid: int, **kw):
+            def weights(sel):   # the Fisher's row weights (and lookup term) of the rows ``sel`` (None: all)
+                if rw is None or sel is None:
+                    return rw, lk
+                return rw[sel], None if lk is None else (lk[0][sel], lk[1])
+
+            def ldlq_q(x: np.ndarray, tid: int, sel=None, **kw):
                 with gpu:
                     res = quantize_tensor(_plan(p, tid), x, hessian=h, device=device, threads=threads, **kw)
-                    return res, proxy_cost(x, res.values, hessian=h_cost, importance=None if h is not None else imp)
+                    return res, proxy_cost(x, res.values, hessian=h_cost, importance=None if h is not None else imp,
+                                           **dict(zip(("rows", "lookup"), weights(sel), strict=True)))
 
-            def c32(x: np.ndarray, values: np.ndarray) -> float:
+            def c32(x: np.ndarray, values: np.ndarray, sel=None) -> float:
                 with gpu:
-                    return _cost32(x, values, h32)
+                    return _cost32(x, values, h32, *weights(sel))
 
             if estimating:
                 g_costs = {}
@@ -363,20 +373,20 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
                 if exact and ty == ref and rows is not None and tid != F16:
                     g_res = quantize_tensor(_plan(p, tid), w, importance=diag, threads=threads)
                     g_costs[ty] = g_all = c32(w, g_res.values)
-                    g_sub = c32(w[rows], g_res.values[rows])
+                    g_sub = c32(w[rows], g_res.values[rows], rows)
                     row_scale = g_all / g_sub if g_sub > 0 else None
                     if ty in measured:   # the KL probe measures the whole tensor's LDLQ: that cost is exact
                         res, cost = ldlq_q(w, tid, ldlq=ldlq)
                         cands[ty] = {"bytes": nbytes, "cost": cost,
                                      "method": res.method, "kl": kl(res.values)}
                         continue
-                    _, l_sub = ldlq_q(w[rows], tid, ldlq=ldlq)
+                    _, l_sub = ldlq_q(w[rows], tid, rows, ldlq=ldlq)
                     cands[ty] = {"bytes": nbytes, "method": "estimate (rows)",
                                  "cost": g_all * l_sub / g_sub if g_sub > 0 else g_all}
                     continue
                 if estimating and not exact and row_scale is not None:   # ggml on the rows too, scaled
                     g_res = quantize_tensor(_plan(p, tid), w[rows], importance=diag, threads=threads)
-                    g_costs[ty] = c32(w[rows], g_res.values) * row_scale
+                    g_costs[ty] = c32(w[rows], g_res.values, rows) * row_scale
                     cands[ty] = {"bytes": nbytes, "cost": 0.0, "method": "estimate"}
                     continue
                 if exact:
@@ -432,24 +442,6 @@ def check_proxy(proxy: str, measure: str, kl: bool) -> None:
         raise UsageError(f"--proxy {proxy!r}: use ldlq or estimate")
     if proxy == "estimate" and kl and measure == "all":
         raise UsageError("--proxy estimate measures KL at one type per tensor; --kl-measure all needs --proxy ldlq")
-
-
-def _cost32(w: np.ndarray, values: np.ndarray, h) -> float:
-    """tr(ΔW H ΔWᵀ) in ``h``'s dtype and on its device (float32 on the CPU: ggml's errors, an
-    estimate's input), float64 sum."""
-    import torch
-
-    return _trace(w, values, torch.as_tensor(h))
-
-
-def _trace(w: np.ndarray, values: np.ndarray, h) -> float:
-    """tr(ΔW H ΔWᵀ), ΔW = values − w, computed in ``h``'s dtype (a torch tensor) on its device,
-    summed in float64."""
-    import torch
-
-    dw = torch.from_numpy(np.subtract(values, w, dtype=np.float64 if h.dtype == torch.float64 else np.float32))
-    dw = dw.to(h.device)
-    return float(((dw @ h) * dw).sum(dtype=torch.float64))
 
 
 def _plan(p: mix.TensorPlan, tid: int) -> mix.TensorPlan:

@@ -24,7 +24,8 @@ def sensitivity(
     kl_data: Annotated[Path | None, typer.Option("--kl-data", help="Calibrate the costs against measured KL on this text (UTF-8; not your evaluation text): each tensor quantized alone in the torch model.")] = None,
     kl_chunks: Annotated[int, typer.Option("--kl-chunks", help="--kl-data: chunks of -c tokens to measure on.")] = 8,
     ctx_size: Annotated[int, typer.Option("--ctx-size", "-c", help="--kl-data: tokens per chunk.")] = 512,
-    kl_measure: Annotated[str, typer.Option("--kl-measure", help="--kl-data: probe (each tensor at the candidate nearest --kl-bpw; scales its costs) | all (every candidate measured; the allocator uses those KLs).")] = "probe",
+    kl_measure: Annotated[str, typer.Option("--kl-measure", help="--kl-data: probe (each tensor at the candidate nearest --kl-bpw; scales its costs) | all (every candidate measured; the allocator uses those KLs) | fisher (nothing measured: every cost weighted into a predicted KL by the output-side Fisher, from --kl-samples forward + backward passes; see repq/alloc/fisher.py).")] = "probe",
+    kl_samples: Annotated[int, typer.Option("--kl-samples", help="--kl-measure fisher: label draws per token (one forward + backward pass over the chunks each).")] = 2,
     kl_bpw: Annotated[float, typer.Option("--kl-bpw", help="--kl-measure probe: bits per weight of the probe type.")] = 4.0,
     proxy: Annotated[str, typer.Option("--proxy", help="--hessian: ldlq (LDLQ on every tensor × type: the exact costs) | estimate (LDLQ on the type nearest --kl-bpw and on every type of one sample tensor per candidate list; the other types' costs are ggml's quantizer's error under H times the LDLQ gain measured there, on --estimate-rows rows of each tensor of more than twice that: ~5× faster on CPU, see repq/alloc/estimate.py).")] = "ldlq",
     estimate_rows: Annotated[int, typer.Option("--estimate-rows", help="--proxy estimate: a tensor of more than twice this many rows (not a sample, not KL-probed) runs its reference LDLQ and ggml's other types on this many evenly spaced rows.")] = 256,
@@ -60,23 +61,30 @@ def sensitivity(
 
         types = candidate_list(allow_types, exclude_types)
         check_device(device)
-        if kl_measure not in ("probe", "all"):
-            raise UsageError(f"--kl-measure {kl_measure!r}: use probe or all")
+        if kl_measure not in ("probe", "all", "fisher"):
+            raise UsageError(f"--kl-measure {kl_measure!r}: use probe, all or fisher")
         sens_mod.check_proxy(proxy, kl_measure, kl_data is not None)   # before the probe loads the model
         if estimate_rows < 1:
             raise UsageError(f"--estimate-rows {estimate_rows}: must be at least 1")
         if kl_chunks < 1:
             raise UsageError(f"--kl-chunks {kl_chunks}: must be at least 1")
+        if kl_samples < 1:
+            raise UsageError(f"--kl-samples {kl_samples}: must be at least 1")
+        fisher_run = kl_data is not None and kl_measure == "fisher"
+        if fisher_run and hessian is None:
+            raise UsageError("--kl-measure fisher weights LDLQ's errors under H: it needs --hessian")
         t0 = time.perf_counter()
         src = ensure_gguf(model, trust_remote_code=trust_remote_code)
-        probe, kl_config = None, None
-        if kl_data is not None:
+        probe, kl_config, fisher = None, None, None
+        if fisher_run:
+            fisher, kl_config = fisher_weights(src, kl_data, kl_chunks, ctx_size, device, kl_samples)
+        elif kl_data is not None:
             probe, kl_config = kl_probe(src, kl_data, kl_chunks, ctx_size, device)
         with out.progress(f"sensitivity {model.name}", total=0) as advance:
             s = sens_mod.compute(src, types=types, hessian_dir=str(hessian) if hessian else None,
                                  imatrix_path=str(imatrix) if imatrix else None, device=device,
-                                 threads=threads or None, probe=probe, measure=kl_measure, probe_bpw=kl_bpw,
-                                 kl_config=kl_config, proxy=proxy, ref_rows=estimate_rows,
+                                 threads=threads or None, probe=probe, measure="probe" if fisher else kl_measure, probe_bpw=kl_bpw,
+                                 kl_config=kl_config, proxy=proxy, ref_rows=estimate_rows, fisher=fisher,
                                  on_tensor=lambda name, i, n: advance(1, name, total=n))
         s.save(output)
         rows = [[n, str(len(e["candidates"])), ", ".join(e["candidates"])] for n, e in s.tensors.items()]
@@ -86,7 +94,8 @@ def sensitivity(
                     "kl": s.config.get("kl"), "proxy": s.config.get("proxy"),
                     "seconds": round(time.perf_counter() - t0, 3)},
                    human=f"wrote {output}: {len(s.tensors)} tensors × up to {len(types)} types ({s.source}"
-                         + (", calibrated against measured KL" if probe is not None else "") + ")"
+                         + (", calibrated against measured KL" if probe is not None else "")
+                         + (", weighted by the output Fisher" if fisher is not None else "") + ")"
                          + (f"; no statistics for {len(s.unallocated)} (pin them)" if s.unallocated else ""))
 
     run_command(out, body)
@@ -103,6 +112,20 @@ def kl_probe(src: Path, data: Path, chunks: int, ctx: int, device: str):
     lm = load_model(src, device=device)
     return KLProbe(lm.model, cal.chunks), {"data": str(data), "chunks": int(len(cal.chunks)), "ctx": cal.n_ctx,
                                            "data_fingerprint": cal.fingerprint}
+
+
+def fisher_weights(src: Path, data: Path, chunks: int, ctx: int, device: str, samples: int):
+    """The output-side Fisher's row weights of ``src`` on ``chunks`` × ``ctx`` tokens of ``data``
+    (:func:`repq.alloc.fisher.output_fisher`); (weights, what to record of the data)."""
+    from ..alloc.fisher import output_fisher
+    from ..data.calibration import load_calibration_with
+    from ..model.loader import load_model
+
+    cal, _ = load_calibration_with(data, src, n_ctx=ctx, n_chunks=chunks)
+    lm = load_model(src, device=device)
+    f = output_fisher(lm.model, cal.chunks, samples=samples)
+    return f, {"data": str(data), "chunks": int(len(cal.chunks)), "ctx": cal.n_ctx, "samples": samples,
+               "data_fingerprint": cal.fingerprint}
 
 
 def candidate_list(allow_types: str | None, exclude_types: str | None) -> list[str]:
