@@ -59,6 +59,7 @@ def main() -> None:
     wrap(cal.KLProbe, "kl")
     wrap(cal.KLProbe, "__init__", lambda a, k: "probe_init")
     wrap(cs, "kl_probe")
+    wrap(cs, "fisher_weights")
     only = os.environ.get("ONLY")
     if only:
         plan = pl.plan_model

@@ -11,8 +11,9 @@
 #   ldlq   repq LDLQ at fixed ftypes (LDLQ_FTYPES).
 #   cost   issue 15's cost on the GPU, nothing else running: plain `repq quantize --fmt Q4_K_M --hessian
 #          --device cuda`, then `repq sensitivity --proxy estimate --kl-data DATA --kl-chunks 16 --device cuda`
-#          (the default probe mode: one KL measurement per tensor; through benchmarks/profile_sensitivity.py:
-#          seconds per part in sens-estimate.profile.json), then the plain one again; wall seconds of
+#          with --kl-measure fisher (the default: the output Fisher's predicted KL) and probe (one KL measurement
+#          per tensor) (KL_MEASURES), each through benchmarks/profile_sensitivity.py (seconds per part in
+#          sens-MEASURE.profile.json) and followed by the plain one again; wall seconds of
 #          each in $R ("cost ..."), after the host's CPU count and ggml's IQ4_NL speed by thread count.
 #          Makes prep's Hessians if they are missing, nothing else.
 # Every file is scored with llama-perplexity --kl-divergence against the F32 base on 20 × 512
@@ -137,14 +138,16 @@ PY
     echo "cost plain Q4_K_M LDLQ $(echo "$t1 $(date +%s.%N)" | awk '{printf "%.1f", $2 - $1}') s" >> $R
   }
   plain || return 1
-  t1=$(date +%s.%N)
-  PROF_OUT=$W/sens-estimate.profile.json python3 benchmarks/profile_sensitivity.py sensitivity $F --hessian $W/hess \
-    -o $W/sens-estimate.json --exclude-types Q4_1,Q5_1 \
-    --proxy estimate --kl-data $DATA --kl-chunks 16 -c 512 --device cuda -t 16 --json \
-    > $W/sens-estimate.stdout 2> $W/sens-estimate.log || { echo "cost estimate failed: $(tail -2 $W/sens-estimate.log)" >> $R; return 1; }
-  echo "cost sensitivity --proxy estimate --kl-data (16 x 512) $(echo "$t1 $(date +%s.%N)" | awk '{printf "%.1f", $2 - $1}') s" >> $R
-  plain
-  mkdir -p $OUT/alloc; cp $W/sens-estimate.json $W/sens-estimate.log $W/sens-estimate.profile.json $OUT/alloc/ 2>/dev/null
+  for m in ${KL_MEASURES:-fisher probe}; do   # the Fisher's predicted KL, the probes' measured KL
+    t1=$(date +%s.%N)
+    PROF_OUT=$W/sens-$m.profile.json python3 benchmarks/profile_sensitivity.py sensitivity $F --hessian $W/hess \
+      -o $W/sens-$m.json --exclude-types Q4_1,Q5_1 --proxy estimate --kl-data $DATA --kl-measure $m \
+      --kl-chunks 16 -c 512 --device cuda -t 16 --json \
+      > $W/sens-$m.stdout 2> $W/sens-$m.log || { echo "cost $m failed: $(tail -2 $W/sens-$m.log)" >> $R; return 1; }
+    echo "cost sensitivity --proxy estimate --kl-data (16 x 512) --kl-measure $m $(echo "$t1 $(date +%s.%N)" | awk '{printf "%.1f", $2 - $1}') s" >> $R
+    plain
+    mkdir -p $OUT/alloc; cp $W/sens-$m.json $W/sens-$m.log $W/sens-$m.profile.json $OUT/alloc/ 2>/dev/null
+  done
 }
 
 for phase in "$@"; do

@@ -21,12 +21,12 @@ def sensitivity(
     imatrix: Annotated[Path | None, typer.Option(help="Importance matrix: ggml's quantizer on every type, cost Σ imp·ΔW².")] = None,
     allow_types: AllowTypesOpt = None,
     exclude_types: ExcludeTypesOpt = None,
-    kl_data: Annotated[Path | None, typer.Option("--kl-data", help="Calibrate the costs against measured KL on this text (UTF-8; not your evaluation text): each tensor quantized alone in the torch model.")] = None,
+    kl_data: Annotated[Path | None, typer.Option("--kl-data", help="Turn the costs into KL divergence on this text (UTF-8; not your evaluation text), predicted or measured: --kl-measure.")] = None,
     kl_chunks: Annotated[int, typer.Option("--kl-chunks", help="--kl-data: chunks of -c tokens to measure on.")] = 8,
     ctx_size: Annotated[int, typer.Option("--ctx-size", "-c", help="--kl-data: tokens per chunk.")] = 512,
-    kl_measure: Annotated[str, typer.Option("--kl-measure", help="--kl-data: probe (each tensor at the candidate nearest --kl-bpw; scales its costs) | all (every candidate measured; the allocator uses those KLs) | fisher (nothing measured: every cost weighted into a predicted KL by the output-side Fisher, from --kl-samples forward + backward passes; see repq/alloc/fisher.py).")] = "probe",
+    kl_measure: Annotated[str, typer.Option("--kl-measure", help="--kl-data: fisher (every cost weighted into a predicted KL by the output-side Fisher, from --kl-samples forward + backward passes for all tensors at once; repq/alloc/fisher.py) | probe (each tensor quantized alone in the model and its KL measured at the candidate nearest --kl-bpw; scales its costs: one partial forward per tensor) | all (every candidate measured; the allocator uses those KLs).")] = "fisher",
     kl_samples: Annotated[int, typer.Option("--kl-samples", help="--kl-measure fisher: label draws per token (one forward + backward pass over the chunks each).")] = 2,
-    kl_bpw: Annotated[float, typer.Option("--kl-bpw", help="--kl-measure probe: bits per weight of the probe type.")] = 4.0,
+    kl_bpw: Annotated[float, typer.Option("--kl-bpw", help="--kl-measure probe: bits per weight of the probe type (also --proxy estimate's reference type).")] = 4.0,
     proxy: Annotated[str, typer.Option("--proxy", help="--hessian: ldlq (LDLQ on every tensor × type: the exact costs) | estimate (LDLQ on the type nearest --kl-bpw and on every type of one sample tensor per candidate list; the other types' costs are ggml's quantizer's error under H times the LDLQ gain measured there, on --estimate-rows rows of each tensor of more than twice that: ~5× faster on CPU, see repq/alloc/estimate.py).")] = "ldlq",
     estimate_rows: Annotated[int, typer.Option("--estimate-rows", help="--proxy estimate: a tensor of more than twice this many rows (not a sample, not KL-probed) runs its reference LDLQ and ggml's other types on this many evenly spaced rows.")] = 256,
     device: Annotated[str, typer.Option(help="LDLQ and the KL probe: torch device (cpu, cuda, cuda:1).")] = "cpu",
@@ -48,7 +48,7 @@ def sensitivity(
 
         repq sensitivity model-f32.gguf --hessian hess/ -o sens-kl.json --kl-data calib.txt --kl-chunks 16 --device cuda
 
-        repq sensitivity model-f32.gguf --hessian hess/ -o sens-fast.json --proxy estimate
+        repq sensitivity model-f32.gguf --hessian hess/ -o sens-fast.json --proxy estimate --kl-data calib.txt --kl-chunks 8 --kl-samples 1
 
         repq quantize model-f32.gguf q.gguf --target-size 90MB --hessian hess/ --sensitivity sens.json
     """
@@ -83,7 +83,7 @@ def sensitivity(
         with out.progress(f"sensitivity {model.name}", total=0) as advance:
             s = sens_mod.compute(src, types=types, hessian_dir=str(hessian) if hessian else None,
                                  imatrix_path=str(imatrix) if imatrix else None, device=device,
-                                 threads=threads or None, probe=probe, measure="probe" if fisher else kl_measure, probe_bpw=kl_bpw,
+                                 threads=threads or None, probe=probe, measure="probe" if kl_measure == "fisher" else kl_measure, probe_bpw=kl_bpw,
                                  kl_config=kl_config, proxy=proxy, ref_rows=estimate_rows, fisher=fisher,
                                  on_tensor=lambda name, i, n: advance(1, name, total=n))
         s.save(output)

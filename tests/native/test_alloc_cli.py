@@ -270,7 +270,7 @@ def test_sensitivity_calibrated_against_measured_kl(hfiles, tmp_path):
     (--kl-measure all: the allocator's predicted costs are the measured KLs); bad options exit 2."""
     base = ["sensitivity", hfiles / "m.gguf", "--hessian", hfiles / "h", "--allow-types", "Q4_0,Q8_0",
             "--kl-data", hfiles / "text.txt", "--kl-chunks", 2, "-c", 64]
-    r = repq(*base, "-o", tmp_path / "probe.json", "--json")
+    r = repq(*base, "-o", tmp_path / "probe.json", "--json", "--kl-measure", "probe")
     assert r.exit_code == 0, r.output
     s = json.loads((tmp_path / "probe.json").read_text())
     assert s["config"]["kl"]["chunks"] == 2 and s["config"]["kl"]["measure"] == "probe"
@@ -329,7 +329,8 @@ def test_probed_tensors_take_their_other_types_from_the_rows_too(hfiles, tmp_pat
             "--proxy", "estimate", "--estimate-rows", 64]
     r = repq(*base, "-o", tmp_path / "plain.json")
     assert r.exit_code == 0, r.output
-    r = repq(*base, "-o", tmp_path / "probed.json", "--kl-data", hfiles / "text.txt", "--kl-chunks", 2, "-c", 64)
+    r = repq(*base, "-o", tmp_path / "probed.json", "--kl-data", hfiles / "text.txt", "--kl-chunks", 2, "-c", 64,
+             "--kl-measure", "probe")
     assert r.exit_code == 0, r.output
     plain, probed = (json.loads((tmp_path / f).read_text())["tensors"] for f in ("plain.json", "probed.json"))
     n = 0
