@@ -67,13 +67,14 @@ def output_fisher(model: Transformer, chunks: np.ndarray, *, samples: int = 1, b
         acc[lin[m]] = acc.get(lin[m], 0) + (g * g).sum(dim=tuple(range(g.ndim - 1)), dtype=torch.float64)
 
     saved = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    hooks = [m.register_full_backward_hook(hook) for m in lin]
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    emb = torch.zeros(model.cfg.n_embd, dtype=torch.float64, device=dev)
+    hooks = []
     n = 0
     try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        hooks = [m.register_full_backward_hook(hook) for m in lin]
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        emb = torch.zeros(model.cfg.n_embd, dtype=torch.float64, device=dev)
         for _ in range(samples):
             for i in range(0, len(tokens), max(1, batch)):
                 tok = tokens[i:i + batch].to(dev)

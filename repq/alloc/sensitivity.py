@@ -311,6 +311,9 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
                 groups.setdefault(tuple(candidate_types(p.name, t.n_per_row, types, has_importance=True)),
                                   []).append(p.name)
         sample = estimate.sample_names(groups, sample_per_group) if estimating else set()
+        missing = sorted(stats - set(fisher.rows)) if fisher is not None else []
+        if missing:
+            raise UsageError(f"{missing[0]}: the model's torch graph has no such layer for the Fisher's weights")
         cost_device = device if str(device).startswith("cuda") else "cpu"
         # One tensor's device work at a time: the KL probe swaps the tensor into its one model, and the
         # i-quants' LDLQ records a CUDA graph, which another thread's GPU work would break.  ggml's
@@ -335,8 +338,6 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
                     return probe.kl(p.name, values.reshape(tuple(reversed(t.shape))))
 
             ref = calibrate.probe_type(ctypes, t.n_per_row, probe_bpw)
-            if fisher is not None and p.name not in fisher.rows:
-                raise UsageError(f"{p.name}: the model's torch graph has no such layer for the Fisher's weights")
             rw, lk = (fisher.rows[p.name], fisher.lookup.get(p.name)) if fisher is not None else (None, None)
             g_costs: dict[str, float] | None = None
             with gpu:
@@ -403,6 +404,8 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
                     cands[ty]["kl"] = kl(res.values)
             entry = {"shape": list(t.shape), "scale": 1.0,
                      "candidates": {ty: cands[ty] for ty in ctypes if ty in cands}}
+            with gpu:   # its device tensors go while no other thread may be recording a CUDA graph
+                h_cost = h32 = None  # noqa: F841
             return entry, g_costs, ref if estimating else None
 
         ggml_costs: dict[str, dict[str, float]] = {}

@@ -24,7 +24,7 @@ def sensitivity(
     kl_data: Annotated[Path | None, typer.Option("--kl-data", help="Turn the costs into KL divergence on this text (UTF-8; not your evaluation text), predicted or measured: --kl-measure.")] = None,
     kl_chunks: Annotated[int, typer.Option("--kl-chunks", help="--kl-data: chunks of -c tokens to measure on.")] = 8,
     ctx_size: Annotated[int, typer.Option("--ctx-size", "-c", help="--kl-data: tokens per chunk.")] = 512,
-    kl_measure: Annotated[str, typer.Option("--kl-measure", help="--kl-data: fisher (every cost weighted into a predicted KL by the output-side Fisher, from --kl-samples forward + backward passes for all tensors at once; repq/alloc/fisher.py) | probe (each tensor quantized alone in the model and its KL measured at the candidate nearest --kl-bpw; scales its costs: one partial forward per tensor) | all (every candidate measured; the allocator uses those KLs).")] = "fisher",
+    kl_measure: Annotated[str | None, typer.Option("--kl-measure", help="--kl-data: fisher (with --hessian, the default: every cost weighted into a predicted KL by the output-side Fisher, from --kl-samples forward + backward passes for all tensors at once; repq/alloc/fisher.py) | probe (the default with --imatrix: each tensor quantized alone in the model and its KL measured at the candidate nearest --kl-bpw; scales its costs: one partial forward per tensor) | all (every candidate measured; the allocator uses those KLs).", show_default=False)] = None,
     kl_samples: Annotated[int, typer.Option("--kl-samples", help="--kl-measure fisher: label draws per token (one forward + backward pass over the chunks each).")] = 2,
     kl_bpw: Annotated[float, typer.Option("--kl-bpw", help="--kl-measure probe: bits per weight of the probe type (also --proxy estimate's reference type).")] = 4.0,
     proxy: Annotated[str, typer.Option("--proxy", help="--hessian: ldlq (LDLQ on every tensor × type: the exact costs) | estimate (LDLQ on the type nearest --kl-bpw and on every type of one sample tensor per candidate list; the other types' costs are ggml's quantizer's error under H times the LDLQ gain measured there, on --estimate-rows rows of each tensor of more than twice that: ~5× faster on CPU, see repq/alloc/estimate.py).")] = "ldlq",
@@ -61,18 +61,20 @@ def sensitivity(
 
         types = candidate_list(allow_types, exclude_types)
         check_device(device)
-        if kl_measure not in ("probe", "all", "fisher"):
-            raise UsageError(f"--kl-measure {kl_measure!r}: use probe, all or fisher")
-        sens_mod.check_proxy(proxy, kl_measure, kl_data is not None)   # before the probe loads the model
+        measure = kl_measure or ("fisher" if hessian is not None else "probe")
+        if measure not in ("probe", "all", "fisher"):
+            raise UsageError(f"--kl-measure {measure!r}: use probe, all or fisher")
+        sens_mod.check_proxy(proxy, measure, kl_data is not None)   # before the probe loads the model
         if estimate_rows < 1:
             raise UsageError(f"--estimate-rows {estimate_rows}: must be at least 1")
         if kl_chunks < 1:
             raise UsageError(f"--kl-chunks {kl_chunks}: must be at least 1")
         if kl_samples < 1:
             raise UsageError(f"--kl-samples {kl_samples}: must be at least 1")
-        fisher_run = kl_data is not None and kl_measure == "fisher"
+        fisher_run = kl_data is not None and measure == "fisher"
         if fisher_run and hessian is None:
-            raise UsageError("--kl-measure fisher weights LDLQ's errors under H: it needs --hessian")
+            raise UsageError("--kl-measure fisher weights LDLQ's errors under H: it needs --hessian",
+                             hint="with --imatrix, use --kl-measure probe or all")
         t0 = time.perf_counter()
         src = ensure_gguf(model, trust_remote_code=trust_remote_code)
         probe, kl_config, fisher = None, None, None
@@ -83,7 +85,7 @@ def sensitivity(
         with out.progress(f"sensitivity {model.name}", total=0) as advance:
             s = sens_mod.compute(src, types=types, hessian_dir=str(hessian) if hessian else None,
                                  imatrix_path=str(imatrix) if imatrix else None, device=device,
-                                 threads=threads or None, probe=probe, measure="probe" if kl_measure == "fisher" else kl_measure, probe_bpw=kl_bpw,
+                                 threads=threads or None, probe=probe, measure="probe" if measure == "fisher" else measure, probe_bpw=kl_bpw,
                                  kl_config=kl_config, proxy=proxy, ref_rows=estimate_rows, fisher=fisher,
                                  on_tensor=lambda name, i, n: advance(1, name, total=n))
         s.save(output)

@@ -100,9 +100,20 @@ def save_finished(state_path: Path, identity: dict, output: str | Path, report: 
     atomic_write_bytes(state_path.parent / FINISHED_FILE, json.dumps(rec, default=str).encode())
 
 
-def finished_report(state_path: Path, identity: dict, output: str | Path) -> dict | None:
+def finished_report(state_path: Path, identity: dict, output: str | Path, dist=None) -> dict | None:
     """The report of a finished run of ``identity`` whose ``output`` is still the file it wrote;
-    None when there is no such record (none, unreadable, another run's, or the file changed)."""
+    None when there is no such record (none, unreadable, another run's, or the file changed).
+    Under a process group (``dist``) rank 0's answer is every rank's (a collective)."""
+    rep = _finished_report(state_path, identity, output)
+    if dist is not None:
+        obj = [rep]
+        nccl = dist.get_backend() == "nccl"
+        dist.broadcast_object_list(obj, src=0, device=torch.device("cuda", torch.cuda.current_device()) if nccl else None)
+        rep = obj[0]
+    return rep
+
+
+def _finished_report(state_path: Path, identity: dict, output: str | Path) -> dict | None:
     p = state_path.parent / FINISHED_FILE
     try:
         rec = json.loads(p.read_text())

@@ -391,7 +391,7 @@ class Distiller:
         gi0, phase, step0, gstep, resumed = 0, "quantize", 0, 0, None
         opt_state = None
         path = self._state_path()
-        done = checkpoint.finished_report(path, self._identity(), self.out) if self.rt.resume and path is not None else None
+        done = checkpoint.finished_report(path, self._identity(), self.out, self.dist) if self.rt.resume and path else None
         if done is not None:   # killed after it wrote the GGUF and its record: nothing left to do
             return DistillResult(self.out, done["file_bytes"], done["tensors"], done["metrics"], 0.0, done["tokens"],
                                  done["global_step"], self.student, already_finished=True)

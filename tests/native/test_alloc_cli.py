@@ -402,3 +402,11 @@ def test_tensors_measured_at_once_give_the_same_file(hfiles, proxy):
     many = compute(hfiles / "m.gguf", **kw, workers=3).to_json()
     assert list(one["tensors"]) == list(many["tensors"]) and one == many
     assert all(any("kl" in c for c in e["candidates"].values()) for e in many["tensors"].values())
+
+
+def test_kl_measure_defaults_to_the_fisher_with_hessians_and_the_probe_with_an_imatrix(hfiles, tmp_path):
+    common = ["--allow-types", "Q4_0,Q8_0", "--kl-data", hfiles / "text.txt", "--kl-chunks", 2, "-c", 64]
+    for stats, measure in ((["--imatrix", hfiles / "im.dat"], "probe"), (["--hessian", hfiles / "h"], "fisher")):
+        r = repq("sensitivity", hfiles / "m.gguf", *stats, "-o", tmp_path / f"{measure}.json", *common)
+        assert r.exit_code == 0, r.output
+        assert json.loads((tmp_path / f"{measure}.json").read_text())["config"]["kl"]["measure"] == measure
