@@ -24,22 +24,29 @@ CFG = dict(arch="llama", n_layer=2, n_embd=256, n_ff=512, n_head=4, n_head_kv=2,
            rope_base=10000.0, tied=False)
 
 
+@pytest.fixture(scope="module")
+def model_dir(native, tmp_path_factory):
+    """A tiny model with 256-wide rows (i-quants valid), a text and its Hessians."""
+    d = tmp_path_factory.mktemp("sens-cuda")
+    save_gguf(random_model(ModelConfig(**CFG), seed=0), d / "m.gguf", kv=byte_vocab_kv())
+    words = "the quick brown fox jumps over a lazy dog and then runs far away into the forest".split()
+    (d / "text.txt").write_text(" ".join(np.random.default_rng(0).choice(words, 1500)) + "\n")
+    r = CliRunner().invoke(app, ["hessian", str(d / "m.gguf"), "--data", str(d / "text.txt"),
+                                 "-o", str(d / "h"), "-c", "64", "--chunks", "2", "-q"])
+    assert r.exit_code == 0, r.output
+    return d
+
+
 @pytest.mark.parametrize("proxy", ["ldlq", "estimate"])
-def test_two_workers_on_cuda_give_one_workers_file(native, tmp_path, proxy):
+def test_two_workers_on_cuda_give_one_workers_file(model_dir, proxy):
     from repq.alloc.sensitivity import compute
     from repq.commands.sensitivity import kl_probe
 
-    save_gguf(random_model(ModelConfig(**CFG), seed=0), tmp_path / "m.gguf", kv=byte_vocab_kv())
-    words = "the quick brown fox jumps over a lazy dog and then runs far away into the forest".split()
-    (tmp_path / "text.txt").write_text(" ".join(np.random.default_rng(0).choice(words, 1500)) + "\n")
-    r = CliRunner().invoke(app, ["hessian", str(tmp_path / "m.gguf"), "--data", str(tmp_path / "text.txt"),
-                                 "-o", str(tmp_path / "h"), "-c", "64", "--chunks", "2", "-q"])
-    assert r.exit_code == 0, r.output
-    probe, kl_config = kl_probe(tmp_path / "m.gguf", tmp_path / "text.txt", 2, 64, "cuda")
-    kw = dict(types=["IQ2_XS", "IQ3_S", "Q3_K", "Q4_0", "Q8_0"], hessian_dir=str(tmp_path / "h"), proxy=proxy,
+    probe, kl_config = kl_probe(model_dir / "m.gguf", model_dir / "text.txt", 2, 64, "cuda")
+    kw = dict(types=["IQ2_XS", "IQ3_S", "Q3_K", "Q4_0", "Q8_0"], hessian_dir=str(model_dir / "h"), proxy=proxy,
               device="cuda", probe=probe, kl_config=kl_config, ref_rows=64)
-    one = compute(tmp_path / "m.gguf", **kw, workers=1).to_json()["tensors"]
-    two = compute(tmp_path / "m.gguf", **kw, workers=2).to_json()["tensors"]
+    one = compute(model_dir / "m.gguf", **kw, workers=1).to_json()["tensors"]
+    two = compute(model_dir / "m.gguf", **kw, workers=2).to_json()["tensors"]
     assert list(one) == list(two)
     for name, e in one.items():
         for t, c in e["candidates"].items():
@@ -48,28 +55,22 @@ def test_two_workers_on_cuda_give_one_workers_file(native, tmp_path, proxy):
             assert ("kl" in d) == ("kl" in c) and d.get("kl", 0) == pytest.approx(c.get("kl", 0), rel=1e-5)
 
 
-def test_fisher_on_cuda_and_its_weighted_costs(native, tmp_path):
+def test_fisher_on_cuda_and_its_weighted_costs(model_dir):
     """The output Fisher on CUDA (its labels drawn there) gives row weights of the CPU's magnitude,
     and the KL-weighted costs computed on the GPU equal the CPU's for the same weights."""
     from repq.alloc.fisher import output_fisher
     from repq.alloc.sensitivity import compute
     from repq.model.loader import load_model
 
-    save_gguf(random_model(ModelConfig(**CFG), seed=0), tmp_path / "m.gguf", kv=byte_vocab_kv())
-    words = "the quick brown fox jumps over a lazy dog and then runs far away into the forest".split()
-    (tmp_path / "text.txt").write_text(" ".join(np.random.default_rng(0).choice(words, 1500)) + "\n")
-    r = CliRunner().invoke(app, ["hessian", str(tmp_path / "m.gguf"), "--data", str(tmp_path / "text.txt"),
-                                 "-o", str(tmp_path / "h"), "-c", "64", "--chunks", "2", "-q"])
-    assert r.exit_code == 0, r.output
     chunks = np.random.default_rng(1).integers(0, 262, size=(8, 64))
-    fc = output_fisher(load_model(tmp_path / "m.gguf", device="cuda").model, chunks, samples=4)
-    fh = output_fisher(load_model(tmp_path / "m.gguf").model, chunks, samples=4)
+    fc = output_fisher(load_model(model_dir / "m.gguf", device="cuda").model, chunks, samples=4)
+    fh = output_fisher(load_model(model_dir / "m.gguf").model, chunks, samples=4)
     for n, w in fh.rows.items():
         assert 0.5 < fc.rows[n].sum() / w.sum() < 2, n
-    kw = dict(types=["IQ3_S", "Q4_0", "Q8_0"], hessian_dir=str(tmp_path / "h"), fisher=fh, proxy="estimate",
+    kw = dict(types=["IQ3_S", "Q4_0", "Q8_0"], hessian_dir=str(model_dir / "h"), fisher=fh, proxy="estimate",
               ref_rows=64)
-    gpu = compute(tmp_path / "m.gguf", **kw, device="cuda").to_json()["tensors"]
-    cpu = compute(tmp_path / "m.gguf", **kw, device="cpu").to_json()["tensors"]
+    gpu = compute(model_dir / "m.gguf", **kw, device="cuda").to_json()["tensors"]
+    cpu = compute(model_dir / "m.gguf", **kw, device="cpu").to_json()["tensors"]
     for n, e in cpu.items():
         for t, c in e["candidates"].items():
             assert gpu[n]["candidates"][t]["cost"] == pytest.approx(c["cost"], rel=0.05), (n, t)
