@@ -128,7 +128,7 @@ def quantize(
                                        hessian=cfg.hessian, imatrix=cfg.imatrix,
                                        types=candidate_list(allow_types, exclude_types), tensor_types=opts.tensor_types,
                                        ldlq=cfg.ldlq_options(), device=device, threads=threads or None,
-                                       on_tensor=lambda name, i, n: advance(1 if i else 0, name, total=n))
+                                       on_tensor=lambda name, i, n: advance(1, name, total=n))
         with out.progress(f"quantize {model.name} → {fmt or 'target'}", total=0) as advance:
             def on_tensor(rep, i, n):
                 advance(1, f"{rep.name} → {rep.dst_type}", total=n)
