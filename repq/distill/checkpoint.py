@@ -120,8 +120,12 @@ def _finished_report(state_path: Path, identity: dict, output: str | Path) -> di
         st = Path(output).stat()
         same = (rec["format"] == FORMAT_VERSION and rec["identity"] == json.loads(json.dumps(identity, default=str))
                 and rec["output"] == str(output) and (rec["size"], rec["mtime_ns"]) == (st.st_size, st.st_mtime_ns))
-        return dict(rec["report"]) if same and isinstance(rec["report"], dict) else None
-    except (OSError, ValueError, KeyError, TypeError):
+        rep = rec["report"]
+        well_formed = (all(isinstance(rep[k], int) and rep[k] >= 0 for k in ("file_bytes", "tokens", "global_step"))
+                       and all(isinstance(rep[k], list) and all(isinstance(x, dict) for x in rep[k])
+                               for k in ("tensors", "metrics")))
+        return dict(rep) if same and well_formed else None   # anything else: not a finished run of this one
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 

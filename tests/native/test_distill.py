@@ -309,6 +309,14 @@ def test_resume_of_a_finished_run_does_nothing(tiny, tmp_path):
     assert res.already_finished and res.file_bytes == first.file_bytes == len(data)
     assert res.tokens == first.tokens and res.metrics == first.metrics[-1:]
     assert out.stat().st_mtime_ns == mtime and out.read_bytes() == data   # not rewritten
+    from repq.distill import checkpoint
+
+    rec = json.loads((ck / "finished.json").read_text())
+    assert checkpoint.finished_report(ck / "state.pt", rec["identity"], out) == rec["report"]
+    for bad in ({**rec, "report": {**rec["report"], "tensors": "x"}}, {**rec, "report": {}}, [1]):
+        (ck / "finished.json").write_text(json.dumps(bad))               # damaged or foreign: not finished
+        assert checkpoint.finished_report(ck / "state.pt", rec["identity"], out) is None
+    (ck / "finished.json").write_text(json.dumps(rec))
     other = _run(src, out, chunks, _cfg(ftype="Q4_0", lr=3e-5), checkpoint_dir=str(ck), resume=True)
     assert not other.already_finished and other.resumed_from is None    # other settings: a new run
     out.write_bytes(data)                                                # the first run's bytes, a new mtime
