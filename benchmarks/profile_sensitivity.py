@@ -1,5 +1,5 @@
 """Profile `repq sensitivity` (issue 15, cost): seconds and calls per phase — quantize_tensor per
-type and weight shape (LDLQ or ggml's quantizer; a row subset shows as its row count), proxy_cost, _cost32, KLProbe.kl, the probe's setup — as JSON on stderr and in $PROF_OUT.  ONLY=REGEX
+type and weight shape (LDLQ or ggml's quantizer; a row subset shows as its row count), costs.trace (the H-weighted error on the device), proxy_cost (imatrix), KLProbe.kl, fisher_weights and its parts, the probe's setup — as JSON on stderr and in $PROF_OUT.  ONLY=REGEX
 limits the tensors (a sample to extrapolate from).  Tensors measured at once (``workers``, 2 with CUDA)
 add their phases up: the sum over phases can exceed the wall time; CUDA is synchronised after the
 phases that launch GPU work only (not ggml's quantizer, which would wait for the other tensor's).  Used for benchmarks/results/alloc_cost_cpu.json:
@@ -21,8 +21,11 @@ import time
 import torch
 
 import repq.alloc.calibrate as cal
-import repq.alloc.sensitivity as sm
+import repq.alloc.costs as costs
+import repq.alloc.fisher as fisher
 import repq.commands.sensitivity as cs
+import repq.data.calibration as calibration
+import repq.model.loader as loader
 import repq.quant.pipeline as pl
 import repq.quant.tensor as qt
 from repq.cli import app
@@ -54,12 +57,14 @@ def wrap(obj, name, key=None):
 def main() -> None:
     wrap(qt, "quantize_tensor", lambda a, k: ("ldlq:" if k.get("hessian") is not None else "ggml:")
          + type_name(a[0].dst_type) + (" {}x{}".format(*a[1].shape[:2]) if len(a) > 1 else ""))
-    wrap(sm, "proxy_cost")
-    wrap(sm, "_cost32")
+    wrap(costs, "trace")
+    wrap(costs, "proxy_cost")
     wrap(cal.KLProbe, "kl")
     wrap(cal.KLProbe, "__init__", lambda a, k: "probe_init")
     wrap(cs, "kl_probe")
     wrap(cs, "fisher_weights")
+    for mod, fn in ((calibration, "load_calibration_with"), (loader, "load_model"), (fisher, "output_fisher")):
+        wrap(mod, fn)   # fisher_weights' parts
     only = os.environ.get("ONLY")
     if only:
         plan = pl.plan_model

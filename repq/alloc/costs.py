@@ -1,6 +1,8 @@
 """The H-weighted error of a quantized tensor, LDLQ's proxy loss ``tr(ΔW H ΔWᵀ)``, and its
 KL-weighted form (one weight per output row from the output-side Fisher, :mod:`repq.alloc.fisher`):
-what :mod:`repq.alloc.sensitivity` records per tensor and type."""
+what :mod:`repq.alloc.sensitivity` records per tensor and type.  :func:`error` (host) and
+:func:`trace` (H's device) are the two halves, so that a caller can form ΔW while another thread
+holds the device."""
 
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ def proxy_cost(weight: np.ndarray, values: np.ndarray, *, hessian=None, importan
     if hessian is not None:
         import torch
 
-        return _trace(weight, values, torch.as_tensor(hessian).to(torch.float64), rows, lookup)
-    dw = values.astype(np.float64) - weight.astype(np.float64)          # (rows, n)
+        return trace(error(weight, values), torch.as_tensor(hessian).to(torch.float64), rows, lookup)
+    dw = error(weight, values)          # (rows, n)
     return float((dw * dw).sum(axis=0) @ np.asarray(importance, np.float64))
 
 
@@ -25,20 +27,29 @@ def cost32(w: np.ndarray, values: np.ndarray, h, rows=None, lookup=None) -> floa
     estimate's input), float64 sum."""
     import torch
 
-    return _trace(w, values, torch.as_tensor(h), rows, lookup)
+    h = torch.as_tensor(h)
+    return trace(error(w, values, h), h, rows, lookup)
 
 
-def _trace(w: np.ndarray, values: np.ndarray, h, rows=None, lookup=None) -> float:
-    """tr(ΔW H ΔWᵀ), ΔW = values − w, computed in ``h``'s dtype (a torch tensor) on its device,
-    summed in float64; row-weighted (and the lookup term) as in :func:`proxy_cost`."""
+def error(w: np.ndarray, values: np.ndarray, like=None) -> np.ndarray:
+    """ΔW = values − w on the host, in float64, or in float32 where ``like`` (the torch H it will
+    meet in :func:`trace`) is float32."""
     import torch
 
-    dw = torch.from_numpy(np.subtract(values, w, dtype=np.float64 if h.dtype == torch.float64 else np.float32))
-    dw = dw.to(h.device)
+    f32 = like is not None and like.dtype == torch.float32
+    return np.subtract(values, w, dtype=np.float32 if f32 else np.float64)
+
+
+def trace(dw: np.ndarray, h, rows=None, lookup=None) -> float:
+    """tr(ΔW H ΔWᵀ) for ΔW from :func:`error`, computed in ``h``'s dtype (a torch tensor) on its
+    device, summed in float64; row-weighted (and the lookup term) as in :func:`proxy_cost`."""
+    import torch
+
+    d = torch.from_numpy(dw).to(device=h.device, dtype=h.dtype)
     if rows is None:
-        return float(((dw @ h) * dw).sum(dtype=torch.float64))
+        return float(((d @ h) * d).sum(dtype=torch.float64))
     f64 = dict(device=h.device, dtype=torch.float64)
-    out = ((dw @ h) * dw).sum(1, dtype=torch.float64) @ torch.as_tensor(rows, **f64)
+    out = ((d @ h) * d).sum(1, dtype=torch.float64) @ torch.as_tensor(rows, **f64)
     if lookup is not None:
-        out = out + torch.as_tensor(lookup[0], **f64) @ ((dw.double() ** 2) @ torch.as_tensor(lookup[1], **f64))
+        out = out + torch.as_tensor(lookup[0], **f64) @ ((d.double() ** 2) @ torch.as_tensor(lookup[1], **f64))
     return float(out)

@@ -44,9 +44,7 @@ import numpy as np
 from .. import __version__, mix
 from ..errors import InputFileError, MismatchError, UnsupportedError, UsageError
 from ..ggml.types import F16, GGML_TYPES, row_size, type_id, type_name
-from . import calibrate, estimate
-from .costs import cost32 as _cost32
-from .costs import proxy_cost
+from . import calibrate, costs, estimate
 from .solver import Candidate
 
 if TYPE_CHECKING:
@@ -267,7 +265,7 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
     from ..io.gguf_file import GGUFModel
     from ..quant import importance as importance_rules
     from ..quant.pipeline import check_imatrix, plan_model, tensor_f32
-    from ..quant.tensor import LdlqOptions, quantize_tensor
+    from ..quant.tensor import LdlqOptions, has_ldlq_grid, quantize_tensor
 
     if (hessian_dir is None) == (imatrix_path is None):
         raise UsageError("pass exactly one of --hessian DIR and --imatrix FILE")
@@ -349,14 +347,22 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
                 return rw[sel], None if lk is None else (lk[0][sel], lk[1])
 
             def ldlq_q(x: np.ndarray, tid: int, sel=None, **kw):
+                # LDLQ on the device with H already there; a type without a grid (F16) is ggml's
+                # conversion on the host, beside the other tensor's device work
+                grid = h is not None and has_ldlq_grid(tid)
+                with gpu if grid else contextlib.nullcontext():
+                    res = quantize_tensor(_plan(p, tid), x, hessian=h_cost if grid else h,
+                                          device=device if grid else "cpu", threads=threads, **kw)
+                if h is None:
+                    return res, costs.proxy_cost(x, res.values, importance=imp)
+                dw = costs.error(x, res.values)   # the host's part outside the lock
                 with gpu:
-                    res = quantize_tensor(_plan(p, tid), x, hessian=h, device=device, threads=threads, **kw)
-                    return res, proxy_cost(x, res.values, hessian=h_cost, importance=None if h is not None else imp,
-                                           **dict(zip(("rows", "lookup"), weights(sel), strict=True)))
+                    return res, costs.trace(dw, h_cost, *weights(sel))
 
             def c32(x: np.ndarray, values: np.ndarray, sel=None) -> float:
+                dw = costs.error(x, values, h32)
                 with gpu:
-                    return _cost32(x, values, h32, *weights(sel))
+                    return costs.trace(dw, h32, *weights(sel))
 
             if estimating:
                 g_costs = {}

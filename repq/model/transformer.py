@@ -138,7 +138,11 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.token_embd = nn.Embedding(cfg.n_vocab, cfg.n_embd)
+        # nn.Embedding's own N(0, 1) init, except on the meta device (the loader's), where torch runs
+        # it through its compiler stack's import: seconds for a tensor that holds no values
+        self.token_embd = nn.Embedding(cfg.n_vocab, cfg.n_embd, _weight=torch.empty(cfg.n_vocab, cfg.n_embd))
+        if not self.token_embd.weight.is_meta:
+            nn.init.normal_(self.token_embd.weight)
         self.blk = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.output_norm = RMSNorm(cfg.n_embd, cfg.rms_eps)
         # Tied: llama.cpp multiplies by token_embd.weight, so that is the output head's GGUF name.

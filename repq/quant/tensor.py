@@ -163,6 +163,11 @@ def check_hessian(name: str, h, n_per_row: int) -> None:
                              hint="collect it again with `repq hessian`")
 
 
+def has_ldlq_grid(gtype: int) -> bool:
+    """Whether LDLQ can round onto ``gtype``'s grid (else :func:`quantize_tensor` takes ggml's quantizer)."""
+    return grids.supported(gtype) or iq_grids.supported(gtype) or iq1_grids.supported(gtype)
+
+
 def quantize_tensor(plan: mix.TensorPlan, weight: np.ndarray, *, hessian=None,
                     importance: np.ndarray | None = None, ldlq: LdlqOptions | None = None, experts: int = 1,
                     device: str = "cpu", threads: int | None = None) -> TensorResult:
@@ -203,8 +208,7 @@ def quantize_tensor(plan: mix.TensorPlan, weight: np.ndarray, *, hessian=None,
             reason = "no Hessian"
         elif experts > 1:
             reason = "3-D expert tensor"
-        elif not (grids.supported(plan.dst_type) or iq_grids.supported(plan.dst_type)
-                  or iq1_grids.supported(plan.dst_type)):
+        elif not has_ldlq_grid(plan.dst_type):
             reason = f"no LDLQ grid for {type_name(plan.dst_type)}"
         elif (iq_grids.supported(plan.dst_type) or iq1_grids.supported(plan.dst_type)) and ldlq.scales != "static":
             reason = f"no dynamic-scale LDLQ for {type_name(plan.dst_type)}"
