@@ -315,9 +315,12 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
         cost_device = device if str(device).startswith("cuda") else "cpu"
         # One tensor's device work at a time: the KL probe swaps the tensor into its one model, and the
         # i-quants' LDLQ records a CUDA graph, which another thread's GPU work would break.  ggml's
-        # quantizer (CPU) runs outside the lock, beside the other tensor's GPU work.
+        # quantizer (CPU) runs outside it, beside the other tensor's GPU work, under a lock of its own:
+        # it takes every core it is given, and two tensors' calls at once would oversubscribe the
+        # host and starve the thread that feeds the GPU.
         dev_lock = threading.Lock()
         gpu = dev_lock if cost_device != "cpu" else contextlib.nullcontext()
+        host = threading.Lock() if cost_device != "cpu" else contextlib.nullcontext()
 
         def measure_tensor(p: mix.TensorPlan) -> tuple[dict, dict[str, float] | None, str | None]:
             """One tensor: (its entry, ggml's costs and the reference type when estimating)."""
@@ -350,7 +353,7 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
                 # LDLQ on the device with H already there; a type without a grid (F16) is ggml's
                 # conversion on the host, beside the other tensor's device work
                 grid = h is not None and has_ldlq_grid(tid)
-                with gpu if grid else contextlib.nullcontext():
+                with gpu if grid else host:
                     res = quantize_tensor(_plan(p, tid), x, hessian=h_cost if grid else h,
                                           device=device if grid else "cpu", threads=threads, **kw)
                 if h is None:
@@ -358,6 +361,10 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
                 dw = costs.error(x, res.values)   # the host's part outside the lock
                 with gpu:
                     return res, costs.trace(dw, h_cost, *weights(sel))
+
+            def ggml_q(x: np.ndarray, tid: int):   # ggml's quantizer, importance diag(H)
+                with host:
+                    return quantize_tensor(_plan(p, tid), x, importance=diag, threads=threads)
 
             def c32(x: np.ndarray, values: np.ndarray, sel=None) -> float:
                 dw = costs.error(x, values, h32)
@@ -378,7 +385,7 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
                 nbytes = t.n_rows * row_size(tid, t.n_per_row)
                 exact = not estimating or ty == ref or p.name in sample or tid == F16   # F16: no LDLQ grid
                 if exact and ty == ref and rows is not None and tid != F16:
-                    g_res = quantize_tensor(_plan(p, tid), w, importance=diag, threads=threads)
+                    g_res = ggml_q(w, tid)
                     g_costs[ty] = g_all = c32(w, g_res.values)
                     g_sub = c32(w[rows], g_res.values[rows], rows)
                     row_scale = g_all / g_sub if g_sub > 0 else None
@@ -392,7 +399,7 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
                                  "cost": g_all * l_sub / g_sub if g_sub > 0 else g_all}
                     continue
                 if estimating and not exact and row_scale is not None:   # ggml on the rows too, scaled
-                    g_res = quantize_tensor(_plan(p, tid), w[rows], importance=diag, threads=threads)
+                    g_res = ggml_q(w[rows], tid)
                     g_costs[ty] = c32(w[rows], g_res.values, rows) * row_scale
                     cands[ty] = {"bytes": nbytes, "cost": 0.0, "method": "estimate"}
                     continue
@@ -401,7 +408,7 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
                                        experts=_experts(t))
                     cands[ty] = {"bytes": nbytes, "cost": cost, "method": res.method}
                 if estimating:   # ggml's quantizer, importance diag(H), its error under the full H
-                    g_res = quantize_tensor(_plan(p, tid), w, importance=diag, threads=threads)
+                    g_res = ggml_q(w, tid)
                     g_costs[ty] = c32(w, g_res.values)
                     if not exact:
                         cands[ty] = {"bytes": nbytes, "cost": 0.0,

@@ -91,8 +91,11 @@ def quantize(gtype: int, x: np.ndarray, imatrix: np.ndarray | None = None, *,
     # Row ranges of about 64k values, handed to the threads as they come free (llama-quantize's
     # chunks are 32 × 512 values): big enough that the per-call overhead vanishes, small enough to
     # balance threads that run at different speeds (4 chunks per thread were 20 % slower on a
-    # 2-vCPU machine).  Each row is quantized independently, so the bytes do not depend on it.
-    n_chunks = min(nrows, max(1 if nrows * n_per_row < 65536 else 4 * threads, (nrows * n_per_row) >> 16))
+    # 2-vCPU machine); one per thread at least, four at most.  Each chunk takes the GIL to start and
+    # to finish, so a small tensor cut finer spends its time waiting for it wherever another thread
+    # runs Python (a GPU's feeder).  Each row is quantized independently, so the bytes do not depend on it.
+    total = nrows * n_per_row
+    n_chunks = min(nrows, 1 if total < 65536 else min(4 * threads, max(threads, total >> 16)))
     bounds = [nrows * i // n_chunks for i in range(n_chunks + 1)]
     imp = _ptr(imatrix) if imatrix is not None else None
     base = out.ctypes.data
