@@ -55,7 +55,9 @@ def wrap(obj, name, key=None):
 
 
 def main() -> None:
-    wrap(qt, "quantize_tensor", lambda a, k: ("ldlq:" if k.get("hessian") is not None else "ggml:")
+    wrap(qt, "quantize_tensor", lambda a, k: ("ldlq:" if k.get("hessian") is not None and k.get("ldlq") is not None
+                                              and qt.ldlq_fallback(a[0].dst_type, k["ldlq"], hessian=True,
+                                                                   experts=k.get("experts", 1)) is None else "ggml:")
          + type_name(a[0].dst_type) + (" {}x{}".format(*a[1].shape[:2]) if len(a) > 1 else ""))
     wrap(costs, "trace")
     wrap(costs, "proxy_cost")

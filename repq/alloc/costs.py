@@ -12,23 +12,17 @@ import numpy as np
 def proxy_cost(weight: np.ndarray, values: np.ndarray, *, hessian=None, importance: np.ndarray | None = None,
                rows: np.ndarray | None = None, lookup: tuple[np.ndarray, np.ndarray] | None = None) -> float:
     """tr(ΔW H ΔWᵀ) with a Hessian (torch, on any device, or numpy; n × n; computed in float64 where
-    it lies), else Σ_j imp_j ‖ΔW_:,j‖²; ΔW = values − weight.  With ``rows`` (one weight per output
+    it lies), else Σ_j imp_j ‖ΔW_:,j‖² (per expert with one importance slice each, as
+    :func:`repq.quant.importance.from_imatrix` gives it); ΔW = values − weight.  With ``rows`` (one weight per output
     row: :mod:`repq.alloc.fisher`) Σ_i rows_i (ΔW H ΔWᵀ)_ii, plus ``lookup`` = (u, c): Σ_ij u_i c_j ΔW_ij²."""
     if hessian is not None:
         import torch
 
         return trace(error(weight, values), torch.as_tensor(hessian).to(torch.float64), rows, lookup)
-    dw = error(weight, values)          # (rows, n)
-    return float((dw * dw).sum(axis=0) @ np.asarray(importance, np.float64))
-
-
-def cost32(w: np.ndarray, values: np.ndarray, h, rows=None, lookup=None) -> float:
-    """:func:`proxy_cost` in ``h``'s dtype and on its device (float32 on the CPU: ggml's errors, an
-    estimate's input), float64 sum."""
-    import torch
-
-    h = torch.as_tensor(h)
-    return trace(error(w, values, h), h, rows, lookup)
+    imp = np.asarray(importance, np.float64)
+    dw = error(weight, values)          # (rows, n); a 3-D expert tensor's experts one after another
+    k = imp.size // dw.shape[1]         # the importance holds one slice per expert
+    return float((dw * dw).reshape(k, -1, dw.shape[1]).sum(axis=1).ravel() @ imp)
 
 
 def error(w: np.ndarray, values: np.ndarray, like=None) -> np.ndarray:

@@ -106,7 +106,12 @@ def output_fisher(model: Transformer, chunks: np.ndarray, *, samples: int = 1, b
 def draw_labels(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """One label per row of ``logits`` (n, V), drawn from its softmax by the inverse CDF: one
     float64 uniform per row from ``gen`` (torch.multinomial draws an exponential per class: a
-    second on a CPU for 1024 tokens of a 49k vocabulary)."""
+    second on a CPU for 1024 tokens of a 49k vocabulary).
+
+    Raises:
+        UsageError: a row whose logits are not finite (NaN, or all −inf)."""
     cdf = torch.softmax(logits, -1, dtype=torch.float64).cumsum_(-1)
+    if not bool(torch.isfinite(cdf[:, -1]).all()):
+        raise UsageError("Fisher: the model's logits are not finite (NaN or Inf weights in the model?)")
     u = torch.rand(len(cdf), 1, generator=gen, device=logits.device, dtype=torch.float64) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=logits.shape[1] - 1)

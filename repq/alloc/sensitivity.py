@@ -265,7 +265,7 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
     from ..io.gguf_file import GGUFModel
     from ..quant import importance as importance_rules
     from ..quant.pipeline import check_imatrix, plan_model, tensor_f32
-    from ..quant.tensor import LdlqOptions, has_ldlq_grid, quantize_tensor
+    from ..quant.tensor import LdlqOptions, ldlq_fallback, quantize_tensor
 
     if (hessian_dir is None) == (imatrix_path is None):
         raise UsageError("pass exactly one of --hessian DIR and --imatrix FILE")
@@ -350,9 +350,10 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
                 return rw[sel], None if lk is None else (lk[0][sel], lk[1])
 
             def ldlq_q(x: np.ndarray, tid: int, sel=None, **kw):
-                # LDLQ on the device with H already there; a type without a grid (F16) is ggml's
-                # conversion on the host, beside the other tensor's device work
-                grid = h is not None and has_ldlq_grid(tid)
+                # LDLQ on the device with H already there; where it falls back to ggml (F16: no
+                # grid), ggml's quantizer on the host, beside the other tensor's device work
+                grid = h is not None and kw.get("ldlq") is not None and ldlq_fallback(
+                    tid, kw["ldlq"], hessian=True, experts=kw.get("experts", 1)) is None
                 with gpu if grid else host:
                     res = quantize_tensor(_plan(p, tid), x, hessian=h_cost if grid else h,
                                           device=device if grid else "cpu", threads=threads, **kw)

@@ -163,9 +163,18 @@ def check_hessian(name: str, h, n_per_row: int) -> None:
                              hint="collect it again with `repq hessian`")
 
 
-def has_ldlq_grid(gtype: int) -> bool:
-    """Whether LDLQ can round onto ``gtype``'s grid (else :func:`quantize_tensor` takes ggml's quantizer)."""
-    return grids.supported(gtype) or iq_grids.supported(gtype) or iq1_grids.supported(gtype)
+def ldlq_fallback(gtype: int, ldlq: LdlqOptions, *, hessian: bool, experts: int = 1) -> str | None:
+    """Why :func:`quantize_tensor` with these LDLQ settings takes ggml's quantizer for ``gtype``
+    instead (None: LDLQ runs)."""
+    if not hessian:
+        return "no Hessian"
+    if experts > 1:
+        return "3-D expert tensor"
+    if not (grids.supported(gtype) or iq_grids.supported(gtype) or iq1_grids.supported(gtype)):
+        return f"no LDLQ grid for {type_name(gtype)}"
+    if (iq_grids.supported(gtype) or iq1_grids.supported(gtype)) and ldlq.scales != "static":
+        return f"no dynamic-scale LDLQ for {type_name(gtype)}"
+    return None
 
 
 def quantize_tensor(plan: mix.TensorPlan, weight: np.ndarray, *, hessian=None,
@@ -202,16 +211,7 @@ def quantize_tensor(plan: mix.TensorPlan, weight: np.ndarray, *, hessian=None,
         hessian = torch.as_tensor(hessian).to(device if ldlq is not None else "cpu", torch.float64)
         check_hessian(plan.name, hessian, n)
         importance = importance_rules.from_hessian(hessian)
-    reason = None
-    if ldlq is not None:
-        if hessian is None:
-            reason = "no Hessian"
-        elif experts > 1:
-            reason = "3-D expert tensor"
-        elif not has_ldlq_grid(plan.dst_type):
-            reason = f"no LDLQ grid for {type_name(plan.dst_type)}"
-        elif (iq_grids.supported(plan.dst_type) or iq1_grids.supported(plan.dst_type)) and ldlq.scales != "static":
-            reason = f"no dynamic-scale LDLQ for {type_name(plan.dst_type)}"
+    reason = None if ldlq is None else ldlq_fallback(plan.dst_type, ldlq, hessian=hessian is not None, experts=experts)
     if ldlq is None or reason is not None:
         try:   # ggml's path checks finiteness in its worker threads (no extra pass over the weight)
             raw = _ggml_quantize(plan.dst_type, weight, importance, experts, threads)

@@ -43,7 +43,7 @@ def test_two_workers_on_cuda_give_one_workers_file(model_dir, proxy):
     from repq.commands.sensitivity import kl_probe
 
     probe, kl_config = kl_probe(model_dir / "m.gguf", model_dir / "text.txt", 2, 64, "cuda")
-    kw = dict(types=["IQ2_XS", "IQ3_S", "Q3_K", "Q4_0", "Q8_0"], hessian_dir=str(model_dir / "h"), proxy=proxy,
+    kw = dict(types=["IQ2_XS", "IQ3_S", "Q3_K", "Q4_0", "Q8_0", "F16"], hessian_dir=str(model_dir / "h"), proxy=proxy,
               device="cuda", probe=probe, kl_config=kl_config, ref_rows=64)
     one = compute(model_dir / "m.gguf", **kw, workers=1).to_json()["tensors"]
     two = compute(model_dir / "m.gguf", **kw, workers=2).to_json()["tensors"]

@@ -28,3 +28,15 @@ def test_the_generator_decides_the_draws():
     c = draw_labels(logits, torch.Generator().manual_seed(6))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.dtype == torch.int64 and a.shape == (64,) and int(a.max()) < 300
+
+
+def test_non_finite_logits_are_refused():
+    import pytest
+
+    from repq.errors import UsageError
+
+    for bad in (float("nan"), float("-inf")):
+        logits = torch.zeros(3, 5)
+        logits[1] = bad
+        with pytest.raises(UsageError, match="not finite"):
+            draw_labels(logits, torch.Generator().manual_seed(0))

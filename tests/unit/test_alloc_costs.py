@@ -1,0 +1,37 @@
+"""repq.alloc.costs: the proxy costs against direct computations."""
+
+import numpy as np
+import torch
+
+from repq.alloc import costs
+
+
+def test_imatrix_cost_of_a_3d_expert_tensor_weights_each_expert_by_its_own_slice():
+    rng = np.random.default_rng(0)
+    e, rows, n = 3, 4, 8
+    w = rng.standard_normal((e * rows, n)).astype(np.float32)
+    q = w + rng.standard_normal(w.shape).astype(np.float32) * 0.1
+    imp = rng.random(e * n)
+    want = sum(float(((q[i * rows:(i + 1) * rows] - w[i * rows:(i + 1) * rows]).astype(np.float64) ** 2).sum(0)
+                     @ imp[i * n:(i + 1) * n]) for i in range(e))
+    assert abs(costs.proxy_cost(w, q, importance=imp) - want) < 1e-9 * want
+    # one expert: the plain sum
+    assert abs(costs.proxy_cost(w, q, importance=imp[:n]) - float(((q - w).astype(np.float64) ** 2).sum(0) @ imp[:n])) < 1e-9
+
+
+def test_hessian_cost_row_weights_and_lookup_term():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((5, 6)).astype(np.float32)
+    q = w + rng.standard_normal(w.shape).astype(np.float32) * 0.1
+    x = rng.standard_normal((6, 20))
+    h = x @ x.T / 20
+    d = (q - w).astype(np.float64)
+    rows, u, c = rng.random(5), rng.random(5), rng.random(6)
+    assert abs(costs.proxy_cost(w, q, hessian=h) - np.trace(d @ h @ d.T)) < 1e-9
+    want = float(np.diag(d @ h @ d.T) @ rows + u @ (d ** 2) @ c)
+    got = costs.proxy_cost(w, q, hessian=torch.as_tensor(h), rows=rows, lookup=(u, c))
+    assert abs(got - want) < 1e-9 * abs(want)
+    # float32 H: ΔW formed in float32, the sum in float64
+    assert costs.error(w, q, torch.zeros(1, dtype=torch.float32)).dtype == np.float32
+    got32 = costs.trace(costs.error(w, q, torch.as_tensor(h, dtype=torch.float32)), torch.as_tensor(h, dtype=torch.float32))
+    assert abs(got32 - np.trace(d @ h @ d.T)) < 1e-5 * np.trace(d @ h @ d.T)
