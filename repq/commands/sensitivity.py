@@ -48,7 +48,7 @@ def sensitivity(
 
         repq sensitivity model-f32.gguf --hessian hess/ -o sens-kl.json --kl-data calib.txt --kl-chunks 16 --device cuda
 
-        repq sensitivity model-f32.gguf --hessian hess/ -o sens-fast.json --proxy estimate --kl-data calib.txt --kl-chunks 8 --kl-samples 1
+        repq sensitivity model-f32.gguf --hessian hess/ -o sens-fast.json --proxy estimate --kl-data calib.txt --kl-chunks 8
 
         repq quantize model-f32.gguf q.gguf --target-size 90MB --hessian hess/ --sensitivity sens.json
     """
