@@ -19,6 +19,12 @@
 #            answers (onp: --on-policy ONPOLICY_TOKENS), DATA_SRCS of them, at each of DATA_STEPS steps
 #            per group, and (ALLOC_CTL=1) --target-size without Q4_K/Q5_K (the Q4_1-source artefact
 #            control), side by side; tags distill-SRC-FMT-STEPS
+#   distill_alloc  (issues 14, 15) --target-size ALLOC_SIZE (88202048: llama.cpp's Q3_K_S = IQ3_S bytes)
+#            without Q4_1/Q5_1/Q4_K/Q5_K (this model's Q4_1-source artefact), STEPS per group, one run per
+#            SRC:SENS[:FTYPE] of ALLOC_RUNS side by side: SRC lib (library text) or mix (MIX); SENS sens
+#            (the committed every-candidate file) or fisher (FISHER_SENS, a default `repq sensitivity
+#            --kl-data` file); FTYPE: the size of prep's llama.cpp file of that ftype instead of
+#            ALLOC_SIZE; tags distill-alloc-ctl-SRC-SENS[-FTYPE]-STEPS
 #   DEADLINE (epoch seconds): distillations are cut then instead of after DISTILL_TIMEOUT.
 #   distill_kl  (issue 16) Q3_K_S distillation with each of KLS (forward reverse symmetric; --kl) on each
 #            of KL_SRCS (onp: on-policy teacher answers; mix: the mixture), KL_STEPS steps per group, side by side
@@ -33,12 +39,12 @@ export PYTHONPATH=/tmp/site:$PWD REPQ_CACHE=/tmp/rc PYTHONUNBUFFERED=1 LLAMA_CPP
 F=/tmp/rc/models/smollm2-135m-f32.gguf W=/tmp/wd/study B=native/build/bin
 DATA=${DATA:-.carry/d/mixlib-52k.jsonl}
 STEPS=${STEPS:-300} LIMIT=${LIMIT:-500} LEVELS=${LEVELS:-1-5} DISTILL_TIMEOUT=${DISTILL_TIMEOUT:-540}
-SENS=benchmarks/results/alloc_frontier_h200/sens.json
+SENS=benchmarks/results/alloc_frontier_h200/sens.json FISHER_SENS=${FISHER_SENS:-.carry/d/sens-fisher.json}
 BEST_OF_SIZE=${BEST_OF_SIZE-IQ3_S IQ4_NL}   # llama.cpp files beside Q3_K_S / Q4_0 in the study (empty: none)
 LDLQ_FTYPES=${LDLQ_FTYPES:-Q3_K_S Q4_0}     # llama-quantize --imatrix and repq LDLQ files of prep
 R=$W/results.txt
 mkdir -p $W; T=.carry/b
-[ -f $W/started ] || { date > $W/started; sha256sum $DATA .carry/b/library-512.npy $SENS $T/*.txt >> $R; }
+[ -f $W/started ] || { date > $W/started; sha256sum $DATA .carry/b/library-512.npy $SENS $(ls $FISHER_SENS 2>/dev/null) $T/*.txt >> $R; }
 
 kld() {   # file label: one line per domain in $R
   for d in tutorial sysadmin fortunes; do
@@ -131,6 +137,18 @@ distill_data() {   # issue 16: distillation at each of DATA_FMTS on library text
   wait
 }
 
+distill_alloc() {
+  local run src s o size tag
+  for run in ${ALLOC_RUNS:-lib:sens mix:sens mix:fisher}; do
+    IFS=: read -r src s size <<< "$run"; tag=distill-alloc-ctl-${run//:/-}-$STEPS
+    case $src in lib) o="--data $LIB";; mix) o="--data ${MIX:-$W/mix.jsonl}";; *) echo "ALLOC_RUNS: $run?" >> $R; continue;; esac
+    case $s in sens) s=$SENS;; fisher) s=$FISHER_SENS;; *) echo "ALLOC_RUNS: $run?" >> $R; continue;; esac
+    if [ -n "$size" ]; then size=$(stat -c %s $W/llama-$size.gguf) || continue; else size=${ALLOC_SIZE:-88202048}; fi
+    distill_one $tag $STEPS $o --target-size $size --sensitivity $s --exclude-types Q4_1,Q5_1,Q4_K,Q5_K &
+  done
+  wait
+}
+
 distill_kl() {   # issue 16: the objective (KLS) on on-policy teacher answers (onp) and the mixture (mix),
                  # KL_SRCS; forward on both is distill_data's distill-{onp,mix}-Q3_K_S-$s
   local s=${KL_STEPS:-300} mix=${MIX:-$W/mix.jsonl} o
@@ -148,6 +166,7 @@ distill_kl() {   # issue 16: the objective (KLS) on on-policy teacher answers (o
 
 kld_all() {
   for f in $W/llama-*.gguf $W/ldlq-*.gguf $W/distill-*.gguf; do
+    [ -f $f ] || continue
     case $f in *distill*) grep -q "distill exit 0" ${f%.gguf}.status 2>/dev/null || continue;; esac
     kld $f "$(basename $f .gguf)"
   done
