@@ -24,7 +24,7 @@
 #            SRC:SENS[:FTYPE] of ALLOC_RUNS side by side: SRC lib (library text) or mix (MIX); SENS sens
 #            (the committed every-candidate file) or fisher (FISHER_SENS, a default `repq sensitivity
 #            --kl-data` file); FTYPE: the size of prep's llama.cpp file of that ftype instead of
-#            ALLOC_SIZE; tags distill-alloc-ctl-SRC-SENS[-FTYPE]-STEPS
+#            ALLOC_SIZE; default lib:sens mix:sens mix:fisher; tags distill-alloc-ctl-SRC-SENS[-FTYPE]-STEPS
 #   DEADLINE (epoch seconds): distillations are cut then instead of after DISTILL_TIMEOUT.
 #   distill_kl  (issue 16) Q3_K_S distillation with each of KLS (forward reverse symmetric; --kl) on each
 #            of KL_SRCS (onp: on-policy teacher answers; mix: the mixture), KL_STEPS steps per group, side by side
@@ -44,7 +44,7 @@ BEST_OF_SIZE=${BEST_OF_SIZE-IQ3_S IQ4_NL}   # llama.cpp files beside Q3_K_S / Q4
 LDLQ_FTYPES=${LDLQ_FTYPES:-Q3_K_S Q4_0}     # llama-quantize --imatrix and repq LDLQ files of prep
 R=$W/results.txt
 mkdir -p $W; T=.carry/b
-[ -f $W/started ] || { date > $W/started; sha256sum $DATA .carry/b/library-512.npy $SENS $(ls $FISHER_SENS 2>/dev/null) $T/*.txt >> $R; }
+[ -f $W/started ] || { date > $W/started; sha256sum $DATA .carry/b/library-512.npy $SENS $(ls $FISHER_SENS ${MIX:-} 2>/dev/null) $T/*.txt >> $R; }
 
 kld() {   # file label: one line per domain in $R
   for d in tutorial sysadmin fortunes; do
@@ -143,7 +143,10 @@ distill_alloc() {
     IFS=: read -r src s size <<< "$run"; tag=distill-alloc-ctl-${run//:/-}-$STEPS
     case $src in lib) o="--data $LIB";; mix) o="--data ${MIX:-$W/mix.jsonl}";; *) echo "ALLOC_RUNS: $run?" >> $R; continue;; esac
     case $s in sens) s=$SENS;; fisher) s=$FISHER_SENS;; *) echo "ALLOC_RUNS: $run?" >> $R; continue;; esac
-    if [ -n "$size" ]; then size=$(stat -c %s $W/llama-$size.gguf) || continue; else size=${ALLOC_SIZE:-88202048}; fi
+    if [ -n "$size" ]; then
+      [ -f $W/llama-$size.gguf ] || { echo "ALLOC_RUNS: $run: no llama-$size.gguf (BEST_OF_SIZE in prep)" >> $R; continue; }
+      size=$(stat -c %s $W/llama-$size.gguf)
+    else size=${ALLOC_SIZE:-88202048}; fi
     distill_one $tag $STEPS $o --target-size $size --sensitivity $s --exclude-types Q4_1,Q5_1,Q4_K,Q5_K &
   done
   wait
