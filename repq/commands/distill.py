@@ -185,62 +185,68 @@ def distill(
             out.log(f"allocated a mix for {alloc.target:,} bytes: predicted cost {alloc.result.cost:.4g} ({cfg.ftype} label)")
         dev, _ = runtime.configure_torch(device, "auto", threads)
         rank, world, dev = runtime.init_distributed(dev, always=shard, cpu_collectives=offload_optimizer)
-        if (dev.startswith("cuda") or gpu_memory) and not ignore_plan:   # before any model is loaded
-            from ..model.shapes import check_shape
-            from .planning import gpu_memory as budget_of
-            from .planning import refuse_if_too_big
-
-            budget, where = budget_of(gpu_memory)
-            check_shape(mcfg, str(model))
-            refuse_if_too_big(out, "distill", str(model), memory_plan(world, dev.startswith("cuda")), budget, where)
-        if gpu_memory:
-            from .planning import hold_allocator
-
-            hold_allocator(out, dev, gpu_memory)
         ckdir = checkpoint_dir or Path(str(out_path) + ".distill")
-        total = cfg.total_steps()
-        with out.progress("distill", total=total) as advance:
-            predicted = {(p.group, p.phase): p.peak for p in memory_plan(world, dev.startswith("cuda"))}
-            measured: list[dict] = []   # CUDA: each phase's peak allocation beside the plan's
+        res, measured = None, []   # measured: CUDA, each phase's peak allocation beside the plan's
+        if resume and world == 1:   # a finished run answers before any model is loaded
+            from ..distill.checkpoint import STATE_FILE, finished_result, run_identity
 
-            def on_event(ev: dict) -> None:
-                kind = ev["event"]
-                if kind in ("quantized", "trained") and dev.startswith("cuda"):
-                    import torch
+            res = finished_result(ckdir / STATE_FILE, run_identity(mcfg.fingerprint(), cfg, cal.fingerprint if cal else "",
+                                                                   world, shard), out_path)
+        if res is None:
+            if (dev.startswith("cuda") or gpu_memory) and not ignore_plan:   # before any model is loaded
+                from ..model.shapes import check_shape
+                from .planning import gpu_memory as budget_of
+                from .planning import refuse_if_too_big
 
-                    phase = "hessian" if kind == "quantized" else "train"
-                    # alloc_retries: allocations that had to free the allocator's cache first (slow; near a cap)
-                    retries = torch.cuda.memory_stats(dev).get("num_alloc_retries", 0)
-                    m = {"group": ev["group"], "phase": phase, "peak_bytes": torch.cuda.max_memory_allocated(dev),
-                         "plan_bytes": predicted.get((ev["group"], phase)),
-                         "alloc_retries": retries - sum(x["alloc_retries"] for x in measured)}
-                    torch.cuda.reset_peak_memory_stats(dev)
-                    measured.append(m)
-                    out.log(f"memory: {m['group']} {phase} peak {m['peak_bytes'] / 2**30:.2f} GiB "
-                            f"(plan {(m['plan_bytes'] or 0) / 2**30:.2f} GiB), {m['alloc_retries']} allocator retries")
-                if kind == "step":
-                    advance(1, desc=f"{ev['group']:<11} {ev['step']:>4}/{ev['steps']}  KL {ev['loss']:.4f}  "
-                                    f"{ev['tok_s']:,.0f} tok/s")
-                elif kind == "on_policy":
-                    out.log(f"{ev['group']}: the teacher generated {ev['sequences']} sequences "
-                            f"({ev['generated_positions']:,} generated positions)")
-                elif kind == "quantized":
-                    out.log(f"quantized {ev['group']} ({ev['tensors']} tensors)")
-                elif kind == "resumed":
-                    advance(ev["global_step"])
-                    out.log(f"resumed at {ev['group']} ({ev['phase']}, step {ev['step']}), "
-                            f"{ev['global_step']} steps done")
+                budget, where = budget_of(gpu_memory)
+                check_shape(mcfg, str(model))
+                refuse_if_too_big(out, "distill", str(model), memory_plan(world, dev.startswith("cuda")), budget, where)
+            if gpu_memory:
+                from .planning import hold_allocator
 
-            rt = RunOptions(device=dev, threads=threads or None, checkpoint_dir=str(ckdir),
-                         checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes, resume=resume, compile=compile_, shard=shard,
-                         offload_optimizer=offload_optimizer,
-                         log_path=str(ckdir / "metrics.jsonl"), keep_checkpoint=keep_checkpoint, on_event=on_event)
-            try:
-                res = Distiller(model, out_path, cal.chunks if cal else None, cfg, rt,
-                                data_fingerprint=cal.fingerprint if cal else "").run()
-            except KeyboardInterrupt:
-                out.log(f"interrupted: rerun with --resume to continue from {ckdir}/state.pt")
-                raise
+                hold_allocator(out, dev, gpu_memory)
+            total = cfg.total_steps()
+            with out.progress("distill", total=total) as advance:
+                predicted = {(p.group, p.phase): p.peak for p in memory_plan(world, dev.startswith("cuda"))}
+
+                def on_event(ev: dict) -> None:
+                    kind = ev["event"]
+                    if kind in ("quantized", "trained") and dev.startswith("cuda"):
+                        import torch
+
+                        phase = "hessian" if kind == "quantized" else "train"
+                        # alloc_retries: allocations that had to free the allocator's cache first (slow; near a cap)
+                        retries = torch.cuda.memory_stats(dev).get("num_alloc_retries", 0)
+                        m = {"group": ev["group"], "phase": phase, "peak_bytes": torch.cuda.max_memory_allocated(dev),
+                             "plan_bytes": predicted.get((ev["group"], phase)),
+                             "alloc_retries": retries - sum(x["alloc_retries"] for x in measured)}
+                        torch.cuda.reset_peak_memory_stats(dev)
+                        measured.append(m)
+                        out.log(f"memory: {m['group']} {phase} peak {m['peak_bytes'] / 2**30:.2f} GiB "
+                                f"(plan {(m['plan_bytes'] or 0) / 2**30:.2f} GiB), {m['alloc_retries']} allocator retries")
+                    if kind == "step":
+                        advance(1, desc=f"{ev['group']:<11} {ev['step']:>4}/{ev['steps']}  KL {ev['loss']:.4f}  "
+                                        f"{ev['tok_s']:,.0f} tok/s")
+                    elif kind == "on_policy":
+                        out.log(f"{ev['group']}: the teacher generated {ev['sequences']} sequences "
+                                f"({ev['generated_positions']:,} generated positions)")
+                    elif kind == "quantized":
+                        out.log(f"quantized {ev['group']} ({ev['tensors']} tensors)")
+                    elif kind == "resumed":
+                        advance(ev["global_step"])
+                        out.log(f"resumed at {ev['group']} ({ev['phase']}, step {ev['step']}), "
+                                f"{ev['global_step']} steps done")
+
+                rt = RunOptions(device=dev, threads=threads or None, checkpoint_dir=str(ckdir),
+                             checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes, resume=resume, compile=compile_, shard=shard,
+                             offload_optimizer=offload_optimizer,
+                             log_path=str(ckdir / "metrics.jsonl"), keep_checkpoint=keep_checkpoint, on_event=on_event)
+                try:
+                    res = Distiller(model, out_path, cal.chunks if cal else None, cfg, rt,
+                                    data_fingerprint=cal.fingerprint if cal else "").run()
+                except KeyboardInterrupt:
+                    out.log(f"interrupted: rerun with --resume to continue from {ckdir}/state.pt")
+                    raise
         if rank != 0:
             return
         last = res.metrics[-1] if res.metrics else {}

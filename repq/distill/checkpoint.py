@@ -100,6 +100,27 @@ def save_finished(state_path: Path, identity: dict, output: str | Path, report: 
     atomic_write_bytes(state_path.parent / FINISHED_FILE, json.dumps(rec, default=str).encode())
 
 
+def run_identity(fingerprint: str, cfg, data_fingerprint: str, world: int, sharded: bool) -> dict:
+    """What a checkpoint and a finished run's record must match: the model (its config's
+    fingerprint), the settings (a :class:`repq.distill.config.DistillConfig`), the data and, unsharded,
+    the number of processes (a sharded checkpoint, Distributed Checkpoint, reshards to any)."""
+    return {"fingerprint": fingerprint, "ftype": cfg.ftype, "config": cfg.identity(), "data": data_fingerprint,
+            "world": "any" if sharded else world, "sharded": sharded,
+            "settings": json.dumps(cfg.to_dict(), sort_keys=True, default=str)}
+
+
+def finished_result(state_path: Path, identity: dict, output: str | Path, dist=None, student=None):
+    """:func:`finished_report` as the :class:`repq.distill.config.DistillResult` of a run that had
+    nothing left to do (``already_finished``), or None."""
+    from .config import DistillResult
+
+    done = finished_report(state_path, identity, output, dist)
+    if done is None:
+        return None
+    return DistillResult(str(output), done["file_bytes"], done["tensors"], done["metrics"], 0.0, done["tokens"],
+                         done["global_step"], student, already_finished=True)
+
+
 def finished_report(state_path: Path, identity: dict, output: str | Path, dist=None) -> dict | None:
     """The report of a finished run of ``identity`` whose ``output`` is still the file it wrote;
     None when there is no such record (none, unreadable, another run's, or the file changed).

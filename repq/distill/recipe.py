@@ -180,10 +180,7 @@ class Distiller:
 
     # ---------------------------------------------------------------- state
     def _identity(self) -> dict:
-        # a sharded checkpoint (Distributed Checkpoint) reshards to any number of processes
-        return {"fingerprint": self.fingerprint, "ftype": self.cfg.ftype, "config": self.cfg.identity(),
-                "data": self.data_fingerprint, "world": "any" if self.sharded else self.world,
-                "sharded": self.sharded, "settings": json.dumps(self.cfg.to_dict(), sort_keys=True, default=str)}
+        return checkpoint.run_identity(self.fingerprint, self.cfg, self.data_fingerprint, self.world, self.sharded)
 
     def _state_path(self) -> Path | None:
         return Path(self.rt.checkpoint_dir) / STATE_FILE if self.rt.checkpoint_dir else None
@@ -391,10 +388,10 @@ class Distiller:
         gi0, phase, step0, gstep, resumed = 0, "quantize", 0, 0, None
         opt_state = None
         path = self._state_path()
-        done = checkpoint.finished_report(path, self._identity(), self.out, self.dist) if self.rt.resume and path else None
+        done = (checkpoint.finished_result(path, self._identity(), self.out, self.dist, self.student)
+                if self.rt.resume and path else None)
         if done is not None:   # killed after it wrote the GGUF and its record: nothing left to do
-            return DistillResult(self.out, done["file_bytes"], done["tensors"], done["metrics"], 0.0, done["tokens"],
-                                 done["global_step"], self.student, already_finished=True)
+            return done
         if self.rt.resume and path is not None and path.exists():
             state = load_state(path, self._identity())
             self._restore(state)

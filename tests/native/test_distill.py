@@ -326,6 +326,39 @@ def test_resume_of_a_finished_run_does_nothing(tiny, tmp_path):
     assert not again.already_finished and again.resumed_from is None and out.read_bytes() == data
 
 
+def test_cli_resume_of_a_finished_run_loads_no_model(tiny, tmp_path, monkeypatch):
+    """`repq distill --resume` after a finished run answers from its record before any model is
+    loaded (a 70B student and teacher take minutes to load), with the same report; other settings
+    are not that run, and start over (here: stopped at the model load)."""
+    from typer.testing import CliRunner
+
+    import repq.distill.recipe as recipe
+    from repq.cli import app
+
+    src, text, _ = tiny
+    out = tmp_path / "q.gguf"
+    args = ["distill", str(src), str(out), "--fmt", "Q4_0", "--data", str(text), "--seq-len", str(SEQ), "--batch", "4",
+            "--steps-per-group", "2", "--hessian-chunks", "8", "--threads", "2", "--device", "cpu", "--json"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    mtime = out.stat().st_mtime_ns
+
+    class NoLoad(RuntimeError):
+        pass
+
+    def refuse(*_a, **_k):
+        raise NoLoad("a model was loaded")
+
+    monkeypatch.setattr(recipe, "load_model", refuse)
+    again = CliRunner().invoke(app, args + ["--resume"])
+    assert again.exit_code == 0, again.output
+    a, b = json.loads(first.stdout), json.loads(again.stdout)
+    assert b["already_finished"] and not a["already_finished"] and out.stat().st_mtime_ns == mtime
+    assert (b["file_bytes"], b["tokens"], b["tensors"]) == (a["file_bytes"], a["tokens"], a["tensors"])
+    other = CliRunner().invoke(app, [x if x != "2" else "3" for x in args] + ["--resume"])   # 3 steps per group
+    assert other.exit_code != 0 and "a model was loaded" in other.output
+
+
 def test_cli_kill_and_resume(tiny, tmp_path):
     """A real SIGINT in the middle of a CLI run, then --resume: same bytes as an uninterrupted run."""
     src, text, _ = tiny
