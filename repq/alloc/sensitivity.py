@@ -359,18 +359,14 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
                                           device=device if grid else "cpu", threads=threads, **kw)
                 if h is None:
                     return res, costs.proxy_cost(x, res.values, importance=imp)
-                dw = costs.error(x, res.values)   # the host's part outside the lock
-                with gpu:
-                    return res, costs.trace(dw, h_cost, *weights(sel))
+                return res, costs.blocked_trace(x, res.values, h_cost, *weights(sel), lock=gpu)
 
             def ggml_q(x: np.ndarray, tid: int):   # ggml's quantizer, importance diag(H)
                 with host:
                     return quantize_tensor(_plan(p, tid), x, importance=diag, threads=threads)
 
             def c32(x: np.ndarray, values: np.ndarray, sel=None) -> float:
-                dw = costs.error(x, values, h32)
-                with gpu:
-                    return costs.trace(dw, h32, *weights(sel))
+                return costs.blocked_trace(x, values, h32, *weights(sel), like=h32, lock=gpu)
 
             if estimating:
                 g_costs = {}

@@ -35,3 +35,32 @@ def test_hessian_cost_row_weights_and_lookup_term():
     assert costs.error(w, q, torch.zeros(1, dtype=torch.float32)).dtype == np.float32
     got32 = costs.trace(costs.error(w, q, torch.as_tensor(h, dtype=torch.float32)), torch.as_tensor(h, dtype=torch.float32))
     assert abs(got32 - np.trace(d @ h @ d.T)) < 1e-5 * np.trace(d @ h @ d.T)
+
+
+def test_blocked_trace_equals_the_whole_tensor_trace():
+    """Row blocks of any size (one row; rows that do not divide the tensor; the whole) give the
+    whole tensor's cost, row weights and the lookup term sliced with the rows, and the lock is
+    taken once per block."""
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((13, 6)).astype(np.float32)
+    q = w + rng.standard_normal(w.shape).astype(np.float32) * 0.1
+    x = rng.standard_normal((6, 20))
+    h = torch.as_tensor(x @ x.T / 20)
+    rows, u, c = rng.random(13), rng.random(13), rng.random(6)
+    whole = costs.trace(costs.error(w, q), h, rows, (u, c))
+
+    class Count:
+        n = 0
+
+        def __enter__(self):
+            Count.n += 1
+
+        def __exit__(self, *a):
+            return False
+
+    for block, blocks in ((1, 13), (6, 13), (24, 4), (60, 2), (10**6, 1)):
+        Count.n = 0
+        got = costs.blocked_trace(w, q, h, rows, (u, c), lock=Count(), block=block)
+        assert abs(got - whole) < 1e-12 * abs(whole) and Count.n == blocks, block
+    plain = costs.blocked_trace(w, q, h, block=30)
+    assert abs(plain - costs.trace(costs.error(w, q), h)) < 1e-12 * plain
