@@ -3,7 +3,9 @@ KL-weighted form (one weight per output row from the output-side Fisher, :mod:`r
 what :mod:`repq.alloc.sensitivity` records per tensor and type.  :func:`error` (host) and
 :func:`trace` (H's device) are the two halves, so that a caller can form ΔW while another thread
 holds the device; :func:`blocked_trace` takes them in row blocks, so that the host never holds a
-whole large tensor's ΔW (a 70B model's untied head: 8 GB in float64)."""
+whole large tensor's ΔW (a 70B model's untied head: 8 GB in float64).  :func:`expected_row_costs`
+is the cost per row that a quantizer without error feedback is expected to have, up to a common
+factor: what :mod:`repq.alloc.sensitivity` scales a row subset's costs to the whole tensor by."""
 
 from __future__ import annotations
 
@@ -70,3 +72,24 @@ def blocked_trace(w: np.ndarray, values: np.ndarray, h, rows=None, lookup=None, 
         with lock:
             total += trace(dw, h, r, lk)
     return total
+
+
+def expected_row_costs(w: np.ndarray, h_diag: np.ndarray, rows=None, lookup=None, *, block: int = BLOCK) -> np.ndarray:
+    """Per row of ``w`` (n_rows, n), the expected ``(ΔW H ΔWᵀ)_ii`` (× ``rows_i``, plus the lookup
+    term as in :func:`proxy_cost`) of a quantizer that rounds each block of 32 weights on a grid
+    scaled by the block's largest magnitude, with independent errors, up to one factor common to
+    every row: Σ_b amax_ib² Σ_{j∈b} H_jj.  Its ratios between rows follow ggml's quantizers' within
+    a few percent on the reference model (every type, 723 tensor × type pairs: sd of the log ratio
+    0.054), and no source grid zeroes it, as one of ggml's types may (a Q8_0 source and Q8_0)."""
+    n = w.shape[1]
+    g = 32 if n % 32 == 0 else 1
+    d = np.asarray(h_diag, np.float64).reshape(-1, g).sum(1)
+    c = None if lookup is None else np.asarray(lookup[1], np.float64).reshape(-1, g).sum(1)
+    out = np.empty(w.shape[0], np.float64)
+    step = max(1, block // max(1, n))
+    for i in range(0, w.shape[0], step):
+        a = np.abs(w[i:i + step]).reshape(-1, n // g, g).max(-1).astype(np.float64) ** 2
+        out[i:i + step] = a @ d if rows is None else (a @ d) * rows[i:i + step]
+        if c is not None:
+            out[i:i + step] += (a @ c) * lookup[0][i:i + step]
+    return out

@@ -15,10 +15,10 @@ tensors of the tensor's group (tensors with the same candidate list: here the 57
 1536-wide ones) — median over the group's samples, 1 where a group has none.  The reference type's
 cost, every sample tensor's costs and F16 (no LDLQ grid: ggml's conversion is the exact path) are
 exact, and say so in ``method``, except on tensors of more than 2 · ``ref_rows`` rows
-(:func:`repq.alloc.sensitivity.compute`): there ggml at the other types runs on ``ref_rows`` evenly
-spaced rows, scaled by ggml's whole-tensor / rows cost at the reference type, and so does LDLQ at the
-reference type (``estimate (rows)``; on the reference model 2.4–3.2× one quantization instead of
-3.5–4.3×) where no KL probe needs the whole tensor's LDLQ values.
+(:func:`repq.alloc.sensitivity.compute`): there ggml runs on ``ref_rows`` evenly spaced rows, scaled
+by the whole-tensor / rows ratio of the expected cost without error feedback
+(:func:`repq.alloc.costs.expected_row_costs`), and so does LDLQ at the
+reference type (``estimate (rows)``) where no KL probe needs the whole tensor's LDLQ values.
 """
 
 from __future__ import annotations

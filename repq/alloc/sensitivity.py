@@ -247,11 +247,11 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
             tensors per candidate list, ggml's quantizer scaled by the measured LDLQ gain on the
             rest: :mod:`repq.alloc.estimate`).
         ref_rows: ``estimate``: on a tensor of more than twice this many rows, not a sample, ggml's
-            costs of the types other than the reference are taken on this many evenly spaced rows,
-            × ggml's whole/rows cost ratio at the reference type; and unless the KL probe measures
-            the tensor (it needs the whole tensor's LDLQ values), LDLQ at the reference type runs on
-            those rows only (LDLQ's rows are independent given H): its cost is ggml's whole-tensor
-            cost × LDLQ's gain over ggml on the rows (method ``estimate (rows)``).
+            costs are taken on this many evenly spaced rows, × the whole/rows ratio of the
+            expected cost without error feedback (:func:`repq.alloc.costs.expected_row_costs`); and
+            unless the KL probe measures the tensor (it needs the whole tensor's LDLQ values),
+            LDLQ at the reference type runs on those rows only (LDLQ's rows are independent given
+            H), its cost scaled by the same ratio (method ``estimate (rows)``).
         fisher: Hessian mode: the output-side Fisher's row weights (:mod:`repq.alloc.fisher`): every
             cost is then the predicted KL, ½ Σ_i D_ii (ΔW H ΔWᵀ)_ii (scale 1); not with ``probe``.
         workers: tensors measured at once (0: 2 with a CUDA device, where one's ggml work on the
@@ -376,29 +376,26 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
             rows = (np.unique(np.linspace(0, w.shape[0] - 1, ref_rows).round().astype(np.int64))
                     if estimating and p.name not in sample and w.shape[0] > 2 * ref_rows
                     and _experts(t) == 1 else None)
-            row_scale = None   # ggml's whole-tensor cost / its cost on the rows, at the reference type
-            for ty in ([ref] + [x for x in ctypes if x != ref]) if rows is not None else ctypes:
+            row_scale = None   # the whole tensor's expected cost / the rows'
+            if rows is not None:
+                per = costs.expected_row_costs(w, h.diagonal().clamp_min(0).cpu().numpy(), *weights(None))
+                row_scale = float(per.sum() / per[rows].sum()) if per[rows].sum() > 0 else None
+                rows = rows if row_scale is not None else None
+            for ty in ctypes:
                 tid = type_id(ty)
                 nbytes = t.n_rows * row_size(tid, t.n_per_row)
                 exact = not estimating or ty == ref or p.name in sample or tid == F16   # F16: no LDLQ grid
-                if exact and ty == ref and rows is not None and tid != F16:
-                    g_res = ggml_q(w, tid)
-                    g_costs[ty] = g_all = c32(w, g_res.values)
-                    g_sub = c32(w[rows], g_res.values[rows], rows)
-                    row_scale = g_all / g_sub if g_sub > 0 else None
-                    if ty in measured:   # the KL probe measures the whole tensor's LDLQ: that cost is exact
-                        res, cost = ldlq_q(w, tid, ldlq=ldlq)
-                        cands[ty] = {"bytes": nbytes, "cost": cost,
-                                     "method": res.method, "kl": kl(res.values)}
-                        continue
-                    _, l_sub = ldlq_q(w[rows], tid, rows, ldlq=ldlq)
-                    cands[ty] = {"bytes": nbytes, "method": "estimate (rows)",
-                                 "cost": g_all * l_sub / g_sub if g_sub > 0 else g_all}
-                    continue
-                if estimating and not exact and row_scale is not None:   # ggml on the rows too, scaled
+                if rows is not None and tid != F16 and (ty == ref or not exact):   # ggml on the rows, scaled
                     g_res = ggml_q(w[rows], tid)
                     g_costs[ty] = c32(w[rows], g_res.values, rows) * row_scale
-                    cands[ty] = {"bytes": nbytes, "cost": 0.0, "method": "estimate"}
+                    if ty != ref:
+                        cands[ty] = {"bytes": nbytes, "cost": 0.0, "method": "estimate"}
+                    elif ty in measured:   # the KL probe measures the whole tensor's LDLQ: that cost is exact
+                        res, cost = ldlq_q(w, tid, ldlq=ldlq)
+                        cands[ty] = {"bytes": nbytes, "cost": cost, "method": res.method, "kl": kl(res.values)}
+                    else:
+                        _, l_sub = ldlq_q(w[rows], tid, rows, ldlq=ldlq)
+                        cands[ty] = {"bytes": nbytes, "method": "estimate (rows)", "cost": l_sub * row_scale}
                     continue
                 if exact:
                     res, cost = ldlq_q(w, tid, importance=imp, ldlq=ldlq if hessian_dir else None,

@@ -320,6 +320,31 @@ def test_reference_cost_from_a_subset_of_rows(hfiles):
     assert n >= 3
 
 
+@pytest.mark.parametrize("ty", ["Q4_0", "IQ4_NL", "Q2_K", "IQ3_S", "Q8_0"])
+def test_expected_row_costs_follow_ggml_between_rows(native, ty):
+    """The row scale of --proxy estimate: on a weight whose rows differ 100× in magnitude and in the
+    columns they weigh, with a correlated H, ggml's whole-tensor / rows cost ratio (importance diag H, its error under the full
+    H) is what :func:`repq.alloc.costs.expected_row_costs` predicts, within 10 %."""
+    import torch
+    from helpers import correlated_layer
+
+    from repq.alloc import costs
+    from repq.ggml import quants
+    from repq.quant import importance
+
+    w, h = correlated_layer(256, 512, 2048, seed=5)
+    w *= (10.0 ** np.linspace(-1, 1, 512)[:, None]).astype(np.float32)   # row magnitudes 0.1 … 10
+    hot = np.diag(h) > 3 * np.median(np.diag(h))   # the outlier input channels
+    w[np.ix_(np.random.default_rng(6).random(512) < 0.5, hot)] *= 4   # half the rows weigh them more
+    rows = np.arange(0, 384, 6)   # 64 rows, not representative: a ratio far from 512 / 64
+    tid = type_id(ty)
+    q = quants.dequantize(tid, quants.quantize(tid, w, importance.from_hessian(h), threads=1), 256).reshape(w.shape)
+    ht = torch.as_tensor(h)
+    got = costs.blocked_trace(w, q, ht) / costs.blocked_trace(w[rows], q[rows], ht)
+    per = costs.expected_row_costs(w, np.diag(h))
+    assert got == pytest.approx(per.sum() / per[rows].sum(), rel=0.10)
+
+
 def test_probed_tensors_take_their_other_types_from_the_rows_too(hfiles, tmp_path):
     """--proxy estimate --kl-data: a KL-probed tensor keeps the whole tensor's LDLQ at its reference type
     (the probe measures those values: exact cost, method ldlq), but ggml's costs of its other types come

@@ -65,3 +65,25 @@ def test_blocked_trace_equals_the_whole_tensor_trace():
         assert abs(got - whole) < 1e-12 * abs(whole) and Count.n == blocks, block
     plain = costs.blocked_trace(w, q, h, block=30)
     assert abs(plain - np.trace(d @ h.numpy() @ d.T)) < 1e-12 * plain
+
+
+def test_expected_row_costs_against_a_loop():
+    """Σ_b amax_ib² Σ_{j∈b} H_jj per row (blocks of 32 columns; single columns where 32 does not
+    divide the row), × the row weights, plus the lookup term; the same in row blocks of any size."""
+    rng = np.random.default_rng(3)
+    for n in (64, 40):
+        g = 32 if n % 32 == 0 else 1
+        w = (rng.standard_normal((11, n)) * rng.random((11, 1)) * 10).astype(np.float32)
+        hd, rows, u, c = rng.random(n), rng.random(11), rng.random(11), rng.random(n)
+        want = np.zeros(11)
+        for i in range(11):
+            for b in range(n // g):
+                cols = slice(b * g, (b + 1) * g)
+                amax2 = float(np.abs(w[i, cols]).max()) ** 2
+                want[i] += amax2 * (rows[i] * hd[cols].sum() + u[i] * c[cols].sum())
+        for block in (1, n * 3, 10**6):
+            got = costs.expected_row_costs(w, hd, rows, (u, c), block=block)
+            assert np.allclose(got, want, rtol=1e-12), (n, block)
+        plain = costs.expected_row_costs(w, hd)
+        assert np.allclose(plain, [sum(float(np.abs(w[i, b * g:(b + 1) * g]).max()) ** 2 * hd[b * g:(b + 1) * g].sum()
+                                       for b in range(n // g)) for i in range(11)], rtol=1e-12)
