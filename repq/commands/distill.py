@@ -146,6 +146,10 @@ def distill(
             raise UsageError(f"{', '.join(alloc_only)} only apply with --target-size or --target-bpw")
         if batch_tokens and n_batch < 1:
             raise UsageError(f"--batch-tokens {batch_tokens} is less than one sequence of {seq_len}")
+        if gpu_memory:   # a bad size fails now, also when --resume finds the run finished
+            from .planning import gpu_memory as budget_of
+
+            budget_of(gpu_memory)
         cfg = DistillConfig(ftype=(fmt or "Q8_0").upper(), groups=groups_, steps_per_group=steps_per_group,
                             lr=lr, warmup=warmup, batch=n_batch, seq_len=seq_len, hessian_chunks=hessian_chunks,
                             damp=damp, hess_shrink=hess_shrink, kl=kl.lower(), kl_chunk=kl_chunk, seed=seed, on_policy=on_policy, prompts=prompts,

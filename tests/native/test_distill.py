@@ -355,6 +355,8 @@ def test_cli_resume_of_a_finished_run_loads_no_model(tiny, tmp_path, monkeypatch
     a, b = json.loads(first.stdout), json.loads(again.stdout)
     assert b["already_finished"] and not a["already_finished"] and out.stat().st_mtime_ns == mtime
     assert (b["file_bytes"], b["tokens"], b["tensors"]) == (a["file_bytes"], a["tokens"], a["tensors"])
+    bad = CliRunner().invoke(app, args + ["--resume", "--gpu-memory", "lots"])   # checked before the record
+    assert bad.exit_code == 2 and "--gpu-memory 'lots'" in bad.output and out.stat().st_mtime_ns == mtime
     args[args.index("--steps-per-group") + 1] = "3"   # other settings: not that run
     other = CliRunner().invoke(app, args + ["--resume"])
     assert other.exit_code != 0 and "a model was loaded" in other.output
