@@ -12,6 +12,12 @@ error (tr(ΔW H ΔWᵀ), no Fisher weights) is compared with the ratio each scal
     python benchmarks/row_scale_check.py MODEL-F32.gguf --hessian DIR [--rows 256] [-o out.json]
 
 Printed per rule: the spread of log(rule's ratio / the type's own ratio) over tensor × type pairs.
+
+    python benchmarks/row_scale_check.py --ref-costs BEFORE.json AFTER.json
+
+instead compares two sensitivity files (e.g. Fisher-weighted, before and after the change): the
+ratio AFTER / BEFORE of each row-subset tensor's reference-type cost (method ``estimate (rows)``
+in both), which is the new scale over the old one.
 """
 
 from __future__ import annotations
@@ -48,7 +54,25 @@ def ggml_ratio(plan, ty: str, w: np.ndarray, h: torch.Tensor, rows: np.ndarray, 
     return costs.blocked_trace(w, v, h32, like=h32) / sub if sub > 0 else math.nan
 
 
+def ref_costs(before: str, after: str) -> None:
+    """Print the spread of AFTER / BEFORE over the row-subset reference costs, and the extremes."""
+    a, b = (json.loads(Path(f).read_text())["tensors"] for f in (before, after))
+    r = {}
+    for n, e in b.items():
+        for t, c in e["candidates"].items():
+            c0 = a.get(n, {}).get("candidates", {}).get(t)
+            if c["method"] == "estimate (rows)" and c0 and c0["method"] == "estimate (rows)" and c0["cost"] > 0:
+                r[n] = c["cost"] / c0["cost"]
+    x = np.log(np.array(list(r.values())))
+    ext = sorted(r.items(), key=lambda kv: abs(math.log(kv[1])), reverse=True)[:6]
+    print(json.dumps({"command": " ".join(sys.argv), "tensors": len(x), "sd_log": round(float(x.std()), 4),
+                      "median": round(float(np.exp(np.median(x))), 4),
+                      "largest": {n: round(v, 3) for n, v in ext}}, indent=1))
+
+
 def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--ref-costs":
+        return ref_costs(sys.argv[2], sys.argv[3])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
     ap.add_argument("--hessian", required=True)

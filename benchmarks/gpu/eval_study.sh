@@ -25,6 +25,8 @@
 #            (the committed every-candidate file) or fisher (FISHER_SENS, a default `repq sensitivity
 #            --kl-data` file); FTYPE: the size of prep's llama.cpp file of that ftype instead of
 #            ALLOC_SIZE; default lib:sens mix:sens mix:fisher; tags distill-alloc-ctl-SRC-SENS[-FTYPE]-STEPS
+#   distill_lr  (issue 16) LR_FMT (Q3_K_S) distillation on the mixture (MIX) at each learning rate of LRS
+#            (5e-5, the default, 1.5e-4, 5e-4; --lr), STEPS per group, side by side; tags distill-mix-FMT-lrLR-STEPS
 #   DEADLINE (epoch seconds): distillations are cut then instead of after DISTILL_TIMEOUT.
 #   distill_kl  (issue 16) Q3_K_S distillation with each of KLS (forward reverse symmetric; --kl) on each
 #            of KL_SRCS (onp: on-policy teacher answers; mix: the mixture), KL_STEPS steps per group, side by side
@@ -148,6 +150,15 @@ distill_alloc() {
       size=$(stat -c %s $W/llama-$size.gguf)
     else size=${ALLOC_SIZE:-88202048}; fi
     distill_one $tag $STEPS $o --target-size $size --sensitivity $s --exclude-types Q4_1,Q5_1,Q4_K,Q5_K &
+  done
+  wait
+}
+
+distill_lr() {   # issue 16: the learning rate, on the mixture
+  local mix=${MIX:-$W/mix.jsonl} ft=${LR_FMT:-Q3_K_S} lr
+  [ -f $mix ] || { echo "distill_lr: no $mix" >> $R; return; }
+  for lr in ${LRS:-5e-5 1.5e-4 5e-4}; do
+    distill_one distill-mix-$ft-lr$lr-$STEPS $STEPS --data $mix --fmt $ft --lr $lr &
   done
   wait
 }

@@ -379,7 +379,9 @@ def compute(src: str | os.PathLike, *, types: Iterable[str], hessian_dir: str | 
             row_scale = None   # the whole tensor's expected cost / the rows'
             if rows is not None:
                 per = costs.expected_row_costs(w, h.diagonal().clamp_min(0).cpu().numpy(), *weights(None))
-                row_scale = float(per.sum() / per[rows].sum()) if per[rows].sum() > 0 else None
+                tot, sub = float(per.sum()), float(per[rows].sum())
+                # non-finite weights anywhere, or none on the rows: the whole tensor (ggml refuses NaN/Inf)
+                row_scale = tot / sub if sub > 0 and np.isfinite(tot) and np.isfinite(sub) else None
                 rows = rows if row_scale is not None else None
             for ty in ctypes:
                 tid = type_id(ty)

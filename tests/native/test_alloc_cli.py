@@ -19,6 +19,7 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
 from helpers import make_tiny_llama, write_legacy_imatrix
 from typer.testing import CliRunner
 
@@ -343,6 +344,24 @@ def test_expected_row_costs_follow_ggml_between_rows(native, ty):
     got = costs.blocked_trace(w, q, ht) / costs.blocked_trace(w[rows], q[rows], ht)
     per = costs.expected_row_costs(w, np.diag(h))
     assert got == pytest.approx(per.sum() / per[rows].sum(), rel=0.10)
+
+
+def test_non_finite_weights_outside_the_rows_are_refused(hfiles, tmp_path):
+    """--proxy estimate quantizes only a subset of a large tensor's rows with ggml; a NaN or Inf in a
+    row outside it is still refused (exit 2, no output), as ggml refuses it in the whole tensor."""
+    from support.models import random_model, save_gguf
+    from support.vocab import byte_vocab_kv
+
+    from repq.model.config import ModelConfig
+
+    for bad in (float("nan"), float("inf")):
+        m = random_model(ModelConfig(**CFG), seed=0)
+        with torch.no_grad():
+            m.blk[0].ffn_up.weight[7, 3] = bad   # the 16 sampled rows of 512: 0, 34, 68, ...
+        save_gguf(m, tmp_path / "bad.gguf", kv=byte_vocab_kv())
+        r = repq("sensitivity", tmp_path / "bad.gguf", "--hessian", hfiles / "h", "-o", tmp_path / "s.json",
+                 "--allow-types", "Q4_0,Q8_0", "--proxy", "estimate", "--estimate-rows", 16)
+        assert r.exit_code == 2 and "non-finite" in r.stderr and not (tmp_path / "s.json").exists(), r.output
 
 
 def test_probed_tensors_take_their_other_types_from_the_rows_too(hfiles, tmp_path):
