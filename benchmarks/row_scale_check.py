@@ -9,7 +9,8 @@ error (tr(ΔW H ΔWᵀ), no Fisher weights) is compared with the ratio each scal
 * ``Q8_0``: ggml's Q8_0's ratio (the cheapest quantizer);
 * ``analytic``: :func:`repq.alloc.costs.expected_row_costs` (no quantization at all).
 
-    python benchmarks/row_scale_check.py MODEL-F32.gguf --hessian DIR [--rows 256] [-o out.json]
+    python benchmarks/row_scale_check.py MODEL-F32.gguf --hessian DIR [--rows 256] [--sample even|stratified]
+        [-o out.json]
 
 Printed per rule: the spread of log(rule's ratio / the type's own ratio) over tensor × type pairs.
 
@@ -77,6 +78,9 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("--hessian", required=True)
     ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--sample", choices=("even", "stratified"), default="even",
+                    help="even: evenly spaced rows (what the estimate takes); stratified: the rows at evenly "
+                         "spaced ranks of expected cost (lowest and highest included)")
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("-o", "--out")
     a = ap.parse_args()
@@ -89,10 +93,12 @@ def main() -> None:
             if not (p.allows_quantization and hs.has(p.name)) or t.n_rows <= 2 * a.rows:
                 continue
             w, h = tensor_f32(t), hs.mean(p.name)
+            per = costs.expected_row_costs(w, h.diagonal().clamp_min(0).numpy())
             rows = np.unique(np.linspace(0, w.shape[0] - 1, a.rows).round().astype(np.int64))
+            if a.sample == "stratified":
+                rows = np.sort(np.argsort(per, kind="stable")[rows])
             r = {ty: ggml_ratio(p, ty, w, h, rows, a.threads)
                  for ty in candidate_types(p.name, t.n_per_row, TYPES, has_importance=True)}
-            per = costs.expected_row_costs(w, h.diagonal().clamp_min(0).numpy())
             r["analytic"] = float(per.sum() / per[rows].sum())
             out.append({"tensor": p.name, "ratios": r})
             print(p.name, {k: round(v, 3) for k, v in r.items()}, file=sys.stderr, flush=True)
