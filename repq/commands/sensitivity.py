@@ -28,7 +28,7 @@ def sensitivity(
     kl_samples: Annotated[int, typer.Option("--kl-samples", help="--kl-measure fisher: label draws per token (one forward + backward pass over the chunks each).")] = 1,
     kl_bpw: Annotated[float, typer.Option("--kl-bpw", help="--kl-measure probe: bits per weight of the probe type (also --proxy estimate's reference type).")] = 4.0,
     proxy: Annotated[str, typer.Option("--proxy", help="--hessian: ldlq (LDLQ on every tensor × type: the exact costs) | estimate (LDLQ on the type nearest --kl-bpw and on every type of one sample tensor per candidate list; the other types' costs are ggml's quantizer's error under H times the LDLQ gain measured there, on --estimate-rows rows of each tensor of more than twice that: ~5× faster on CPU, see repq/alloc/estimate.py).")] = "ldlq",
-    estimate_rows: Annotated[int, typer.Option("--estimate-rows", help="--proxy estimate: a tensor of more than twice this many rows (not a sample, not KL-probed) runs its reference LDLQ and ggml's other types on this many evenly spaced rows.")] = 256,
+    estimate_rows: Annotated[int, typer.Option("--estimate-rows", help="--proxy estimate: a tensor of more than twice this many rows (not a sample) runs ggml's quantizer, and its reference LDLQ unless KL-probed, on this many evenly spaced rows, scaled to the whole tensor by each row's expected cost.")] = 256,
     device: Annotated[str, typer.Option(help="LDLQ and the KL probe: torch device (cpu, cuda, cuda:1).")] = "cpu",
     threads: ThreadsOpt = 0,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Convert a Hugging Face folder whose JSON names custom code.")] = False,
