@@ -326,7 +326,6 @@ def test_expected_row_costs_follow_ggml_between_rows(native, ty):
     """The row scale of --proxy estimate: on a weight whose rows differ 100× in magnitude and in the
     columns they weigh, with a correlated H, ggml's whole-tensor / rows cost ratio (importance diag H, its error under the full
     H) is what :func:`repq.alloc.costs.expected_row_costs` predicts, within 10 %."""
-    import torch
     from helpers import correlated_layer
 
     from repq.alloc import costs
@@ -348,16 +347,22 @@ def test_expected_row_costs_follow_ggml_between_rows(native, ty):
 
 def test_non_finite_weights_outside_the_rows_are_refused(hfiles, tmp_path):
     """--proxy estimate quantizes only a subset of a large tensor's rows with ggml; a NaN or Inf in a
-    row outside it is still refused (exit 2, no output), as ggml refuses it in the whole tensor."""
+    row outside it is still refused (exit 2, no output): the tensor falls back to the whole tensor,
+    which ggml refuses (without the fallback the file was written, its costs NaN)."""
     from support.models import random_model, save_gguf
     from support.vocab import byte_vocab_kv
 
+    from repq.alloc.sensitivity import compute
     from repq.model.config import ModelConfig
+
+    clean = compute(hfiles / "m.gguf", types=["Q4_0", "Q8_0"], hessian_dir=str(hfiles / "h"), proxy="estimate",
+                    threads=1, ref_rows=16)
+    assert clean.tensors["blk.0.ffn_gate.weight"]["candidates"]["Q4_0"]["method"] == "estimate (rows)"
 
     for bad in (float("nan"), float("inf")):
         m = random_model(ModelConfig(**CFG), seed=0)
         with torch.no_grad():
-            m.blk[0].ffn_up.weight[7, 3] = bad   # the 16 sampled rows of 512: 0, 34, 68, ...
+            m.blk[0].ffn_gate.weight[7, 3] = bad   # not the sample tensor; its 16 rows of 512: 0, 34, 68, ...
         save_gguf(m, tmp_path / "bad.gguf", kv=byte_vocab_kv())
         r = repq("sensitivity", tmp_path / "bad.gguf", "--hessian", hfiles / "h", "-o", tmp_path / "s.json",
                  "--allow-types", "Q4_0,Q8_0", "--proxy", "estimate", "--estimate-rows", 16)
