@@ -112,8 +112,10 @@ clean() { rm -f $W/m.gguf $W/d.npy; }
 # the training step alone (benchmarks/gpu/step_bench.py: repq's step on a random model, no GGUF, no Hessians),
 # first training phase (ffn_up frozen): variants on 2 GPUs then on one (';'-separated; key=value each)
 # measured first (benchmarks/README): "b=1;b=1 cap=80GB;b=2;b=2 cap=80GB;b=1 teacher=replicate;b=1 compile=1;b=2 compile=1";
-# the default now: held to 80 GB, the allocator retries (the open problem) against two remedies
-STEP_V2=${STEP_V2:-"b=1 compile=1 cap=80GB;b=1 compile=1 cap=80GB async_unshard=1;b=1 compile=1 cap=80GB alloc=garbage_collection_threshold:0.8"}
+# the default now: held to 80 GB, the gradients in the compute pool and the embedding its own unit (repq's
+# defaults since the one-GPU study, benchmarks/README "allocator retries") against FSDP2's own layout, then
+# the all-gathers in the compute pool too, and two sequences per GPU
+STEP_V2=${STEP_V2:-"b=1 compile=1 cap=80GB;b=1 compile=1 cap=80GB one_pool=0 embd_unit=0;b=1 compile=1 cap=80GB async_unshard=1;b=2 compile=1 cap=80GB"}
 STEP_V1=${STEP_V1-"b=1 compile=1"}
 stepbench() {
   local v1 v2; IFS=';' read -ra v2 <<< "$STEP_V2"; IFS=';' read -ra v1 <<< "$STEP_V1"

@@ -10,7 +10,12 @@ run around them, so that variants of the step are compared in one process in sec
 A variant is space-separated key=value: b (sequences per GPU), teacher (shard | replicate),
 compile (0 | 1: torch.compile'd blocks), cap (a --gpu-memory budget, or none), alloc (CUDA allocator
 settings from then on, '+' for ',': e.g. alloc=garbage_collection_threshold:0.8), async_unshard (1:
-FSDP2's all-gather buffers come from the default stream's memory pool, not their own stream's).
+FSDP2's all-gather buffers come from the default stream's memory pool, not their own stream's), one_pool
+(1, the default: the sharded gradients in the compute stream's memory pool, repq.distill.parallel.
+gradients_in_compute_pool; 0: in FSDP2's reduce-scatter stream's pool), embd_unit (1, the default: the token embedding
+its own FSDP2 unit), history
+(1: the allocator's history over the timed steps, summarised: device memory mapped per stream at its peak
+and at each allocator retry, and the request that caused it, with its Python frames).
 Environment variables such as TORCH_NCCL_AVOID_RECORD_STREAMS=1 apply to a whole run.  --frozen: tensor
 kinds with no gradient (the first group's training freezes ffn_up: `--frozen ffn_up`).  Each
 variant prints one JSON line: tokens/s of the steps after --warmup, MFU = (2N teacher + 6N student)
@@ -26,6 +31,7 @@ import gc
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -69,6 +75,77 @@ def retries(dev: torch.device) -> int:
     return torch.cuda.memory_stats(dev).get("num_alloc_retries", 0) if dev.type == "cuda" else 0
 
 
+MAP = ("segment_alloc", "segment_map")
+UNMAP = ("segment_free", "segment_unmap")
+
+
+def frames_of(e: dict, n: int = 5) -> list[str]:
+    """The first n Python frames of a trace entry outside torch's own files, as name@file:line."""
+    out = [f"{f['name']}@{Path(f['filename']).name}:{f['line']}" for f in e.get("frames", ())
+           if "/torch/" not in f["filename"]]
+    return out[:n]
+
+
+def history_summary(trace: list[dict], segments: list[dict]) -> dict:
+    """Memory mapped and allocated per stream over an allocator trace (GiB), the starting state taken from
+    the segments at its end: the peaks, and each retry (a run of unmaps/frees of cached memory followed by
+    the allocation that needed it) with the state just before it and the request."""
+    gib = 2**30
+    end_mapped: dict[int, int] = {}
+    end_alloc: dict[int, int] = {}
+    for seg in segments:
+        end_mapped[seg["stream"]] = end_mapped.get(seg["stream"], 0) + seg["total_size"]
+        end_alloc[seg["stream"]] = end_alloc.get(seg["stream"], 0) + seg["allocated_size"]
+    d_mapped: dict[int, int] = {}
+    d_alloc: dict[int, int] = {}
+    for e in trace:   # net change over the trace, to recover the state at its start
+        a, st = e["action"], e["stream"]
+        sign = 1 if a in MAP or a == "alloc" else -1 if a in UNMAP or a == "free_completed" else 0
+        tgt = d_mapped if a in MAP or a in UNMAP else d_alloc
+        if sign:
+            tgt[st] = tgt.get(st, 0) + sign * e["size"]
+    streams = sorted(set(end_mapped) | set(d_mapped) | set(d_alloc))
+    mapped = {s: end_mapped.get(s, 0) - d_mapped.get(s, 0) for s in streams}
+    alloc = {s: end_alloc.get(s, 0) - d_alloc.get(s, 0) for s in streams}
+    peak_mapped = dict(mapped)
+    peak_total = (sum(mapped.values()), sum(alloc.values()))
+    retries: list[dict] = []
+    pending = None
+
+    def state() -> dict:
+        return {"mapped": {str(s): round(v / gib, 2) for s, v in mapped.items() if v},
+                "allocated": {str(s): round(v / gib, 2) for s, v in alloc.items() if v}}
+
+    for e in trace:
+        a, st, size = e["action"], e["stream"], e["size"]
+        if a in UNMAP:
+            if pending is None:
+                pending = {"before": state(), "released_gib": 0.0}
+            pending["released_gib"] += size / gib
+            mapped[st] -= size
+        elif a in MAP:
+            mapped[st] = mapped.get(st, 0) + size
+            peak_mapped[st] = max(peak_mapped.get(st, 0), mapped[st])
+            peak_total = (max(peak_total[0], sum(mapped.values())), peak_total[1])
+        elif a == "alloc":
+            alloc[st] = alloc.get(st, 0) + size
+            peak_total = (peak_total[0], max(peak_total[1], sum(alloc.values())))
+            if pending is not None:
+                pending.update(request_gib=round(size / gib, 3), stream=st, frames=frames_of(e))
+                pending["released_gib"] = round(pending["released_gib"], 2)
+                retries.append(pending)
+                pending = None
+        elif a == "free_completed":
+            alloc[st] = alloc.get(st, 0) - size
+        elif a == "oom":
+            retries.append({"oom": True, "request_gib": round(size / gib, 3), "before": state()})
+    return {"streams": [str(s) for s in streams],
+            "peak_mapped_gib": {str(s): round(v / gib, 2) for s, v in peak_mapped.items() if v},
+            "peak_mapped_total_gib": round(peak_total[0] / gib, 2),
+            "peak_allocated_total_gib": round(peak_total[1] / gib, 2),
+            "retries": retries[:12], "n_retry_runs": len(retries)}
+
+
 def run_variant(spec: dict, args, rank: int, world: int, dev: torch.device) -> dict:
     cfg = shape_config(args.shape, **json.loads(args.override))
     n_params = sum(math.prod(s) for s in cfg.tensor_shapes().values())
@@ -83,7 +160,7 @@ def run_variant(spec: dict, args, rank: int, world: int, dev: torch.device) -> d
         teacher = Transformer(cfg).to(torch.bfloat16)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    shard_student(student, str(dev))
+    shard_student(student, str(dev), one_pool=spec.get("one_pool", "1") == "1", embd_unit=spec.get("embd_unit", "1") == "1")
     if teacher_mode == "shard":
         shard_teacher(teacher)
     cap = parse_size(spec.get("cap", args.cap or "none"))
@@ -122,11 +199,20 @@ def run_variant(spec: dict, args, rank: int, world: int, dev: torch.device) -> d
     for _ in range(args.warmup):
         step()
     sync(dev)
+    history = cuda and spec.get("history", "0") == "1"
+    if history:   # the timed steps' allocator events (their speed is not the variant's to report then)
+        torch.cuda.memory._record_memory_history("all", context="alloc", stacks="python", max_entries=400_000)
     t0 = time.perf_counter()
     for _ in range(args.steps):
         loss = step()
     float(loss)
     wall = time.perf_counter() - t0
+    hist = None
+    if history:
+        snap = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(None)
+        hist = history_summary(snap["device_traces"][dev.index or 0],
+                               [g for g in snap["segments"] if g["device"] == (dev.index or 0)])
     tok_s = world * b * args.seq * args.steps / wall
     res = {"variant": spec, "frozen": frozen, "world": world, "shape": args.shape, "params": n_params,
            "seq": args.seq, "tokens_per_s": round(tok_s), "step_s": round(wall / args.steps, 4),
@@ -135,6 +221,8 @@ def run_variant(spec: dict, args, rank: int, world: int, dev: torch.device) -> d
            "reserved_gib": round(torch.cuda.max_memory_reserved(dev) / 2**30, 2) if cuda else None,
            "alloc_retries": retries(dev) - retries0,
            "device": torch.cuda.get_device_name(dev) if cuda else "cpu", "torch": torch.__version__}
+    if hist is not None:
+        res["history"] = hist
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -155,7 +243,7 @@ def run_variant(spec: dict, args, rank: int, world: int, dev: torch.device) -> d
                 f"{k}_ms_per_step": round(v / 2000, 1) for k, v in sorted(by.items())}
             out = Path(args.profile)
             out.mkdir(parents=True, exist_ok=True)
-            tag = "_".join(f"{k}{v}" for k, v in spec.items())
+            tag = re.sub(r"[^A-Za-z0-9_.-]", "_", "_".join(f"{k}{v}" for k, v in spec.items()))
             (out / f"top_{tag}.txt").write_text(prof.key_averages().table(sort_by="self_device_time_total",
                                                                          row_limit=40))
             if args.trace:

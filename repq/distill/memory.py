@@ -10,7 +10,8 @@ CUDA, 4: fp32 on CPU)::
                    embedding and head, which stay gathered)
     student        4 P fp32 master weights (--shard: each process its 1/N of every tensor's rows)
     bf16 weights   CUDA without --shard: autocast's bf16 copy of every block weight, kept for backward
-                   (--shard: FSDP2's gathered bf16 copies of the root and of two blocks at a time)
+                   (--shard: FSDP2's gathered bf16 copies of the root's head and norm, and of two
+                   blocks at a time; an untied embedding is its own unit, gathered for its own passes)
     moments        8 P_t (AdamW exp_avg, exp_avg_sq; --shard: 8 P_t / N)
     gradients      4 P_t (--shard: 4 P_t / N; without --shard and N > 1 the all-reduce's flat
                    copies double them while they are averaged)
@@ -133,8 +134,10 @@ def distill_plan(cfg: ModelConfig, groups: tuple[Group, ...], *, batch: int, seq
         return sum(_shard(shapes[k], world) if shard else numel(shapes[k]) for k in names_)
 
     resident0 = {"teacher": c * own(names), "student (fp32)": 4 * own(names)}
-    if shard:   # FSDP2: the root's parameters stay gathered; blocks are gathered one (+ prefetch) at a time
-        resident0["gathered root + 2 blocks"] = (2 if cuda else 4) * (root + 2 * blk0)
+    if shard:   # FSDP2: the root's parameters stay gathered; blocks (and an untied embedding, its own unit:
+        # repq.distill.parallel.wrap_student) are gathered one (+ prefetch) at a time
+        own_root = root - (0 if cfg.tied else numel(shapes["token_embd.weight"]))
+        resident0["gathered root + 2 blocks"] = (2 if cuda else 4) * (own_root + 2 * blk0)
         resident0["teacher's gathered root"] = c * root
     phases: list[Phase] = []
     frozen: set[str] = set()

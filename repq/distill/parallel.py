@@ -98,29 +98,80 @@ class GradAverager:
 
 # ------------------------------------------------------------------------------------------------ FSDP2
 
-def shard_student(student: torch.nn.Module, device: str, offload: bool = False) -> None:
+def shard_student(student: torch.nn.Module, device: str, offload: bool = False, *, one_pool: bool = True,
+                  embd_unit: bool = True) -> None:
     """:func:`wrap_student`, then :func:`first_pass` (a loaded model)."""
-    wrap_student(student, device, offload)
+    wrap_student(student, device, offload, one_pool=one_pool, embd_unit=embd_unit)
     first_pass(student, device)
 
 
-def wrap_student(student: torch.nn.Module, device: str, offload: bool = False) -> None:
-    """FSDP2 (``fully_shard``): every block its own unit, the rest (embedding, head, final norm) the
-    root's; parameters, gradients and AdamW moments sharded over the ranks.  Master parameters stay
+def wrap_student(student: torch.nn.Module, device: str, offload: bool = False, *, one_pool: bool = True,
+                 embd_unit: bool = True) -> None:
+    """FSDP2 (``fully_shard``): every block its own unit, the token embedding its own (``embd_unit``;
+    not a tied one, which is the head's weight), the rest (head, final norm) the root's; parameters, gradients and AdamW moments sharded over the ranks.  Master parameters stay
     fp32; on CUDA forward/backward compute in bf16 with fp32 gradient reduction (the mixed-precision
     policy, instead of autocast's casts).  ``offload`` (``--offload-optimizer``): FSDP2's
     CPUOffloadPolicy keeps the sharded fp32 parameters, their gradients and so AdamW's moments and
     step in host memory; each unit is copied to the device for its forward and backward.  A meta
-    module is sharded too (``repq.model.loader.load_model(shard=...)`` then fills the shards)."""
+    module is sharded too (``repq.model.loader.load_model(shard=...)`` then fills the shards).
+    ``one_pool`` (CUDA, not offloaded): the sharded gradients come from the compute stream's memory
+    pool (:func:`gradients_in_compute_pool`).  The embedding's own unit is gathered only for its forward
+    and backward (the root stays gathered from forward to step), and the root's gradient buffer holds
+    the head's alone: one contiguous buffer of half the size, which a full GPU finds room for more
+    easily (benchmarks/README, "allocator retries")."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     cuda = device.startswith("cuda")
     kw: dict = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)} if cuda else {}
     if offload:
         kw["offload_policy"] = CPUOffloadPolicy(pin_memory=cuda)
+    if embd_unit and student.token_embd.weight is not student.output.weight:
+        fully_shard(student.token_embd, **kw)
     for blk in student.blk:
         fully_shard(blk, **kw)
     fully_shard(student, **kw)
+    if cuda and one_pool and not offload:
+        gradients_in_compute_pool(student, device)
+
+
+def gradients_in_compute_pool(student: torch.nn.Module, device: str) -> bool:
+    """FSDP2 allocates each unit's reduce-scatter output, which its sharded gradients are views of, in
+    the reduce-scatter stream's memory pool.  torch's caching allocator never hands memory cached for
+    one stream to another, so near the GPU's capacity the gradients (reduce-scatter pool) and the
+    activations (compute pool) take the free memory from each other twice a step, each time by a
+    synchronising allocator retry that releases the other pool's cache (measured: two retries per
+    step, half the speed, at 92 % of the memory in use; benchmarks/README, "allocator retries").
+    Here that output comes from the compute stream's pool instead, recorded as in use by the
+    reduce-scatter stream until it is freed, so the allocator needs one pool's peak, not the sum of
+    two.  Returns False where this torch has no custom reduce-scatter hook (FSDP2's own then)."""
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
+    except ImportError:
+        return False
+
+    class ComputePoolReduceScatter(ReduceScatter):
+        def __init__(self, stream: torch.cuda.Stream):
+            self.stream = stream
+
+        def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+            side = torch.cuda.current_stream(device)
+            with torch.cuda.stream(self.stream):
+                t = torch.empty(*size, dtype=dtype, device=device)
+            if side != self.stream:   # not reused by the compute stream until the side stream is done with it
+                t.record_stream(side)
+            return t
+
+        def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+            return torch.distributed.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group,
+                                                           async_op=async_op)
+
+    mods = [m for m in student.modules() if hasattr(m, "set_custom_reduce_scatter")]
+    if not mods:
+        return False
+    comm = ComputePoolReduceScatter(torch.cuda.current_stream(torch.device(device)))
+    for m in mods:
+        m.set_custom_reduce_scatter(comm)
+    return True
 
 
 def first_pass(student: torch.nn.Module, device: str) -> None:
