@@ -175,6 +175,8 @@ def cap_gpu_memory(device: str, budget: int) -> float | None:
     import torch
 
     dev = torch.device(device)
+    if dev.index is None:   # "cuda": the current device (set_per_process_memory_fraction needs an index)
+        dev = torch.device("cuda", torch.cuda.current_device())
     total = torch.cuda.get_device_properties(dev).total_memory
     if budget >= total:
         return None

@@ -107,7 +107,8 @@ shard2e() { distill_run shard2e 2 2 --shard --no-compile --steps-per-group $STEP
 offload1() { distill_run offload1 1 1 --offload-optimizer --steps-per-group $OFFLOAD_STEPS; }
 # the one-GPU baseline of the scaling (per-GPU batch 1, as shard2): FSDP2 as a group of one; SHARD1_GROUPS
 # only (ffn_up: the largest trainable set; 121.5 GiB planned)
-shard1() { distill_run shard1 1 1 --shard --steps-per-group $STEPS --groups $SHARD1_GROUPS; }
+# CAP1: --gpu-memory of the one-GPU run (empty: none)
+shard1() { distill_run shard1 1 1 --shard --steps-per-group $STEPS --groups $SHARD1_GROUPS ${CAP1:+--gpu-memory $CAP1 --ignore-plan}; }
 clean() { rm -f $W/m.gguf $W/d.npy; }
 # the training step alone (benchmarks/gpu/step_bench.py: repq's step on a random model, no GGUF, no Hessians),
 # first training phase (ffn_up frozen): variants on 2 GPUs then on one (';'-separated; key=value each)

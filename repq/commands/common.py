@@ -100,12 +100,14 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def meta() -> dict:
+def meta(phase_peaks: list[int] = ()) -> dict:
     """repq's version and the ggml it runs on, for every ``--json`` result: ``ggml_version`` and
     ``ggml_commit`` as the loaded libggml reports them (the native build stamps the pinned llama.cpp
     commit into it); absent when the library cannot be loaded.  A command that used a CUDA device
     adds ``gpu_peak_bytes``: the most bytes torch's allocator had allocated on the current device
-    (what the command needed; nvidia-smi's figure adds the allocator's cache and the context)."""
+    (what the command needed; nvidia-smi's figure adds the allocator's cache and the context).
+    ``phase_peaks``: the peaks of phases after which the command reset torch's peak statistics
+    (``repq distill`` measures each group's), so that the figure is the whole command's."""
     from ..ggml import _lib
 
     d = {"repq_version": __version__}
@@ -115,7 +117,7 @@ def meta() -> dict:
         pass
     torch = sys.modules.get("torch")   # never imported just to say that no GPU was used
     if torch is not None and torch.cuda.is_initialized():
-        d["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
+        d["gpu_peak_bytes"] = max([torch.cuda.max_memory_allocated(), *phase_peaks])
     return d
 
 

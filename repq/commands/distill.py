@@ -258,7 +258,7 @@ def distill(
                  f"{t.get('baseline_rel_err', float('nan')):.4g}", t["group"]] for t in res.tensors]
         out.table("tensors (proxy error: tr(ΔW H ΔWᵀ)/tr(W H Wᵀ), LDLQ vs ggml imatrix)",
                   ["tensor", "type", "method", "ldlq", "ggml", "group"], rows)
-        out.result({**meta(), "command": "distill", "input": str(model), "output": str(out_path),
+        out.result({**meta([m["peak_bytes"] for m in measured]), "command": "distill", "input": str(model), "output": str(out_path),
                     "config": cfg.to_dict(), "world": world, "device": dev, "file_bytes": res.file_bytes,
                     "tokens": res.tokens, "seconds": round(res.seconds, 3), "resumed_from": res.resumed_from,
                     "already_finished": res.already_finished,

@@ -101,10 +101,10 @@ def test_gpu_memory_cap_refuses_what_a_smaller_gpu_could_not_hold():
     from repq import runtime
     from repq.quant.refit import refit_scales
 
-    dev = torch.device("cuda")
+    dev = torch.device("cuda", torch.cuda.current_device())   # the fraction's setter needs an index
     torch.cuda.empty_cache()
     try:
-        assert runtime.cap_gpu_memory("cuda", 3 << 30) is not None
+        assert runtime.cap_gpu_memory("cuda", 3 << 30) is not None   # `--device cuda`: no index
         a = torch.empty(2 << 30, dtype=torch.uint8, device=dev)
         with pytest.raises(torch.OutOfMemoryError):
             torch.empty(4 << 30, dtype=torch.uint8, device=dev)
