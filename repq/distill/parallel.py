@@ -225,6 +225,23 @@ def full_value(p: torch.Tensor) -> torch.Tensor:
     return p.full_tensor()
 
 
+def written_values(params: dict[str, torch.Tensor], frozen, rank: int) -> dict:
+    """The float32 values the output GGUF takes from the student: every parameter not in ``frozen``
+    (whose ggml bytes are written instead), whole, on rank 0 only (the writer).  A collective when
+    sharded: every rank gathers each parameter in turn and drops it but rank 0, so no rank other than
+    the writer holds a model in host memory, and the writer only what it writes (at the end of a
+    default run, the norms)."""
+    out = {}
+    for n, p in params.items():
+        if n in frozen:
+            continue
+        v = full_value(p)
+        if rank == 0:
+            out[n] = v.detach().float().cpu().numpy()
+        del v
+    return out
+
+
 def set_value(p: torch.Tensor, values: torch.Tensor) -> None:
     """``p ← values`` (the whole tensor, the same on every rank); a sharded parameter takes its
     own shard, without communication."""

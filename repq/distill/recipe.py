@@ -79,6 +79,7 @@ from .parallel import (
     shard_student,
     shard_teacher,
     wrap_student,
+    written_values,
 )
 from .step import adamw, train_step
 
@@ -420,7 +421,7 @@ class Distiller:
             if self._averager is not None:   # its hooks and buffers go before the process group does
                 self._averager.remove()
                 self._averager = None
-        values = {n: full_value(p).detach().float().cpu().numpy() for n, p in self.params.items()}  # collective
+        values = written_values(self.params, self.frozen, self.rank)   # collective
         file_bytes = self._write(values) if self.rank == 0 else 0
         if path is not None and self.rank == 0:   # before the state goes: a kill after this finds a finished run
             checkpoint.save_finished(path, self._identity(), self.out, {"file_bytes": file_bytes, "tensors": self.tensor_reports,

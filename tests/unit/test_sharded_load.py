@@ -18,7 +18,7 @@ from repq.model.config import ModelConfig
 def _worker(rank: int, world: int, path: str):
     from torch.distributed.tensor import DTensor
 
-    from repq.distill.parallel import first_pass, full_value, shard_teacher, wrap_student
+    from repq.distill.parallel import first_pass, full_value, shard_teacher, wrap_student, written_values
     from repq.model.loader import load_model
 
     whole = load_model(path).model
@@ -33,6 +33,12 @@ def _worker(rank: int, world: int, path: str):
            "teacher_equal": [n for n, p in te.named_parameters() if not torch.equal(full_value(p), ref[n])],
            "frozen": not any(p.requires_grad for p in st.parameters()),
            "tied": st.output.weight is st.token_embd.weight, "names": names}
+    # the output file's float values: gathered in turn, kept by the writer (rank 0) only, frozen ones skipped
+    wv = written_values(dict(st.named_parameters()), {"blk.0.attn_q.weight": b""}, rank)
+    counts = [None] * world
+    torch.distributed.all_gather_object(counts, len(wv))
+    res["written"] = {"counts": counts, "names": sorted(wv),
+                      "equal": all(torch.equal(torch.from_numpy(v), ref[n]) for n, v in wv.items())}
     tokens = torch.randint(0, whole.cfg.n_vocab, (2, 9), generator=torch.Generator().manual_seed(rank))
     with torch.no_grad():
         res["student_output"] = torch.allclose(st(tokens), whole(tokens), rtol=1e-5, atol=1e-5)
@@ -51,3 +57,6 @@ def test_sharded_load_fills_each_ranks_rows_with_the_files_values(tmp_path, tied
     assert r["student_equal"] == [] and r["teacher_equal"] == []
     assert r["student_output"] and r["teacher_output"]
     assert r["tied"] == tied and ("output.weight" in r["names"]) == (not tied)
+    w = r["written"]
+    assert w["names"] == sorted(n for n in r["names"] if n != "blk.0.attn_q.weight") and w["equal"]
+    assert w["counts"] == [len(r["names"]) - 1, 0]   # the other rank keeps nothing
