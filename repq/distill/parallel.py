@@ -140,7 +140,7 @@ def gradients_in_compute_pool(student: torch.nn.Module, device: str) -> bool:
     one stream to another, so near the GPU's capacity the gradients (reduce-scatter pool) and the
     activations (compute pool) take the free memory from each other twice a step, each time by a
     synchronising allocator retry that releases the other pool's cache (measured: two retries per
-    step, half the speed, at 92 % of the memory in use; benchmarks/README, "allocator retries").
+    step, half the speed, at 93 % of the memory in use; benchmarks/README, "allocator retries").
     Here that output comes from the compute stream's pool instead, recorded as in use by the
     reduce-scatter stream until it is freed, so the allocator needs one pool's peak, not the sum of
     two.  Returns False where this torch has no custom reduce-scatter hook (FSDP2's own then)."""
