@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Annotated, TypeVar
 
 import typer
@@ -100,7 +100,7 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def meta(phase_peaks: list[int] = ()) -> dict:
+def meta(phase_peaks: Sequence[int] = ()) -> dict:
     """repq's version and the ggml it runs on, for every ``--json`` result: ``ggml_version`` and
     ``ggml_commit`` as the loaded libggml reports them (the native build stamps the pinned llama.cpp
     commit into it); absent when the library cannot be loaded.  A command that used a CUDA device
