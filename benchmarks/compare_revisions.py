@@ -4,7 +4,7 @@
                                            [--calib-chunks 100] [--startup-runs 15] [--skip-ldlq]
 
 Each revision is checked out into a git worktree under $REPQ_CACHE/revisions and run with this
-checkout's venv and native build (PYTHONPATH set to the worktree, native/build linked to this
+checkout's venv and native build (through benchmarks/in_tree.py, native/build linked to this
 checkout's).  Two checks:
 
 * **LDLQ bytes**: Hessians of the reference model from --calib-chunks × 512 library tokens are
@@ -48,10 +48,9 @@ def worktree(rev: str) -> tuple[str, Path]:
 
 
 def repq(tree: Path, *args, quiet: bool = True) -> float:
-    env = os.environ | {"PYTHONPATH": str(tree)}
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "repq", *map(str, args)], env=env, check=True, cwd="/tmp",
-                   capture_output=quiet)
+    t0 = time.perf_counter()   # in_tree.py: PYTHONPATH alone would run this checkout's repq (its editable install)
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "in_tree.py"), str(tree), "-m", "repq", *map(str, args)],
+                   check=True, cwd="/tmp", capture_output=quiet)
     return time.perf_counter() - t0
 
 

@@ -76,6 +76,16 @@ rss() {   # command ...: run it, then print the largest peak RSS of any descenda
 print('peak_rss_kib', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(r.returncode)" "$@"
 }
 
+cksize() {   # tag: each checkpoint's slot size as written (state.pt names it after the slot is whole): $tag.ck.txt
+  local d=$W/$1.gguf.distill last="" t
+  while sleep 1; do
+    t=$(stat -Lc %Y $d/state.pt 2>/dev/null) || continue
+    [ "$t" = "$last" ] && continue
+    last=$t; local slot=$(ls -td $d/dcp-* 2>/dev/null | head -1)
+    [ -n "$slot" ] && echo "$t $(basename $slot) $(du -sbL $slot | cut -f1)" >> $W/$1.ck.txt
+  done
+}
+
 distill_run() {   # tag nproc batch extra...: resumes a cut run; the result JSON marks it done
   local tag=$1 np=$2 b=$3; shift 3
   [ -s $W/$tag.json ] && return 0
@@ -84,6 +94,7 @@ distill_run() {   # tag nproc batch extra...: resumes a cut run; the result JSON
   local resume=""; [ -f $W/$tag.gguf.distill/state.pt ] && resume=--resume
   nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 500 >> $W/$tag.smi.csv &
   local smi=$!
+  cksize $tag & local ck=$!
   local t0=$(date +%s)
   if [ $np = 1 ]; then
     CUDA_VISIBLE_DEVICES=0 timeout -s INT $(budget) bash -c "$(declare -f rss); rss python3 -m repq distill $W/m.gguf $W/$tag.gguf \
@@ -93,11 +104,11 @@ distill_run() {   # tag nproc batch extra...: resumes a cut run; the result JSON
       -m repq distill $W/m.gguf $W/$tag.gguf $COMMON --batch $b $resume $*" > $W/$tag.out 2>> $W/$tag.err
   fi
   local rc=$?
-  kill $smi 2>/dev/null
+  kill $smi $ck 2>/dev/null
   echo "$tag call rc=$rc $(( $(date +%s) - t0 )) s $resume" >> $W/calls.txt
   # done: its result line; the checkpoints (32 GB each) and the file go, the disk holds one run's
   [ $rc = 0 ] && tail -1 $W/$tag.out > $W/$tag.json && rm -rf $W/$tag.gguf $W/$tag.gguf.distill/dcp-* $W/$tag.gguf.distill/state.pt
-  grep -E "^memory:|peak_rss|Error|error" $W/$tag.err | tail -8
+  grep -E "^memory:|done: |peak_rss|Error|error" $W/$tag.err | tail -12
 }
 
 # CAP: the plan is conservative (9-10 % above the measured peaks at 32 blocks), hence --ignore-plan
@@ -135,8 +146,8 @@ from repq.model.shapes import shape_config
 W = Path(os.environ["W"])
 N = sum(math.prod(s) for s in eval(f"shape_config('llama3-8b', {os.environ['SHAPE_KW']})").tensor_shapes().values())
 print(f"Random Llama-3-8B shape (N = {N:,} parameters), seq 2048; peak = torch.cuda.max_memory_allocated on rank 0.\n")
-print("| run | group | phase | measured GiB | plan GiB | allocator retries | nvidia-smi max GiB | tokens/s | MFU | KL first → last step |")
-print("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
+print("| run | group | phase | measured GiB | plan GiB | allocator retries | nvidia-smi max GiB | tokens/s | MFU | KL first → last step | phase s |")
+print("|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|")
 speed = {}
 for tag, gpus in (("shard2", 2), ("shard2e", 2), ("shard1", 1), ("offload1", 1)):
     if tag == "shard2e" and not (W / "shard2e.err").exists():
@@ -168,6 +179,11 @@ for tag, gpus in (("shard2", 2), ("shard2e", 2), ("shard1", 1), ("offload1", 1))
     smi = [l.split(",") for l in (W / f"{tag}.smi.csv").read_text().splitlines()] if (W / f"{tag}.smi.csv").exists() else []
     own = {"0", "1"} if gpus == 2 else {"0"}   # offload1 runs on GPU 0 (another job may use GPU 1)
     smi_max = max((float(u) for i, u in smi if i.strip() in own), default=float("nan")) / 1024
+    # phase seconds (the log since they were added): hessian = Hessians + LDLQ; train = the steps (and the
+    # checkpoint after quantization); the checkpoint after training apart
+    secs = {(g, "hessian"): q for g, q in re.findall(r"^quantized (\S+) \(\d+ tensors\) in ([0-9.]+) s$", err, re.M)}
+    cks = dict(re.findall(r"^(\S+) done: training ([0-9.]+) s, checkpoint [0-9.]+ s$", err, re.M))
+    secs |= {(g, "train"): t for g, t in cks.items()}
     measured = {(g, ph): gib for g, ph, gib, _ in mem}
     retries = {(g, ph): r for g, ph, _, r in mem}
     for g, ph in (pred or measured):
@@ -179,7 +195,13 @@ for tag, gpus in (("shard2", 2), ("shard2e", 2), ("shard1", 1), ("offload1", 1))
         k = kl.get(g, {}) if ph == "train" else {}
         kls = f"{k[min(k)]:.4f} → {k[max(k)]:.4f}" if k else ""
         print(f"| {tag} | {g} | {ph} | {float(gib):.2f} | {pred.get((g, ph), 0) / 2**30:.2f} | {retries.get((g, ph), '')} | {smi_max:.1f} | "
-              f"{t or '':} | {mfu} | {kls} |")
+              f"{t or '':} | {mfu} | {kls} | {secs.get((g, ph), '')} |")
+    ck_s = re.findall(r"^(\S+) done: training [0-9.]+ s, checkpoint ([0-9.]+) s$", err, re.M)
+    if ck_s:
+        print(f"\n{tag}: checkpoint after training (s): " + ", ".join(f"{g} {c}" for g, c in ck_s))
+    if (W / f"{tag}.ck.txt").exists():
+        print(f"\n{tag} checkpoint slots as written (GB): " + ", ".join(
+            f"{l.split()[1]} {int(l.split()[2]) / 1e9:.1f}" for l in (W / f"{tag}.ck.txt").read_text().splitlines()))
     rss = re.findall(r"peak_rss_kib (\d+)", err)
     if rss:
         print(f"\n{tag}: host peak RSS {max(map(int, rss)) / 2**20:.1f} GiB (largest process); "

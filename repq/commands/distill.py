@@ -190,7 +190,7 @@ def distill(
         dev, _ = runtime.configure_torch(device, "auto", threads)
         rank, world, dev = runtime.init_distributed(dev, always=shard, cpu_collectives=offload_optimizer)
         ckdir = checkpoint_dir or Path(str(out_path) + ".distill")
-        res, measured = None, []   # measured: CUDA, each phase's peak allocation beside the plan's
+        res, measured, timings = None, [], []   # see _Events
         if resume and world == 1:   # a finished run answers before any model is loaded
             from ..distill.checkpoint import STATE_FILE, finished_result, run_identity
 
@@ -211,40 +211,12 @@ def distill(
                 hold_allocator(out, dev, gpu_memory)
             total = cfg.total_steps()
             with out.progress("distill", total=total) as advance:
-                predicted = {(p.group, p.phase): p.peak for p in memory_plan(world, dev.startswith("cuda"))}
-
-                def on_event(ev: dict) -> None:
-                    kind = ev["event"]
-                    if kind in ("quantized", "trained") and dev.startswith("cuda"):
-                        import torch
-
-                        phase = "hessian" if kind == "quantized" else "train"
-                        # alloc_retries: allocations that had to free the allocator's cache first (slow; near a cap)
-                        retries = torch.cuda.memory_stats(dev).get("num_alloc_retries", 0)
-                        m = {"group": ev["group"], "phase": phase, "peak_bytes": torch.cuda.max_memory_allocated(dev),
-                             "plan_bytes": predicted.get((ev["group"], phase)),
-                             "alloc_retries": retries - sum(x["alloc_retries"] for x in measured)}
-                        torch.cuda.reset_peak_memory_stats(dev)
-                        measured.append(m)
-                        out.log(f"memory: {m['group']} {phase} peak {m['peak_bytes'] / 2**30:.2f} GiB "
-                                f"(plan {(m['plan_bytes'] or 0) / 2**30:.2f} GiB), {m['alloc_retries']} allocator retries")
-                    if kind == "step":
-                        advance(1, desc=f"{ev['group']:<11} {ev['step']:>4}/{ev['steps']}  KL {ev['loss']:.4f}  "
-                                        f"{ev['tok_s']:,.0f} tok/s")
-                    elif kind == "on_policy":
-                        out.log(f"{ev['group']}: the teacher generated {ev['sequences']} sequences "
-                                f"({ev['generated_positions']:,} generated positions)")
-                    elif kind == "quantized":
-                        out.log(f"quantized {ev['group']} ({ev['tensors']} tensors)")
-                    elif kind == "resumed":
-                        advance(ev["global_step"])
-                        out.log(f"resumed at {ev['group']} ({ev['phase']}, step {ev['step']}), "
-                                f"{ev['global_step']} steps done")
-
+                events = _Events(out, advance, dev, memory_plan(world, dev.startswith("cuda")))
+                measured, timings = events.measured, events.timings
                 rt = RunOptions(device=dev, threads=threads or None, checkpoint_dir=str(ckdir),
                              checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes, resume=resume, compile=compile_, shard=shard,
                              offload_optimizer=offload_optimizer,
-                             log_path=str(ckdir / "metrics.jsonl"), keep_checkpoint=keep_checkpoint, on_event=on_event)
+                             log_path=str(ckdir / "metrics.jsonl"), keep_checkpoint=keep_checkpoint, on_event=events)
                 try:
                     res = Distiller(model, out_path, cal.chunks if cal else None, cfg, rt,
                                     data_fingerprint=cal.fingerprint if cal else "").run()
@@ -263,7 +235,7 @@ def distill(
                     "tokens": res.tokens, "seconds": round(res.seconds, 3), "resumed_from": res.resumed_from,
                     "already_finished": res.already_finished,
                     "final_loss": last.get("loss"), "metrics_log": str(ckdir / "metrics.jsonl"),
-                    "tensors": res.tensors, "gpu_memory": measured}
+                    "tensors": res.tensors, "gpu_memory": measured, "group_seconds": timings}
                    | ({"allocation": {"target_bytes": alloc.target, "predicted_cost": alloc.result.cost,
                                       "lower_bound": alloc.result.lower_bound, "solver": alloc.result.method,
                                       "source": alloc.sens.source}} if alloc else {}),
@@ -273,3 +245,68 @@ def distill(
                           f"{res.seconds:.0f} s; final KL {last.get('loss', float('nan')):.4f}"))
 
     run_command(out, body)
+
+
+class _Events:
+    """What a run reports as it goes (rank 0): progress, log lines, and two lists for ``--json``:
+
+    * ``measured`` (CUDA): per group and phase ("hessian": Hessians and LDLQ; "train"), the peak
+      allocation beside the plan's, the allocator's retries, and the phase's wall seconds;
+    * ``timings``: per group, wall seconds of quantization (Hessians, LDLQ, the frozen tensors'
+      exchange), training (with the checkpoint after quantization) and the checkpoint after training.
+    The first group's quantization counts from the end of loading (logged apart), a resumed run's from
+    its restore."""
+
+    def __init__(self, out, advance, dev: str, plan) -> None:
+        import time
+
+        self.out, self.advance, self.dev, self.now = out, advance, dev, time.monotonic
+        self.predicted = {(p.group, p.phase): p.peak for p in plan}
+        self.measured: list[dict] = []
+        self.timings: list[dict] = []
+        self.t, self.laps = self.now(), {}
+
+    def _lap(self) -> float:
+        t, self.t = self.t, self.now()
+        return round(self.t - t, 3)
+
+    def _memory(self, group: str, phase: str, seconds: float) -> None:
+        import torch
+
+        # alloc_retries: allocations that had to free the allocator's cache first (slow; near a cap)
+        retries = torch.cuda.memory_stats(self.dev).get("num_alloc_retries", 0)
+        m = {"group": group, "phase": phase, "peak_bytes": torch.cuda.max_memory_allocated(self.dev),
+             "plan_bytes": self.predicted.get((group, phase)),
+             "alloc_retries": retries - sum(x["alloc_retries"] for x in self.measured), "seconds": seconds}
+        torch.cuda.reset_peak_memory_stats(self.dev)
+        self.measured.append(m)
+        self.out.log(f"memory: {group} {phase} peak {m['peak_bytes'] / 2**30:.2f} GiB "
+                     f"(plan {(m['plan_bytes'] or 0) / 2**30:.2f} GiB), {m['alloc_retries']} allocator retries")
+
+    def __call__(self, ev: dict) -> None:
+        kind, out = ev["event"], self.out
+        if kind in ("started", "resumed"):
+            s = self._lap()
+            if kind == "started":
+                out.log(f"loaded the teacher and the student in {s:.0f} s")
+            else:
+                self.advance(ev["global_step"])
+                out.log(f"resumed at {ev['group']} ({ev['phase']}, step {ev['step']}), "
+                        f"{ev['global_step']} steps done ({s:.0f} s)")
+        elif kind == "step":
+            self.advance(1, desc=f"{ev['group']:<11} {ev['step']:>4}/{ev['steps']}  KL {ev['loss']:.4f}  "
+                                 f"{ev['tok_s']:,.0f} tok/s")
+        elif kind == "on_policy":
+            out.log(f"{ev['group']}: the teacher generated {ev['sequences']} sequences "
+                    f"({ev['generated_positions']:,} generated positions)")
+        elif kind in ("quantized", "trained"):
+            s = self.laps[kind] = self._lap()
+            if self.dev.startswith("cuda"):
+                self._memory(ev["group"], "hessian" if kind == "quantized" else "train", s)
+            if kind == "quantized":
+                out.log(f"quantized {ev['group']} ({ev['tensors']} tensors) in {s:.1f} s")
+        elif kind == "group_done":
+            t = {"group": ev["group"], "quantize_s": self.laps.pop("quantized", None),
+                 "train_s": self.laps.pop("trained", None), "checkpoint_s": self._lap()}
+            self.timings.append(t)
+            out.log(f"{t['group']} done: training {t['train_s'] or 0:.1f} s, checkpoint {t['checkpoint_s']:.1f} s")

@@ -4,7 +4,9 @@ What a checkpoint holds, and what it leaves out::
 
     format, identity        model fingerprint, ftype, config hash, data fingerprint, world size
     position                group index, phase ("quantize" | "train"), step in group, global step
-    trainable               the student's parameters that are not frozen (fp32)
+    trainable               the student's parameters that are not frozen (fp32); a sharded run's (and its
+                            AdamW state) are in a Distributed Checkpoint directory (``dcp``: dcp-0 or
+                            dcp-1, alternating), every rank writing its own shards
     frozen                  the ggml bytes of every frozen tensor (their float values are not stored:
                             on resume they are decoded from these bytes through ggml, exactly as
                             they were when the tensor was frozen)
@@ -211,25 +213,42 @@ def dcp_reader(path: str | Path):
     return _Reader(str(path))
 
 
-def dcp_save(directory: Path, student: torch.nn.Module, opt) -> None:
-    """Every rank's shards of the (FSDP2) student, and of AdamW's state unless ``opt`` is None, into
-    ``directory`` through Distributed Checkpoint (a collective)."""
+def state_keys(student: torch.nn.Module, names) -> set[str]:
+    """The student's state-dict keys of the parameters named ``names`` (a tied tensor's every name)."""
+    ids = {id(p) for n, p in student.named_parameters() if n in names}
+    return {n for n, p in student.named_parameters(remove_duplicate=False) if id(p) in ids}
+
+
+def _aliases(student: torch.nn.Module) -> set[str]:
+    """Second names of a parameter (tied: ``output.weight``), saved and loaded under its first name only."""
+    return {n for n, _ in student.named_parameters(remove_duplicate=False)} - {n for n, _ in student.named_parameters()}
+
+
+def dcp_save(directory: Path, student: torch.nn.Module, opt, skip=frozenset()) -> None:
+    """Every rank's shards of the (FSDP2) student but the parameters keyed ``skip`` (the frozen ones,
+    whose values are their recorded bytes) and a tied tensor's second name, and of AdamW's state
+    unless ``opt`` is None, into ``directory`` through Distributed Checkpoint (a collective)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     msd, osd = get_state_dict(student, [opt] if opt is not None else [])
+    skip = set(skip) | _aliases(student)
+    msd = {k: v for k, v in msd.items() if k not in skip}
     dcp.save({"model": msd} | ({"optim": osd} if opt is not None else {}),
              storage_writer=dcp.FileSystemWriter(str(directory), overwrite=True))
 
 
-def dcp_load_model(directory: str | Path, student: torch.nn.Module) -> None:
-    """The student's shards from ``directory`` (:func:`dcp_reader`), resharded to this run's ranks."""
+def dcp_load_model(directory: str | Path, student: torch.nn.Module, skip=frozenset()) -> None:
+    """The student's shards but those keyed ``skip`` (left as they are: the caller decodes them from
+    their bytes) from ``directory`` (:func:`dcp_reader`), resharded to this run's ranks.  Every other
+    key must be in the checkpoint (torch's load refuses a missing one)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    from torch.distributed.checkpoint import state_dict as sd
 
-    msd = get_model_state_dict(student)
+    skip = set(skip) | _aliases(student)
+    msd = {k: v for k, v in sd.get_model_state_dict(student).items() if k not in skip}
     dcp.load({"model": msd}, storage_reader=dcp_reader(directory))
-    set_model_state_dict(student, msd)
+    sd.set_model_state_dict(student, msd, options=sd.StateDictOptions(strict=not skip))
 
 
 def dcp_load_optimizer(directory: str | Path, student: torch.nn.Module, opt) -> None:

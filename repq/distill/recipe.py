@@ -209,7 +209,7 @@ class Distiller:
         alternating directories), then rank 0's ``state.pt`` (position, frozen bytes, reports) naming
         that directory, written last: an interrupted save leaves the previous checkpoint whole."""
         slot = f"dcp-{self._dcp_slot}"
-        dcp_save(path.parent / slot, self.student, opt)
+        dcp_save(path.parent / slot, self.student, opt, skip=checkpoint.state_keys(self.student, self.frozen))
         self.dist.barrier()
         if self.rank == 0:
             save_state(path, {**self._identity(), "group": group, "phase": phase, "step": step, "global_step": gstep,
@@ -226,7 +226,7 @@ class Distiller:
                 if state["dcp"] not in ("dcp-0", "dcp-1"):   # a plain name inside the checkpoint directory
                     raise ValueError(f"checkpoint slot {str(state['dcp'])[:40]!r}")
                 slot = str(self._state_path().parent / state["dcp"])
-                dcp_load_model(slot, self.student)
+                dcp_load_model(slot, self.student, skip=checkpoint.state_keys(self.student, state["frozen"]))
                 self._dcp_optim = slot if state["has_optimizer"] else None
                 self._dcp_slot = 1 - int(state["dcp"][-1])
             else:
@@ -385,6 +385,7 @@ class Distiller:
     # ---------------------------------------------------------------- everything
     def run(self) -> DistillResult:
         t_start = time.perf_counter()
+        self._event({"event": "started"})   # the models are loaded
         cfg = self.cfg
         gi0, phase, step0, gstep, resumed = 0, "quantize", 0, 0, None
         opt_state = None

@@ -18,6 +18,7 @@ from support.interrupt import interrupt_before_step
 from support.models import random_model, save_gguf
 from support.vocab import byte_vocab_kv
 
+from repq.distill.checkpoint import dcp_reader
 from repq.distill.config import DistillConfig, RunOptions
 from repq.distill.groups import parse_groups
 from repq.distill.kl import fused_kl, reference_kl
@@ -489,6 +490,10 @@ def test_fsdp2_shard_killed_and_resumed_from_distributed_checkpoint(tiny, tmp_pa
     ck = Path(str(b) + ".distill")
     state = torch.load(ck / "state.pt", weights_only=True)
     assert state["global_step"] == 6 and state["has_optimizer"] and (ck / state["dcp"] / ".metadata").is_file()
+    saved = set(dcp_reader(ck / state["dcp"]).read_metadata().state_dict_metadata)   # the frozen tensors are
+    assert state["frozen"] and not {f"model.{k}" for k in state["frozen"]} & saved     # their bytes only
+    assert "model.token_embd.weight" in saved and "model.output.weight" not in saved   # tied: saved once
+    assert {"model.blk.0.attn_k.weight", "model.blk.0.attn_q.weight", "optim.state.blk.0.attn_q.weight.exp_avg"} <= saved
     again = subprocess.run(torchrun("-m", "repq", *[str(x) if x else str(b) for x in args], "--resume",
                                      port_offset=5), capture_output=True, text=True, env=env)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -39,6 +39,13 @@ def _worker(rank: int, world: int, path: str):
     torch.distributed.all_gather_object(counts, len(wv))
     res["written"] = {"counts": counts, "names": sorted(wv),
                       "equal": all(torch.equal(torch.from_numpy(v), ref[n]) for n, v in wv.items())}
+    # a checkpoint leaves a frozen tensor out under every key it has (tied: token_embd and output)
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from repq.distill.checkpoint import state_keys
+    keys = set(get_model_state_dict(st))
+    res["embd_keys"] = sorted(k for k in keys if k.startswith(("token_embd", "output.")))
+    res["skipped"] = sorted(keys & state_keys(st, {"token_embd.weight", "blk.1.ffn_up.weight"}))
     tokens = torch.randint(0, whole.cfg.n_vocab, (2, 9), generator=torch.Generator().manual_seed(rank))
     with torch.no_grad():
         res["student_output"] = torch.allclose(st(tokens), whole(tokens), rtol=1e-5, atol=1e-5)
@@ -57,6 +64,8 @@ def test_sharded_load_fills_each_ranks_rows_with_the_files_values(tmp_path, tied
     assert r["student_equal"] == [] and r["teacher_equal"] == []
     assert r["student_output"] and r["teacher_output"]
     assert r["tied"] == tied and ("output.weight" in r["names"]) == (not tied)
+    assert r["embd_keys"] == ["output.weight", "token_embd.weight"]
+    assert r["skipped"] == ["blk.1.ffn_up.weight"] + (["output.weight"] if tied else []) + ["token_embd.weight"]
     w = r["written"]
     assert w["names"] == sorted(n for n in r["names"] if n != "blk.0.attn_q.weight") and w["equal"]
     assert w["counts"] == [len(r["names"]) - 1, 0]   # the other rank keeps nothing
