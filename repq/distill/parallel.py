@@ -192,6 +192,22 @@ def first_pass(student: torch.nn.Module, device: str) -> None:
         p.requires_grad_(f)
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """Every FSDP2 unit of ``model`` back to its sharded parameters.
+
+    FSDP2 keeps the root unit's parameters (embedding, head, norms) gathered after a forward until
+    that forward's backward; after a forward with no backward (the Hessian passes) the modules hold
+    those gathered copies, not the sharded parameters that the optimizer, ``requires_grad`` and
+    :func:`set_value` act on.  A training step from that state took no gradient for them: a sharded run
+    differed from the data-parallel one unless something resharded first (the checkpoint that followed
+    each quantization did, through torch's state-dict hooks)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def shard_teacher(teacher: torch.nn.Module) -> None:
     """FSDP2 for the frozen teacher as well: every block its own unit, the rest the root's, its weights
     in their own dtype (bf16 on CUDA) and no gradients.  Each rank holds 1/N of every block and

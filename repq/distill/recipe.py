@@ -65,7 +65,7 @@ from ..model.loader import LoadedModel, load_model
 from ..quant import pipeline
 from ..quant.tensor import TensorResult, check_plans, quantize_tensor
 from . import checkpoint
-from .checkpoint import STATE_FILE, dcp_load_model, dcp_load_optimizer, dcp_save, load_state, save_state
+from .checkpoint import STATE_FILE, dcp_load_optimizer, load_state, save_state
 from .config import DistillConfig, DistillResult, RunOptions, batch_indices, hessian_indices, lr_at
 from .groups import Group
 from .kl import autocast
@@ -75,6 +75,7 @@ from .parallel import (
     full_value,
     lockstep,
     process_group,
+    reshard,
     set_value,
     shard_student,
     shard_teacher,
@@ -140,8 +141,7 @@ class Distiller:
         self.frozen: dict[str, np.ndarray] = {}                   # GGUF name → ggml bytes
         self.tensor_reports, self.metrics = [], []   # list[dict] each
         self._averager: GradAverager | None = None
-        self._dcp_slot = 0
-        self._dcp_optim: str | None = None   # a sharded checkpoint's optimizer state, loaded with the optimizer
+        self._slots = checkpoint.Slots(Path(self.rt.checkpoint_dir or "."))   # --shard: Distributed Checkpoints
         # default: compiled on CUDA, FSDP2-wrapped blocks too (8B on 2 H200s: 1.16x the eager step, 7 % less memory;
         # benchmarks/gpu/step_bench.py); not with --offload-optimizer (not measured there)
         compile_ = self.rt.compile if self.rt.compile is not None else not self.rt.offload_optimizer
@@ -186,49 +186,32 @@ class Distiller:
     def _state_path(self) -> Path | None:
         return Path(self.rt.checkpoint_dir) / STATE_FILE if self.rt.checkpoint_dir else None
 
-    def _checkpoint(self, group: int, phase: str, step: int, gstep: int, opt) -> None:
+    def _checkpoint(self, group: int, phase: str, step: int, gstep: int, opt, unchanged: bool = False) -> None:
+        """``unchanged``: no training since the last checkpoint (a sharded one then writes no shards)."""
         path = self._state_path()
         if path is None:
             return
-        if self.sharded:
-            self._checkpoint_sharded(path, group, phase, step, gstep, opt)
-            return
-        if self.rank != 0:
-            return
-        frozen_ids = {id(self.params[n]) for n in self.frozen}    # their values are their bytes, decoded
-        trainable = {k: v.detach().cpu().clone() for k, v in self.student.state_dict(keep_vars=True).items()
-                     if id(v) not in frozen_ids}
-        save_state(path, {**self._identity(), "group": group, "phase": phase, "step": step, "global_step": gstep,
-                          "trainable": trainable,
-                          "frozen": {k: torch.from_numpy(v.copy()) for k, v in self.frozen.items()},
-                          "optimizer": opt.state_dict() if opt is not None else None,
-                          "tensor_reports": json.dumps(self.tensor_reports), "metrics": json.dumps(self.metrics)})
-
-    def _checkpoint_sharded(self, path: Path, group: int, phase: str, step: int, gstep: int, opt) -> None:
-        """Sharded state through Distributed Checkpoint (every rank writes its shards into one of two
-        alternating directories), then rank 0's ``state.pt`` (position, frozen bytes, reports) naming
-        that directory, written last: an interrupted save leaves the previous checkpoint whole."""
-        slot = f"dcp-{self._dcp_slot}"
-        dcp_save(path.parent / slot, self.student, opt, skip=checkpoint.state_keys(self.student, self.frozen))
-        self.dist.barrier()
-        if self.rank == 0:
-            save_state(path, {**self._identity(), "group": group, "phase": phase, "step": step, "global_step": gstep,
-                              "dcp": slot, "has_optimizer": opt is not None,
-                              "frozen": {k: torch.from_numpy(v.copy()) for k, v in self.frozen.items()},
-                              "tensor_reports": json.dumps(self.tensor_reports), "metrics": json.dumps(self.metrics)})
-        self.dist.barrier()
-        self._dcp_slot ^= 1
+        state = {**self._identity(), "group": group, "phase": phase, "step": step, "global_step": gstep,
+                 "frozen": {k: torch.from_numpy(v.copy()) for k, v in self.frozen.items()},
+                 "tensor_reports": json.dumps(self.tensor_reports), "metrics": json.dumps(self.metrics)}
+        if self.sharded:   # every rank's shards (a collective), then rank 0's state.pt naming their slot
+            slot = self._slots.save(self.student, opt, checkpoint.state_keys(self.student, self.frozen), unchanged=unchanged)
+            self.dist.barrier()
+            if self.rank == 0:
+                save_state(path, state | {"dcp": slot, "has_optimizer": opt is not None})
+            self.dist.barrier()
+        elif self.rank == 0:
+            frozen_ids = {id(self.params[n]) for n in self.frozen}    # their values are their bytes, decoded
+            save_state(path, state | {"optimizer": opt.state_dict() if opt is not None else None, "trainable": {
+                k: v.detach().cpu().clone() for k, v in self.student.state_dict(keep_vars=True).items()
+                if id(v) not in frozen_ids}})
 
     def _restore(self, state: dict) -> None:
         """Student and frozen bytes from a checkpoint; frozen values decoded from their bytes."""
         try:
             if self.sharded:
-                if state["dcp"] not in ("dcp-0", "dcp-1"):   # a plain name inside the checkpoint directory
-                    raise ValueError(f"checkpoint slot {str(state['dcp'])[:40]!r}")
-                slot = str(self._state_path().parent / state["dcp"])
-                dcp_load_model(slot, self.student, skip=checkpoint.state_keys(self.student, state["frozen"]))
-                self._dcp_optim = slot if state["has_optimizer"] else None
-                self._dcp_slot = 1 - int(state["dcp"][-1])
+                self._slots.restore(state["dcp"], self.student, checkpoint.state_keys(self.student, state["frozen"]),
+                                    state["has_optimizer"], trained=state["global_step"] > 0)
             else:
                 self.student.load_state_dict({k: v.to(self.device) for k, v in state["trainable"].items()}, strict=False)
             self.frozen = {k: v.numpy().copy() for k, v in state["frozen"].items()}
@@ -247,6 +230,8 @@ class Distiller:
         return [p for n, p in self.params.items() if n not in self.frozen]
 
     def _optimizer(self):
+        if self.sharded:   # the Hessian passes' forwards left the root's parameters gathered
+            reshard(self.student)
         ps = self._trainable()
         for p in self.student.parameters():   # a frozen tensor keeps no gradient (repq.distill.memory)
             p.requires_grad_(False)
@@ -445,7 +430,7 @@ class Distiller:
             if gi > gi0 or phase == "quantize":
                 self._quantize_group(gi, g)
                 step0, opt_state = 0, None
-                self._checkpoint(gi, "train", 0, gstep, None)
+                self._checkpoint(gi, "train", 0, gstep, None, unchanged=True)
             opt = self._optimizer()
             if self._averager is not None:
                 self._averager.remove()
@@ -453,9 +438,9 @@ class Distiller:
                               if self.dist is not None and opt is not None and not self.sharded else None)
             if opt is not None and opt_state is not None:
                 opt.load_state_dict(opt_state)
-            if opt is not None and self._dcp_optim is not None:
-                dcp_load_optimizer(self._dcp_optim, self.student, opt)
-            self._dcp_optim = None
+            if opt is not None and self._slots.optimizer is not None:
+                dcp_load_optimizer(self._slots.optimizer, self.student, opt)
+            self._slots.optimizer = None
             opt_state = None
             t0, done_here = time.perf_counter(), 0
             pending: list[tuple[int, int, torch.Tensor]] = []   # (step, global step, loss) not yet logged

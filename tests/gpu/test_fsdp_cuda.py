@@ -41,6 +41,7 @@ def side_stream_bytes() -> int:
 
 def train(one_pool: bool, steps: int = 3):
     torch.cuda.empty_cache()
+    base = side_stream_bytes()   # what earlier tests in this process left on other streams
     student = random_model(CFG, seed=0, device="cuda").train().requires_grad_(True)
     teacher = random_model(CFG, seed=1, device="cuda").to(torch.bfloat16).requires_grad_(False)
     shard_student(student, "cuda", one_pool=one_pool)
@@ -51,7 +52,7 @@ def train(one_pool: bool, steps: int = 3):
     for _ in range(steps):
         tokens = torch.randint(0, CFG.n_vocab, (2, 64), device="cuda", generator=gen)
         loss = train_step(student, teacher, opt, tokens, n_total=128, kl_chunk=64, grad_clip=1.0,
-                          after_backward=lambda: side.append(side_stream_bytes()))
+                          after_backward=lambda: side.append(side_stream_bytes() - base))
         losses.append(float(loss))
     params = {n: p.to_local().detach().clone() for n, p in student.named_parameters()}
     return losses, params, side

@@ -528,6 +528,39 @@ def test_fsdp2_checkpoint_reshards_between_process_counts(tiny, tmp_path, first,
             assert bytes(np.asarray(g.tensors[k].data)) == v.numpy().tobytes(), k
 
 
+@pytest.mark.parametrize("cut", [0, 2])
+def test_fsdp2_checkpoint_after_quantization_writes_no_shards(tiny, tmp_path, cut):
+    """The checkpoint that follows a group's quantization adds only the frozen bytes: its state.pt names
+    the slot written after the previous group's training, or none before any training (the student is
+    the source model's then), and no other slot exists; resumed from it, the run writes the
+    uninterrupted run's bytes."""
+    src, text, _ = tiny
+    args = ["distill", str(src), None, "--fmt", "Q4_0", "--data", str(text), "--seq-len", str(SEQ), "--batch", "4",
+            "--hessian-chunks", "8", "--lr", "2e-5", "--warmup", "1", "--threads", "1", "--device", "cpu", "--shard",
+            "--groups", "ffn_up:2,ffn_gate:2"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+
+    def launch(out, *extra, script=False):
+        body = [str(SUPPORT / "interrupt.py"), str(cut)] if script else ["-m", "repq"]
+        return subprocess.run([sys.executable, *body, *[str(x) if x else str(out) for x in args], *extra],
+                              capture_output=True, text=True, env=env,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+    full = launch(a)
+    assert full.returncode == 0, full.stderr[-3000:]
+    stop = launch(b, script=True)
+    assert stop.returncode != 0 and not b.exists(), stop.stderr[-2000:]
+    ck = Path(str(b) + ".distill")
+    state = torch.load(ck / "state.pt", weights_only=True)
+    assert (state["phase"], state["step"], state["global_step"], state["has_optimizer"]) == ("train", 0, cut, False)
+    assert state["dcp"] == (None if cut == 0 else "dcp-0")
+    assert sorted(p.name for p in ck.glob("dcp-*")) == ([] if cut == 0 else ["dcp-0"])
+    again = launch(b, "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert a.read_bytes() == b.read_bytes()
+
+
 def test_fsdp2_shard_sigkill_mid_group_resumes_to_the_same_bytes(tiny, tmp_path):
     """SIGKILL of every process (no handler runs) at an arbitrary point mid-group: --resume continues
     from the last finished Distributed Checkpoint (two alternating slots, so a save cut short

@@ -50,6 +50,12 @@ def _worker(rank: int, world: int, path: str):
     with torch.no_grad():
         res["student_output"] = torch.allclose(st(tokens), whole(tokens), rtol=1e-5, atol=1e-5)
         res["teacher_output"] = torch.allclose(te(tokens, head=False), whole(tokens, head=False), rtol=1e-5, atol=1e-5)
+    # a forward with no backward leaves FSDP2's root unit gathered (the modules hold plain tensors);
+    # reshard puts the sharded parameters back, those the optimizer and set_value act on
+    from repq.distill.parallel import reshard
+    res["gathered"] = sorted(n for n, p in st.named_parameters() if not isinstance(p, DTensor))
+    reshard(st)
+    res["resharded"] = all(isinstance(p, DTensor) for p in st.parameters())
     return res
 
 
@@ -66,6 +72,7 @@ def test_sharded_load_fills_each_ranks_rows_with_the_files_values(tmp_path, tied
     assert r["tied"] == tied and ("output.weight" in r["names"]) == (not tied)
     assert r["embd_keys"] == ["output.weight", "token_embd.weight"]
     assert r["skipped"] == ["blk.1.ffn_up.weight"] + (["output.weight"] if tied else []) + ["token_embd.weight"]
+    assert "output_norm.weight" in r["gathered"] and r["resharded"]
     w = r["written"]
     assert w["names"] == sorted(n for n in r["names"] if n != "blk.0.attn_q.weight") and w["equal"]
     assert w["counts"] == [len(r["names"]) - 1, 0]   # the other rank keeps nothing
