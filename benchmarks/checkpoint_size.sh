@@ -2,7 +2,7 @@
 # distill checkpoint size, reference model, FFN groups 2 steps each; $1 = tree, $2 = tag
 #   bash benchmarks/checkpoint_size.sh TREE TAG          state.pt (one process), checkpoint every step: its largest size
 #   SHARD=1 bash benchmarks/checkpoint_size.sh TREE TAG  --shard (Distributed Checkpoint slots dcp-0 / dcp-1), a
-#                                                        checkpoint after each group only: every slot size it wrote
+#                                                        checkpoint after each group only: the slot each checkpoint names (and its size; none: no slot)
 # Measured for the architecture pass: old = ce68a52 (format 1), new = HEAD (format 2); for sharded slots
 # c3ad48b (the frozen tensors' float values in every slot) against HEAD (their bytes in state.pt only)
 ROOT=$(cd "$(dirname "$0")/.." && pwd); PY=${PY:-$ROOT/.venv/bin/python}
@@ -19,7 +19,7 @@ while kill -0 $PID 2>/dev/null; do
   t=$(stat -c %Y.%s /tmp/ck-$2/ck/state.pt 2>/dev/null)   # state.pt is written after its slot is whole
   if [ -n "${SHARD:-}" ] && [ -n "$t" ] && [ "$t" != "$last" ]; then
     last=$t; slot=$("$PY" -c "import torch, sys; print(torch.load(sys.argv[1], weights_only=True)['dcp'])" \
-      /tmp/ck-$2/ck/state.pt 2>/dev/null) && echo "$slot:$(du -sb /tmp/ck-$2/ck/$slot | cut -f1)" >> /tmp/ck-$2/slots
+      /tmp/ck-$2/ck/state.pt 2>/dev/null) && { [ "$slot" = None ] && echo "none" || echo "$slot:$(du -sb /tmp/ck-$2/ck/$slot | cut -f1)"; } >> /tmp/ck-$2/slots
   fi
   sleep 0.2
 done

@@ -224,6 +224,26 @@ def _aliases(student: torch.nn.Module) -> set[str]:
     return {n for n, _ in student.named_parameters(remove_duplicate=False)} - {n for n, _ in student.named_parameters()}
 
 
+def _dcp_load(directory: str | Path, what: str, state: dict) -> None:
+    """``dcp.load(state)`` from ``directory`` through :func:`dcp_reader`; any failure (torch wraps them
+    in a ``CheckpointException``, a BaseException that ``except Exception`` misses) → InputFileError."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    dcp_reader(directory).read_metadata()   # its own errors first: torch logs a traceback for each one
+    try:
+        dcp.load(state, storage_reader=dcp_reader(directory))
+    except InputFileError:
+        raise
+    except (CheckpointException, RuntimeError, ValueError, KeyError, OSError) as e:
+        first = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
+        if isinstance(first, InputFileError):
+            raise first from None
+        msg = str(first).strip().splitlines()
+        raise InputFileError(f"{directory}: {what} does not fit this run ({msg[0][:160] if msg else type(first).__name__})",
+                             hint="delete the checkpoint directory to start over") from None
+
+
 def dcp_save(directory: Path, student: torch.nn.Module, opt, skip=frozenset()) -> None:
     """Every rank's shards of the (FSDP2) student but the parameters keyed ``skip`` (the frozen ones,
     whose values are their recorded bytes) and a tied tensor's second name, and of AdamW's state
@@ -241,13 +261,12 @@ def dcp_save(directory: Path, student: torch.nn.Module, opt, skip=frozenset()) -
 def dcp_load_model(directory: str | Path, student: torch.nn.Module, skip=frozenset()) -> None:
     """The student's shards but those keyed ``skip`` (left as they are: the caller decodes them from
     their bytes) from ``directory`` (:func:`dcp_reader`), resharded to this run's ranks.  Every other
-    key must be in the checkpoint (torch's load refuses a missing one)."""
-    import torch.distributed.checkpoint as dcp
+    key must be in the checkpoint (a missing one: InputFileError)."""
     from torch.distributed.checkpoint import state_dict as sd
 
     skip = set(skip) | _aliases(student)
     msd = {k: v for k, v in sd.get_model_state_dict(student).items() if k not in skip}
-    dcp.load({"model": msd}, storage_reader=dcp_reader(directory))
+    _dcp_load(directory, "the model's shards", {"model": msd})
     sd.set_model_state_dict(student, msd, options=sd.StateDictOptions(strict=not skip))
 
 
@@ -257,16 +276,10 @@ def dcp_load_optimizer(directory: str | Path, student: torch.nn.Module, opt) -> 
     Raises:
         InputFileError: state that does not fit this run's parameters.
     """
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     osd = get_optimizer_state_dict(student, opt)
-    try:
-        dcp.load({"optim": osd}, storage_reader=dcp_reader(directory))
-    except (RuntimeError, ValueError, KeyError, OSError) as e:   # torch wraps the reader's errors
-        raise InputFileError(f"{directory}: optimizer state does not fit this run "
-                             f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})",
-                             hint="delete the checkpoint directory to start over") from None
+    _dcp_load(directory, "optimizer state", {"optim": osd})
     set_optimizer_state_dict(student, opt, osd)
 
 

@@ -191,20 +191,23 @@ class Distiller:
         path = self._state_path()
         if path is None:
             return
-        state = {**self._identity(), "group": group, "phase": phase, "step": step, "global_step": gstep,
-                 "frozen": {k: torch.from_numpy(v.copy()) for k, v in self.frozen.items()},
-                 "tensor_reports": json.dumps(self.tensor_reports), "metrics": json.dumps(self.metrics)}
+        pos = {"group": group, "phase": phase, "step": step, "global_step": gstep}
         if self.sharded:   # every rank's shards (a collective), then rank 0's state.pt naming their slot
             slot = self._slots.save(self.student, opt, checkpoint.state_keys(self.student, self.frozen), unchanged=unchanged)
             self.dist.barrier()
             if self.rank == 0:
-                save_state(path, state | {"dcp": slot, "has_optimizer": opt is not None})
+                save_state(path, self._state(pos) | {"dcp": slot, "has_optimizer": opt is not None})
             self.dist.barrier()
         elif self.rank == 0:
             frozen_ids = {id(self.params[n]) for n in self.frozen}    # their values are their bytes, decoded
-            save_state(path, state | {"optimizer": opt.state_dict() if opt is not None else None, "trainable": {
+            save_state(path, self._state(pos) | {"optimizer": opt.state_dict() if opt is not None else None, "trainable": {
                 k: v.detach().cpu().clone() for k, v in self.student.state_dict(keep_vars=True).items()
                 if id(v) not in frozen_ids}})
+
+    def _state(self, pos: dict) -> dict:
+        """What every checkpoint's state.pt holds (rank 0 builds it: the frozen bytes are GBs at 8B)."""
+        return {**self._identity(), **pos, "frozen": {k: torch.from_numpy(v.copy()) for k, v in self.frozen.items()},
+                "tensor_reports": json.dumps(self.tensor_reports), "metrics": json.dumps(self.metrics)}
 
     def _restore(self, state: dict) -> None:
         """Student and frozen bytes from a checkpoint; frozen values decoded from their bytes."""
@@ -363,6 +366,14 @@ class Distiller:
             log.flush()
         pending.clear()
 
+    def _rank0_says(self, flag: bool) -> bool:
+        """Rank 0's ``flag`` on every rank (one device sync: called at the steps whose losses are logged)."""
+        if self.dist is None:
+            return flag
+        t = torch.tensor([flag], dtype=torch.uint8, device=self.device if self.dist.get_backend() == "nccl" else "cpu")
+        self.dist.broadcast(t, src=0)
+        return bool(t.item())
+
     def _event(self, ev: dict) -> None:
         if self.rt.on_event and self.rank == 0:
             self.rt.on_event(ev)
@@ -452,8 +463,9 @@ class Distiller:
                 done_here += 1
                 if len(pending) >= LOG_EVERY:
                     self._log_steps(pending, g.name, n_steps, done_here * tokens_per_step / (time.perf_counter() - t0), log)
-                due = (self.rt.checkpoint_every and gstep % self.rt.checkpoint_every == 0) or (
-                    self.rt.checkpoint_minutes and time.monotonic() - last_ck >= 60 * self.rt.checkpoint_minutes)
+                due = bool(self.rt.checkpoint_every and gstep % self.rt.checkpoint_every == 0)
+                if self.rt.checkpoint_minutes and gstep % LOG_EVERY == 0:   # rank 0's clock decides for all (a
+                    due |= self._rank0_says(time.monotonic() - last_ck >= 60 * self.rt.checkpoint_minutes)  # collective save)
                 if due and step + 1 < n_steps:
                     self._log_steps(pending, g.name, n_steps, done_here * tokens_per_step / (time.perf_counter() - t0), log)
                     self._checkpoint(gi, "train", step + 1, gstep, opt)

@@ -561,6 +561,33 @@ def test_fsdp2_checkpoint_after_quantization_writes_no_shards(tiny, tmp_path, cu
     assert a.read_bytes() == b.read_bytes()
 
 
+@pytest.mark.parametrize("damage", ["truncated data", "no metadata"])
+def test_fsdp2_damaged_checkpoint_slot_exits_2_naming_it(tiny, tmp_path, damage):
+    """--resume from a sharded checkpoint whose slot is damaged: exit 2 and a message naming the slot,
+    no traceback (torch wraps load errors in a BaseException that slipped past every handler: 88 lines
+    of traces), and the checkpoint left as it was."""
+    src, text, _ = tiny
+    out = tmp_path / "r.gguf"
+    args = ["distill", str(src), str(out), "--fmt", "Q4_0", "--data", str(text), "--seq-len", str(SEQ), "--batch", "4",
+            "--hessian-chunks", "8", "--lr", "2e-5", "--warmup", "1", "--threads", "1", "--device", "cpu", "--shard",
+            "--groups", "ffn_up:2,ffn_gate:2"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    cut = subprocess.run([sys.executable, str(SUPPORT / "interrupt.py"), "2", *args], capture_output=True, text=True,
+                         env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert cut.returncode != 0 and not out.exists(), cut.stderr[-2000:]
+    slot = Path(str(out) + ".distill") / "dcp-0"
+    if damage == "truncated data":
+        data = next(slot.glob("*.distcp"))
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    else:
+        (slot / ".metadata").unlink()
+    before = {p: p.read_bytes() for p in slot.parent.rglob("*") if p.is_file()}
+    again = subprocess.run([sys.executable, "-m", "repq", *args, "--resume"], capture_output=True, text=True, env=env)
+    assert again.returncode == 2, again.stderr[-3000:]
+    assert str(slot) in again.stderr and "Traceback" not in again.stderr, again.stderr[-3000:]
+    assert not out.exists() and {p: p.read_bytes() for p in slot.parent.rglob("*") if p.is_file()} == before
+
+
 def test_fsdp2_shard_sigkill_mid_group_resumes_to_the_same_bytes(tiny, tmp_path):
     """SIGKILL of every process (no handler runs) at an arbitrary point mid-group: --resume continues
     from the last finished Distributed Checkpoint (two alternating slots, so a save cut short
@@ -591,6 +618,27 @@ def test_fsdp2_shard_sigkill_mid_group_resumes_to_the_same_bytes(tiny, tmp_path)
     again = subprocess.run(torchrun("-m", "repq", *[str(x) if x else str(b) for x in args], "--resume", port_offset=25),
                            capture_output=True, text=True, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_fsdp2_time_based_checkpoint_is_rank_0s_decision(tiny, tmp_path):
+    """--checkpoint-minutes on 2 sharded ranks whose clocks disagree (rank 1's 10,000× as fast): a sharded
+    save is a collective, so the ranks take rank 0's decision (none due here) and the run finishes with
+    the bytes of a run without time-based checkpoints.  Each rank deciding on its own clock entered the
+    save on one rank and the next step on the other (gloo: a collective mismatch, or a hang)."""
+    src, text, _ = tiny
+    args = ["distill", str(src), None, "--fmt", "Q4_0", "--data", str(text), "--seq-len", str(SEQ), "--batch", "4",
+            "--hessian-chunks", "8", "--lr", "2e-5", "--warmup", "1", "--threads", "1", "--device", "cpu", "--shard",
+            "--groups", "ffn_up:12"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    plain = subprocess.run(torchrun("-m", "repq", *[str(x) if x else str(a) for x in args], "--checkpoint-minutes", "0",
+                                    port_offset=27), capture_output=True, text=True, env=env)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    skewed = subprocess.run(torchrun(str(SUPPORT / "skewed_clock.py"), *[str(x) if x else str(b) for x in args],
+                                     "--checkpoint-minutes", "60", port_offset=29),
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert skewed.returncode == 0, skewed.stderr[-3000:]
     assert a.read_bytes() == b.read_bytes()
 
 
