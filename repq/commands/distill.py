@@ -253,7 +253,8 @@ class _Events:
     * ``measured`` (CUDA): per group and phase ("hessian": Hessians and LDLQ; "train"), the peak
       allocation beside the plan's, the allocator's retries, and the phase's wall seconds;
     * ``timings``: per group, wall seconds of quantization (Hessians, LDLQ, the frozen tensors'
-      exchange; with --on-policy the teacher's generation too), training (with the checkpoint after quantization) and the checkpoint after training.
+      exchange; with --on-policy the teacher's generation too), training (with the checkpoint after
+      quantization) and the checkpoint after training.
     The first group's quantization counts from the end of loading (logged apart), a resumed run's from
     its restore."""
 

@@ -528,6 +528,13 @@ def test_fsdp2_checkpoint_reshards_between_process_counts(tiny, tmp_path, first,
             assert bytes(np.asarray(g.tensors[k].data)) == v.numpy().tobytes(), k
 
 
+def _sharded_args(src: Path, text: Path, out: Path | None, groups: str) -> list:
+    """`repq distill` arguments of a small --shard run on the CPU (``out`` None: filled in per run)."""
+    return ["distill", str(src), None if out is None else str(out), "--fmt", "Q4_0", "--data", str(text), "--seq-len",
+            str(SEQ), "--batch", "4", "--hessian-chunks", "8", "--lr", "2e-5", "--warmup", "1", "--threads", "1",
+            "--device", "cpu", "--shard", "--groups", groups]
+
+
 @pytest.mark.parametrize("cut", [0, 2])
 def test_fsdp2_checkpoint_after_quantization_writes_no_shards(tiny, tmp_path, cut):
     """The checkpoint that follows a group's quantization adds only the frozen bytes: its state.pt names
@@ -535,9 +542,7 @@ def test_fsdp2_checkpoint_after_quantization_writes_no_shards(tiny, tmp_path, cu
     the source model's then), and no other slot exists; resumed from it, the run writes the
     uninterrupted run's bytes."""
     src, text, _ = tiny
-    args = ["distill", str(src), None, "--fmt", "Q4_0", "--data", str(text), "--seq-len", str(SEQ), "--batch", "4",
-            "--hessian-chunks", "8", "--lr", "2e-5", "--warmup", "1", "--threads", "1", "--device", "cpu", "--shard",
-            "--groups", "ffn_up:2,ffn_gate:2"]
+    args = _sharded_args(src, text, None, "ffn_up:2,ffn_gate:2")
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
 
@@ -568,9 +573,7 @@ def test_fsdp2_damaged_checkpoint_slot_exits_2_naming_it(tiny, tmp_path, damage)
     of traces), and the checkpoint left as it was."""
     src, text, _ = tiny
     out = tmp_path / "r.gguf"
-    args = ["distill", str(src), str(out), "--fmt", "Q4_0", "--data", str(text), "--seq-len", str(SEQ), "--batch", "4",
-            "--hessian-chunks", "8", "--lr", "2e-5", "--warmup", "1", "--threads", "1", "--device", "cpu", "--shard",
-            "--groups", "ffn_up:2,ffn_gate:2"]
+    args = _sharded_args(src, text, out, "ffn_up:2,ffn_gate:2")
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     cut = subprocess.run([sys.executable, str(SUPPORT / "interrupt.py"), "2", *args], capture_output=True, text=True,
                          env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -627,9 +630,7 @@ def test_fsdp2_time_based_checkpoint_is_rank_0s_decision(tiny, tmp_path):
     the bytes of a run without time-based checkpoints.  Each rank deciding on its own clock entered the
     save on one rank and the next step on the other (gloo: a collective mismatch, or a hang)."""
     src, text, _ = tiny
-    args = ["distill", str(src), None, "--fmt", "Q4_0", "--data", str(text), "--seq-len", str(SEQ), "--batch", "4",
-            "--hessian-chunks", "8", "--lr", "2e-5", "--warmup", "1", "--threads", "1", "--device", "cpu", "--shard",
-            "--groups", "ffn_up:12"]
+    args = _sharded_args(src, text, None, "ffn_up:12")
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
     plain = subprocess.run(torchrun("-m", "repq", *[str(x) if x else str(a) for x in args], "--checkpoint-minutes", "0",
